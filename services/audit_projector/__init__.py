@@ -1,0 +1,1 @@
+"""Audit projector service: projects the JetStream audit trail into Postgres tables."""

@@ -1,0 +1,95 @@
+-- The audit projector's tables. The projector is the only writer; every table here can be dropped
+-- and rebuilt by replaying the JetStream streams from sequence 1 (`warden audit replay`).
+-- Rows carry no wall-clock "now": a replay must produce the same rows as the live projection.
+
+CREATE TABLE IF NOT EXISTS projector_positions (
+    stream   text PRIMARY KEY,
+    last_seq bigint NOT NULL DEFAULT 0
+);
+
+-- Every message of every audited stream, as stored: valid envelopes in columns, anything else raw.
+CREATE TABLE IF NOT EXISTS events (
+    stream          text        NOT NULL,
+    stream_seq      bigint      NOT NULL,
+    nats_subject    text        NOT NULL,
+    stored_at       timestamptz NOT NULL,  -- JetStream's timestamp for the message
+    tenant          text        NOT NULL,  -- from the subject, so even garbage is attributed
+    event_id        text,
+    type            text,
+    source          text,
+    subject         text,
+    time            timestamptz,
+    actor           text,
+    correlation_id  text,
+    causation_id    text,
+    trace_id        text,
+    schema_version  integer,
+    idempotency_key text,
+    payload         jsonb,                 -- the envelope's data, for a valid envelope
+    raw             bytea,                 -- the original bytes, for anything that is not one
+    invalid_reason  text,
+    PRIMARY KEY (stream, stream_seq)
+);
+CREATE INDEX IF NOT EXISTS events_by_entity ON events (tenant, subject, stream_seq);
+CREATE INDEX IF NOT EXISTS events_by_event_id ON events (event_id);
+CREATE INDEX IF NOT EXISTS events_by_trace ON events (trace_id);
+
+CREATE OR REPLACE FUNCTION warden_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the events table is append-only (% refused)', TG_OP;
+END $$;
+CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+    FOR EACH ROW EXECUTE FUNCTION warden_events_append_only();
+
+-- One row per run. Every column is merged so the result does not depend on the order in which the
+-- commands and events streams are projected: status only moves up its rank, set-once columns keep
+-- their first value, counters add.
+CREATE TABLE IF NOT EXISTS runs (
+    tenant          text        NOT NULL,
+    run_id          text        NOT NULL,
+    status          text        NOT NULL,
+    status_rank     smallint    NOT NULL,
+    agent           text,
+    submitted_by    text,
+    priority        smallint,
+    input           jsonb,
+    submitted_at    timestamptz,
+    decided_at      timestamptz,
+    decision_id     text,
+    decision_effect text,
+    decision_reasons jsonb,
+    policy_revision text,
+    queued_at       timestamptz,
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    steps           integer     NOT NULL DEFAULT 0,
+    tool_calls      integer     NOT NULL DEFAULT 0,
+    output          jsonb,
+    error           text,
+    correlation_id  text,
+    trace_id        text,
+    PRIMARY KEY (tenant, run_id)
+);
+
+CREATE TABLE IF NOT EXISTS rejected_commands (
+    tenant             text        NOT NULL,
+    command_stream_seq bigint      NOT NULL,
+    command_subject    text        NOT NULL,
+    command_type       text,
+    command_id         text,
+    idempotency_key    text,
+    code               text        NOT NULL,
+    reason             text        NOT NULL,
+    size_bytes         integer     NOT NULL,
+    rejected_at        timestamptz NOT NULL,
+    rejection_event_id text        NOT NULL,
+    PRIMARY KEY (tenant, command_stream_seq)
+);
+
+-- Fencing for the single active projector: each activation bumps the epoch, and every batch checks
+-- it, so a projector that lost its lock (a network blip) cannot keep writing beside its successor.
+CREATE TABLE IF NOT EXISTS projector_lease (
+    id    smallint PRIMARY KEY CHECK (id = 1),
+    epoch bigint   NOT NULL
+);
+INSERT INTO projector_lease VALUES (1, 0) ON CONFLICT DO NOTHING;

@@ -1,0 +1,170 @@
+"""Postgres adapter for the audit projector: schema, stream positions and batched, idempotent writes."""
+
+from collections.abc import Sequence
+from importlib import resources
+
+import asyncpg
+import structlog
+
+from services.audit_projector.projection import (
+    EVENT_COLUMNS,
+    REJECTION_COLUMNS,
+    RUN_COLUMNS,
+    Rows,
+    StoredMessage,
+    project,
+    raw_event_row,
+)
+from shared.subjects import Subjects
+
+log = structlog.get_logger(__name__)
+
+# Taken by whichever projector process is active; a second one waits for it (hot standby), so
+# two projectors never interleave batches of the same stream.
+PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
+
+_SET_ONCE = (
+    "agent", "submitted_by", "priority", "input", "submitted_at", "decided_at", "decision_id",
+    "decision_effect", "decision_reasons", "policy_revision", "queued_at", "started_at",
+    "finished_at", "output", "error", "correlation_id", "trace_id",
+)  # fmt: skip
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, count + 1))
+
+
+INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({_placeholders(len(EVENT_COLUMNS))}) "
+    "ON CONFLICT (stream, stream_seq) DO NOTHING"
+)
+MERGE_RUN = (
+    f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({_placeholders(len(RUN_COLUMNS))}) "
+    "ON CONFLICT (tenant, run_id) DO UPDATE SET "
+    "status = CASE WHEN EXCLUDED.status_rank > runs.status_rank THEN EXCLUDED.status ELSE runs.status END, "
+    "status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank), "
+    "steps = runs.steps + EXCLUDED.steps, tool_calls = runs.tool_calls + EXCLUDED.tool_calls, "
+    + ", ".join(f"{column} = COALESCE(runs.{column}, EXCLUDED.{column})" for column in _SET_ONCE)
+)
+INSERT_REJECTION = (
+    f"INSERT INTO rejected_commands ({', '.join(REJECTION_COLUMNS)}) "
+    f"VALUES ({_placeholders(len(REJECTION_COLUMNS))}) ON CONFLICT DO NOTHING"
+)
+
+# Failures worth waiting out: the server is away or busy, or our transaction lost a race.
+RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def schema_sql() -> str:
+    return resources.files("services.audit_projector").joinpath("schema.sql").read_text()
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # jsonb travels as text we already serialised (canonical JSON), so no codec round trip.
+    await connection.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog", format="text")
+
+
+async def create_pool(database_url: str, schema: str | None = None, size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections see `schema` first, so replays can build tables beside the live ones."""
+    settings = {"search_path": schema} if schema else {}
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=size, init=_init_connection, server_settings=settings
+    )
+    assert pool is not None
+    return pool
+
+
+class LeadershipLost(RuntimeError):
+    """Another projector became active: this one must stop writing at once."""
+
+
+class AuditStore:
+    """Writes projected rows and the stream position in one transaction per batch."""
+
+    def __init__(self, pool: asyncpg.Pool, subjects: Subjects) -> None:
+        self.pool = pool
+        self.subjects = subjects
+        self.epoch: int | None = None
+        self._lock_connection: asyncpg.Connection | None = None
+
+    async def become_active(self, database_url: str) -> None:
+        """Wait until no other projector is active, then fence out any that still thinks it is."""
+        self._lock_connection = await asyncpg.connect(database_url)
+        await self._lock_connection.execute("SELECT pg_advisory_lock($1)", PROJECTOR_LOCK_KEY)
+        self.epoch = await self.pool.fetchval("UPDATE projector_lease SET epoch = epoch + 1 RETURNING epoch")
+        log.info("projector active", epoch=self.epoch)
+
+    async def release(self) -> None:
+        if self._lock_connection is not None:
+            await self._lock_connection.close()
+            self._lock_connection = None
+
+    async def ensure_schema(self, streams: Sequence[str]) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            # Serialise concurrent start-ups: CREATE ... IF NOT EXISTS is not safe under a race.
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", PROJECTOR_LOCK_KEY + 1)
+            await connection.execute(schema_sql())
+            await connection.executemany(
+                "INSERT INTO projector_positions (stream) VALUES ($1) ON CONFLICT DO NOTHING",
+                [(stream,) for stream in streams],
+            )
+
+    async def positions(self) -> dict[str, int]:
+        records = await self.pool.fetch("SELECT stream, last_seq FROM projector_positions")
+        return {record["stream"]: record["last_seq"] for record in records}
+
+    async def apply(self, stream: str, messages: Sequence[StoredMessage]) -> int:
+        """Project the messages not yet applied; return how many were new. Safe to call again."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            if self.epoch is not None:
+                # FOR SHARE: a takeover's epoch bump waits for this batch, then fences the next one.
+                epoch = await connection.fetchval("SELECT epoch FROM projector_lease WHERE id = 1 FOR SHARE")
+                if epoch != self.epoch:
+                    raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
+            last_seq = await connection.fetchval(
+                "SELECT last_seq FROM projector_positions WHERE stream = $1 FOR UPDATE", stream
+            )
+            if last_seq is None:
+                raise RuntimeError(f"no projector position for stream {stream!r}: run ensure_schema first")
+            fresh = [message for message in messages if message.seq > last_seq]
+            if not fresh:
+                return 0
+            try:
+                async with connection.transaction():
+                    await self._write(connection, project(fresh, self.subjects))
+            except asyncpg.DataError as exc:
+                log.warning("batch has a row postgres refuses; writing row by row", stream=stream, error=str(exc))
+                await self._write_one_by_one(connection, fresh)
+            await connection.execute(
+                "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, fresh[-1].seq
+            )
+            return len(fresh)
+
+    @staticmethod
+    async def _write(connection: asyncpg.Connection, rows: Rows) -> None:
+        if rows.events:
+            await connection.executemany(INSERT_EVENT, rows.events)
+        if rows.runs:
+            # One lock order for every batch, so two streams' batches cannot deadlock on runs rows.
+            await connection.executemany(MERGE_RUN, sorted(rows.runs, key=lambda row: (row[0], row[1])))
+        if rows.rejections:
+            await connection.executemany(INSERT_REJECTION, rows.rejections)
+
+    async def _write_one_by_one(self, connection: asyncpg.Connection, messages: Sequence[StoredMessage]) -> None:
+        for message in messages:
+            try:
+                async with connection.transaction():
+                    await self._write(connection, project([message], self.subjects))
+            except asyncpg.DataError as exc:
+                tenant = self.subjects.tenant_of(message.subject)
+                row = raw_event_row(message, tenant, f"postgres refused the row: {exc}")
+                await connection.executemany(INSERT_EVENT, [row])

@@ -1,0 +1,319 @@
+"""The message contract: one envelope for every command and event, and a typed payload per type.
+
+Each payload class names its wire `TYPE` (never its Python path), whether it is a command or an
+event, and the entity its subject is about. `MESSAGE_TYPES` is the registry that parsing, the
+subject catalogue, the JSON Schemas and the AsyncAPI document are all built from.
+"""
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+
+from shared.errors import InvalidMessage, RejectionCode
+from shared.ids import new_id
+
+# A NATS subject token: no dots, wildcards or white space, so ids can sit inside subjects.
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+# Agent and tool names: readable identifiers that may carry a namespace ("web.fetch").
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+MessageKind = Literal["command", "event"]
+Effect = Literal["allow", "deny", "require_approval"]
+
+
+class Payload(BaseModel):
+    """Base of every payload: immutable and strict, so a typo is an error, not a silent drop."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    TYPE: ClassVar[str]
+    KIND: ClassVar[MessageKind]
+    ENTITY: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+
+class RunSubmitted(Payload):
+    """A principal asks for a run of an agent. Published by clients; decided by the policy gate."""
+
+    TYPE: ClassVar[str] = "run.submitted"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    agent: Name
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=9, description="0 is most urgent.")
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ToolCallRequested(Payload):
+    """An agent wants to call a tool. Published by the agent runner; decided by the policy gate."""
+
+    TYPE: ClassVar[str] = "tool_call.requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    tool_call_id: Token
+    step: int = Field(ge=0)
+    tool: Name
+    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class CommandRejected(Payload):
+    """A command was refused before anything acted on it: malformed, unknown, too large, invalid."""
+
+    TYPE: ClassVar[str] = "command.rejected"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "command"
+
+    code: str = Field(description="One of the stable RejectionCode values.")
+    reason: str
+    command_subject: str
+    command_stream_seq: int = Field(ge=1)
+    command_type: str | None = None
+    command_id: str | None = None
+    idempotency_key: str | None = None
+    size_bytes: int = Field(ge=0)
+
+
+class DecisionMade(Payload):
+    """The policy gate's verdict on a run submission or a tool-call request."""
+
+    TYPE: ClassVar[str] = "decision.made"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    request_type: str
+    request_id: str
+    effect: Effect
+    reasons: list[str] = Field(default_factory=list)
+    policy_revision: str
+    evaluation_ms: float = Field(ge=0)
+    tool_call_id: Token | None = None
+
+
+class RunQueued(Payload):
+    """The scheduler accepted an allowed run and holds it until a slot is free."""
+
+    TYPE: ClassVar[str] = "run.queued"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    priority: int = Field(ge=0, le=9)
+
+
+class RunStarted(Payload):
+    """An agent runner began executing the run."""
+
+    TYPE: ClassVar[str] = "run.started"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    worker: str
+    attempt: int = Field(default=1, ge=1)
+
+
+class TokenUsage(BaseModel):
+    """Tokens a model turn consumed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+
+class StepCompleted(Payload):
+    """One step of the agent loop (a model turn or a tool call) finished."""
+
+    TYPE: ClassVar[str] = "step.completed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    step: int = Field(ge=0)
+    kind: Literal["model_turn", "tool_call"]
+    summary: str = ""
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+class ToolCallCompleted(Payload):
+    """A tool call ended: executed (ok or error) under an allow, or refused under a deny."""
+
+    TYPE: ClassVar[str] = "tool_call.completed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    tool_call_id: Token
+    tool: Name
+    decision_id: Token
+    outcome: Literal["ok", "error", "refused"]
+    result: JsonValue = None
+    error: str | None = None
+
+
+class RunSucceeded(Payload):
+    """The run finished and produced its output."""
+
+    TYPE: ClassVar[str] = "run.succeeded"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    output: JsonValue = None
+    steps: int = Field(ge=0)
+    tool_calls: int = Field(ge=0)
+
+
+class RunFailed(Payload):
+    """The run ended without an output; `reason` says why in words a person can act on."""
+
+    TYPE: ClassVar[str] = "run.failed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    reason: str
+    error_type: str
+    steps: int = Field(default=0, ge=0)
+
+
+PAYLOAD_TYPES: tuple[type[Payload], ...] = (
+    RunSubmitted,
+    ToolCallRequested,
+    CommandRejected,
+    DecisionMade,
+    RunQueued,
+    RunStarted,
+    StepCompleted,
+    ToolCallCompleted,
+    RunSucceeded,
+    RunFailed,
+)
+MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
+
+DataT = TypeVar("DataT", bound=Payload)
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    """What travels on the wire, in the spirit of CloudEvents 1.0."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: Token = Field(description="Unique and time-sortable (UUIDv7).")
+    type: str
+    source: str = Field(min_length=1, max_length=128, description="The service or client that wrote it.")
+    time: datetime
+    tenant: TenantId
+    subject: Token = Field(description="Id of the entity it is about: a run id, or a command id.")
+    correlation_id: Token
+    causation_id: Token | None = None
+    actor: str = Field(min_length=1, max_length=256, description="Who asked: a principal or a service.")
+    schema_version: int = Field(default=1, ge=1)
+    data: DataT
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# One concrete envelope class per type, built once: validation then needs no dispatch at run time.
+ENVELOPE_TYPES: dict[str, type[Envelope[Any]]] = {
+    type_name: Envelope[model] for type_name, model in MESSAGE_TYPES.items()  # type: ignore[valid-type]
+}
+
+
+def make_envelope(
+    data: DataT,
+    *,
+    tenant: str,
+    subject: str,
+    actor: str,
+    source: str,
+    caused_by: Envelope[Any] | None = None,
+) -> Envelope[DataT]:
+    """Wrap a payload, carrying the correlation id forward from the message that caused it."""
+    event_id = new_id()
+    return Envelope[type(data)](  # type: ignore[misc]
+        id=event_id,
+        type=data.TYPE,
+        source=source,
+        time=datetime.now(UTC),
+        tenant=tenant,
+        subject=subject,
+        correlation_id=caused_by.correlation_id if caused_by else event_id,
+        causation_id=caused_by.id if caused_by else None,
+        actor=actor,
+        schema_version=data.SCHEMA_VERSION,
+        data=data,
+    )
+
+
+Upcaster = Any  # Callable[[dict[str, Any]], dict[str, Any]]: raw `data` of version v to v + 1.
+# (type, version) -> function lifting that version's raw data one version up. Stored events are
+# never rewritten: old versions are lifted on read, here, before validation.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def _upcast(document: dict[str, Any], model: type[Payload]) -> dict[str, Any]:
+    version = document.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "schema_version must be a positive integer")
+    if version > model.SCHEMA_VERSION:
+        raise InvalidMessage(
+            RejectionCode.SCHEMA_INVALID,
+            f"{model.TYPE} schema_version {version} is newer than this reader's {model.SCHEMA_VERSION}",
+        )
+    while version < model.SCHEMA_VERSION:
+        upcaster = UPCASTERS.get((model.TYPE, version))
+        if upcaster is None:
+            raise InvalidMessage(
+                RejectionCode.SCHEMA_INVALID, f"no upcaster for {model.TYPE} from schema_version {version}"
+            )
+        document = {**document, "data": upcaster(document.get("data")), "schema_version": version + 1}
+        version += 1
+    return document
+
+
+def describe_validation_error(error: ValidationError, limit: int = 5) -> str:
+    """Compress pydantic's report into one line a client can act on: `field.path: message; ...`."""
+    parts = []
+    for item in error.errors()[:limit]:
+        location = ".".join(str(part) for part in item["loc"]) or "(message)"
+        parts.append(f"{location}: {item['msg']}")
+    if error.error_count() > limit:
+        parts.append(f"... and {error.error_count() - limit} more")
+    return "; ".join(parts)
+
+
+def decode_document(raw: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes to a JSON object, or `InvalidMessage` (too large, not JSON, not an object)."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise InvalidMessage(RejectionCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(RejectionCode.NOT_JSON, f"body is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "body must be a JSON object (an envelope)")
+    return document
+
+
+def validate_document(document: dict[str, Any]) -> Envelope[Any]:
+    """A decoded JSON object to a typed envelope (upcast first), or `InvalidMessage` saying why not."""
+    type_name = document.get("type")
+    if not isinstance(type_name, str):
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "envelope has no string field 'type'")
+    envelope_type = ENVELOPE_TYPES.get(type_name)
+    if envelope_type is None:
+        raise InvalidMessage(RejectionCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}")
+    document = _upcast(document, MESSAGE_TYPES[type_name])
+    try:
+        return envelope_type.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, describe_validation_error(exc)) from None
+
+
+def parse_envelope(raw: bytes, *, max_bytes: int | None = None) -> Envelope[Any]:
+    """Validate raw bytes into a typed envelope, or raise `InvalidMessage` saying exactly why not."""
+    return validate_document(decode_document(raw, max_bytes=max_bytes))
