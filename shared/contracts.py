@@ -1,4 +1,4 @@
-"""Contract artefacts (JSON Schemas, AsyncAPI, the README subject table) generated from the registry, with a drift check."""
+"""Generates the contract artefacts (JSON Schemas, AsyncAPI, README subject table) and checks them for drift."""
 
 from __future__ import annotations
 
@@ -278,9 +278,7 @@ def _extra_files(root: Path, expected: dict[str, str]) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(
-        path
-        for path in directory.glob(f"*{SCHEMA_SUFFIX}")
-        if path.relative_to(root).as_posix() not in expected
+        path for path in directory.glob(f"*{SCHEMA_SUFFIX}") if path.relative_to(root).as_posix() not in expected
     )
 
 

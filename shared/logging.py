@@ -2,12 +2,14 @@
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 from opentelemetry import trace
 
 
-def _add_trace_context(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+def _add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Stamp the current OpenTelemetry trace and span ids on every line logged inside a span."""
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
@@ -38,9 +40,13 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> N
     # FastStream, asyncpg and nats log through the standard library; render those lines the same way.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared_processors, processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer,
-        ])
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared_processors,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -7,16 +7,16 @@ subject catalogue, the JSON Schemas and the AsyncAPI document are all built from
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, model_validator
 
 from shared.errors import InvalidMessage, RejectionCode
 from shared.ids import new_id
 
 # A NATS subject token: no dots, wildcards or white space, so ids can sit inside subjects.
 Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
-TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # Agent and tool names: readable identifiers that may carry a namespace ("web.fetch").
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 MessageKind = Literal["command", "event"]
@@ -213,13 +213,21 @@ class Envelope(BaseModel, Generic[DataT]):
     schema_version: int = Field(default=1, ge=1)
     data: DataT
 
+    @model_validator(mode="after")
+    def _type_names_payload(self) -> "Envelope[DataT]":
+        # The type is how readers pick the payload model, so it must never disagree with it.
+        if self.type != self.data.TYPE:
+            raise ValueError(f"type {self.type!r} does not match its {self.data.TYPE!r} payload")
+        return self
+
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
 
 # One concrete envelope class per type, built once: validation then needs no dispatch at run time.
 ENVELOPE_TYPES: dict[str, type[Envelope[Any]]] = {
-    type_name: Envelope[model] for type_name, model in MESSAGE_TYPES.items()  # type: ignore[valid-type]
+    type_name: Envelope[model]  # type: ignore[valid-type]
+    for type_name, model in MESSAGE_TYPES.items()
 }
 
 
@@ -234,7 +242,7 @@ def make_envelope(
 ) -> Envelope[DataT]:
     """Wrap a payload, carrying the correlation id forward from the message that caused it."""
     event_id = new_id()
-    return Envelope[type(data)](  # type: ignore[misc]
+    envelope = ENVELOPE_TYPES[data.TYPE](
         id=event_id,
         type=data.TYPE,
         source=source,
@@ -247,6 +255,7 @@ def make_envelope(
         schema_version=data.SCHEMA_VERSION,
         data=data,
     )
+    return cast("Envelope[DataT]", envelope)
 
 
 Upcaster = Any  # Callable[[dict[str, Any]], dict[str, Any]]: raw `data` of version v to v + 1.

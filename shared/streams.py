@@ -38,42 +38,34 @@ class StreamNames:
         return (self.commands, self.events)
 
 
+def _stream(name: str, *, description: str, subject: str, retention: RetentionPolicy, dedup_s: float,
+            replicas: int) -> StreamConfig:  # fmt: skip
+    return StreamConfig(
+        name=name,
+        description=description,
+        subjects=[subject],
+        retention=retention,
+        duplicate_window=dedup_s,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msg_size=STREAM_MAX_MSG_BYTES,
+        # A full stream refuses new writes rather than silently dropping old audit records.
+        discard=DiscardPolicy.NEW,
+        allow_direct=True,
+    )
+
+
 def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
     names = StreamNames.for_prefix(subjects.prefix)
-    common = {
-        "storage": StorageType.FILE,
-        "num_replicas": replicas,
-        "max_msg_size": STREAM_MAX_MSG_BYTES,
-        "discard": DiscardPolicy.NEW,
-        "allow_direct": True,
-    }
     return [
-        StreamConfig(
-            name=names.commands,
-            description="Every command as received, valid or not: the audit trail's intake.",
-            subjects=[subjects.all_commands],
-            retention=RetentionPolicy.LIMITS,
-            # Client retries within ten minutes are deduplicated by their Nats-Msg-Id.
-            duplicate_window=600.0,
-            **common,
-        ),
-        StreamConfig(
-            name=names.events,
-            description="Every decision and every step of every run: append-only.",
-            subjects=[subjects.all_events],
-            retention=RetentionPolicy.LIMITS,
-            duplicate_window=120.0,
-            **common,
-        ),
-        StreamConfig(
-            name=names.work,
-            description="Runs waiting for an agent runner; each is removed once a runner acks it.",
-            subjects=[subjects.all_work],
-            retention=RetentionPolicy.WORK_QUEUE,
-            duplicate_window=120.0,
-            **common,
-        ),
-    ]
+        # Client retries within ten minutes are deduplicated by their Nats-Msg-Id.
+        _stream(names.commands, description="Every command as received, valid or not: the audit trail's intake.",
+                subject=subjects.all_commands, retention=RetentionPolicy.LIMITS, dedup_s=600.0, replicas=replicas),
+        _stream(names.events, description="Every decision and every step of every run: append-only.",
+                subject=subjects.all_events, retention=RetentionPolicy.LIMITS, dedup_s=120.0, replicas=replicas),
+        _stream(names.work, description="Runs waiting for an agent runner; each is removed once a runner acks it.",
+                subject=subjects.all_work, retention=RetentionPolicy.WORK_QUEUE, dedup_s=120.0, replicas=replicas),
+    ]  # fmt: skip
 
 
 _COMPARED_FIELDS = (

@@ -76,7 +76,9 @@ class Subjects:
         return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.run.{_ensure_token(run_id, 'run id')}.>"
 
     def command_rejections(self, tenant: str, command_id: str) -> str:
-        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.command.{_ensure_token(command_id, 'command id')}.>"
+        return (
+            f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.command.{_ensure_token(command_id, 'command id')}.>"
+        )
 
     def expected_subject(self, envelope: Envelope[Any]) -> str:
         """The one subject this envelope may travel on."""
@@ -113,7 +115,7 @@ class Subjects:
 
 
 def _types_of(kind: str) -> tuple[str, ...]:
-    return tuple(name for name, model in MESSAGE_TYPES.items() if model.KIND == kind)
+    return tuple(name for name, model in MESSAGE_TYPES.items() if kind == model.KIND)
 
 
 CHANNELS: tuple[Channel, ...] = (

@@ -8,13 +8,10 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 import structlog
-from faststream import AckPolicy, FastStream
-from faststream.nats import JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
-from faststream.params import NoCast
-from nats.aio.msg import Msg
+from faststream import FastStream
+from faststream.nats import NatsBroker
 
-from services.audit_projector.handlers import DURABLE_NAME, project_batch, reset_consumer
+from services.audit_projector.handlers import consume_stream, reset_consumer
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, LeadershipLost, create_pool
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -40,11 +37,6 @@ async def _wait_for_postgres(database_url: str) -> asyncpg.Pool:
             delay = min(delay * 2, 10.0)
 
 
-def _keep_raw(message: NatsBatchMessage) -> list[Msg]:
-    # The projector records bytes as they are, even when they are not JSON: no decoding here.
-    return message.raw_message
-
-
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
@@ -61,37 +53,35 @@ def build_app(settings: Settings | None = None) -> FastStream:
         positions = await store.positions()
         await broker.connect()
         js = broker.config.connection_state.stream
+        consumers = []
         for stream, filter_subject in filters.items():
             await reset_consumer(js, stream, filter_subject, positions.get(stream, 0) + 1, BATCH_SIZE)
-            _subscribe(broker, store, stream, filter_subject)
+            consumer = asyncio.create_task(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
+            consumer.add_done_callback(_exit_on_failure)
+            consumers.append(consumer)
         log.info("projecting", positions=positions)
         try:
             yield
         finally:
+            for consumer in consumers:
+                consumer.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
             await store.release()
             await pool.close()
 
     return FastStream(broker, lifespan=lifespan)
 
 
-def _subscribe(broker: NatsBroker, store: AuditStore, stream: str, filter_subject: str) -> None:
-    @broker.subscriber(
-        filter_subject,
-        stream=JStream(stream, declare=False),
-        durable=DURABLE_NAME,
-        pull_sub=PullSub(batch_size=BATCH_SIZE, timeout=BATCH_WAIT_SECONDS, batch=True),
-        # Manual: the handler acks once the batch is committed, and never terms (it stores garbage too).
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_keep_raw,
-    )
-    async def project(messages: NoCast[list[Msg]]) -> None:
-        try:
-            await project_batch(store, stream, messages)
-        except LeadershipLost as exc:
-            # Crash-only: stop at once and let the supervisor restart this process as a standby.
-            log.error("another projector took over; exiting", error=str(exc))
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise
+def _exit_on_failure(task: "asyncio.Task[None]") -> None:
+    """Crash-only: a consumer that died (or lost leadership) takes the process down to be restarted."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    if isinstance(error, LeadershipLost):
+        log.error("another projector took over; exiting", error=str(error))
+    else:
+        log.error("projection stopped by an unexpected error; exiting", error=repr(error))
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:

@@ -1,8 +1,10 @@
 """Thin subscriber logic: JetStream batch in, rows committed with the position, then one ack."""
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
+import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -37,10 +39,8 @@ async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str,
     commits with the rows). Starting the consumer afresh there means a restart never sees an old
     batch redelivered after newer ones, so the position can only move forward over applied messages.
     """
-    try:
+    with contextlib.suppress(NotFoundError):
         await js.delete_consumer(stream, DURABLE_NAME)
-    except NotFoundError:
-        pass
     await js.add_consumer(
         stream,
         ConsumerConfig(
@@ -77,3 +77,22 @@ async def project_batch(store: AuditStore, stream: str, messages: Sequence[Msg])
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
     await messages[-1].ack()
     log.debug("batch projected", stream=stream, first_seq=stored[0].seq, last_seq=stored[-1].seq, applied=applied)
+
+
+async def consume_stream(js: JetStreamContext, store: AuditStore, stream: str, batch: int, wait: float) -> None:
+    """Fetch, project and ack batches in stream order until cancelled.
+
+    A hand-written loop rather than FastStream's batch subscriber: that one catches only
+    nats.errors.TimeoutError, while nats-py 2.16 raises asyncio.TimeoutError from an idle
+    multi-message fetch, so every idle poll would kill and restart its task.
+    """
+    subscription = await js.pull_subscribe_bind(durable=DURABLE_NAME, stream=stream)
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(batch, timeout=wait)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            await project_batch(store, stream, messages)
+    finally:
+        await subscription.unsubscribe()

@@ -115,7 +115,7 @@ def _envelope_event_row(message: StoredMessage, document: dict[str, Any], envelo
 
 def _run_row(envelope: Envelope[Any], trace_id: str | None, **columns: Any) -> RunRow:
     status = columns.pop("status", "unknown")
-    values = {name: None for name in RUN_COLUMNS}
+    values: dict[str, Any] = dict.fromkeys(RUN_COLUMNS)
     values.update(
         tenant=envelope.tenant,
         run_id=envelope.subject,
@@ -125,8 +125,8 @@ def _run_row(envelope: Envelope[Any], trace_id: str | None, **columns: Any) -> R
         tool_calls=0,
         correlation_id=envelope.correlation_id,
         trace_id=trace_id,
-        **columns,
     )
+    values.update(columns)
     return tuple(values[name] for name in RUN_COLUMNS)
 
 

@@ -5,6 +5,7 @@ from importlib import resources
 
 import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from services.audit_projector.projection import (
     EVENT_COLUMNS,
@@ -18,6 +19,8 @@ from services.audit_projector.projection import (
 from shared.subjects import Subjects
 
 log = structlog.get_logger(__name__)
+
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Taken by whichever projector process is active; a second one waits for it (hot standby), so
 # two projectors never interleave batches of the same stream.
@@ -150,7 +153,7 @@ class AuditStore:
             return len(fresh)
 
     @staticmethod
-    async def _write(connection: asyncpg.Connection, rows: Rows) -> None:
+    async def _write(connection: Connection, rows: Rows) -> None:
         if rows.events:
             await connection.executemany(INSERT_EVENT, rows.events)
         if rows.runs:
@@ -159,7 +162,7 @@ class AuditStore:
         if rows.rejections:
             await connection.executemany(INSERT_REJECTION, rows.rejections)
 
-    async def _write_one_by_one(self, connection: asyncpg.Connection, messages: Sequence[StoredMessage]) -> None:
+    async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
         for message in messages:
             try:
                 async with connection.transaction():

@@ -1,0 +1,1 @@
+"""Policy gate service: checks every command, records rejections, and publishes decisions."""

@@ -1,0 +1,1 @@
+"""Warden's test suite: real NATS JetStream and Postgres, embedded unless URLs are given."""

@@ -1,0 +1,132 @@
+"""Test fixtures: real NATS JetStream and Postgres, with a private prefix, streams and database per test.
+
+By default one embedded nats-server and one embedded PostgreSQL serve the whole session; with
+WARDEN_NATS_URL and WARDEN_DATABASE_URL set, those servers are used instead.
+"""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import nats
+import pytest
+from faststream import FastStream
+from nats.aio.client import Client as NatsClient
+
+from shared.settings import Settings
+from shared.streams import StreamNames, provision
+from shared.subjects import Subjects
+
+os.environ.pop("RUST_BACKTRACE", None)  # regorus errors stay readable
+
+
+@dataclass(frozen=True)
+class Servers:
+    nats_url: str
+    database_url: str  # any database on the server; tests derive their own from it
+
+
+def database_url_for(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+    nats_url, database_url = os.environ.get("WARDEN_NATS_URL"), os.environ.get("WARDEN_DATABASE_URL")
+    if nats_url and database_url:
+        yield Servers(nats_url, database_url)
+        return
+    from warden.embedded import EmbeddedServers  # noqa: PLC0415
+
+    embedded = EmbeddedServers(tmp_path_factory.mktemp("embedded"))
+    endpoints = await embedded.start()
+    try:
+        yield Servers(endpoints.nats_url, endpoints.database_url)
+    finally:
+        await embedded.stop()
+
+
+@pytest.fixture
+async def settings(servers: Servers) -> AsyncIterator[Settings]:
+    """Settings private to this test: its own subject prefix, streams and database."""
+    token = uuid.uuid4().hex[:12]
+    prefix, database = f"t{token}", f"test_{token}"
+    admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
+    await admin.execute(f'CREATE DATABASE "{database}"')
+    nc = await nats.connect(servers.nats_url)
+    await provision(nc.jetstream(), Subjects(prefix))
+    settings = Settings(
+        nats_url=servers.nats_url,
+        database_url=database_url_for(servers.database_url, database),
+        subject_prefix=prefix,
+        log_format="console",
+    )
+    try:
+        yield settings
+    finally:
+        for stream in vars(StreamNames.for_prefix(prefix)).values():
+            await nc.jetstream().delete_stream(stream)
+        await nc.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def nc(settings: Settings) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(settings.nats_url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(settings.database_url)
+    yield connection
+    await connection.close()
+
+
+AppRunner = Callable[[FastStream], Awaitable[None]]
+
+
+@pytest.fixture
+async def run_app() -> AsyncIterator[AppRunner]:
+    """Start FastStream apps in this event loop; every one is stopped when the test ends."""
+    tasks: list[tuple[FastStream, asyncio.Task[None]]] = []
+
+    async def start(app: FastStream) -> None:
+        task = asyncio.create_task(app.run())
+        tasks.append((app, task))
+        # app.run() returns only on exit; wait for its broker to be running instead.
+        for _ in range(200):
+            if getattr(app, "running", False) or task.done():
+                break
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+
+    yield start
+    for app, task in tasks:
+        app.exit()
+        await asyncio.wait_for(task, 10)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll `check` until it returns a truthy value; fail with its last value after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {within}s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,142 @@
+"""Bad commands are stored, rejected on the record with a clear reason, never retried forever."""
+
+import json
+
+import asyncpg
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from services.audit_projector.app import build_app as build_projector
+from services.policy_gate.app import DURABLE_NAME
+from services.policy_gate.app import build_app as build_gate
+from shared.errors import RejectionCode
+from shared.messages import CommandRejected, RunSubmitted, make_envelope
+from shared.settings import Settings
+from shared.streams import StreamNames
+from shared.subjects import Subjects
+from tests.conftest import AppRunner, eventually
+from warden.client import WardenClient
+
+
+def valid_submission(tenant: str = "acme") -> bytes:
+    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject="r1", actor="alice", source="test")
+    return envelope.to_bytes()
+
+
+def with_changes(body: bytes, **changes: object) -> bytes:
+    document = json.loads(body)
+    document.update(changes)
+    return json.dumps(document).encode()
+
+
+def with_data_changes(body: bytes, **changes: object) -> bytes:
+    document = json.loads(body)
+    document["data"].update(changes)
+    return json.dumps(document).encode()
+
+
+CASES = [
+    pytest.param(b"{not json", RejectionCode.NOT_JSON, "not JSON", id="not-json"),
+    pytest.param(b"\xff\xfe binary", RejectionCode.NOT_JSON, "not JSON", id="binary"),
+    pytest.param(b"[1, 2]", RejectionCode.SCHEMA_INVALID, "JSON object", id="json-array"),
+    pytest.param(
+        with_changes(valid_submission(), type="run.teleported"),
+        RejectionCode.UNKNOWN_TYPE,
+        "unknown message type 'run.teleported'",
+        id="unknown-type",
+    ),
+    pytest.param(
+        with_data_changes(valid_submission(), priority=42),
+        RejectionCode.SCHEMA_INVALID,
+        "data.priority",
+        id="schema-out-of-range",
+    ),
+    pytest.param(
+        with_data_changes(valid_submission(), agnet="typo"),
+        RejectionCode.SCHEMA_INVALID,
+        "data.agnet: Extra inputs are not permitted",
+        id="schema-unknown-field",
+    ),
+    pytest.param(
+        with_changes(valid_submission(), tenant="globex"),
+        RejectionCode.SUBJECT_MISMATCH,
+        "must arrive on",
+        id="other-tenant-in-body",
+    ),
+    pytest.param(
+        with_data_changes(valid_submission(), input={"blob": "x" * 70_000}),
+        RejectionCode.TOO_LARGE,
+        "the limit is 65536",
+        id="too-large",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "code", "reason_part"), CASES)
+async def test_bad_command_is_rejected_on_the_record(
+    settings: Settings,
+    nc: NatsClient,
+    db: asyncpg.Connection,
+    run_app: AppRunner,
+    body: bytes,
+    code: RejectionCode,
+    reason_part: str,
+) -> None:
+    """A bad command is stored, answered by a command.rejected event with its reason, and projected."""
+    subjects = Subjects(settings.subject_prefix)
+    await run_app(build_gate(settings))
+    await run_app(build_projector(settings))
+    ack = await nc.jetstream().publish(
+        subjects.command("acme", "run.submitted"), body, headers={"Nats-Msg-Id": "client-key-1"}
+    )
+
+    client = WardenClient(nc, settings.subject_prefix)
+    events = [event async for event in client.tail("acme", idle_timeout=3.0)]
+    rejections = [e.envelope for e in events if e.envelope and isinstance(e.envelope.data, CommandRejected)]
+    assert len(rejections) == 1
+    rejection = rejections[0].data
+    assert isinstance(rejection, CommandRejected)
+    assert (rejection.code, rejection.command_stream_seq, rejection.size_bytes) == (code.value, ack.seq, len(body))
+    assert reason_part in rejection.reason
+    assert rejection.idempotency_key == "client-key-1"
+    assert rejections[0].subject == str(ack.seq)
+
+    row = await eventually(lambda: db.fetchrow("SELECT * FROM rejected_commands"))
+    assert (row["code"], row["command_stream_seq"], row["tenant"]) == (code.value, ack.seq, "acme")
+    stored = await eventually(
+        lambda: db.fetchrow("SELECT * FROM events WHERE stream_seq = $1 AND stream LIKE '%COMMANDS'", ack.seq)
+    )
+    assert stored["raw"] == body or stored["type"] == "run.submitted"
+
+
+async def test_gate_keeps_serving_after_bad_input(settings: Settings, nc: NatsClient, run_app: AppRunner) -> None:
+    """After a burst of garbage every command is acknowledged once: none pending, none redelivered."""
+    subjects = Subjects(settings.subject_prefix)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    await run_app(build_gate(settings))
+    js = nc.jetstream()
+    for i in range(20):
+        await js.publish(subjects.command("acme", "run.submitted"), b"garbage %d" % i)
+    last = await js.publish(subjects.command("acme", "run.submitted"), valid_submission())
+
+    async def settled() -> bool:
+        info = await js.consumer_info(streams.commands, DURABLE_NAME)
+        return bool(info.delivered.stream_seq == last.seq and info.num_ack_pending == 0 and info.num_pending == 0)
+
+    await eventually(settled)
+    info = await js.consumer_info(streams.commands, DURABLE_NAME)
+    assert info.num_redelivered == 0
+    assert info.config.max_deliver == 5, "a message that keeps failing is not redelivered forever"
+    rejected = await js.stream_info(streams.events, subjects_filter=f"{settings.subject_prefix}.evt.acme.command.>")
+    assert rejected.state.messages == 20
+
+
+async def test_unattributable_tenant_is_still_recorded(settings: Settings, nc: NatsClient, run_app: AppRunner) -> None:
+    """A command whose subject tenant is not a valid tenant id is rejected under `_unattributed`."""
+    await run_app(build_gate(settings))
+    await nc.jetstream().publish(f"{settings.subject_prefix}.cmd.acme@corp.run.submitted", b"{}")
+    client = WardenClient(nc, settings.subject_prefix)
+    events = [event async for event in client.tail("_unattributed", idle_timeout=3.0)]
+    assert len(events) == 1
+    assert events[0].envelope is not None
+    assert events[0].envelope.data.code == RejectionCode.SCHEMA_INVALID.value

