@@ -28,7 +28,8 @@ async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str,
         output += line.decode()
     nats_url = re.search(r"NATS:\s+(\S+)", output)
     database_url = re.search(r"Postgres:\s+(\S+)", output)
-    assert nats_url and database_url, output
+    assert nats_url, output
+    assert database_url, output
     return process, nats_url.group(1), database_url.group(1)
 
 
