@@ -1,0 +1,75 @@
+"""The user-facing client and CLI against real JetStream: idempotent submits, tailing, envelope round trips."""
+
+import asyncio
+import json
+import os
+import sys
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from shared.messages import RunStarted, RunSubmitted, make_envelope
+from shared.settings import Settings
+from tests.conftest import REPO_ROOT
+from tests.test_projector import publish
+from warden.client import CommandTooLarge, WardenClient
+
+
+async def test_submit_with_same_key_is_stored_once(settings: Settings, nc: NatsClient) -> None:
+    """Resubmitting with the same idempotency key is acknowledged as a duplicate of the first."""
+    client = WardenClient(nc, settings.subject_prefix)
+    first = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-42")
+    again = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-42")
+    other = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-43")
+    assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
+    assert again.stream_seq == first.stream_seq
+    assert other.stream_seq == first.stream_seq + 1
+
+
+async def test_oversized_command_is_refused_before_sending(settings: Settings, nc: NatsClient) -> None:
+    """The client refuses a command over the size limit instead of sending it."""
+    client = WardenClient(nc, settings.subject_prefix, max_command_bytes=1024)
+    with pytest.raises(CommandTooLarge, match="limit is 1024"):
+        await client.submit_run(tenant="acme", agent="demo", actor="alice", input={"blob": "x" * 2000})
+
+
+async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient) -> None:
+    """Tailing a run yields only its events, in order, as equal envelopes; tailing a tenant yields all of its."""
+    sent = []
+    for tenant, run_id in [("acme", "r1"), ("acme", "r2"), ("globex", "r1"), ("acme", "r1")]:
+        cause = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject=run_id, actor="a", source="t")
+        started = make_envelope(RunStarted(decision_id="d1", worker="w"), tenant=tenant, subject=run_id,
+                                actor="runner", source="t", caused_by=cause)  # fmt: skip
+        await publish(nc, settings, started)
+        sent.append(started)
+    client = WardenClient(nc, settings.subject_prefix)
+    run_events = [event async for event in client.tail("acme", "r1", idle_timeout=1.0)]
+    assert [event.envelope for event in run_events] == [sent[0], sent[3]]
+    assert run_events[0].stream_seq < run_events[1].stream_seq
+    tenant_events = [event async for event in client.tail("acme", idle_timeout=1.0)]
+    assert len(tenant_events) == 3
+
+
+async def test_cli_submit_and_tail(settings: Settings) -> None:
+    """`warden submit` prints a receipt and `warden tail` prints the tenant's events as JSON lines."""
+    env = {**os.environ, "WARDEN_NATS_URL": settings.nats_url, "WARDEN_DATABASE_URL": settings.database_url,
+           "WARDEN_SUBJECT_PREFIX": settings.subject_prefix}  # fmt: skip
+
+    async def warden(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT,
+                                                       env=env, stdout=asyncio.subprocess.PIPE)  # fmt: skip
+        stdout, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0
+        return stdout.decode()
+
+    receipt = json.loads(await warden("submit", "--tenant", "acme", "--agent", "demo", "--actor", "alice",
+                                      "--input", '{"q": 1}', "--run-id", "cli-run"))  # fmt: skip
+    assert receipt == {"run_id": "cli-run", "command_id": receipt["command_id"], "stream_seq": 1, "duplicate": False}
+    nc = NatsClient()
+    await nc.connect(settings.nats_url)
+    started = make_envelope(RunStarted(decision_id="d1", worker="w"), tenant="acme", subject="cli-run",
+                            actor="runner", source="t")  # fmt: skip
+    await publish(nc, settings, started)
+    await nc.close()
+    lines = (await warden("tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")).splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [started.id]
