@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import nats
@@ -23,7 +24,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.audit_projector.replay import replay
 from shared.bus import envelope_headers
-from shared.messages import RunStarted, RunSubmitted, StepCompleted, make_envelope
+from shared.messages import Envelope, RunStarted, RunSubmitted, StepCompleted, make_envelope
 from shared.settings import Settings
 from shared.streams import StreamNames, provision
 from shared.subjects import Subjects
@@ -41,8 +42,9 @@ async def fill(settings: Settings, count: int) -> None:
     while sent < count:
         run += 1
         cause = make_envelope(RunSubmitted(agent="bench"), tenant="acme", subject=f"run-{run}", actor="a", source="b")
-        batch = [cause, make_envelope(RunStarted(decision_id="d", worker="w"), tenant="acme", subject=f"run-{run}",
-                                      actor="runner", source="b", caused_by=cause)]  # fmt: skip
+        started = make_envelope(RunStarted(decision_id="d", worker="w"), tenant="acme", subject=f"run-{run}",
+                                actor="runner", source="b", caused_by=cause)  # fmt: skip
+        batch: list[Envelope[Any]] = [cause, started]
         batch += [make_envelope(StepCompleted(step=i, kind="model_turn"), tenant="acme", subject=f"run-{run}",
                                 actor="runner", source="b", caused_by=cause) for i in range(98)]  # fmt: skip
         futures = [await js.publish_async(subjects.expected_subject(e), e.to_bytes(), headers=envelope_headers(e))

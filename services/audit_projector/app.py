@@ -13,7 +13,7 @@ from faststream.nats import NatsBroker
 
 from services.audit_projector.handlers import consume_stream, reset_consumer
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, LeadershipLost, create_pool
-from shared.logging import configure_logging
+from shared.service import run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -85,9 +85,7 @@ def _exit_on_failure(task: "asyncio.Task[None]") -> None:
 
 
 def main() -> None:
-    settings = Settings()
-    configure_logging(SERVICE, settings.log_level, settings.log_format)
-    asyncio.run(build_app(settings).run())
+    run_service(SERVICE, build_app)
 
 
 if __name__ == "__main__":

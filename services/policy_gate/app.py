@@ -1,6 +1,5 @@
 """The policy gate: every command passes here first; bad ones are rejected on the record."""
 
-import asyncio
 from typing import Any
 
 import structlog
@@ -13,8 +12,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.policy_gate.intake import check_command, rejection_tenant
 from shared.bus import envelope_headers
-from shared.logging import configure_logging
 from shared.messages import CommandRejected, Envelope, make_envelope
+from shared.service import run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -105,9 +104,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
 
 
 def main() -> None:
-    settings = Settings()
-    configure_logging(SERVICE, settings.log_level, settings.log_format)
-    asyncio.run(build_app(settings).run())
+    run_service(SERVICE, build_app)
 
 
 if __name__ == "__main__":
