@@ -9,7 +9,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 TYPE_HEADER = "Warden-Type"
 
 
-def envelope_headers(envelope: Envelope[Any], idempotency_key: str | None = None) -> dict[str, str]:
+def envelope_headers(
+    envelope: Envelope[Any], idempotency_key: str | None = None, *, start_trace: bool = False
+) -> dict[str, str]:
     """Headers for one message: JetStream's dedup key, the type (for routing without parsing), trace context.
 
     The idempotency key defaults to the envelope id, so a retried publish of the same envelope is
@@ -20,4 +22,4 @@ def envelope_headers(envelope: Envelope[Any], idempotency_key: str | None = None
         TYPE_HEADER: envelope.type,
         "content-type": "application/json",
     }
-    return inject_trace_context(headers)
+    return inject_trace_context(headers, start_trace=start_trace)

@@ -23,6 +23,7 @@ class RejectionCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     SCHEMA_INVALID = "schema_invalid"
     SUBJECT_MISMATCH = "subject_mismatch"
+    UNKNOWN_AGENT = "unknown_agent"
 
 
 class InvalidMessage(PermanentError):

@@ -48,6 +48,17 @@ class RunSubmitted(Payload):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class RunUsage(BaseModel):
+    """What a run has consumed so far, as its runner counts it; policies cap it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(default=0, ge=0)
+    tool_calls: int = Field(default=0, ge=0)
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+
 class ToolCallRequested(Payload):
     """An agent wants to call a tool. Published by the agent runner; decided by the policy gate."""
 
@@ -57,8 +68,10 @@ class ToolCallRequested(Payload):
 
     tool_call_id: Token
     step: int = Field(ge=0)
+    agent: Name
     tool: Name
     arguments: dict[str, JsonValue] = Field(default_factory=dict)
+    usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
 
 
 class CommandRejected(Payload):
@@ -88,6 +101,7 @@ class DecisionMade(Payload):
     decision_id: Token
     request_type: str
     request_id: str
+    request_seq: int = Field(ge=1, description="Where the request sits in the commands stream.")
     effect: Effect
     reasons: list[str] = Field(default_factory=list)
     policy_revision: str
@@ -104,6 +118,23 @@ class RunQueued(Payload):
 
     decision_id: Token
     priority: int = Field(ge=0, le=9)
+    agent: Name
+    request_seq: int = Field(ge=1, description="The run.submitted command's position in the commands stream.")
+
+
+class RunDispatched(Payload):
+    """The scheduler gave the run a slot and handed it to the runners' work queue.
+
+    The same envelope is both the audit event and the work item on `<prefix>.work.<tenant>`.
+    """
+
+    TYPE: ClassVar[str] = "run.dispatched"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    agent: Name
+    request_seq: int = Field(ge=1, description="The run.submitted command's position in the commands stream.")
 
 
 class RunStarted(Payload):
@@ -148,8 +179,9 @@ class ToolCallCompleted(Payload):
     ENTITY: ClassVar[str] = "run"
 
     tool_call_id: Token
+    step: int = Field(ge=0)
     tool: Name
-    decision_id: Token
+    decision_id: Token | None = Field(description="The decision that allowed or refused it; None if none came.")
     outcome: Literal["ok", "error", "refused"]
     result: JsonValue = None
     error: str | None = None
@@ -185,6 +217,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     CommandRejected,
     DecisionMade,
     RunQueued,
+    RunDispatched,
     RunStarted,
     StepCompleted,
     ToolCallCompleted,

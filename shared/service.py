@@ -1,15 +1,58 @@
-"""The one way every Warden service process starts: settings from the environment, logging, run."""
+"""The one way every Warden service process starts and runs its long-lived consumer loops."""
 
 import asyncio
-from collections.abc import Callable
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import structlog
 from faststream import FastStream
 
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.telemetry import configure_tracing
+
+log = structlog.get_logger(__name__)
 
 
 def run_service(name: str, build_app: Callable[[Settings], FastStream]) -> None:
     settings = Settings()
     configure_logging(name, settings.log_level, settings.log_format)
+    configure_tracing(name)
     asyncio.run(build_app(settings).run())
+
+
+class BackgroundLoops:
+    """A service's consumer loops: stopped before its broker closes, and crash-only while it runs.
+
+    A loop that dies unexpectedly takes its process down (SIGTERM, a clean shutdown) so that the
+    supervisor restarts it and the service rebuilds its state from the streams, rather than
+    living on half-working.
+    """
+
+    def __init__(self, app: FastStream) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        # on_shutdown hooks run before the broker stops, so no loop sees its connection vanish.
+        app.on_shutdown(self.stop)
+
+    def start(self, loop: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(loop)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            # wait(), not gather(): the loops' own cancellation must not surface here as ours.
+            await asyncio.wait(self.tasks, timeout=grace_seconds)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if self.stopping or task.cancelled() or task.exception() is None:
+            return
+        log.error("a consumer loop failed; stopping the process to be restarted", error=repr(task.exception()))
+        os.kill(os.getpid(), signal.SIGTERM)

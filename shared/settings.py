@@ -18,5 +18,17 @@ class Settings(BaseSettings):
     # Commands over this size are rejected (and recorded). The streams' hard ceiling is larger,
     # so an oversized command is still stored and the rejection can point at it.
     max_command_bytes: int = Field(default=64 * 1024, gt=0)
+    # Rego policies and their data, read by the policy gate at start.
+    policy_dir: Path = Path(__file__).resolve().parents[1] / "policies"
+    # Agent definitions (scripted agents), read by the agent runner.
+    agents_dir: Path = Path(__file__).resolve().parents[1] / "agents"
+    # Runs of one tenant that may be dispatched at once; the scheduler never exceeds it.
+    tenant_concurrency: int = Field(default=4, ge=1)
+    # How many runs one agent runner process executes at once.
+    runner_concurrency: int = Field(default=16, ge=1)
+    # A runner must show progress within this many seconds or its run is handed to another runner.
+    runner_ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # How long a runner waits for the gate's decision on a tool call before treating it as a refusal.
+    decision_timeout_seconds: float = Field(default=10.0, gt=0)
     log_level: str = "INFO"
     log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")

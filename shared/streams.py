@@ -38,8 +38,9 @@ class StreamNames:
         return (self.commands, self.events)
 
 
-def _stream(name: str, *, description: str, subject: str, retention: RetentionPolicy, dedup_s: float,
-            replicas: int) -> StreamConfig:  # fmt: skip
+def _stream(
+    name: str, *, description: str, subject: str, retention: RetentionPolicy, dedup_s: float, replicas: int
+) -> StreamConfig:
     return StreamConfig(
         name=name,
         description=description,
@@ -59,13 +60,31 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
     names = StreamNames.for_prefix(subjects.prefix)
     return [
         # Client retries within ten minutes are deduplicated by their Nats-Msg-Id.
-        _stream(names.commands, description="Every command as received, valid or not: the audit trail's intake.",
-                subject=subjects.all_commands, retention=RetentionPolicy.LIMITS, dedup_s=600.0, replicas=replicas),
-        _stream(names.events, description="Every decision and every step of every run: append-only.",
-                subject=subjects.all_events, retention=RetentionPolicy.LIMITS, dedup_s=120.0, replicas=replicas),
-        _stream(names.work, description="Runs waiting for an agent runner; each is removed once a runner acks it.",
-                subject=subjects.all_work, retention=RetentionPolicy.WORK_QUEUE, dedup_s=120.0, replicas=replicas),
-    ]  # fmt: skip
+        _stream(
+            names.commands,
+            description="Every command as received, valid or not: the audit trail's intake.",
+            subject=subjects.all_commands,
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=600.0,
+            replicas=replicas,
+        ),
+        _stream(
+            names.events,
+            description="Every decision and every step of every run: append-only.",
+            subject=subjects.all_events,
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=120.0,
+            replicas=replicas,
+        ),
+        _stream(
+            names.work,
+            description="Runs waiting for an agent runner; each is removed once a runner acks it.",
+            subject=subjects.all_work,
+            retention=RetentionPolicy.WORK_QUEUE,
+            dedup_s=120.0,
+            replicas=replicas,
+        ),
+    ]
 
 
 _COMPARED_FIELDS = (

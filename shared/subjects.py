@@ -140,7 +140,7 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         name="work",
         pattern="{prefix}.work.{tenant}",
-        message_types=("run.submitted",),
+        message_types=("run.dispatched",),
         published_by="scheduler",
         consumed_by="agent runner",
         description="Allowed runs handed to agent runners; a work queue, each run taken once.",

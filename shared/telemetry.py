@@ -2,7 +2,10 @@
 
 import os
 import re
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -24,10 +27,31 @@ def configure_tracing(service: str) -> TracerProvider:
     return provider
 
 
-def inject_trace_context(headers: dict[str, str]) -> dict[str, str]:
-    """Add `traceparent` (and `tracestate`) for the current span to outgoing message headers."""
+def inject_trace_context(headers: dict[str, str], *, start_trace: bool = False) -> dict[str, str]:
+    """Add `traceparent` (and `tracestate`) for the current span to outgoing message headers.
+
+    With `start_trace`, a message sent outside any span (a client submitting a run) gets a
+    fresh trace id of its own, so the run's first audit row already carries the trace id.
+    """
     propagate.inject(headers)
+    if start_trace and "traceparent" not in headers:
+        headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
     return headers
+
+
+@contextmanager
+def consuming(service: str, name: str, headers: Mapping[str, str] | None, **attributes: Any) -> Iterator[trace.Span]:
+    """A span for handling one message, continuing the trace its headers carry.
+
+    Without headers it is a child of the current span (a step inside a message already traced).
+    """
+    context = propagate.extract(dict(headers)) if headers is not None else None
+    tracer = trace.get_tracer(f"warden.{service}")
+    with tracer.start_as_current_span(name, context=context, kind=trace.SpanKind.CONSUMER) as span:
+        for key, value in attributes.items():
+            if value is not None:
+                span.set_attribute(f"warden.{key}", value)
+        yield span
 
 
 def trace_id_from_headers(headers: Mapping[str, str] | None) -> str | None:

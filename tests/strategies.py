@@ -1,10 +1,12 @@
-"""Hypothesis strategies that generate valid Warden payloads and envelope fields."""
+"""Hypothesis strategies that generate valid Warden payloads, envelope fields and agent scripts."""
 
+import json
 from typing import Any, get_args
 
 from hypothesis import strategies as st
 from pydantic import JsonValue, StringConstraints
 
+from services.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
 from shared.messages import Name, RunSubmitted, TenantId, Token, ToolCallRequested
 
 
@@ -66,6 +68,7 @@ def tool_call_requested() -> st.SearchStrategy[ToolCallRequested]:
         ToolCallRequested,
         tool_call_id=tokens(),
         step=st.integers(min_value=0),
+        agent=names(),
         tool=names(),
         arguments=json_objects(),
     )
@@ -81,3 +84,64 @@ def envelope_fields() -> st.SearchStrategy[dict[str, Any]]:
             "source": st.text(min_size=1, max_size=128),
         }
     )
+
+
+# --- Agent runner: scripted agents and the histories a runner records for them -------------------
+
+_OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "refused")
+_ON_REFUSAL: tuple[OnRefusal, ...] = ("continue", "fail")
+_input_keys = st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
+
+
+def _plain_json() -> st.SearchStrategy[JsonValue]:
+    # JSON with no placeholder-like text, which a script would refuse as a malformed placeholder.
+    return json_values().filter(lambda value: "{input." not in json.dumps(value))
+
+
+def _with_placeholders(keys: list[str]) -> st.SearchStrategy[JsonValue]:
+    # Plain JSON, a whole-string placeholder, or a placeholder inside text.
+    placeholders = st.sampled_from(keys).map(lambda key: "{input." + key + "}")
+    embedded = st.tuples(st.text(alphabet="abc /", max_size=4), placeholders).map("".join)
+    return _plain_json() | placeholders | embedded
+
+
+def model_turns() -> st.SearchStrategy[ModelTurn]:
+    """Model turns as a script or a history holds them."""
+    return st.builds(
+        ModelTurn,
+        summary=st.text(max_size=16).filter(lambda text: "{input." not in text),
+        input_tokens=st.integers(min_value=0, max_value=10_000),
+        output_tokens=st.integers(min_value=0, max_value=10_000),
+    )
+
+
+def tool_calls(keys: list[str] | None = None) -> st.SearchStrategy[ToolCall]:
+    """Tool calls whose argument values may reference the run input keys `keys`."""
+    values = _with_placeholders(keys) if keys else _plain_json()
+    return st.builds(ToolCall, tool=names(), arguments=st.dictionaries(st.text(max_size=8), values, max_size=3))
+
+
+@st.composite
+def scripted_runs(draw: st.DrawFn) -> tuple[ScriptedAgent, dict[str, JsonValue], list[StepRecord]]:
+    """A scripted agent, a run input holding every key it references, and a history it could have produced."""
+    keys = draw(st.lists(_input_keys, min_size=1, max_size=3, unique=True))
+    steps = draw(st.lists(model_turns() | tool_calls(keys), min_size=1, max_size=6))
+    agent = ScriptedAgent(name=draw(names()), steps=steps, on_refusal=draw(st.sampled_from(_ON_REFUSAL)))
+    run_input = draw(st.fixed_dictionaries({key: json_values() for key in keys}))
+    history: list[StepRecord] = []
+    for position in range(draw(st.integers(min_value=0, max_value=len(steps)))):
+        action = steps[position]
+        if isinstance(action, ModelTurn):
+            history.append(StepRecord(step=position, action=action))
+            continue
+        outcome = draw(st.sampled_from(_OUTCOMES))
+        history.append(
+            StepRecord(
+                step=position,
+                action=action,
+                outcome=outcome,
+                result=draw(json_values()) if outcome == "ok" else None,
+                error=None if outcome == "ok" else draw(st.text(min_size=1, max_size=16)),
+            )
+        )
+    return agent, run_input, history

@@ -31,6 +31,7 @@ from shared.messages import (
     DecisionMade,
     Envelope,
     Payload,
+    RunDispatched,
     RunFailed,
     RunQueued,
     RunStarted,
@@ -51,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES: dict[str, Payload] = {
     "run.submitted": RunSubmitted(agent="researcher", input={"question": "why?", "depth": [1, 2.5, None]}),
     "tool_call.requested": ToolCallRequested(
-        tool_call_id="tc-1", step=2, tool="web.fetch", arguments={"url": "https://example.com"}
+        tool_call_id="tc-1", step=2, agent="researcher", tool="web.fetch", arguments={"url": "https://example.com"}
     ),
     "command.rejected": CommandRejected(
         code=RejectionCode.UNKNOWN_TYPE.value,
@@ -65,18 +66,20 @@ EXAMPLES: dict[str, Payload] = {
         decision_id="d-1",
         request_type="run.submitted",
         request_id="01890a5d-ac96-774b-bcce-b302099a8057",
+        request_seq=3,
         effect="require_approval",
         reasons=["agent researcher needs approval after hours"],
         policy_revision="rev-7",
         evaluation_ms=0.42,
     ),
-    "run.queued": RunQueued(decision_id="d-1", priority=3),
+    "run.queued": RunQueued(decision_id="d-1", priority=3, agent="demo", request_seq=1),
+    "run.dispatched": RunDispatched(decision_id="d-1", agent="demo", request_seq=3),
     "run.started": RunStarted(decision_id="d-1", worker="runner-a", attempt=2),
     "step.completed": StepCompleted(
         step=1, kind="model_turn", summary="planned", usage=TokenUsage(input_tokens=120, output_tokens=40)
     ),
     "tool_call.completed": ToolCallCompleted(
-        tool_call_id="tc-1", tool="web.fetch", decision_id="d-2", outcome="ok", result={"status": 200}
+        tool_call_id="tc-1", step=2, tool="web.fetch", decision_id="d-2", outcome="ok", result={"status": 200}
     ),
     "run.succeeded": RunSucceeded(output={"answer": 42}, steps=3, tool_calls=1),
     "run.failed": RunFailed(reason="the tool web.fetch was refused", error_type="PolicyDenied", steps=2),
