@@ -1,0 +1,139 @@
+# Which tools an agent may call, with which arguments, how often per run, and which need a human.
+package warden.authz
+
+import rego.v1
+
+tool_call if input.action == "tool.call"
+
+tool_name := input.tool.name if non_empty_string(input.tool.name)
+
+known_tool if is_object(data.warden.tools[tool_name])
+
+tool_allowed if tool_name in data.warden.agents[input.agent].tools
+
+allowed if {
+	tool_call
+	may_run_agent
+	tool_allowed
+	arguments_allowed
+	under_tool_call_cap
+}
+
+deny contains "tool.call needs tool.name as a non-empty string" if {
+	tool_call
+	not tool_name
+}
+
+deny contains sprintf("unknown tool %s", [tool_name]) if {
+	tool_call
+	not known_tool
+}
+
+deny contains sprintf("tool %s is not allowed for agent %s", [tool_name, input.agent]) if {
+	tool_call
+	known_tool
+	known_agent
+	not tool_allowed
+}
+
+grants contains sprintf("tool %s is allowed for agent %s", [tool_name, input.agent]) if {
+	tool_call
+	tool_allowed
+}
+
+# --- Argument constraints ---------------------------------------------------------------------
+
+# A tool with `allowed_domains` may only be given a `url` argument whose host is one of them or a
+# subdomain of one.
+domain_restricted if is_array(data.warden.tools[tool_name].allowed_domains)
+
+arguments_allowed if not domain_restricted
+
+arguments_allowed if host_allowed
+
+# The url's host, lower-cased, without port or trailing dot. The authority must be a plain host
+# name (and optional port): userinfo ("a@b"), backslashes, percent-encoding or spaces make it
+# undefined, so urls that different parsers read differently are refused rather than guessed at.
+url_host := host if {
+	url := input.tool.arguments.url
+	is_string(url)
+	parts := regex.find_all_string_submatch_n(`^https?://([^/?#]*)`, lower(url), 1)
+	authority := parts[0][1]
+	regex.match(`^[a-z0-9-]+(\.[a-z0-9-]+)*\.?(:[0-9]{1,5})?$`, authority)
+	host := trim_suffix(split(authority, ":")[0], ".")
+}
+
+host_allowed if {
+	domain_restricted
+	some domain in data.warden.tools[tool_name].allowed_domains
+	host_in_domain(url_host, lower(domain))
+}
+
+host_in_domain(host, domain) if host == domain
+
+host_in_domain(host, domain) if endswith(host, concat("", [".", domain]))
+
+deny contains sprintf("tool %s needs a url argument that is an http(s) url with a plain host name", [tool_name]) if {
+	tool_call
+	domain_restricted
+	not url_host
+}
+
+deny contains msg if {
+	tool_call
+	domain_restricted
+	is_string(url_host)
+	not host_allowed
+	domains := concat(", ", data.warden.tools[tool_name].allowed_domains)
+	msg := sprintf("host %s is not in %s's allowed domains [%s]", [url_host, tool_name, domains])
+}
+
+grants contains sprintf("host %s is in %s's allowed domains", [url_host, tool_name]) if {
+	tool_call
+	host_allowed
+}
+
+# --- Tool calls per run ---------------------------------------------------------------------
+
+# The agent's own cap, else the default for every run.
+tool_call_cap := object.get(data.warden.agents, [input.agent, "max_tool_calls"], data.warden.limits.max_tool_calls_per_run)
+
+# Calls the run has already made; the call being decided would be number tool_calls_made + 1.
+tool_calls_made := input.run.usage.tool_calls if is_number(input.run.usage.tool_calls)
+
+under_tool_call_cap if tool_calls_made < tool_call_cap
+
+run_id := object.get(input, ["run", "id"], "(unknown)")
+
+deny contains "tool.call needs run.usage.tool_calls as a number" if {
+	tool_call
+	not is_number(input.run.usage.tool_calls)
+}
+
+deny contains msg if {
+	tool_call
+	is_number(tool_calls_made)
+	is_number(tool_call_cap)
+	not under_tool_call_cap
+	msg := sprintf(
+		"run %v has already made %v tool calls; agent %s may make at most %v per run",
+		[run_id, tool_calls_made, input.agent, tool_call_cap]
+	)
+}
+
+deny contains sprintf("no tool-call cap is configured for agent %s", [input.agent]) if {
+	tool_call
+	not is_number(tool_call_cap)
+}
+
+grants contains sprintf("tool call %v of at most %v for run %v", [tool_calls_made + 1, tool_call_cap, run_id]) if {
+	tool_call
+	under_tool_call_cap
+}
+
+# --- Human approval ---------------------------------------------------------------------------
+
+approval contains sprintf("tool %s requires human approval", [tool_name]) if {
+	tool_call
+	data.warden.tools[tool_name].requires_approval == true
+}

@@ -1,0 +1,151 @@
+# Unit tests for tool calls (tools.rego): allowlists, url domains, the per-run cap, approvals.
+package warden.authz_test
+
+import rego.v1
+
+import data.warden.authz
+
+test_allowed_tool_call_lists_every_grant if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {"a": 1, "b": 2}, 1)
+	decision == {
+		"effect": "allow",
+		"reasons": [
+			"principal alice in tenant acme has roles [operator]; operator may run demo",
+			"tool call 2 of at most 10 for run R1",
+			"tool math.add is allowed for agent demo",
+		],
+	}
+}
+
+test_tool_outside_the_agents_allowlist_is_denied if {
+	decision := authz.decision with input as tool_call("alice", "demo", "clock.sleep", {"seconds": 1}, 0)
+	decision == {"effect": "deny", "reasons": ["tool clock.sleep is not allowed for agent demo"]}
+}
+
+test_slow_agent_may_only_sleep if {
+	sleep := authz.decision with input as tool_call("alice", "slow", "clock.sleep", {"seconds": 1}, 0)
+	sleep.effect == "allow"
+	echo := authz.decision with input as tool_call("alice", "slow", "text.echo", {"text": "hi"}, 0)
+	echo == {"effect": "deny", "reasons": ["tool text.echo is not allowed for agent slow"]}
+}
+
+test_unknown_tool_is_denied if {
+	decision := authz.decision with input as tool_call("alice", "demo", "shell.exec", {}, 0)
+	decision == {"effect": "deny", "reasons": ["unknown tool shell.exec"]}
+}
+
+test_tool_call_without_a_tool_name_is_denied if {
+	request := object.union(tool_call("alice", "demo", "math.add", {}, 0), {"tool": null})
+	decision := authz.decision with input as request
+	decision == {"effect": "deny", "reasons": ["tool.call needs tool.name as a non-empty string"]}
+}
+
+test_url_on_an_allowed_domain_is_allowed if {
+	decision := authz.decision with input as fetch("https://example.com/x")
+	decision.effect == "allow"
+	"host example.com is in web.fetch's allowed domains" in decision.reasons
+}
+
+test_url_on_a_subdomain_of_an_allowed_domain_is_allowed if {
+	decision := authz.decision with input as fetch("https://www.example.com/x")
+	decision.effect == "allow"
+	"host www.example.com is in web.fetch's allowed domains" in decision.reasons
+}
+
+test_host_is_compared_without_case_port_or_trailing_dot if {
+	decision := authz.decision with input as fetch("HTTPS://Docs.Python.ORG.:443/3/?q=1")
+	decision.effect == "allow"
+	"host docs.python.org is in web.fetch's allowed domains" in decision.reasons
+}
+
+test_host_outside_the_allowed_domains_is_denied if {
+	decision := authz.decision with input as fetch("https://evil.com/x")
+	decision == {
+		"effect": "deny",
+		"reasons": ["host evil.com is not in web.fetch's allowed domains [example.com, docs.python.org]"],
+	}
+}
+
+test_lookalike_hosts_are_denied if {
+	every url in ["https://example.com.evil.net/", "https://notexample.com/", "https://example.co/"] {
+		decision := authz.decision with input as fetch(url)
+		decision.effect == "deny"
+	}
+}
+
+test_urls_that_parsers_disagree_on_are_denied if {
+	every url in [
+		"https://example.com@evil.com/",
+		"https://evil.com\\@example.com/",
+		"https://evil.com%2fexample.com/",
+		"https://exa mple.com/",
+		" https://example.com/",
+	] {
+		decision := authz.decision with input as fetch(url)
+		decision == {
+			"effect": "deny",
+			"reasons": ["tool web.fetch needs a url argument that is an http(s) url with a plain host name"],
+		}
+	}
+}
+
+test_non_http_or_missing_url_is_denied if {
+	ftp := authz.decision with input as fetch("ftp://example.com/x")
+	ftp.effect == "deny"
+	missing := authz.decision with input as tool_call("alice", "researcher", "web.fetch", {}, 0)
+	missing.effect == "deny"
+	not_a_string := authz.decision with input as fetch(["https://example.com/"])
+	not_a_string.effect == "deny"
+}
+
+test_tool_calls_up_to_the_default_cap_are_allowed if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 9)
+	decision.effect == "allow"
+	"tool call 10 of at most 10 for run R1" in decision.reasons
+}
+
+test_tool_call_at_the_default_cap_is_denied if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 10)
+	decision == {
+		"effect": "deny",
+		"reasons": ["run R1 has already made 10 tool calls; agent demo may make at most 10 per run"],
+	}
+}
+
+test_agent_cap_overrides_the_default if {
+	allowed := authz.decision with input as tool_call("alice", "researcher", "math.add", {}, 19)
+	allowed.effect == "allow"
+	denied := authz.decision with input as tool_call("alice", "researcher", "math.add", {}, 20)
+	denied.effect == "deny"
+}
+
+test_default_cap_comes_from_data if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 1)
+		with data.warden.limits.max_tool_calls_per_run as 1
+	decision.effect == "deny"
+}
+
+test_tool_call_without_usage_is_denied if {
+	# object.union merges objects recursively, so the run is replaced, not merged.
+	request := object.union(object.remove(tool_call("alice", "demo", "math.add", {}, 0), ["run"]), {"run": {"id": "R1"}})
+	decision := authz.decision with input as request
+	decision == {"effect": "deny", "reasons": ["tool.call needs run.usage.tool_calls as a number"]}
+}
+
+test_tool_call_without_a_configured_cap_is_denied if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 0)
+		with data.warden.limits as {}
+	decision == {"effect": "deny", "reasons": ["no tool-call cap is configured for agent demo"]}
+}
+
+test_refund_requires_approval if {
+	decision := authz.decision with input as tool_call("carol", "refunds", "payments.refund", {"amount": 5}, 0)
+	decision.effect == "require_approval"
+	decision.reasons[0] == "tool payments.refund requires human approval"
+	"tool payments.refund is allowed for agent refunds" in decision.reasons
+}
+
+test_approval_tools_still_need_the_allowlist if {
+	decision := authz.decision with input as tool_call("alice", "researcher", "payments.refund", {"amount": 5}, 0)
+	decision == {"effect": "deny", "reasons": ["tool payments.refund is not allowed for agent researcher"]}
+}

@@ -1,0 +1,82 @@
+"""The gate's pure decision core: a valid command and a policy verdict in, the event to record out."""
+
+from typing import Any
+
+from shared.errors import RejectionCode
+from shared.ids import new_id
+from shared.messages import (
+    CommandRejected,
+    DecisionMade,
+    Effect,
+    Envelope,
+    RunSubmitted,
+    RunUsage,
+    ToolCallRequested,
+)
+
+RUN_START = "run.start"
+TOOL_CALL = "tool.call"
+
+
+def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
+    """The document the Rego policies see (see policies/README.md): who asks what, and usage so far."""
+    data = envelope.data
+    if isinstance(data, RunSubmitted):
+        return {
+            "action": RUN_START,
+            "tenant": envelope.tenant,
+            "principal": envelope.actor,
+            "agent": data.agent,
+            "tool": None,
+            "run": {"id": envelope.subject, "usage": RunUsage().model_dump()},
+        }
+    if isinstance(data, ToolCallRequested):
+        return {
+            "action": TOOL_CALL,
+            # Who asked for the run: the runner carries it on the request's actor.
+            "tenant": envelope.tenant,
+            "principal": envelope.actor,
+            "agent": data.agent,
+            "tool": {"name": data.tool, "arguments": data.arguments},
+            "run": {"id": envelope.subject, "usage": data.usage.model_dump()},
+        }
+    raise TypeError(f"{envelope.type} needs no decision")
+
+
+def decision(
+    envelope: Envelope[Any],
+    *,
+    request_seq: int,
+    effect: Effect,
+    reasons: list[str],
+    policy_revision: str,
+    evaluation_ms: float,
+) -> DecisionMade:
+    tool_call_id = envelope.data.tool_call_id if isinstance(envelope.data, ToolCallRequested) else None
+    return DecisionMade(
+        decision_id=new_id(),
+        request_type=envelope.type,
+        request_id=envelope.id,
+        request_seq=request_seq,
+        effect=effect,
+        reasons=reasons,
+        policy_revision=policy_revision,
+        evaluation_ms=evaluation_ms,
+        tool_call_id=tool_call_id,
+    )
+
+
+def unknown_agent(
+    envelope: Envelope[Any], *, nats_subject: str, request_seq: int, size_bytes: int, idempotency_key: str | None
+) -> CommandRejected:
+    """A run of an agent no policy knows is not a decision to make but a request to refuse."""
+    return CommandRejected(
+        code=RejectionCode.UNKNOWN_AGENT.value,
+        reason=f"unknown agent {envelope.data.agent!r}: it is not in the policy data's agent catalogue",
+        command_subject=nats_subject,
+        command_stream_seq=request_seq,
+        command_type=envelope.type,
+        command_id=envelope.id,
+        idempotency_key=idempotency_key,
+        size_bytes=size_bytes,
+    )
