@@ -1,0 +1,1 @@
+"""Agent runner service: runs agents step by step, asking the policy gate before every tool call."""

@@ -1,0 +1,151 @@
+"""The agent runner: takes dispatched runs from the work queue and executes them, several at once."""
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats.errors
+import structlog
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from services.agent_runner.agents import AgentCatalogue
+from services.agent_runner.execution import SERVICE, RunExecutor, heartbeat
+from shared.bus import envelope_headers
+from shared.errors import InvalidMessage
+from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
+from shared.service import BackgroundLoops, run_service
+from shared.settings import Settings
+from shared.streams import StreamNames
+from shared.subjects import Subjects
+
+DURABLE_NAME = "agent_runner"
+# A run whose runners keep dying is failed on the record after this many attempts, not retried forever.
+MAX_ATTEMPTS = 3
+
+log = structlog.get_logger(__name__)
+
+
+class Runner:
+    def __init__(self, settings: Settings, js: JetStreamContext) -> None:
+        self.settings = settings
+        self.js = js
+        self.subjects = Subjects(settings.subject_prefix)
+        self.streams = StreamNames.for_prefix(settings.subject_prefix)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.executor = RunExecutor(settings, js, AgentCatalogue.load(settings.agents_dir), worker)
+        self.slots = asyncio.Semaphore(settings.runner_concurrency)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, message: Msg) -> None:
+        attempt = message.metadata.num_delivered
+        try:
+            work = parse_envelope(message.data)
+        except InvalidMessage as exc:
+            # Only the scheduler writes work items; a bad one can never run, so it is dropped loudly.
+            log.error("invalid work item; terminating it", error=str(exc), subject=message.subject)
+            await message.term()
+            return
+        if not isinstance(work.data, RunDispatched):
+            log.error("work item is not a run.dispatched event; terminating it", type=work.type)
+            await message.term()
+            return
+        if attempt > MAX_ATTEMPTS:
+            failed = make_envelope(
+                RunFailed(
+                    reason=f"no runner finished the run in {MAX_ATTEMPTS} attempts", error_type="AttemptsExhausted"
+                ),
+                tenant=work.tenant,
+                subject=work.subject,
+                actor=SERVICE,
+                source=SERVICE,
+                caused_by=work,
+            )
+            await self.js.publish(
+                self.subjects.expected_subject(failed),
+                failed.to_bytes(),
+                headers=envelope_headers(failed, f"{work.subject}-finished"),
+                stream=self.streams.events,
+            )
+            await message.ack()
+            return
+        beat = asyncio.create_task(heartbeat(message, self.settings.runner_ack_wait_seconds / 3))
+        try:
+            await self.executor.execute(work, message.headers, attempt)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # Transient: leave the work unacknowledged; it comes back and the run resumes.
+            log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc))
+            await message.nak(delay=1.0)
+            return
+        finally:
+            beat.cancel()
+        await message.ack()
+
+    async def run(self) -> None:
+        """Take one work item whenever a slot is free, so nothing waits in this process unstarted."""
+        subscription = await self.js.pull_subscribe(
+            self.subjects.all_work,
+            durable=DURABLE_NAME,
+            stream=self.streams.work,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
+            ),
+        )
+        try:
+            await self._take_work(subscription)
+        finally:
+            # Runs cut short stay unacknowledged in the work queue: another runner resumes them.
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _take_work(self, subscription: Any) -> None:
+        while True:
+            await self.slots.acquire()
+            try:
+                messages = await subscription.fetch(1, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                self.slots.release()
+                continue
+            except BaseException:
+                self.slots.release()
+                raise
+            task = asyncio.create_task(self.handle(messages[0]))
+            self.tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("run handler failed", error=repr(error))
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or Settings()
+    broker = NatsBroker(settings.nats_url)
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        await broker.connect()
+        runner = Runner(settings, broker.config.connection_state.stream)
+        loops.start(runner.run())
+        yield
+
+    app = FastStream(broker, lifespan=lifespan)
+    loops = BackgroundLoops(app)
+    return app
+
+
+def main() -> None:
+    run_service(SERVICE, build_app)
+
+
+if __name__ == "__main__":
+    main()

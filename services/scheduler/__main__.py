@@ -1,0 +1,5 @@
+"""Run the scheduler: `python -m services.scheduler`."""
+
+from services.scheduler.app import main
+
+main()
