@@ -10,6 +10,7 @@ COPY services ./services
 COPY warden ./warden
 COPY deploy ./deploy
 COPY policies ./policies
+COPY agents ./agents
 RUN uv sync --frozen --no-dev
 ENV PATH="/app/.venv/bin:$PATH" WARDEN_LOG_FORMAT=json
 USER nobody

@@ -42,13 +42,30 @@ async def fill(settings: Settings, count: int) -> None:
     while sent < count:
         run += 1
         cause = make_envelope(RunSubmitted(agent="bench"), tenant="acme", subject=f"run-{run}", actor="a", source="b")
-        started = make_envelope(RunStarted(decision_id="d", worker="w"), tenant="acme", subject=f"run-{run}",
-                                actor="runner", source="b", caused_by=cause)  # fmt: skip
+        started = make_envelope(
+            RunStarted(decision_id="d", worker="w"),
+            tenant="acme",
+            subject=f"run-{run}",
+            actor="runner",
+            source="b",
+            caused_by=cause,
+        )
         batch: list[Envelope[Any]] = [cause, started]
-        batch += [make_envelope(StepCompleted(step=i, kind="model_turn"), tenant="acme", subject=f"run-{run}",
-                                actor="runner", source="b", caused_by=cause) for i in range(98)]  # fmt: skip
-        futures = [await js.publish_async(subjects.expected_subject(e), e.to_bytes(), headers=envelope_headers(e))
-                   for e in batch[: count - sent]]  # fmt: skip
+        batch += [
+            make_envelope(
+                StepCompleted(step=i, kind="model_turn"),
+                tenant="acme",
+                subject=f"run-{run}",
+                actor="runner",
+                source="b",
+                caused_by=cause,
+            )
+            for i in range(98)
+        ]
+        futures = [
+            await js.publish_async(subjects.expected_subject(e), e.to_bytes(), headers=envelope_headers(e))
+            for e in batch[: count - sent]
+        ]
         await asyncio.gather(*futures)
         sent += len(futures)
     await nc.close()

@@ -6,6 +6,8 @@ WARDEN_NATS_URL and WARDEN_DATABASE_URL set, those servers are used instead.
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,12 +20,23 @@ import nats
 import pytest
 from faststream import FastStream
 from nats.aio.client import Client as NatsClient
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.settings import Settings
 from shared.streams import StreamNames, provision
 from shared.subjects import Subjects
 
 os.environ.pop("RUST_BACKTRACE", None)  # regorus errors stay readable
+
+# One tracer provider for the whole session (OpenTelemetry allows one per process), recording in
+# memory so a test can read back the spans of the traces it caused.
+SPANS = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+trace.set_tracer_provider(_provider)
 
 
 @dataclass(frozen=True)
@@ -38,19 +51,23 @@ def database_url_for(url: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+async def servers() -> AsyncIterator[Servers]:
     nats_url, database_url = os.environ.get("WARDEN_NATS_URL"), os.environ.get("WARDEN_DATABASE_URL")
     if nats_url and database_url:
         yield Servers(nats_url, database_url)
         return
     from warden.embedded import EmbeddedServers  # noqa: PLC0415
 
-    embedded = EmbeddedServers(tmp_path_factory.mktemp("embedded"))
+    # Not under pytest's basetemp: pytest deletes old basetemps, even while another session
+    # (a concurrent pytest) still has servers writing there.
+    state_dir = Path(tempfile.mkdtemp(prefix="warden-tests-"))
+    embedded = EmbeddedServers(state_dir)
     endpoints = await embedded.start()
     try:
         yield Servers(endpoints.nats_url, endpoints.database_url)
     finally:
         await embedded.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -38,8 +38,14 @@ async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient
     sent = []
     for tenant, run_id in [("acme", "r1"), ("acme", "r2"), ("globex", "r1"), ("acme", "r1")]:
         cause = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject=run_id, actor="a", source="t")
-        started = make_envelope(RunStarted(decision_id="d1", worker="w"), tenant=tenant, subject=run_id,
-                                actor="runner", source="t", caused_by=cause)  # fmt: skip
+        started = make_envelope(
+            RunStarted(decision_id="d1", worker="w"),
+            tenant=tenant,
+            subject=run_id,
+            actor="runner",
+            source="t",
+            caused_by=cause,
+        )
         await publish(nc, settings, started)
         sent.append(started)
     client = WardenClient(nc, settings.subject_prefix)
@@ -52,23 +58,42 @@ async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient
 
 async def test_cli_submit_and_tail(settings: Settings) -> None:
     """`warden submit` prints a receipt and `warden tail` prints the tenant's events as JSON lines."""
-    env = {**os.environ, "WARDEN_NATS_URL": settings.nats_url, "WARDEN_DATABASE_URL": settings.database_url,
-           "WARDEN_SUBJECT_PREFIX": settings.subject_prefix}  # fmt: skip
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": settings.nats_url,
+        "WARDEN_DATABASE_URL": settings.database_url,
+        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
+    }
 
     async def warden(*args: str) -> str:
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT,
-                                                       env=env, stdout=asyncio.subprocess.PIPE)  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+        )
         stdout, _ = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode == 0
         return stdout.decode()
 
-    receipt = json.loads(await warden("submit", "--tenant", "acme", "--agent", "demo", "--actor", "alice",
-                                      "--input", '{"q": 1}', "--run-id", "cli-run"))  # fmt: skip
+    receipt = json.loads(
+        await warden(
+            "submit",
+            "--tenant",
+            "acme",
+            "--agent",
+            "demo",
+            "--actor",
+            "alice",
+            "--input",
+            '{"q": 1}',
+            "--run-id",
+            "cli-run",
+        )
+    )
     assert receipt == {"run_id": "cli-run", "command_id": receipt["command_id"], "stream_seq": 1, "duplicate": False}
     nc = NatsClient()
     await nc.connect(settings.nats_url)
-    started = make_envelope(RunStarted(decision_id="d1", worker="w"), tenant="acme", subject="cli-run",
-                            actor="runner", source="t")  # fmt: skip
+    started = make_envelope(
+        RunStarted(decision_id="d1", worker="w"), tenant="acme", subject="cli-run", actor="runner", source="t"
+    )
     await publish(nc, settings, started)
     await nc.close()
     lines = (await warden("tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")).splitlines()

@@ -30,7 +30,7 @@ from shared.streams import StreamNames
 from shared.subjects import Subjects
 from tests.conftest import REPO_ROOT, AppRunner, eventually
 
-TABLES = ("events", "runs", "rejected_commands", "projector_positions")
+TABLES = ("events", "runs", "rejected_commands", "decisions", "tool_calls", "projector_positions")
 
 
 async def publish(nc: NatsClient, settings: Settings, envelope: Envelope[Any]) -> int:
@@ -43,18 +43,20 @@ async def publish(nc: NatsClient, settings: Settings, envelope: Envelope[Any]) -
 
 def run_lifecycle(tenant: str, run_id: str, steps: int) -> list[Envelope[Any]]:
     """A run's messages from submission to success, each caused by the one before."""
-    submitted = make_envelope(RunSubmitted(agent="demo", input={"q": run_id}), tenant=tenant, subject=run_id,
-                              actor="alice", source="test")  # fmt: skip
+    submitted = make_envelope(
+        RunSubmitted(agent="demo", input={"q": run_id}), tenant=tenant, subject=run_id, actor="alice", source="test"
+    )
     payloads: list[Payload] = [
-        RunQueued(decision_id="d-" + run_id, priority=5),
+        RunQueued(decision_id="d-" + run_id, priority=5, agent="demo", request_seq=1),
         RunStarted(decision_id="d-" + run_id, worker="w1"),
         *(StepCompleted(step=i, kind="model_turn") for i in range(steps)),
         RunSucceeded(output={"answer": 42}, steps=steps, tool_calls=0),
     ]
     envelopes: list[Envelope[Any]] = [submitted]
     for payload in payloads:
-        envelopes.append(make_envelope(payload, tenant=tenant, subject=run_id, actor="svc", source="test",
-                                       caused_by=envelopes[-1]))  # fmt: skip
+        envelopes.append(
+            make_envelope(payload, tenant=tenant, subject=run_id, actor="svc", source="test", caused_by=envelopes[-1])
+        )
     return envelopes
 
 
@@ -91,8 +93,9 @@ async def test_apply_is_idempotent_under_redelivery(settings: Settings, nc: Nats
     for envelope in run_lifecycle("acme", "run-2", steps=4):
         await publish(nc, settings, envelope)
     names = StreamNames.for_prefix(settings.subject_prefix)
-    subscription = await nc.jetstream().pull_subscribe(Subjects(settings.subject_prefix).all_events,
-                                                       stream=names.events)  # fmt: skip
+    subscription = await nc.jetstream().pull_subscribe(
+        Subjects(settings.subject_prefix).all_events, stream=names.events
+    )
     messages = [stored_message(m) for m in await subscription.fetch(6, timeout=5)]
     pool = await create_pool(settings.database_url)
     store = AuditStore(pool, Subjects(settings.subject_prefix))
@@ -111,10 +114,12 @@ async def test_duplicate_publish_is_stored_once(settings: Settings, nc: NatsClie
     """A message republished with the same Nats-Msg-Id is acknowledged as a duplicate and not stored again."""
     envelope = run_lifecycle("acme", "run-3", steps=0)[0]
     subjects = Subjects(settings.subject_prefix)
-    first = await nc.jetstream().publish(subjects.expected_subject(envelope), envelope.to_bytes(),
-                                         headers=envelope_headers(envelope, "key-1"))  # fmt: skip
-    second = await nc.jetstream().publish(subjects.expected_subject(envelope), envelope.to_bytes(),
-                                          headers=envelope_headers(envelope, "key-1"))  # fmt: skip
+    first = await nc.jetstream().publish(
+        subjects.expected_subject(envelope), envelope.to_bytes(), headers=envelope_headers(envelope, "key-1")
+    )
+    second = await nc.jetstream().publish(
+        subjects.expected_subject(envelope), envelope.to_bytes(), headers=envelope_headers(envelope, "key-1")
+    )
     assert (first.duplicate, second.duplicate, second.seq) == (None, True, first.seq)
     assert await stream_total(nc, settings) == 1
 
@@ -128,12 +133,18 @@ async def test_killed_projector_loses_and_duplicates_nothing(
         for envelope in run_lifecycle("acme", f"run-{i}", steps=steps):
             await publish(nc, settings, envelope)
     total = await stream_total(nc, settings)
-    env = {**os.environ, "WARDEN_NATS_URL": settings.nats_url, "WARDEN_DATABASE_URL": settings.database_url,
-           "WARDEN_SUBJECT_PREFIX": settings.subject_prefix, "WARDEN_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": settings.nats_url,
+        "WARDEN_DATABASE_URL": settings.database_url,
+        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
+        "WARDEN_LOG_LEVEL": "WARNING",
+    }
 
     async def start_projector() -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.audit_projector", env=env,
-                                                    cwd=REPO_ROOT, stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.audit_projector", env=env, cwd=REPO_ROOT, stderr=asyncio.subprocess.DEVNULL
+        )
 
     async def projected() -> int:
         try:
@@ -209,8 +220,9 @@ async def test_events_table_is_append_only(settings: Settings, db: asyncpg.Conne
     pool = await create_pool(settings.database_url)
     await AuditStore(pool, Subjects(settings.subject_prefix)).ensure_schema(["S"])
     await pool.close()
-    await db.execute("INSERT INTO events (stream, stream_seq, nats_subject, stored_at, tenant) "
-                     "VALUES ('S', 1, 'x', now(), 't')")  # fmt: skip
+    await db.execute(
+        "INSERT INTO events (stream, stream_seq, nats_subject, stored_at, tenant) VALUES ('S', 1, 'x', now(), 't')"
+    )
     with pytest.raises(asyncpg.RaiseError, match="append-only"):
         await db.execute("UPDATE events SET tenant = 'other'")
     with pytest.raises(asyncpg.RaiseError, match="append-only"):

@@ -12,14 +12,23 @@ import psutil
 
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
+from warden.stack import SERVICES
 
 
 async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WARDEN_")}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "warden.cli", "up", "--state-dir", str(state_dir),
-        cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "warden.cli",
+        "up",
+        "--state-dir",
+        str(state_dir),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert process.stdout is not None
     output = ""
     while "Press Ctrl-C" not in output:
@@ -34,12 +43,12 @@ async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str,
 
 
 async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
-    """`warden up` projects a submitted run; SIGTERM stops every child; a second `up` still has the run."""
+    """`warden up` runs a submitted run; SIGTERM stops every child; a second `up` still has all of it."""
     process, nats_url, database_url = await start_stack(tmp_path / "state")
     children = psutil.Process(process.pid).children(recursive=True)
     names = {child.name() for child in children}
     assert {"nats-server", "postgres"} <= names, names
-    assert sum("services." in " ".join(child.cmdline()) for child in children) == 2
+    assert sum("services." in " ".join(child.cmdline()) for child in children) == len(SERVICES)
 
     async with await WardenClient.connect(nats_url) as client:
         receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
@@ -47,12 +56,18 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
 
     async def projected() -> bool:
         try:
-            return bool(await db.fetchval("SELECT count(*) FROM runs WHERE run_id = 'kept-run'"))
+            return bool(
+                await db.fetchval("SELECT count(*) FROM runs WHERE run_id = 'kept-run' AND status = 'succeeded'")
+            )
         except asyncpg.UndefinedTableError:
             return False  # the projector is still creating its tables
 
-    await eventually(projected, within=30)
+    await eventually(projected, within=60)
+    await asyncio.sleep(0.5)  # the run's last events reach the projector's next batch
+    rows_before = await db.fetchval("SELECT count(*) FROM events")
     await db.close()
+    async with await WardenClient.connect(nats_url) as client:
+        stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
 
     process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(process.wait(), 30) == 0
@@ -62,11 +77,12 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     process, nats_url, database_url = await start_stack(tmp_path / "state")
     try:
         db = await asyncpg.connect(database_url)
-        assert await db.fetchval("SELECT count(*) FROM events") == 1
+        assert await db.fetchval("SELECT count(*) FROM events") == rows_before
+        assert await db.fetchval("SELECT status FROM runs WHERE run_id = 'kept-run'") == "succeeded"
         await db.close()
         async with await WardenClient.connect(nats_url) as client:
             stored = (await client.js.stream_info(client.streams.commands)).state.messages
-        assert stored == 1
+        assert stored == stored_before
         assert receipt.stream_seq == 1
     finally:
         process.send_signal(signal.SIGTERM)

@@ -39,6 +39,41 @@ async def _demo(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _runs(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg  # noqa: PLC0415
+
+    from warden.timeline import run_timeline  # noqa: PLC0415
+
+    db = await asyncpg.connect(settings.database_url)
+    try:
+        if args.run:
+            tenant = await db.fetchval("SELECT tenant FROM runs WHERE run_id = $1", args.run)
+            for line in await run_timeline(db, tenant or "", args.run):
+                print(line)
+            return 0
+        rows = await db.fetch(
+            "SELECT run_id, tenant, agent, status, submitted_by, steps, tool_calls, submitted_at FROM runs "
+            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY submitted_at DESC NULLS LAST LIMIT $2",
+            args.tenant,
+            args.limit,
+        )
+    finally:
+        await db.close()
+    print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} steps tools submitted")
+    for row in rows:
+        print(
+            f"{row['run_id']:<38} {row['tenant']:<10} {row['agent'] or '-':<12} {row['status']:<11} "
+            f"{row['submitted_by'] or '-':<8} {row['steps']:>5} {row['tool_calls']:>5} {row['submitted_at']}"
+        )
+    return 0
+
+
+async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.policy_cli import policy_test_command  # noqa: PLC0415
+
+    return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir)
+
+
 async def _provision(_: argparse.Namespace, settings: Settings) -> int:
     nc = await nats.connect(settings.nats_url)
     try:
@@ -55,11 +90,24 @@ async def _submit(args: argparse.Namespace, settings: Settings) -> int:
         raise SystemExit("--input must be a JSON object")
     async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
         receipt = await client.submit_run(
-            tenant=args.tenant, agent=args.agent, actor=args.actor, input=run_input,
-            run_id=args.run_id, priority=args.priority, idempotency_key=args.idempotency_key,
-        )  # fmt: skip
-    print(json.dumps({"run_id": receipt.subject_id, "command_id": receipt.command_id,
-                      "stream_seq": receipt.stream_seq, "duplicate": receipt.duplicate}))  # fmt: skip
+            tenant=args.tenant,
+            agent=args.agent,
+            actor=args.actor,
+            input=run_input,
+            run_id=args.run_id,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+        )
+    print(
+        json.dumps(
+            {
+                "run_id": receipt.subject_id,
+                "command_id": receipt.command_id,
+                "stream_seq": receipt.stream_seq,
+                "duplicate": receipt.duplicate,
+            }
+        )
+    )
     return 0
 
 
@@ -84,10 +132,17 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
     schema = args.schema or f"replay_{datetime.now(UTC):%Y%m%d_%H%M%S}"
     report = await replay(settings, schema, args.database_url)
-    print(json.dumps({
-        "schema": report.schema, "events_applied": report.events_applied, "per_stream": report.per_stream,
-        "seconds": round(report.seconds, 3), "events_per_second": round(report.events_per_second),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "schema": report.schema,
+                "events_applied": report.events_applied,
+                "per_stream": report.per_stream,
+                "seconds": round(report.seconds, 3),
+                "events_per_second": round(report.events_per_second),
+            }
+        )
+    )
     return 0
 
 
@@ -110,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run NATS, Postgres and every service here until Ctrl-C")
     up.add_argument("--state-dir", help="where the servers keep their data (default .warden, or WARDEN_STATE_DIR)")
-    up.add_argument("--sync", choices=["always", "interval"], default="always",
-                    help="JetStream durability: fsync every write (default) or every 2 minutes")  # fmt: skip
+    up.add_argument(
+        "--sync",
+        choices=["always", "interval"],
+        default="always",
+        help="JetStream durability: fsync every write (default) or every 2 minutes",
+    )
     up.set_defaults(handler=_up)
 
-    demo = commands.add_parser("demo", help="start the embedded stack, show a run and a rejection, stop")
+    demo = commands.add_parser("demo", help="start the embedded stack, run a governed agent, show its audit trail")
     demo.add_argument("--state-dir", help="where the servers keep their data (default .warden)")
     demo.set_defaults(handler=_demo)
 
@@ -136,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-now", action="store_true", help="skip events stored before now")
     tail.add_argument("--idle-timeout", type=float, help="stop after this many seconds without an event")
     tail.set_defaults(handler=_tail)
+
+    runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
+    runs.add_argument("--tenant")
+    runs.add_argument("--run", help="print this run's timeline")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(handler=_runs)
+
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
+    policy_test = policy.add_parser("test", help="run the Rego unit tests (*_test.rego) and report")
+    policy_test.add_argument("directory", nargs="?", help="policy directory (default: WARDEN_POLICY_DIR)")
+    policy_test.set_defaults(handler=_policy_test)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     replay = audit.add_parser("replay", help="rebuild the projections from sequence 1 into a fresh schema")

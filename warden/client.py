@@ -81,7 +81,8 @@ class WardenClient:
             ack = await self.js.publish(
                 self.subjects.expected_subject(envelope),
                 body,
-                headers=envelope_headers(envelope, idempotency_key),
+                # A command is where a run's trace begins, unless the caller is already in a span.
+                headers=envelope_headers(envelope, idempotency_key, start_trace=True),
                 stream=self.streams.commands,
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:

@@ -19,7 +19,7 @@ from warden.embedded import EmbeddedServers, die_with_parent
 log = structlog.get_logger(__name__)
 
 # Each is `python -m services.<name>`, its own process.
-SERVICES = ("audit_projector", "policy_gate")
+SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 ENDPOINTS_FILE = "endpoints.json"
 RESTART_DELAY_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -37,9 +37,14 @@ class ServiceProcess:
     async def start(self) -> None:
         log_file = self.log_path.open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{self.name}",
-            env=self.env, stdout=log_file, stderr=log_file, preexec_fn=die_with_parent(signal.SIGTERM),
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            f"services.{self.name}",
+            env=self.env,
+            stdout=log_file,
+            stderr=log_file,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         log_file.close()
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -81,8 +86,13 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
             return
         delay = RESTART_DELAY_SECONDS[min(service.restarts, len(RESTART_DELAY_SECONDS) - 1)]
         service.restarts += 1
-        log.error("service exited; restarting", service=service.name, code=service.process.returncode,
-                  retry_in_s=delay, log=str(service.log_path))  # fmt: skip
+        log.error(
+            "service exited; restarting",
+            service=service.name,
+            code=service.process.returncode,
+            retry_in_s=delay,
+            log=str(service.log_path),
+        )
         await asyncio.sleep(delay)
         service.process = None
 

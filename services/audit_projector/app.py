@@ -1,8 +1,6 @@
 """The audit projector: the only writer to Postgres, projecting every audited stream into tables."""
 
 import asyncio
-import os
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,8 +10,8 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 
 from services.audit_projector.handlers import consume_stream, reset_consumer
-from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, LeadershipLost, create_pool
-from shared.service import run_service
+from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, create_pool
+from shared.service import BackgroundLoops, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -53,35 +51,20 @@ def build_app(settings: Settings | None = None) -> FastStream:
         positions = await store.positions()
         await broker.connect()
         js = broker.config.connection_state.stream
-        consumers = []
         for stream, filter_subject in filters.items():
             await reset_consumer(js, stream, filter_subject, positions.get(stream, 0) + 1, BATCH_SIZE)
-            consumer = asyncio.create_task(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
-            consumer.add_done_callback(_exit_on_failure)
-            consumers.append(consumer)
+            loops.start(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
         log.info("projecting", positions=positions)
         try:
             yield
         finally:
-            for consumer in consumers:
-                consumer.cancel()
-            await asyncio.gather(*consumers, return_exceptions=True)
+            await loops.stop()
             await store.release()
             await pool.close()
 
-    return FastStream(broker, lifespan=lifespan)
-
-
-def _exit_on_failure(task: "asyncio.Task[None]") -> None:
-    """Crash-only: a consumer that died (or lost leadership) takes the process down to be restarted."""
-    if task.cancelled() or task.exception() is None:
-        return
-    error = task.exception()
-    if isinstance(error, LeadershipLost):
-        log.error("another projector took over; exiting", error=str(error))
-    else:
-        log.error("projection stopped by an unexpected error; exiting", error=repr(error))
-    os.kill(os.getpid(), signal.SIGTERM)
+    app = FastStream(broker, lifespan=lifespan)
+    loops = BackgroundLoops(app)
+    return app
 
 
 def main() -> None:

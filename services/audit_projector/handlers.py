@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 
 import nats.errors
@@ -10,6 +11,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry import propagate, trace
 
 from services.audit_projector.projection import StoredMessage
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore
@@ -65,18 +67,41 @@ async def project_batch(store: AuditStore, stream: str, messages: Sequence[Msg])
     if not messages:
         return
     stored = [stored_message(message) for message in messages]
+    started_ns = time.time_ns()
     delay = 0.1
     while True:
         try:
             applied = await store.apply(stream, stored)
             break
         except RETRYABLE_DB_ERRORS as exc:
-            log.warning("postgres unavailable, batch kept for retry", stream=stream,
-                        first_seq=stored[0].seq, retry_in_s=delay, error=repr(exc))  # fmt: skip
+            log.warning(
+                "postgres unavailable, batch kept for retry",
+                stream=stream,
+                first_seq=stored[0].seq,
+                retry_in_s=delay,
+                error=repr(exc),
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_SECONDS)
     await messages[-1].ack()
+    _trace_projection(stored, started_ns)
     log.debug("batch projected", stream=stream, first_seq=stored[0].seq, last_seq=stored[-1].seq, applied=applied)
+
+
+def _trace_projection(messages: Sequence[StoredMessage], started_ns: int) -> None:
+    """One span per projected message, in the trace its headers carry, spanning its batch's write."""
+    tracer = trace.get_tracer("warden.audit-projector")
+    ended_ns = time.time_ns()
+    for message in messages:
+        if message.headers and "traceparent" in message.headers:
+            span = tracer.start_span(
+                "audit_projector.project",
+                context=propagate.extract(dict(message.headers)),
+                kind=trace.SpanKind.CONSUMER,
+                start_time=started_ns,
+                attributes={"warden.stream": message.stream, "warden.stream_seq": message.seq},
+            )
+            span.end(end_time=ended_ns)
 
 
 async def consume_stream(js: JetStreamContext, store: AuditStore, stream: str, batch: int, wait: float) -> None:

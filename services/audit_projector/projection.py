@@ -18,6 +18,7 @@ from shared.messages import (
     CommandRejected,
     DecisionMade,
     Envelope,
+    RunDispatched,
     RunFailed,
     RunQueued,
     RunStarted,
@@ -25,6 +26,7 @@ from shared.messages import (
     RunSucceeded,
     StepCompleted,
     ToolCallCompleted,
+    ToolCallRequested,
     decode_document,
     validate_document,
 )
@@ -49,20 +51,96 @@ RunRow = tuple[Any, ...]
 RejectionRow = tuple[Any, ...]
 
 EVENT_COLUMNS = (
-    "stream", "stream_seq", "nats_subject", "stored_at", "tenant", "event_id", "type", "source",
-    "subject", "time", "actor", "correlation_id", "causation_id", "trace_id", "schema_version",
-    "idempotency_key", "payload", "raw", "invalid_reason",
-)  # fmt: skip
+    "stream",
+    "stream_seq",
+    "nats_subject",
+    "stored_at",
+    "tenant",
+    "event_id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "actor",
+    "correlation_id",
+    "causation_id",
+    "trace_id",
+    "schema_version",
+    "idempotency_key",
+    "payload",
+    "raw",
+    "invalid_reason",
+)
 RUN_COLUMNS = (
-    "tenant", "run_id", "status", "status_rank", "agent", "submitted_by", "priority", "input",
-    "submitted_at", "decided_at", "decision_id", "decision_effect", "decision_reasons",
-    "policy_revision", "queued_at", "started_at", "finished_at", "steps", "tool_calls", "output",
-    "error", "correlation_id", "trace_id",
-)  # fmt: skip
+    "tenant",
+    "run_id",
+    "status",
+    "status_rank",
+    "agent",
+    "submitted_by",
+    "priority",
+    "input",
+    "submitted_at",
+    "decided_at",
+    "decision_id",
+    "decision_effect",
+    "decision_reasons",
+    "policy_revision",
+    "queued_at",
+    "dispatched_at",
+    "started_at",
+    "finished_at",
+    "steps",
+    "tool_calls",
+    "output",
+    "error",
+    "correlation_id",
+    "trace_id",
+)
+DECISION_COLUMNS = (
+    "tenant",
+    "decision_id",
+    "run_id",
+    "request_type",
+    "request_id",
+    "request_seq",
+    "tool_call_id",
+    "effect",
+    "reasons",
+    "policy_revision",
+    "evaluation_ms",
+    "decided_at",
+    "trace_id",
+)
+TOOL_CALL_COLUMNS = (
+    "tenant",
+    "tool_call_id",
+    "run_id",
+    "step",
+    "tool",
+    "arguments",
+    "requested_by",
+    "requested_at",
+    "decision_id",
+    "outcome",
+    "result",
+    "error",
+    "completed_at",
+    "trace_id",
+)
 REJECTION_COLUMNS = (
-    "tenant", "command_stream_seq", "command_subject", "command_type", "command_id",
-    "idempotency_key", "code", "reason", "size_bytes", "rejected_at", "rejection_event_id",
-)  # fmt: skip
+    "tenant",
+    "command_stream_seq",
+    "command_subject",
+    "command_type",
+    "command_id",
+    "idempotency_key",
+    "code",
+    "reason",
+    "size_bytes",
+    "rejected_at",
+    "rejection_event_id",
+)
 
 # A run's status only moves up this ranking, whatever order its events are projected in.
 STATUS_RANK = {
@@ -71,10 +149,11 @@ STATUS_RANK = {
     "allowed": 1,
     "awaiting_approval": 1,
     "queued": 2,
-    "running": 3,
-    "succeeded": 4,
-    "failed": 4,
-    "denied": 4,
+    "dispatched": 3,
+    "running": 4,
+    "succeeded": 5,
+    "failed": 5,
+    "denied": 5,
 }
 _DECISION_STATUS = {"allow": "allowed", "deny": "denied", "require_approval": "awaiting_approval"}
 
@@ -86,6 +165,8 @@ class Rows:
     events: list[EventRow] = field(default_factory=list)
     runs: list[RunRow] = field(default_factory=list)
     rejections: list[RejectionRow] = field(default_factory=list)
+    decisions: list[tuple[Any, ...]] = field(default_factory=list)
+    tool_calls: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def _json(value: Any) -> str:
@@ -96,21 +177,51 @@ def raw_event_row(message: StoredMessage, tenant: str, reason: str) -> EventRow:
     """The row for a message that is not a storable envelope: attributed by subject, kept byte for byte."""
     idempotency_key = (message.headers or {}).get(MSG_ID_HEADER)
     return (
-        message.stream, message.seq, message.subject, message.stored_at, tenant,
-        None, None, None, None, None, None, None, None, trace_id_from_headers(message.headers), None,
-        idempotency_key, None, message.data, reason,
-    )  # fmt: skip
+        message.stream,
+        message.seq,
+        message.subject,
+        message.stored_at,
+        tenant,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        trace_id_from_headers(message.headers),
+        None,
+        idempotency_key,
+        None,
+        message.data,
+        reason,
+    )
 
 
 def _envelope_event_row(message: StoredMessage, document: dict[str, Any], envelope: Envelope[Any]) -> EventRow:
     return (
-        message.stream, message.seq, message.subject, message.stored_at, envelope.tenant,
-        envelope.id, envelope.type, envelope.source, envelope.subject, envelope.time, envelope.actor,
-        envelope.correlation_id, envelope.causation_id, trace_id_from_headers(message.headers),
-        document.get("schema_version", 1), (message.headers or {}).get(MSG_ID_HEADER),
+        message.stream,
+        message.seq,
+        message.subject,
+        message.stored_at,
+        envelope.tenant,
+        envelope.id,
+        envelope.type,
+        envelope.source,
+        envelope.subject,
+        envelope.time,
+        envelope.actor,
+        envelope.correlation_id,
+        envelope.causation_id,
+        trace_id_from_headers(message.headers),
+        document.get("schema_version", 1),
+        (message.headers or {}).get(MSG_ID_HEADER),
         # The data exactly as stored (before any upcast): the log records what was said.
-        _json(document.get("data")), None, None,
-    )  # fmt: skip
+        _json(document.get("data")),
+        None,
+        None,
+    )
 
 
 def _run_row(envelope: Envelope[Any], trace_id: str | None, **columns: Any) -> RunRow:
@@ -136,17 +247,30 @@ def run_row(envelope: Envelope[Any], trace_id: str | None) -> RunRow | None:
     match data:
         case RunSubmitted():
             return _run_row(
-                envelope, trace_id, status="submitted", agent=data.agent, submitted_by=envelope.actor,
-                priority=data.priority, input=_json(data.input), submitted_at=envelope.time,
-            )  # fmt: skip
+                envelope,
+                trace_id,
+                status="submitted",
+                agent=data.agent,
+                submitted_by=envelope.actor,
+                priority=data.priority,
+                input=_json(data.input),
+                submitted_at=envelope.time,
+            )
         case DecisionMade(request_type=RunSubmitted.TYPE):
             return _run_row(
-                envelope, trace_id, status=_DECISION_STATUS[data.effect], decided_at=envelope.time,
-                decision_id=data.decision_id, decision_effect=data.effect,
-                decision_reasons=_json(data.reasons), policy_revision=data.policy_revision,
-            )  # fmt: skip
+                envelope,
+                trace_id,
+                status=_DECISION_STATUS[data.effect],
+                decided_at=envelope.time,
+                decision_id=data.decision_id,
+                decision_effect=data.effect,
+                decision_reasons=_json(data.reasons),
+                policy_revision=data.policy_revision,
+            )
         case RunQueued():
             return _run_row(envelope, trace_id, status="queued", queued_at=envelope.time)
+        case RunDispatched():
+            return _run_row(envelope, trace_id, status="dispatched", dispatched_at=envelope.time)
         case RunStarted():
             return _run_row(envelope, trace_id, status="running", started_at=envelope.time)
         case StepCompleted():
@@ -167,10 +291,79 @@ def rejection_row(envelope: Envelope[Any]) -> RejectionRow | None:
     if not isinstance(data, CommandRejected):
         return None
     return (
-        envelope.tenant, data.command_stream_seq, data.command_subject, data.command_type,
-        data.command_id, data.idempotency_key, data.code, data.reason, data.size_bytes,
-        envelope.time, envelope.id,
-    )  # fmt: skip
+        envelope.tenant,
+        data.command_stream_seq,
+        data.command_subject,
+        data.command_type,
+        data.command_id,
+        data.idempotency_key,
+        data.code,
+        data.reason,
+        data.size_bytes,
+        envelope.time,
+        envelope.id,
+    )
+
+
+def decision_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, ...] | None:
+    data = envelope.data
+    if not isinstance(data, DecisionMade):
+        return None
+    return (
+        envelope.tenant,
+        data.decision_id,
+        envelope.subject,
+        data.request_type,
+        data.request_id,
+        data.request_seq,
+        data.tool_call_id,
+        data.effect,
+        _json(data.reasons),
+        data.policy_revision,
+        data.evaluation_ms,
+        envelope.time,
+        trace_id,
+    )
+
+
+def tool_call_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, ...] | None:
+    """A request fills what was asked; a completion fills what came of it. Either may come first."""
+    data = envelope.data
+    if isinstance(data, ToolCallRequested):
+        return (
+            envelope.tenant,
+            data.tool_call_id,
+            envelope.subject,
+            data.step,
+            data.tool,
+            _json(data.arguments),
+            envelope.actor,
+            envelope.time,
+            None,
+            None,
+            None,
+            None,
+            None,
+            trace_id,
+        )
+    if isinstance(data, ToolCallCompleted):
+        return (
+            envelope.tenant,
+            data.tool_call_id,
+            envelope.subject,
+            data.step,
+            data.tool,
+            None,
+            None,
+            None,
+            data.decision_id,
+            data.outcome,
+            _json(data.result),
+            data.error,
+            envelope.time,
+            trace_id,
+        )
+    return None
 
 
 def project(messages: Iterable[StoredMessage], subjects: Subjects) -> Rows:
@@ -195,4 +388,8 @@ def project(messages: Iterable[StoredMessage], subjects: Subjects) -> Rows:
             rows.runs.append(run)
         if (rejection := rejection_row(envelope)) is not None:
             rows.rejections.append(rejection)
+        if (decided := decision_row(envelope, trace_id)) is not None:
+            rows.decisions.append(decided)
+        if (tool_call := tool_call_row(envelope, trace_id)) is not None:
+            rows.tool_calls.append(tool_call)
     return rows

@@ -105,6 +105,11 @@ async def replay(settings: Settings, schema: str, database_url: str | None = Non
         await pool.close()
     seconds = time.perf_counter() - started
     report = ReplayReport(schema, sum(per_stream.values()), seconds, per_stream)
-    log.info("replay finished", schema=schema, events=report.events_applied,
-             seconds=round(seconds, 3), events_per_second=round(report.events_per_second))  # fmt: skip
+    log.info(
+        "replay finished",
+        schema=schema,
+        events=report.events_applied,
+        seconds=round(seconds, 3),
+        events_per_second=round(report.events_per_second),
+    )
     return report

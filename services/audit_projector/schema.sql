@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS runs (
     decision_reasons jsonb,
     policy_revision text,
     queued_at       timestamptz,
+    dispatched_at   timestamptz,
     started_at      timestamptz,
     finished_at     timestamptz,
     steps           integer     NOT NULL DEFAULT 0,
@@ -93,3 +94,42 @@ CREATE TABLE IF NOT EXISTS projector_lease (
     epoch bigint   NOT NULL
 );
 INSERT INTO projector_lease VALUES (1, 0) ON CONFLICT DO NOTHING;
+
+-- Every decision the policy gate made, on runs and on tool calls.
+CREATE TABLE IF NOT EXISTS decisions (
+    tenant          text        NOT NULL,
+    decision_id     text        NOT NULL,
+    run_id          text        NOT NULL,
+    request_type    text        NOT NULL,
+    request_id      text        NOT NULL,
+    request_seq     bigint      NOT NULL,
+    tool_call_id    text,
+    effect          text        NOT NULL,
+    reasons         jsonb       NOT NULL,
+    policy_revision text        NOT NULL,
+    evaluation_ms   double precision NOT NULL,
+    decided_at      timestamptz NOT NULL,
+    trace_id        text,
+    PRIMARY KEY (tenant, decision_id)
+);
+CREATE INDEX IF NOT EXISTS decisions_by_run ON decisions (tenant, run_id);
+
+-- One row per tool call: what was asked (commands stream), and what came of it (events stream).
+CREATE TABLE IF NOT EXISTS tool_calls (
+    tenant          text        NOT NULL,
+    tool_call_id    text        NOT NULL,
+    run_id          text        NOT NULL,
+    step            integer     NOT NULL,
+    tool            text        NOT NULL,
+    arguments       jsonb,
+    requested_by    text,
+    requested_at    timestamptz,
+    decision_id     text,
+    outcome         text,
+    result          jsonb,
+    error           text,
+    completed_at    timestamptz,
+    trace_id        text,
+    PRIMARY KEY (tenant, tool_call_id)
+);
+CREATE INDEX IF NOT EXISTS tool_calls_by_run ON tool_calls (tenant, run_id, step);

@@ -8,9 +8,11 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from services.audit_projector.projection import (
+    DECISION_COLUMNS,
     EVENT_COLUMNS,
     REJECTION_COLUMNS,
     RUN_COLUMNS,
+    TOOL_CALL_COLUMNS,
     Rows,
     StoredMessage,
     project,
@@ -27,10 +29,25 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
 
 _SET_ONCE = (
-    "agent", "submitted_by", "priority", "input", "submitted_at", "decided_at", "decision_id",
-    "decision_effect", "decision_reasons", "policy_revision", "queued_at", "started_at",
-    "finished_at", "output", "error", "correlation_id", "trace_id",
-)  # fmt: skip
+    "agent",
+    "submitted_by",
+    "priority",
+    "input",
+    "submitted_at",
+    "decided_at",
+    "decision_id",
+    "decision_effect",
+    "decision_reasons",
+    "policy_revision",
+    "queued_at",
+    "dispatched_at",
+    "started_at",
+    "finished_at",
+    "output",
+    "error",
+    "correlation_id",
+    "trace_id",
+)
 
 
 def _placeholders(count: int) -> str:
@@ -52,6 +69,17 @@ MERGE_RUN = (
 INSERT_REJECTION = (
     f"INSERT INTO rejected_commands ({', '.join(REJECTION_COLUMNS)}) "
     f"VALUES ({_placeholders(len(REJECTION_COLUMNS))}) ON CONFLICT DO NOTHING"
+)
+
+INSERT_DECISION = (
+    f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)}) VALUES ({_placeholders(len(DECISION_COLUMNS))}) "
+    "ON CONFLICT DO NOTHING"
+)
+_TOOL_CALL_MERGED = [c for c in TOOL_CALL_COLUMNS if c not in ("tenant", "tool_call_id")]
+MERGE_TOOL_CALL = (
+    f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) VALUES ({_placeholders(len(TOOL_CALL_COLUMNS))}) "
+    "ON CONFLICT (tenant, tool_call_id) DO UPDATE SET "
+    + ", ".join(f"{column} = COALESCE(tool_calls.{column}, EXCLUDED.{column})" for column in _TOOL_CALL_MERGED)
 )
 
 # Failures worth waiting out: the server is away or busy, or our transaction lost a race.
@@ -161,6 +189,10 @@ class AuditStore:
             await connection.executemany(MERGE_RUN, sorted(rows.runs, key=lambda row: (row[0], row[1])))
         if rows.rejections:
             await connection.executemany(INSERT_REJECTION, rows.rejections)
+        if rows.decisions:
+            await connection.executemany(INSERT_DECISION, rows.decisions)
+        if rows.tool_calls:
+            await connection.executemany(MERGE_TOOL_CALL, sorted(rows.tool_calls, key=lambda row: (row[0], row[1])))
 
     async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
         for message in messages:

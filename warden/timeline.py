@@ -1,0 +1,51 @@
+"""Read a run's story back from the audit tables: who asked, each decision, each step, the result."""
+
+import json
+from typing import Any
+
+import asyncpg
+
+
+async def run_timeline(db: asyncpg.Pool | asyncpg.Connection, tenant: str, run_id: str) -> list[str]:
+    """Lines describing the run, in the order things happened, from the projected `events` table."""
+    rows = await db.fetch(
+        "SELECT type, actor, time, payload FROM events WHERE tenant = $1 AND subject = $2 AND type IS NOT NULL "
+        "ORDER BY time, stream_seq",
+        tenant,
+        run_id,
+    )
+    lines = []
+    for row in rows:
+        data: dict[str, Any] = json.loads(row["payload"]) if row["payload"] else {}
+        lines.append(f"{row['time']:%H:%M:%S.%f}"[:-3] + "  " + _describe(row["type"], row["actor"], data))
+    return lines
+
+
+def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
+    match type_name:
+        case "run.submitted":
+            return f"{actor} asked for a run of agent {data['agent']} with input {json.dumps(data['input'])}"
+        case "decision.made":
+            what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+            return (
+                f"policy gate: {data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
+                f"[policy {data['policy_revision']}, {data['evaluation_ms']} ms, decision {data['decision_id']}]"
+            )
+        case "run.queued":
+            return f"scheduler: queued (priority {data['priority']})"
+        case "run.dispatched":
+            return "scheduler: dispatched to the runners"
+        case "run.started":
+            return f"runner {data['worker']}: started (attempt {data['attempt']})"
+        case "tool_call.requested":
+            return f"agent asks to call {data['tool']} {json.dumps(data['arguments'])}"
+        case "tool_call.completed":
+            detail = json.dumps(data.get("result"))[:100] if data["outcome"] == "ok" else data.get("error")
+            return f"tool {data['tool']}: {data['outcome']} under decision {data.get('decision_id')}: {detail}"
+        case "step.completed":
+            return f"step {data['step']}: {data['kind']}: {data.get('summary', '')}"
+        case "run.succeeded":
+            return f"run SUCCEEDED after {data['steps']} steps, {data['tool_calls']} tool calls"
+        case "run.failed":
+            return f"run FAILED: {data['reason']}"
+    return type_name
