@@ -17,7 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.agent_runner.agents import AgentCatalogue
 from services.agent_runner.execution import SERVICE, RunExecutor, heartbeat
-from shared.bus import envelope_headers
+from shared.bus import envelope_headers, fetch_batch
 from shared.errors import InvalidMessage
 from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from shared.service import BackgroundLoops, run_service
@@ -109,13 +109,13 @@ class Runner:
         while True:
             await self.slots.acquire()
             try:
-                messages = await subscription.fetch(1, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                self.slots.release()
-                continue
+                messages = await fetch_batch(subscription, 1, 1.0)
             except BaseException:
                 self.slots.release()
                 raise
+            if not messages:
+                self.slots.release()
+                continue
             task = asyncio.create_task(self.handle(messages[0]))
             self.tasks.add(task)
             task.add_done_callback(self._finished)

@@ -5,7 +5,6 @@ import contextlib
 import time
 from collections.abc import Sequence
 
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -15,6 +14,7 @@ from opentelemetry import propagate, trace
 
 from services.audit_projector.projection import StoredMessage
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore
+from shared.bus import fetch_batch
 
 log = structlog.get_logger(__name__)
 
@@ -107,17 +107,12 @@ def _trace_projection(messages: Sequence[StoredMessage], started_ns: int) -> Non
 async def consume_stream(js: JetStreamContext, store: AuditStore, stream: str, batch: int, wait: float) -> None:
     """Fetch, project and ack batches in stream order until cancelled.
 
-    A hand-written loop rather than FastStream's batch subscriber: that one catches only
-    nats.errors.TimeoutError, while nats-py 2.16 raises asyncio.TimeoutError from an idle
-    multi-message fetch, so every idle poll would kill and restart its task.
+    A hand-written loop rather than FastStream's batch subscriber, which misses nats-py's
+    timeout on an idle fetch (see `fetch_batch`) and so kills and restarts its task each time.
     """
     subscription = await js.pull_subscribe_bind(durable=DURABLE_NAME, stream=stream)
     try:
         while True:
-            try:
-                messages = await subscription.fetch(batch, timeout=wait)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            await project_batch(store, stream, messages)
+            await project_batch(store, stream, await fetch_batch(subscription, batch, wait))
     finally:
         await subscription.unsubscribe()

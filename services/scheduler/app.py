@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.scheduler.core import WATCHED_TYPES, QueuedRun, SchedulerState, evolve, next_dispatches
-from shared.bus import envelope_headers
+from shared.bus import envelope_headers, fetch_batch
 from shared.errors import InvalidMessage
 from shared.messages import Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
 from shared.service import BackgroundLoops, run_service
@@ -138,10 +138,7 @@ class Scheduler:
             )
             try:
                 while True:
-                    try:
-                        messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_WAIT_SECONDS)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        messages = []
+                    messages = await fetch_batch(subscription, FETCH_BATCH, FETCH_WAIT_SECONDS)
                     for message in messages:
                         self.apply(message)
                     if messages and messages[-1].metadata.num_pending == 0 and not self.caught_up:
