@@ -1,5 +1,6 @@
 """OpenTelemetry set-up and W3C trace context carried in NATS message headers."""
 
+import functools
 import os
 import re
 import secrets
@@ -11,14 +12,22 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def configure_tracing(service: str) -> TracerProvider:
     """Install a tracer provider for this process; export over OTLP when an endpoint is configured."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    exporting = bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    # With nowhere to send spans, record none: the trace context still flows through every
+    # message (so events and audit rows keep their trace id) at a fraction of the cost.
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}), sampler=None if exporting else ALWAYS_OFF
+    )
+    if exporting:
         # Imported lazily: the exporter pulls in gRPC, which nobody without a collector needs.
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: PLC0415
 
@@ -39,6 +48,12 @@ def inject_trace_context(headers: dict[str, str], *, start_trace: bool = False) 
     return headers
 
 
+@functools.cache
+def _tracer(service: str) -> trace.Tracer:
+    # Looked up once per service: get_tracer costs more than the span it would start.
+    return trace.get_tracer(f"warden.{service}")
+
+
 @contextmanager
 def consuming(service: str, name: str, headers: Mapping[str, str] | None, **attributes: Any) -> Iterator[trace.Span]:
     """A span for handling one message, continuing the trace its headers carry.
@@ -46,7 +61,7 @@ def consuming(service: str, name: str, headers: Mapping[str, str] | None, **attr
     Without headers it is a child of the current span (a step inside a message already traced).
     """
     context = propagate.extract(dict(headers)) if headers is not None else None
-    tracer = trace.get_tracer(f"warden.{service}")
+    tracer = _tracer(service)
     with tracer.start_as_current_span(name, context=context, kind=trace.SpanKind.CONSUMER) as span:
         for key, value in attributes.items():
             if value is not None:

@@ -404,3 +404,37 @@ def test_policy_test_command_reports_load_errors(pack: Path, capsys: pytest.Capt
     (pack / "runs.rego").write_text("package warden.authz\n\nimport rego.v1\n\nallowed if {\n")
     assert policy_test_command(pack) == 2
     assert re.fullmatch(rf"{re.escape(str(pack / 'runs.rego'))}:6:1: .+\n", capsys.readouterr().err)
+
+
+def corpus() -> list[dict[str, Any]]:
+    """Requests across the pack's data: every principal, agent and tool, good and bad URLs, usage at the cap."""
+    principals = [("acme", "alice"), ("acme", "bob"), ("acme", "carol"), ("globex", "gina"), ("globex", "hank"),
+                  ("acme", "mallory"), ("initech", "alice")]  # fmt: skip
+    agents = ["demo", "researcher", "slow", "refunds", "nosuch"]
+    tools = ["math.add", "text.echo", "web.fetch", "clock.sleep", "payments.refund", "nosuch.tool"]
+    urls = ["https://example.com/x", "https://www.example.com:8443/", "https://example.com.evil.net/",
+            "https://example.com@evil.com/", "ftp://example.com/", "not a url"]  # fmt: skip
+    requests = []
+    for tenant, principal in principals:
+        for agent in agents:
+            requests.append(run_start(principal, agent, tenant))
+            for tool in tools:
+                for calls in (0, 9, 10, 20):
+                    requests.append({**tool_call(tool, {"a": 1, "b": 2}, agent=agent, principal=principal,
+                                                 tool_calls=calls), "tenant": tenant})  # fmt: skip
+            for url in urls:
+                requests.append({**tool_call("web.fetch", {"url": url}, agent=agent, principal=principal),
+                                 "tenant": tenant})  # fmt: skip
+    return requests
+
+
+def test_compiled_decisions_equal_the_interpreters(engine: PolicyEngine) -> None:
+    """The gate's fast path (regorus's VM) decides exactly as the interpreter, the reference, does."""
+    requests = corpus()
+    assert len(requests) > 1000
+    effects = set()
+    for request in requests:
+        compiled, interpreted = engine.evaluate(request), engine.evaluate_interpreted(request)
+        assert (compiled.effect, compiled.reasons) == (interpreted.effect, interpreted.reasons), request
+        effects.add(compiled.effect)
+    assert effects == {"allow", "deny", "require_approval"}

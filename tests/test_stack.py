@@ -42,35 +42,45 @@ async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str,
     return process, nats_url.group(1), database_url.group(1)
 
 
+async def stop_stack(process: asyncio.subprocess.Process) -> int:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), 30)
+
+
 async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     """`warden up` runs a submitted run; SIGTERM stops every child; a second `up` still has all of it."""
     process, nats_url, database_url = await start_stack(tmp_path / "state")
-    children = psutil.Process(process.pid).children(recursive=True)
-    names = {child.name() for child in children}
-    assert {"nats-server", "postgres"} <= names, names
-    assert sum("services." in " ".join(child.cmdline()) for child in children) == len(SERVICES)
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = {child.name() for child in children}
+        assert {"nats-server", "postgres"} <= names, names
+        assert sum("services." in " ".join(child.cmdline()) for child in children) == len(SERVICES)
 
-    async with await WardenClient.connect(nats_url) as client:
-        receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
-    db = await asyncpg.connect(database_url)
+        async with await WardenClient.connect(nats_url) as client:
+            receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
+        db = await asyncpg.connect(database_url)
 
-    async def projected() -> bool:
-        try:
-            return bool(
-                await db.fetchval("SELECT count(*) FROM runs WHERE run_id = 'kept-run' AND status = 'succeeded'")
-            )
-        except asyncpg.UndefinedTableError:
-            return False  # the projector is still creating its tables
+        async def succeeded() -> bool:
+            try:
+                query = "SELECT count(*) FROM runs WHERE run_id = 'kept-run' AND status = 'succeeded'"
+                return bool(await db.fetchval(query))
+            except asyncpg.UndefinedTableError:
+                return False  # the projector is still creating its tables
 
-    await eventually(projected, within=60)
-    await asyncio.sleep(0.5)  # the run's last events reach the projector's next batch
-    rows_before = await db.fetchval("SELECT count(*) FROM events")
-    await db.close()
-    async with await WardenClient.connect(nats_url) as client:
-        stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
-
-    process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), 30) == 0
+        await eventually(succeeded, within=60)
+        await asyncio.sleep(0.5)  # the run's last events reach the projector's next batch
+        rows_before = await db.fetchval("SELECT count(*) FROM events")
+        # Services record no spans without an exporter, yet the run's trace id reaches every row.
+        trace_ids = await db.fetch("SELECT DISTINCT trace_id FROM events WHERE subject = 'kept-run'")
+        assert len(trace_ids) == 1
+        assert trace_ids[0]["trace_id"] is not None
+        await db.close()
+        async with await WardenClient.connect(nats_url) as client:
+            stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
+    finally:
+        exit_code = await stop_stack(process)
+    assert exit_code == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"orphans left behind: {alive}"
 
@@ -85,5 +95,4 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert stored == stored_before
         assert receipt.stream_seq == 1
     finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
+        await stop_stack(process)

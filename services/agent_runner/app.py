@@ -1,6 +1,7 @@
 """The agent runner: takes dispatched runs from the work queue and executes them, several at once."""
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -129,7 +130,7 @@ class Runner:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    broker = NatsBroker(settings.nats_url)
+    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

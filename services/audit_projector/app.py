@@ -1,6 +1,7 @@
 """The audit projector: the only writer to Postgres, projecting every audited stream into tables."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,7 +40,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    broker = NatsBroker(settings.nats_url)
+    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager

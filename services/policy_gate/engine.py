@@ -133,6 +133,15 @@ class _Pack:
         engine.add_data(dict(self.data))
         return engine
 
+    def build_vm(self) -> Any:
+        """The pack compiled for regorus's VM (RVM): the same decisions several times faster."""
+        modules = [(source.display_path, source.content.decode()) for source in self.policies]
+        program = regorus.Program.compile_from_modules(self.data_source.content.decode(), modules, [DECISION_QUERY])
+        vm = regorus.Rvm()
+        vm.load_program(program)
+        vm.set_data_json(self.data_source.content.decode())
+        return vm
+
 
 def _read_sources(directory: Path, names: Sequence[Path]) -> tuple[_Source, ...]:
     sources = []
@@ -208,7 +217,41 @@ class PolicyEngine:
             engine = self._local.engine = _warmed_up(self._pack.build_engine())
         return engine
 
+    def _vm(self) -> Any:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            try:
+                vm = self._pack.build_vm()
+            except BaseException as exc:
+                if not _is_engine_failure(exc):
+                    raise
+                vm = False  # this pack does not compile for the VM: the interpreter decides alone
+            self._local.vm = vm
+        return vm
+
     def evaluate(self, input_document: Mapping[str, Any]) -> PolicyResult:
+        """Evaluate `data.warden.authz.decision` for one request (see `evaluate_interpreted`).
+
+        The compiled VM answers first. Anything but a well-formed decision from it (undefined,
+        which is how the VM reports a rule conflict or a builtin error, or a failure) is
+        evaluated again by the interpreter, the reference: its answer, or its precise error, stands.
+        """
+        vm = self._vm()
+        if vm:
+            started = time.perf_counter()
+            try:
+                vm.set_input_json(json.dumps(input_document))
+                effect, reasons = _check_decision(json.loads(vm.execute()))
+            except (PolicyEvaluationError, ValueError):
+                pass
+            except BaseException as exc:
+                if not _is_engine_failure(exc):
+                    raise
+            else:
+                return PolicyResult(effect, reasons, (time.perf_counter() - started) * 1000.0)
+        return self.evaluate_interpreted(input_document)
+
+    def evaluate_interpreted(self, input_document: Mapping[str, Any]) -> PolicyResult:
         """Evaluate `data.warden.authz.decision` for one request.
 
         The input document (see policies/README.md)::
@@ -245,6 +288,10 @@ class PolicyEngine:
         return tool in self._tools
 
 
+# How the VM returns an undefined result (its JSON output is the string, not null).
+_RVM_UNDEFINED = "<undefined>"
+
+
 def _warmed_up(engine: Any) -> Any:
     # A fresh regorus engine spends milliseconds (about 14 ms here) on its first evaluation; pay
     # that while loading, not inside the first request's decision. The outcome does not matter:
@@ -256,7 +303,7 @@ def _warmed_up(engine: Any) -> Any:
 
 
 def _check_decision(value: object) -> tuple[Effect, tuple[str, ...]]:
-    if value is None:
+    if value is None or value == _RVM_UNDEFINED:
         raise PolicyEvaluationError(f"{DECISION_QUERY} is undefined for this input")
     if not isinstance(value, dict):
         raise PolicyEvaluationError(f"{DECISION_QUERY} must be an object, got {type(value).__name__}: {value!r:.200}")

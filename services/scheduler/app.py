@@ -7,6 +7,7 @@ twice. It must run as a single instance.
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -164,7 +165,7 @@ class Scheduler:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    broker = NatsBroker(settings.nats_url)
+    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

@@ -1,0 +1,129 @@
+"""What every benchmark shares: embedded servers per durability setting, service processes, statistics."""
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import asyncpg
+import nats
+import psutil
+
+from shared.settings import Settings
+from shared.streams import provision
+from shared.subjects import Subjects
+from warden.embedded import EmbeddedServers, die_with_parent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+Durability = Literal["always", "interval"]
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value below which `fraction` of the sorted values fall (nearest rank)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    milliseconds = [value * 1000 for value in seconds]
+    return {
+        "p50_ms": round(percentile(milliseconds, 0.50), 3),
+        "p99_ms": round(percentile(milliseconds, 0.99), 3),
+        "p999_ms": round(percentile(milliseconds, 0.999), 3),
+        "samples": len(milliseconds),
+    }
+
+
+@dataclass
+class Installation:
+    """A fresh subject prefix, its streams and its database on running servers."""
+
+    settings: Settings
+    admin_url: str
+
+    @classmethod
+    async def create(cls, nats_url: str, admin_url: str, **overrides: object) -> "Installation":
+        token = uuid.uuid4().hex[:8]
+        database = f"bench_{token}"
+        admin = await asyncpg.connect(admin_url)
+        await admin.execute(f"CREATE DATABASE {database}")
+        await admin.close()
+        settings = Settings(
+            nats_url=nats_url,
+            database_url=admin_url.rsplit("/", 1)[0] + f"/{database}",
+            subject_prefix=f"bench{token}",
+            log_level="WARNING",
+            **overrides,  # type: ignore[arg-type]
+        )
+        nc = await nats.connect(nats_url)
+        await provision(nc.jetstream(), Subjects(settings.subject_prefix))
+        await nc.close()
+        return cls(settings, admin_url)
+
+
+@asynccontextmanager
+async def embedded(durability: Durability) -> AsyncIterator[tuple[str, str]]:
+    """NATS (with the given fsync setting) and Postgres, in a temporary directory, for one benchmark pass."""
+    state = Path(tempfile.mkdtemp(prefix=f"warden-bench-{durability}-"))
+    servers = EmbeddedServers(state, sync=durability)
+    endpoints = await servers.start()
+    try:
+        yield endpoints.nats_url, servers.admin_database_url("postgres")
+    finally:
+        await servers.stop()
+
+
+@dataclass
+class ServiceProcesses:
+    """Warden services as separate processes, as in production: the benchmark measures them all."""
+
+    settings: Settings
+    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    async def start(self, *names: str) -> None:
+        env = {
+            **os.environ,
+            "WARDEN_NATS_URL": self.settings.nats_url,
+            "WARDEN_DATABASE_URL": self.settings.database_url,
+            "WARDEN_SUBJECT_PREFIX": self.settings.subject_prefix,
+            "WARDEN_LOG_LEVEL": "WARNING",
+            "WARDEN_TENANT_CONCURRENCY": str(self.settings.tenant_concurrency),
+            "WARDEN_RUNNER_CONCURRENCY": str(self.settings.runner_concurrency),
+        }
+        env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        for name in names:
+            label = name if name not in self.processes else f"{name}#{len(self.processes)}"
+            self.processes[label] = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"services.{name}",
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )
+
+    def resident_mb(self) -> dict[str, float]:
+        sizes = {}
+        for label, process in self.processes.items():
+            try:
+                sizes[label] = round(psutil.Process(process.pid).memory_info().rss / 2**20, 1)
+            except psutil.NoSuchProcess:
+                sizes[label] = float("nan")
+        return sizes
+
+    async def stop(self) -> None:
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.terminate()
+        await asyncio.gather(*(process.wait() for process in self.processes.values()))
