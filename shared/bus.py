@@ -30,14 +30,28 @@ def envelope_headers(
     return inject_trace_context(headers, start_trace=start_trace)
 
 
-async def fetch_batch(subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
-    """Up to `batch` messages from a pull subscription, or [] when none came within `wait` seconds.
+# How long to wait for the server's answer when taking what else is already waiting.
+_DRAIN_SECONDS = 0.005
 
-    Catches nats-py 2.16's asyncio.TimeoutError from an idle multi-message fetch (which
-    FastStream 0.7.8's pull loop misses), but never swallows a cancellation: one that lands
-    inside nats-py's own wait_for can surface as a TimeoutError, and a loop that took it for
-    "no messages" would never stop.
+
+async def fetch_batch(subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
+    """Up to `batch` messages: block up to `wait` seconds for the first, then take what else is waiting.
+
+    nats-py's own multi-message fetch, once it has to long-poll, holds what it got until the batch
+    is full or the timeout ends, so a quiet stream stalls every batch; asking for one message,
+    then for the rest with a tiny timeout, returns as soon as the stream has nothing more.
+    Timeouts mean "nothing yet" (including nats-py 2.16's asyncio.TimeoutError, which FastStream
+    0.7.8's pull loop misses), but a cancellation is never swallowed: one that lands inside
+    nats-py's own wait_for can surface as a TimeoutError, and a loop that took it for "no
+    messages" would never stop.
     """
+    messages = await _fetch(subscription, 1, wait)
+    if messages and batch > 1:
+        messages += await _fetch(subscription, batch - 1, _DRAIN_SECONDS)
+    return messages
+
+
+async def _fetch(subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
     try:
         return await subscription.fetch(batch, timeout=wait)
     except (TimeoutError, nats.errors.TimeoutError):

@@ -107,19 +107,26 @@ class Runner:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _take_work(self, subscription: Any) -> None:
+        """Take as many waiting runs as there are free slots at once: one fetch at a time, under load,
+        left a burst of dispatched runs queueing behind each other's round trips."""
         while True:
             await self.slots.acquire()
+            free = 1
+            while not self.slots.locked():
+                await self.slots.acquire()
+                free += 1
             try:
-                messages = await fetch_batch(subscription, 1, 1.0)
+                messages = await fetch_batch(subscription, free, 1.0)
             except BaseException:
-                self.slots.release()
+                for _ in range(free):
+                    self.slots.release()
                 raise
-            if not messages:
+            for _ in range(free - len(messages)):
                 self.slots.release()
-                continue
-            task = asyncio.create_task(self.handle(messages[0]))
-            self.tasks.add(task)
-            task.add_done_callback(self._finished)
+            for message in messages:
+                task = asyncio.create_task(self.handle(message))
+                self.tasks.add(task)
+                task.add_done_callback(self._finished)
 
     def _finished(self, task: "asyncio.Task[None]") -> None:
         self.tasks.discard(task)

@@ -123,17 +123,17 @@ class RunFeed:
         await asyncio.wait_for(self.caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
 
     async def _on_message(self, message: Msg) -> None:
+        if message.metadata.num_pending == 0:
+            self.caught_up.set()
         try:
             envelope = parse_envelope(message.data)
         except InvalidMessage:
-            return
+            return  # not ours to judge: the projector records it; the run's history skips it
         self.history.apply(envelope)
         if isinstance(envelope.data, DecisionMade) and envelope.data.tool_call_id:
             waiter = self.waiters.pop(envelope.data.tool_call_id, None)
             if waiter and not waiter.done():
                 waiter.set_result(envelope.data)
-        if message.metadata.num_pending == 0:
-            self.caught_up.set()
 
     async def decision(self, tool_call_id: str, within: float) -> DecisionMade | None:
         if known := self.history.decisions.get(tool_call_id):

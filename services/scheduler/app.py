@@ -18,10 +18,10 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.scheduler.core import WATCHED_TYPES, QueuedRun, SchedulerState, evolve, next_dispatches
-from shared.bus import envelope_headers, fetch_batch
+from shared.bus import envelope_headers
 from shared.errors import InvalidMessage
 from shared.messages import Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
 from shared.service import BackgroundLoops, run_service
@@ -32,7 +32,8 @@ from shared.telemetry import consuming
 
 SERVICE = "scheduler"
 FETCH_BATCH = 256
-FETCH_WAIT_SECONDS = 0.5
+# With no new events the scheduler still looks for work this often (a run whose queueing failed).
+IDLE_TICK_SECONDS = 0.5
 PUBLISH_TIMEOUT_SECONDS = 5.0
 
 log = structlog.get_logger(__name__)
@@ -124,43 +125,48 @@ class Scheduler:
         evolve(self.state, envelope, {k: v for k, v in headers.items() if k in {"traceparent", "tracestate"}})
 
     async def run(self) -> None:
-        """Fold the stream forever; after catching up, act after every batch."""
-        while True:
-            subscription = await self.js.pull_subscribe(
-                self.subjects.all_events,
-                stream=self.streams.events,
-                # Ephemeral and unacknowledged: the scheduler's position is its state, rebuilt from 1.
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=self.last_seq + 1,
-                    ack_policy=AckPolicy.NONE,
-                    inactive_threshold=30.0,
-                ),
-            )
-            try:
-                while True:
-                    messages = await fetch_batch(subscription, FETCH_BATCH, FETCH_WAIT_SECONDS)
-                    for message in messages:
-                        self.apply(message)
-                    if messages and messages[-1].metadata.num_pending == 0 and not self.caught_up:
-                        self.caught_up = True
-                        log.info(
-                            "state rebuilt",
-                            last_seq=self.last_seq,
-                            queued=len(self.state.queued),
-                            running=sum(len(runs) for runs in self.state.running.values()),
-                        )
-                    if not messages and not self.caught_up:
-                        self.caught_up = True  # an empty stream: nothing to rebuild
-                    if self.caught_up:
-                        await self.act()
-            except nats.errors.Error as exc:
-                # Connection trouble: resume from the last applied sequence with a new consumer.
-                log.warning("event feed interrupted; resuming", last_seq=self.last_seq, error=repr(exc))
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(nats.errors.Error):
-                    await subscription.unsubscribe()
+        """Fold the stream forever; once caught up, act after every batch of events."""
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def enqueue(message: Msg) -> None:
+            inbox.put_nowait(message)
+
+        # An ordered consumer from sequence 1: ephemeral (the scheduler's position is its state,
+        # rebuilt on every start), flow-controlled, and re-created by nats-py after any gap.
+        # Push, not pull: nats-py's long-poll fetch waits for a full batch, which made every
+        # quiet moment a half-second stall in dispatching.
+        subscription = await self.js.subscribe(
+            self.subjects.all_events,
+            stream=self.streams.events,
+            cb=enqueue,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        if not (await self.js.stream_info(self.streams.events)).state.messages:
+            self.caught_up = True  # an empty stream: nothing to rebuild
+        try:
+            while True:
+                try:
+                    batch = [await asyncio.wait_for(inbox.get(), IDLE_TICK_SECONDS)]
+                except TimeoutError:
+                    batch = []
+                while batch and len(batch) < FETCH_BATCH and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                for message in batch:
+                    self.apply(message)
+                if batch and batch[-1].metadata.num_pending == 0 and not self.caught_up:
+                    self.caught_up = True
+                    log.info(
+                        "state rebuilt",
+                        last_seq=self.last_seq,
+                        queued=len(self.state.queued),
+                        running=sum(len(runs) for runs in self.state.running.values()),
+                    )
+                if self.caught_up:
+                    await self.act()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
