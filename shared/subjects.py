@@ -69,6 +69,10 @@ class Subjects:
     def all_events(self) -> str:
         return f"{self.prefix}.evt.>"
 
+    def events_of_type(self, payload: type[Payload]) -> str:
+        """Every tenant's and entity's events of one type, e.g. all `decision.made`."""
+        return f"{self.prefix}.evt.*.{payload.ENTITY}.*.{payload.TYPE}"
+
     def tenant_events(self, tenant: str) -> str:
         return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.>"
 

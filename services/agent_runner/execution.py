@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -171,6 +172,15 @@ class RunExecutor:
             stream=stream,
         )
 
+    async def _has_started(self, tenant: str, run_id: str) -> bool:
+        try:
+            await self.js.get_last_msg(
+                self.streams.events, self.subjects.event(tenant, RunStarted, run_id), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
     async def execute(self, work: Envelope[RunDispatched], headers: Mapping[str, str] | None, attempt: int) -> None:
         tenant, run_id = work.tenant, work.subject
         with (
@@ -178,7 +188,13 @@ class RunExecutor:
             structlog.contextvars.bound_contextvars(run_id=run_id, tenant=tenant),
         ):
             feed = RunFeed()
-            await feed.open(self.js, self.streams.events, self.subjects.run_events(tenant, run_id))
+            # A run never started needs no history, only the decisions on its tool calls: it saves
+            # this runner from being sent back every event it publishes. Any run that has started
+            # (a retry, or a duplicate work item) is rebuilt from all of its events.
+            if attempt == 1 and not await self._has_started(tenant, run_id):
+                await feed.open(self.js, self.streams.events, self.subjects.event(tenant, DecisionMade, run_id))
+            else:
+                await feed.open(self.js, self.streams.events, self.subjects.run_events(tenant, run_id))
             try:
                 if feed.history.finished:
                     log.info("run already finished; nothing to do")

@@ -23,7 +23,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from services.scheduler.core import WATCHED_TYPES, QueuedRun, SchedulerState, evolve, next_dispatches
 from shared.bus import envelope_headers
 from shared.errors import InvalidMessage
-from shared.messages import Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
+from shared.messages import MESSAGE_TYPES, Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
 from shared.service import BackgroundLoops, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
@@ -140,7 +140,11 @@ class Scheduler:
             stream=self.streams.events,
             cb=enqueue,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            # Only the types the state is folded from: steps and tool calls (most events) stay away.
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL,
+                filter_subjects=[self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)],
+            ),
         )
         if not (await self.js.stream_info(self.streams.events)).state.messages:
             self.caught_up = True  # an empty stream: nothing to rebuild
