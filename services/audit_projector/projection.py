@@ -1,23 +1,36 @@
 """The projector's pure core: stored stream messages in, table rows out, no I/O.
 
 Every message becomes one `events` row, valid or not (garbage is kept raw, with the reason). Valid
-envelopes also become merges into the `runs` read model and, for rejections, `rejected_commands`
-rows. Row merges are order-independent (see schema.sql), so projecting the commands and events
-streams concurrently, or replaying them, gives the same tables.
+envelopes also become merges into the `runs` and `tool_calls` read models and rows of `decisions`
+and `rejected_commands`. Row merges are order-independent (see schema.sql), so projecting the
+commands and events streams concurrently, or replaying them, gives the same tables.
+
+`project` is the one code path for the live projector and for `warden audit replay`, so both give
+the same rows by construction. It runs once per stored message, which makes it the replay's hot
+loop: it parses JSON with pydantic-core's parser, serialises jsonb with pydantic-core, and merges
+the read-model rows of a batch per primary key in memory, exactly as the upserts would merge them
+one by one, so a batch sends one upsert per run instead of one per event.
 """
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
+
+import pydantic
+import pydantic_core
 
 from shared.bus import MSG_ID_HEADER
 from shared.errors import InvalidMessage
 from shared.messages import (
+    ENVELOPE_TYPES,
+    MESSAGE_TYPES,
+    PAYLOAD_TYPES,
     CommandRejected,
     DecisionMade,
     Envelope,
+    Payload,
     RunDispatched,
     RunFailed,
     RunQueued,
@@ -34,9 +47,12 @@ from shared.subjects import Subjects
 from shared.telemetry import trace_id_from_headers
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    """One message as JetStream stored it: where, when, and the exact bytes."""
+class StoredMessage(NamedTuple):
+    """One message as JetStream stored it: where, when, and the exact bytes.
+
+    A named tuple rather than a frozen dataclass: a replay builds a million of them, and a frozen
+    dataclass's __init__ costs several times as much.
+    """
 
     stream: str
     seq: int
@@ -49,6 +65,8 @@ class StoredMessage:
 EventRow = tuple[Any, ...]
 RunRow = tuple[Any, ...]
 RejectionRow = tuple[Any, ...]
+DecisionRow = tuple[Any, ...]
+ToolCallRow = tuple[Any, ...]
 
 EVENT_COLUMNS = (
     "stream",
@@ -157,20 +175,171 @@ STATUS_RANK = {
 }
 _DECISION_STATUS = {"allow": "allowed", "deny": "denied", "require_approval": "awaiting_approval"}
 
+# How a run's row merges (the upsert in store.py says the same in SQL): status only moves up its
+# rank, counters add, and every other column keeps the first value that is not NULL.
+_RUN_MERGED_APART = ("tenant", "run_id", "status", "status_rank", "steps", "tool_calls")
+RUN_SET_ONCE_COLUMNS = tuple(column for column in RUN_COLUMNS if column not in _RUN_MERGED_APART)
+# A tool call's row merges column by column: the first value that is not NULL stays.
+TOOL_CALL_MERGED_COLUMNS = tuple(column for column in TOOL_CALL_COLUMNS if column not in ("tenant", "tool_call_id"))
+
+_RUN_INDEX = {column: index for index, column in enumerate(RUN_COLUMNS)}
+_STATUS, _RANK, _STEPS, _TOOL_CALLS = (_RUN_INDEX[c] for c in ("status", "status_rank", "steps", "tool_calls"))
+_CORRELATION_ID, _TRACE_ID = _RUN_INDEX["correlation_id"], _RUN_INDEX["trace_id"]
+_RUN_SET_ONCE = tuple(_RUN_INDEX[column] for column in RUN_SET_ONCE_COLUMNS)
+_NO_VALUES = (None,) * (len(RUN_COLUMNS) - 4)
+_TOOL_CALL_MERGED = tuple(TOOL_CALL_COLUMNS.index(column) for column in TOOL_CALL_MERGED_COLUMNS)
+
+
+# Integer columns of the read models whose values no validator bounds: a merge that dropped such a
+# value would also drop the error Postgres raises for it when it does not fit (see Rows).
+_INTEGER = range(-(2**31), 2**31)
+_BIGINT = range(-(2**63), 2**63)
+_DECISION_REQUEST_SEQ = DECISION_COLUMNS.index("request_seq")
+_REJECTION_SEQ, _REJECTION_SIZE = REJECTION_COLUMNS.index("command_stream_seq"), REJECTION_COLUMNS.index("size_bytes")
+_TOOL_CALL_STEP = TOOL_CALL_COLUMNS.index("step")
+
 
 @dataclass
 class Rows:
-    """What one batch of messages adds to each table."""
+    """What a sequence of messages adds to each table.
+
+    Read-model rows are merged per primary key as they arrive, in message order, with the rules
+    the database applies (see `merge_run` and store.py): applying the merged row once leaves the
+    same row as applying each message's row in turn, so a batch needs one upsert per key.
+
+    One thing a merge could change: a value Postgres refuses makes the whole batch fail, and the
+    projector then writes message by message, recording the offending message raw. A merge
+    that kept only the first of two values would never send the refused one. The only values
+    Postgres can refuse in a read-model row and not in the same message's `events` row are
+    integers too large for their column, so any such value marks the rows (`has_refused_value`)
+    and the writer goes message by message, as it would have after the failed batch.
+    """
 
     events: list[EventRow] = field(default_factory=list)
-    runs: list[RunRow] = field(default_factory=list)
-    rejections: list[RejectionRow] = field(default_factory=list)
-    decisions: list[tuple[Any, ...]] = field(default_factory=list)
-    tool_calls: list[tuple[Any, ...]] = field(default_factory=list)
+    runs: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    rejections: dict[tuple[str, int], RejectionRow] = field(default_factory=dict)
+    decisions: dict[tuple[str, str], DecisionRow] = field(default_factory=dict)
+    tool_calls: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    has_refused_value: bool = False
+
+    def merge_run(self, row: RunRow) -> None:
+        """Merge a whole runs row (as `MERGE_RUN` would upsert it)."""
+        values = [(index, row[index]) for index in _RUN_SET_ONCE if row[index] is not None]
+        self.merge_run_values((row[0], row[1]), row[_STATUS], values, steps=row[_STEPS], tool_calls=row[_TOOL_CALLS])
+
+    def merge_run_values(
+        self, key: tuple[str, str], status: str, values: Iterable[tuple[int, Any]], *, steps: int, tool_calls: int
+    ) -> None:
+        """Merge a runs row given as its status, counters and set-once (column index, value) pairs.
+
+        Mirrors store.MERGE_RUN: a later row wins the status only with a strictly higher rank,
+        counters add, and a set-once column keeps its first value that is not NULL.
+        """
+        rank = STATUS_RANK[status]
+        current = self.runs.get(key)
+        if current is None:
+            current = self.runs[key] = [*key, status, rank, *_NO_VALUES]
+            current[_STEPS], current[_TOOL_CALLS] = steps, tool_calls
+            for index, value in values:
+                current[index] = value
+            return
+        if rank > current[_RANK]:
+            current[_STATUS], current[_RANK] = status, rank
+        current[_STEPS] += steps
+        current[_TOOL_CALLS] += tool_calls
+        for index, value in values:
+            if current[index] is None:
+                current[index] = value
+
+    def merge_tool_call(self, row: ToolCallRow) -> None:
+        if row[_TOOL_CALL_STEP] not in _INTEGER:
+            self.has_refused_value = True
+        current = self.tool_calls.get((row[0], row[1]))
+        if current is None:
+            self.tool_calls[row[0], row[1]] = list(row)
+            return
+        for index in _TOOL_CALL_MERGED:  # mirrors store.MERGE_TOOL_CALL
+            if current[index] is None:
+                current[index] = row[index]
+
+    def add_decision(self, row: DecisionRow) -> None:
+        if row[_DECISION_REQUEST_SEQ] not in _BIGINT:
+            self.has_refused_value = True
+        self.decisions.setdefault((row[0], row[1]), row)  # ON CONFLICT DO NOTHING: the first stays
+
+    def add_rejection(self, row: RejectionRow) -> None:
+        if row[_REJECTION_SEQ] not in _BIGINT or row[_REJECTION_SIZE] not in _INTEGER:
+            self.has_refused_value = True
+        self.rejections.setdefault((row[0], row[1]), row)  # ON CONFLICT DO NOTHING: the first stays
+
+    def absorb(self, later: "Rows") -> None:
+        """Add rows projected from messages that come after this one's (merges are associative)."""
+        self.events += later.events
+        for run in later.runs.values():
+            self.merge_run(tuple(run))
+        for rejection in later.rejections.values():
+            self.add_rejection(rejection)
+        for decision in later.decisions.values():
+            self.add_decision(decision)
+        for tool_call in later.tool_calls.values():
+            self.merge_tool_call(tuple(tool_call))
+        self.has_refused_value = self.has_refused_value or later.has_refused_value
+
+    def run_rows(self) -> list[RunRow]:
+        """The merged runs rows in key order, so concurrent batches lock rows in one order."""
+        return [tuple(row) for _, row in sorted(self.runs.items())]
+
+    def tool_call_rows(self) -> list[ToolCallRow]:
+        return [tuple(row) for _, row in sorted(self.tool_calls.items())]
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    """JSON text for a jsonb column.
+
+    Postgres normalises jsonb (key order, white space, how a number is spelt), so any faithful
+    serialisation stores the same value; pydantic-core's is about three times faster than the
+    json module's. What it refuses (a lone surrogate) goes through json.dumps, and on to the
+    database's verdict, as before.
+    """
+    try:
+        return pydantic_core.to_json(value).decode()
+    except pydantic_core.PydanticSerializationError:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """`decode_document`, faster: pydantic-core's JSON parser takes the common case.
+
+    Anything it does not turn into an object goes to `decode_document`, whose verdict and
+    message stand (json.loads also accepts UTF-16 and UTF-32 bodies, which it does not).
+    """
+    try:
+        document = pydantic_core.from_json(data, cache_strings=False)
+    except ValueError:
+        document = None
+    if type(document) is dict:
+        return document
+    return decode_document(data)
+
+
+def _validate(document: dict[str, Any]) -> Envelope[Any]:
+    """`validate_document` for the usual case, a known type at its current version, without its wrappers.
+
+    For such a document `validate_document` only calls the type's validator, so this calls it
+    directly. Anything else (an unknown type, an older version to upcast, an invalid document)
+    goes through `validate_document`, for its verdict and its wording.
+    """
+    type_name = document.get("type")
+    if type(type_name) is str and type_name in ENVELOPE_TYPES:
+        version = document.get("schema_version", 1)
+        if type(version) is int and version == MESSAGE_TYPES[type_name].SCHEMA_VERSION:
+            try:
+                envelope: Envelope[Any] = ENVELOPE_TYPES[type_name].__pydantic_validator__.validate_python(document)
+            except pydantic.ValidationError:
+                pass
+            else:
+                return envelope
+    return validate_document(document)
 
 
 def raw_event_row(message: StoredMessage, tenant: str, reason: str) -> EventRow:
@@ -199,7 +368,9 @@ def raw_event_row(message: StoredMessage, tenant: str, reason: str) -> EventRow:
     )
 
 
-def _envelope_event_row(message: StoredMessage, document: dict[str, Any], envelope: Envelope[Any]) -> EventRow:
+def _envelope_event_row(
+    message: StoredMessage, document: dict[str, Any], envelope: Envelope[Any], trace_id: str | None
+) -> EventRow:
     return (
         message.stream,
         message.seq,
@@ -214,9 +385,9 @@ def _envelope_event_row(message: StoredMessage, document: dict[str, Any], envelo
         envelope.actor,
         envelope.correlation_id,
         envelope.causation_id,
-        trace_id_from_headers(message.headers),
+        trace_id,
         document.get("schema_version", 1),
-        (message.headers or {}).get(MSG_ID_HEADER),
+        message.headers.get(MSG_ID_HEADER) if message.headers else None,
         # The data exactly as stored (before any upcast): the log records what was said.
         _json(document.get("data")),
         None,
@@ -224,72 +395,23 @@ def _envelope_event_row(message: StoredMessage, document: dict[str, Any], envelo
     )
 
 
-def _run_row(envelope: Envelope[Any], trace_id: str | None, **columns: Any) -> RunRow:
-    status = columns.pop("status", "unknown")
-    values: dict[str, Any] = dict.fromkeys(RUN_COLUMNS)
-    values.update(
-        tenant=envelope.tenant,
-        run_id=envelope.subject,
-        status=status,
-        status_rank=STATUS_RANK[status],
-        steps=0,
-        tool_calls=0,
-        correlation_id=envelope.correlation_id,
-        trace_id=trace_id,
-    )
-    values.update(columns)
-    return tuple(values[name] for name in RUN_COLUMNS)
+def _run_change(
+    rows: Rows,
+    envelope: Envelope[Any],
+    trace_id: str | None,
+    status: str = "unknown",
+    *,
+    steps: int = 0,
+    tool_calls: int = 0,
+    **columns: Any,
+) -> None:
+    """Merge what one envelope says about its run into the run's row."""
+    values = [(_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id)]
+    values += [(_RUN_INDEX[column], value) for column, value in columns.items()]
+    rows.merge_run_values((envelope.tenant, envelope.subject), status, values, steps=steps, tool_calls=tool_calls)
 
 
-def run_row(envelope: Envelope[Any], trace_id: str | None) -> RunRow | None:
-    """The merge one envelope makes into its run's row, or None if it does not touch a run."""
-    data = envelope.data
-    match data:
-        case RunSubmitted():
-            return _run_row(
-                envelope,
-                trace_id,
-                status="submitted",
-                agent=data.agent,
-                submitted_by=envelope.actor,
-                priority=data.priority,
-                input=_json(data.input),
-                submitted_at=envelope.time,
-            )
-        case DecisionMade(request_type=RunSubmitted.TYPE):
-            return _run_row(
-                envelope,
-                trace_id,
-                status=_DECISION_STATUS[data.effect],
-                decided_at=envelope.time,
-                decision_id=data.decision_id,
-                decision_effect=data.effect,
-                decision_reasons=_json(data.reasons),
-                policy_revision=data.policy_revision,
-            )
-        case RunQueued():
-            return _run_row(envelope, trace_id, status="queued", queued_at=envelope.time)
-        case RunDispatched():
-            return _run_row(envelope, trace_id, status="dispatched", dispatched_at=envelope.time)
-        case RunStarted():
-            return _run_row(envelope, trace_id, status="running", started_at=envelope.time)
-        case StepCompleted():
-            return _run_row(envelope, trace_id, steps=1)
-        case ToolCallCompleted():
-            return _run_row(envelope, trace_id, tool_calls=1)
-        case RunSucceeded():
-            return _run_row(
-                envelope, trace_id, status="succeeded", finished_at=envelope.time, output=_json(data.output)
-            )
-        case RunFailed():
-            return _run_row(envelope, trace_id, status="failed", finished_at=envelope.time, error=data.reason)
-    return None
-
-
-def rejection_row(envelope: Envelope[Any]) -> RejectionRow | None:
-    data = envelope.data
-    if not isinstance(data, CommandRejected):
-        return None
+def _rejection_row(envelope: Envelope[Any], data: CommandRejected) -> RejectionRow:
     return (
         envelope.tenant,
         data.command_stream_seq,
@@ -305,10 +427,7 @@ def rejection_row(envelope: Envelope[Any]) -> RejectionRow | None:
     )
 
 
-def decision_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, ...] | None:
-    data = envelope.data
-    if not isinstance(data, DecisionMade):
-        return None
+def _decision_row(envelope: Envelope[Any], data: DecisionMade, trace_id: str | None) -> DecisionRow:
     return (
         envelope.tenant,
         data.decision_id,
@@ -326,11 +445,43 @@ def decision_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, ..
     )
 
 
-def tool_call_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, ...] | None:
-    """A request fills what was asked; a completion fills what came of it. Either may come first."""
-    data = envelope.data
-    if isinstance(data, ToolCallRequested):
-        return (
+# What each message type adds beyond its `events` row. A tool call's request fills what was
+# asked and its completion what came of it; either may be projected first.
+
+
+def _run_submitted(rows: Rows, envelope: Envelope[Any], data: RunSubmitted, trace_id: str | None) -> None:
+    _run_change(
+        rows,
+        envelope,
+        trace_id,
+        "submitted",
+        agent=data.agent,
+        submitted_by=envelope.actor,
+        priority=data.priority,
+        input=_json(data.input),
+        submitted_at=envelope.time,
+    )
+
+
+def _decision_made(rows: Rows, envelope: Envelope[Any], data: DecisionMade, trace_id: str | None) -> None:
+    rows.add_decision(_decision_row(envelope, data, trace_id))
+    if data.request_type == RunSubmitted.TYPE:
+        _run_change(
+            rows,
+            envelope,
+            trace_id,
+            _DECISION_STATUS[data.effect],
+            decided_at=envelope.time,
+            decision_id=data.decision_id,
+            decision_effect=data.effect,
+            decision_reasons=_json(data.reasons),
+            policy_revision=data.policy_revision,
+        )
+
+
+def _tool_call_requested(rows: Rows, envelope: Envelope[Any], data: ToolCallRequested, trace_id: str | None) -> None:
+    rows.merge_tool_call(
+        (
             envelope.tenant,
             data.tool_call_id,
             envelope.subject,
@@ -346,8 +497,12 @@ def tool_call_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, .
             None,
             trace_id,
         )
-    if isinstance(data, ToolCallCompleted):
-        return (
+    )
+
+
+def _tool_call_completed(rows: Rows, envelope: Envelope[Any], data: ToolCallCompleted, trace_id: str | None) -> None:
+    rows.merge_tool_call(
+        (
             envelope.tenant,
             data.tool_call_id,
             envelope.subject,
@@ -363,33 +518,92 @@ def tool_call_row(envelope: Envelope[Any], trace_id: str | None) -> tuple[Any, .
             envelope.time,
             trace_id,
         )
-    return None
+    )
+    _run_change(rows, envelope, trace_id, tool_calls=1)
 
 
-def project(messages: Iterable[StoredMessage], subjects: Subjects) -> Rows:
-    """Turn stored messages into rows. Never raises on bad input: bad input is recorded, raw."""
-    rows = Rows()
+def _command_rejected(rows: Rows, envelope: Envelope[Any], data: CommandRejected, trace_id: str | None) -> None:
+    rows.add_rejection(_rejection_row(envelope, data))
+
+
+def _run_succeeded(rows: Rows, envelope: Envelope[Any], data: RunSucceeded, trace_id: str | None) -> None:
+    _run_change(rows, envelope, trace_id, "succeeded", finished_at=envelope.time, output=_json(data.output))
+
+
+def _run_failed(rows: Rows, envelope: Envelope[Any], data: RunFailed, trace_id: str | None) -> None:
+    _run_change(rows, envelope, trace_id, "failed", finished_at=envelope.time, error=data.reason)
+
+
+def _step_completed(rows: Rows, envelope: Envelope[Any], data: StepCompleted, trace_id: str | None) -> None:
+    # The most frequent message by far, so `_run_change` spelt out.
+    values = ((_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id))
+    rows.merge_run_values((envelope.tenant, envelope.subject), "unknown", values, steps=1, tool_calls=0)
+
+
+ReadModelProjector = Callable[[Rows, Envelope[Any], Any, str | None], None]
+
+# Looked up by the payload's exact class: one dict look-up, where isinstance() on pydantic models
+# (a Python-level __instancecheck__) would cost more than the rest of the row.
+READ_MODELS: dict[type[Payload], ReadModelProjector] = {
+    RunSubmitted: _run_submitted,
+    ToolCallRequested: _tool_call_requested,
+    CommandRejected: _command_rejected,
+    DecisionMade: _decision_made,
+    RunQueued: lambda rows, envelope, data, trace_id: _run_change(
+        rows, envelope, trace_id, "queued", queued_at=envelope.time
+    ),
+    RunDispatched: lambda rows, envelope, data, trace_id: _run_change(
+        rows, envelope, trace_id, "dispatched", dispatched_at=envelope.time
+    ),
+    RunStarted: lambda rows, envelope, data, trace_id: _run_change(
+        rows, envelope, trace_id, "running", started_at=envelope.time
+    ),
+    StepCompleted: _step_completed,
+    ToolCallCompleted: _tool_call_completed,
+    RunSucceeded: _run_succeeded,
+    RunFailed: _run_failed,
+}
+assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
+
+
+# Subjects already checked: the one subject an envelope of (prefix, type, tenant, entity id) may
+# arrive on. The messages of one run share all but the type, so most checks are a look-up here.
+_CHECKED_SUBJECTS: dict[tuple[str, str, str, str], str] = {}
+_CHECKED_SUBJECTS_MAX = 10_000
+
+
+def _check_subject(subjects: Subjects, envelope: Envelope[Any], nats_subject: str) -> None:
+    """`subjects.check_envelope_subject`, remembered: the expected subject depends only on the key."""
+    key = (subjects.prefix, envelope.type, envelope.tenant, envelope.subject)
+    if _CHECKED_SUBJECTS.get(key) != nats_subject:
+        subjects.check_envelope_subject(envelope, nats_subject)  # raises InvalidMessage on a mismatch
+        if len(_CHECKED_SUBJECTS) >= _CHECKED_SUBJECTS_MAX:
+            _CHECKED_SUBJECTS.clear()
+        _CHECKED_SUBJECTS[key] = nats_subject
+
+
+def project(messages: Iterable[StoredMessage], subjects: Subjects, rows: Rows | None = None) -> Rows:
+    """Turn stored messages into rows, added to `rows` if given.
+
+    Never raises on bad input: bad input is recorded, raw.
+    """
+    rows = Rows() if rows is None else rows
+    events = rows.events
     for message in messages:
-        tenant = subjects.tenant_of(message.subject)
         if b"\\u0000" in message.data:
             # Valid JSON, but Postgres text and jsonb cannot hold NUL: keep the bytes instead.
-            rows.events.append(raw_event_row(message, tenant, "contains a NUL character (\\u0000)"))
+            tenant = subjects.tenant_of(message.subject)
+            events.append(raw_event_row(message, tenant, "contains a NUL character (\\u0000)"))
             continue
         try:
-            document = decode_document(message.data)
-            envelope = validate_document(document)
-            subjects.check_envelope_subject(envelope, message.subject)
+            document = _decode(message.data)
+            envelope = _validate(document)
+            _check_subject(subjects, envelope, message.subject)
         except InvalidMessage as exc:
-            rows.events.append(raw_event_row(message, tenant, str(exc)))
+            events.append(raw_event_row(message, subjects.tenant_of(message.subject), str(exc)))
             continue
-        rows.events.append(_envelope_event_row(message, document, envelope))
         trace_id = trace_id_from_headers(message.headers)
-        if (run := run_row(envelope, trace_id)) is not None:
-            rows.runs.append(run)
-        if (rejection := rejection_row(envelope)) is not None:
-            rows.rejections.append(rejection)
-        if (decided := decision_row(envelope, trace_id)) is not None:
-            rows.decisions.append(decided)
-        if (tool_call := tool_call_row(envelope, trace_id)) is not None:
-            rows.tool_calls.append(tool_call)
+        events.append(_envelope_event_row(message, document, envelope, trace_id))
+        data = envelope.data
+        READ_MODELS[type(data)](rows, envelope, data, trace_id)
     return rows

@@ -12,7 +12,9 @@ from services.audit_projector.projection import (
     EVENT_COLUMNS,
     REJECTION_COLUMNS,
     RUN_COLUMNS,
+    RUN_SET_ONCE_COLUMNS,
     TOOL_CALL_COLUMNS,
+    TOOL_CALL_MERGED_COLUMNS,
     Rows,
     StoredMessage,
     project,
@@ -28,27 +30,6 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 # two projectors never interleave batches of the same stream.
 PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
 
-_SET_ONCE = (
-    "agent",
-    "submitted_by",
-    "priority",
-    "input",
-    "submitted_at",
-    "decided_at",
-    "decision_id",
-    "decision_effect",
-    "decision_reasons",
-    "policy_revision",
-    "queued_at",
-    "dispatched_at",
-    "started_at",
-    "finished_at",
-    "output",
-    "error",
-    "correlation_id",
-    "trace_id",
-)
-
 
 def _placeholders(count: int) -> str:
     return ", ".join(f"${i}" for i in range(1, count + 1))
@@ -58,13 +39,17 @@ INSERT_EVENT = (
     f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({_placeholders(len(EVENT_COLUMNS))}) "
     "ON CONFLICT (stream, stream_seq) DO NOTHING"
 )
-MERGE_RUN = (
-    f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({_placeholders(len(RUN_COLUMNS))}) "
+# How a run's row merges (projection.Rows.merge_run_values does the same in memory): status only moves up
+# its rank, counters add, every other column keeps its first value that is not NULL.
+MERGE_RUN_ON_CONFLICT = (
     "ON CONFLICT (tenant, run_id) DO UPDATE SET "
     "status = CASE WHEN EXCLUDED.status_rank > runs.status_rank THEN EXCLUDED.status ELSE runs.status END, "
     "status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank), "
     "steps = runs.steps + EXCLUDED.steps, tool_calls = runs.tool_calls + EXCLUDED.tool_calls, "
-    + ", ".join(f"{column} = COALESCE(runs.{column}, EXCLUDED.{column})" for column in _SET_ONCE)
+    + ", ".join(f"{column} = COALESCE(runs.{column}, EXCLUDED.{column})" for column in RUN_SET_ONCE_COLUMNS)
+)
+MERGE_RUN = (
+    f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({_placeholders(len(RUN_COLUMNS))}) {MERGE_RUN_ON_CONFLICT}"
 )
 INSERT_REJECTION = (
     f"INSERT INTO rejected_commands ({', '.join(REJECTION_COLUMNS)}) "
@@ -75,11 +60,13 @@ INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)}) VALUES ({_placeholders(len(DECISION_COLUMNS))}) "
     "ON CONFLICT DO NOTHING"
 )
-_TOOL_CALL_MERGED = [c for c in TOOL_CALL_COLUMNS if c not in ("tenant", "tool_call_id")]
+# A tool call's row merges column by column: the first value that is not NULL stays.
+MERGE_TOOL_CALL_ON_CONFLICT = "ON CONFLICT (tenant, tool_call_id) DO UPDATE SET " + ", ".join(
+    f"{column} = COALESCE(tool_calls.{column}, EXCLUDED.{column})" for column in TOOL_CALL_MERGED_COLUMNS
+)
 MERGE_TOOL_CALL = (
     f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) VALUES ({_placeholders(len(TOOL_CALL_COLUMNS))}) "
-    "ON CONFLICT (tenant, tool_call_id) DO UPDATE SET "
-    + ", ".join(f"{column} = COALESCE(tool_calls.{column}, EXCLUDED.{column})" for column in _TOOL_CALL_MERGED)
+    + MERGE_TOOL_CALL_ON_CONFLICT
 )
 
 # Failures worth waiting out: the server is away or busy, or our transaction lost a race.
@@ -170,8 +157,13 @@ class AuditStore:
             if not fresh:
                 return 0
             try:
+                rows = project(fresh, self.subjects)
+                if rows.has_refused_value:
+                    # Merged, the batch might not send the value Postgres refuses (see Rows): go
+                    # message by message, as the batch failing would have.
+                    raise asyncpg.DataError("a read-model row holds an integer too large for its column")
                 async with connection.transaction():
-                    await self._write(connection, project(fresh, self.subjects))
+                    await self._write(connection, rows)
             except asyncpg.DataError as exc:
                 log.warning("batch has a row postgres refuses; writing row by row", stream=stream, error=str(exc))
                 await self._write_one_by_one(connection, fresh)
@@ -184,15 +176,16 @@ class AuditStore:
     async def _write(connection: Connection, rows: Rows) -> None:
         if rows.events:
             await connection.executemany(INSERT_EVENT, rows.events)
+        # The read models arrive merged per key (one upsert each), in key order: one lock order
+        # for every batch, so two streams' batches cannot deadlock on runs or tool_calls rows.
         if rows.runs:
-            # One lock order for every batch, so two streams' batches cannot deadlock on runs rows.
-            await connection.executemany(MERGE_RUN, sorted(rows.runs, key=lambda row: (row[0], row[1])))
+            await connection.executemany(MERGE_RUN, rows.run_rows())
         if rows.rejections:
-            await connection.executemany(INSERT_REJECTION, rows.rejections)
+            await connection.executemany(INSERT_REJECTION, list(rows.rejections.values()))
         if rows.decisions:
-            await connection.executemany(INSERT_DECISION, rows.decisions)
+            await connection.executemany(INSERT_DECISION, list(rows.decisions.values()))
         if rows.tool_calls:
-            await connection.executemany(MERGE_TOOL_CALL, sorted(rows.tool_calls, key=lambda row: (row[0], row[1])))
+            await connection.executemany(MERGE_TOOL_CALL, rows.tool_call_rows())
 
     async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
         for message in messages:
