@@ -81,7 +81,7 @@ class Runner:
             await self.executor.execute(work, message.headers, attempt)
         except (nats.errors.Error, TimeoutError) as exc:
             # Transient: leave the work unacknowledged; it comes back and the run resumes.
-            log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc))
+            log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc), exc_info=True)
             await message.nak(delay=1.0)
             return
         finally:
