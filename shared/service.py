@@ -1,13 +1,16 @@
 """The one way every Warden service process starts and runs its long-lived consumer loops."""
 
 import asyncio
+import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 from faststream import FastStream
+from faststream.nats import NatsBroker
 
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -56,3 +59,19 @@ class BackgroundLoops:
             return
         log.error("a consumer loop failed; stopping the process to be restarted", error=repr(task.exception()))
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]) -> FastStream:
+    """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected."""
+    # FastStream's per-message log lines at DEBUG: at INFO they cost more than handling a message.
+    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        await broker.connect()
+        loops.start(loop(broker))
+        yield
+
+    app = FastStream(broker, lifespan=lifespan)
+    loops = BackgroundLoops(app)
+    return app

@@ -1,17 +1,13 @@
 """The agent runner: takes dispatched runs from the work queue and executes them, several at once."""
 
 import asyncio
-import logging
 import os
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import nats.errors
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -21,7 +17,7 @@ from services.agent_runner.execution import SERVICE, RunExecutor, heartbeat
 from shared.bus import envelope_headers, fetch_batch
 from shared.errors import InvalidMessage
 from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
-from shared.service import BackgroundLoops, run_service
+from shared.service import consumer_service, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -137,18 +133,7 @@ class Runner:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
-
-    @asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
-        await broker.connect()
-        runner = Runner(settings, broker.config.connection_state.stream)
-        loops.start(runner.run())
-        yield
-
-    app = FastStream(broker, lifespan=lifespan)
-    loops = BackgroundLoops(app)
-    return app
+    return consumer_service(settings, lambda broker: Runner(settings, broker.config.connection_state.stream).run())
 
 
 def main() -> None:

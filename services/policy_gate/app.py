@@ -1,17 +1,13 @@
 """The policy gate: every command passes here first; bad ones are rejected, the rest decided by Rego."""
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import nats.errors
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -29,7 +25,7 @@ from shared.messages import (
     ToolCallRequested,
     make_envelope,
 )
-from shared.service import BackgroundLoops, run_service
+from shared.service import consumer_service, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -243,20 +239,11 @@ class Gate:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    # FastStream's per-message log lines at DEBUG: at INFO they cost more than a decision.
-    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
     decider = PolicyDecider(PolicyEngine.load(Path(settings.policy_dir)))
     log.info("policies loaded", revision=decider.engine.revision, directory=str(settings.policy_dir))
-
-    @asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
-        await broker.connect()
-        loops.start(Gate(settings, broker.config.connection_state.stream, decider).run())
-        yield
-
-    app = FastStream(broker, lifespan=lifespan)
-    loops = BackgroundLoops(app)
-    return app
+    return consumer_service(
+        settings, lambda broker: Gate(settings, broker.config.connection_state.stream, decider).run()
+    )
 
 
 def main() -> None:

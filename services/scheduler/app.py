@@ -7,9 +7,7 @@ twice. It must run as a single instance.
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
@@ -24,7 +22,7 @@ from services.scheduler.core import WATCHED_TYPES, QueuedRun, SchedulerState, ev
 from shared.bus import envelope_headers
 from shared.errors import InvalidMessage
 from shared.messages import MESSAGE_TYPES, Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
-from shared.service import BackgroundLoops, run_service
+from shared.service import consumer_service, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -175,17 +173,7 @@ class Scheduler:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
-
-    @asynccontextmanager
-    async def lifespan() -> AsyncIterator[None]:
-        await broker.connect()
-        loops.start(Scheduler(settings, broker).run())
-        yield
-
-    app = FastStream(broker, lifespan=lifespan)
-    loops = BackgroundLoops(app)
-    return app
+    return consumer_service(settings, lambda broker: Scheduler(settings, broker).run())
 
 
 def main() -> None:
