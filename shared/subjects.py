@@ -109,6 +109,11 @@ class Subjects:
         parts = nats_subject.split(".")
         return parts[2] if len(parts) > 2 else ""
 
+    def entity_of(self, nats_subject: str) -> str:
+        """The entity id token of an event subject (`<prefix>.evt.<tenant>.<entity>.<id>.<type>`)."""
+        parts = nats_subject.split(".")
+        return parts[4] if len(parts) > 4 else ""
+
     # Work handed from the scheduler to agent runners
     def work(self, tenant: str) -> str:
         return f"{self.prefix}.work.{_ensure_token(tenant, 'tenant')}"

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.agent_runner.agents import AgentCatalogue
-from services.agent_runner.execution import SERVICE, RunExecutor, heartbeat
+from services.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor, heartbeat
 from shared.bus import envelope_headers, fetch_batch
 from shared.errors import InvalidMessage
 from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
@@ -36,7 +36,8 @@ class Runner:
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
         worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.executor = RunExecutor(settings, js, AgentCatalogue.load(settings.agents_dir), worker)
+        self.decisions = DecisionFeed(js, self.subjects, self.streams.events)
+        self.executor = RunExecutor(settings, js, AgentCatalogue.load(settings.agents_dir), worker, self.decisions)
         self.slots = asyncio.Semaphore(settings.runner_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -94,6 +95,8 @@ class Runner:
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
             ),
         )
+        # The decision feed is open before any run is taken, so no run asks for a decision it cannot see.
+        await self.decisions.open()
         try:
             await self._take_work(subscription)
         finally:
@@ -101,6 +104,7 @@ class Runner:
             for task in list(self.tasks):
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.decisions.close()
 
     async def _take_work(self, subscription: Any) -> None:
         """Take as many waiting runs as there are free slots at once: one fetch at a time, under load,

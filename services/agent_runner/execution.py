@@ -6,7 +6,8 @@ recorded step is never repeated. Every publish is keyed, so a repeated one is st
 """
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,43 +102,95 @@ class RunHistory:
         return [self.steps[step] for step in sorted(self.steps)]
 
 
-class RunFeed:
-    """An ordered consumer on one run's events: its history first, then decisions as they arrive."""
+async def read_history(js: JetStreamContext, stream: str, subject: str) -> RunHistory:
+    """Everything the stream holds on one run so far, read with an ordered consumer, then closed."""
+    history = RunHistory()
+    stored = (await js.stream_info(stream, subjects_filter=subject)).state.messages
+    if not stored:
+        return history
+    caught_up = asyncio.Event()
 
-    def __init__(self) -> None:
-        self.history = RunHistory()
-        self.caught_up = asyncio.Event()
+    async def on_message(message: Msg) -> None:
+        if message.metadata.num_pending == 0:
+            caught_up.set()
+        try:
+            history.apply(parse_envelope(message.data))
+        except InvalidMessage:
+            return  # not ours to judge: the projector records it; the run's history skips it
+
+    subscription = await js.subscribe(
+        subject,
+        stream=stream,
+        cb=on_message,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        await asyncio.wait_for(caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
+    finally:
+        await subscription.unsubscribe()
+    return history
+
+
+class DecisionFeed:
+    """Tool-call decisions on the runs this process is executing, as JetStream delivers them.
+
+    One ordered consumer for the whole process, not one per run: a consumer per run cost the
+    server a consumer created and deleted (and the runner two more round trips) for every run.
+    Delivery by JetStream, not a core subscription, because a message reaches core subscribers
+    before it is stored, and a tool may run only on a decision that is stored (promise 1). Every
+    runner process sees every decision and drops those on runs it is not executing.
+    """
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, stream: str) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.stream = stream
+        self.runs: dict[str, dict[str, DecisionMade]] = {}  # run id -> tool call id -> decision
         self.waiters: dict[str, asyncio.Future[DecisionMade]] = {}
         self.subscription: Any = None
 
-    async def open(self, js: JetStreamContext, stream: str, subject: str) -> None:
-        info = await js.stream_info(stream, subjects_filter=subject)
-        if not info.state.messages:
-            self.caught_up.set()
-        self.subscription = await js.subscribe(
-            subject,
-            stream=stream,
+    async def open(self) -> None:
+        # From now on (NEW): a run that needs earlier decisions reads its history (read_history).
+        self.subscription = await self.js.subscribe(
+            self.subjects.events_of_type(DecisionMade),
+            stream=self.stream,
             cb=self._on_message,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
         )
-        await asyncio.wait_for(self.caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
+
+    async def close(self) -> None:
+        if self.subscription is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.subscription.unsubscribe()
+
+    @contextlib.contextmanager
+    def tracking(self, run_id: str) -> Iterator[None]:
+        """Keep the decisions on this run from now until the run ends (before any are asked for)."""
+        self.runs.setdefault(run_id, {})
+        try:
+            yield
+        finally:
+            self.runs.pop(run_id, None)
 
     async def _on_message(self, message: Msg) -> None:
-        if message.metadata.num_pending == 0:
-            self.caught_up.set()
+        decisions = self.runs.get(self.subjects.entity_of(message.subject))
+        if decisions is None:
+            return  # a run some other runner executes, or a run decision
         try:
-            envelope = parse_envelope(message.data)
+            verdict = parse_envelope(message.data).data
         except InvalidMessage:
-            return  # not ours to judge: the projector records it; the run's history skips it
-        self.history.apply(envelope)
-        if isinstance(envelope.data, DecisionMade) and envelope.data.tool_call_id:
-            waiter = self.waiters.pop(envelope.data.tool_call_id, None)
-            if waiter and not waiter.done():
-                waiter.set_result(envelope.data)
+            return
+        if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
+            decisions[verdict.tool_call_id] = verdict
+            waiter = self.waiters.pop(verdict.tool_call_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(verdict)
 
-    async def decision(self, tool_call_id: str, within: float) -> DecisionMade | None:
-        if known := self.history.decisions.get(tool_call_id):
+    async def decision(self, run_id: str, tool_call_id: str, within: float) -> DecisionMade | None:
+        """The stored decision on one tool call, waiting up to `within` seconds for it."""
+        if known := self.runs.get(run_id, {}).get(tool_call_id):
             return known
         waiter = self.waiters.setdefault(tool_call_id, asyncio.get_running_loop().create_future())
         try:
@@ -147,19 +200,18 @@ class RunFeed:
         finally:
             self.waiters.pop(tool_call_id, None)
 
-    async def close(self) -> None:
-        if self.subscription is not None:
-            await self.subscription.unsubscribe()
-
 
 class RunExecutor:
     """Runs dispatched work to completion (or failure), publishing every step."""
 
-    def __init__(self, settings: Settings, js: JetStreamContext, catalogue: AgentCatalogue, worker: str) -> None:
+    def __init__(
+        self, settings: Settings, js: JetStreamContext, catalogue: AgentCatalogue, worker: str, decisions: DecisionFeed
+    ) -> None:
         self.settings = settings
         self.js = js
         self.catalogue = catalogue
         self.worker = worker
+        self.decisions = decisions
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
 
@@ -181,29 +233,46 @@ class RunExecutor:
             return False
         return True
 
+    async def _stored_decision(self, tenant: str, run_id: str, tool_call_id: str) -> DecisionMade | None:
+        """The decision on a tool call looked up in the stream: for one the live feed did not bring.
+
+        Tool calls of a run are made one at a time, so the run's last decision is the one asked for.
+        """
+        try:
+            stored = await self.js.get_last_msg(
+                self.streams.events, self.subjects.event(tenant, DecisionMade, run_id), direct=True
+            )
+            verdict = parse_envelope(stored.data or b"").data
+        except (nats.js.errors.NotFoundError, InvalidMessage):
+            return None
+        return verdict if isinstance(verdict, DecisionMade) and verdict.tool_call_id == tool_call_id else None
+
     async def execute(self, work: Envelope[RunDispatched], headers: Mapping[str, str] | None, attempt: int) -> None:
         tenant, run_id = work.tenant, work.subject
         with (
             consuming(SERVICE, "agent_runner.run", headers, run_id=run_id, agent=work.data.agent, attempt=attempt),
             structlog.contextvars.bound_contextvars(run_id=run_id, tenant=tenant),
+            self.decisions.tracking(run_id),
         ):
-            feed = RunFeed()
-            # A run never started needs no history, only the decisions on its tool calls: it saves
-            # this runner from being sent back every event it publishes. Any run that has started
-            # (a retry, or a duplicate work item) is rebuilt from all of its events.
-            if attempt == 1 and not await self._has_started(tenant, run_id):
-                await feed.open(self.js, self.streams.events, self.subjects.event(tenant, DecisionMade, run_id))
-            else:
-                await feed.open(self.js, self.streams.events, self.subjects.run_events(tenant, run_id))
-            try:
-                if feed.history.finished:
-                    log.info("run already finished; nothing to do")
-                    return
-                await self._run(work, feed, attempt)
-            finally:
-                await feed.close()
+            # A run never started needs no history: its decisions come from the live feed. Any run
+            # that may have started (a retry, or a duplicate work item) is rebuilt from all of its
+            # events, decisions included.
+            first_attempt = attempt == 1
+            started, stored = await asyncio.gather(
+                self._has_started(tenant, run_id) if first_attempt else _true(),
+                self.js.get_msg(self.streams.commands, work.data.request_seq, direct=True),
+            )
+            history = RunHistory()
+            if started:
+                history = await read_history(self.js, self.streams.events, self.subjects.run_events(tenant, run_id))
+            if history.finished:
+                log.info("run already finished; nothing to do")
+                return
+            await self._run(work, parse_envelope(stored.data or b""), history, attempt)
 
-    async def _run(self, work: Envelope[RunDispatched], feed: RunFeed, attempt: int) -> None:
+    async def _run(
+        self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int
+    ) -> None:
         tenant, run_id = work.tenant, work.subject
 
         def event(payload: Payload) -> Envelope[Any]:
@@ -213,9 +282,7 @@ class RunExecutor:
             event(RunStarted(decision_id=work.data.decision_id, worker=self.worker, attempt=attempt)),
             f"{run_id}-started-{attempt}",
         )
-        stored = await self.js.get_msg(self.streams.commands, work.data.request_seq, direct=True)
-        submission = parse_envelope(stored.data or b"")
-        history = feed.history.ordered_steps()
+        history = recorded.ordered_steps()
         if history:
             log.info("resuming run", recorded_steps=len(history), attempt=attempt)
         usage = RunUsage(steps=len(history), tool_calls=sum(isinstance(s.action, ToolCall) for s in history))
@@ -254,7 +321,7 @@ class RunExecutor:
                     )
                 case ToolCall():
                     record = await self._tool_call(
-                        submission, work, feed, step=step, action=action, usage=usage, event=event
+                        submission, work, recorded, step=step, action=action, usage=usage, event=event
                     )
                     usage = usage.model_copy(update={"steps": usage.steps + 1, "tool_calls": usage.tool_calls + 1})
                 case Finish():
@@ -285,7 +352,7 @@ class RunExecutor:
         self,
         submission: Envelope[Any],
         work: Envelope[RunDispatched],
-        feed: RunFeed,
+        recorded: RunHistory,
         *,
         step: int,
         action: ToolCall,
@@ -313,7 +380,10 @@ class RunExecutor:
                 caused_by=work,
             )
             await self._publish(request, tool_call_id)
-            verdict = await feed.decision(tool_call_id, self.settings.decision_timeout_seconds)
+            verdict = recorded.decisions.get(tool_call_id) or await self.decisions.decision(
+                run_id, tool_call_id, self.settings.decision_timeout_seconds
+            )
+            verdict = verdict or await self._stored_decision(work.tenant, run_id, tool_call_id)
             result: Any = None
             error: str | None = None
             outcome: Outcome
@@ -342,6 +412,10 @@ class RunExecutor:
             await self._publish(event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)
+
+
+async def _true() -> bool:
+    return True
 
 
 async def heartbeat(message: Msg, every: float) -> None:

@@ -16,9 +16,9 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 
-from services.scheduler.core import WATCHED_TYPES, QueuedRun, SchedulerState, evolve, next_dispatches
+from services.scheduler.core import WATCHED_TYPES, SchedulerState, evolve, next_dispatches
 from shared.bus import envelope_headers
 from shared.errors import InvalidMessage
 from shared.messages import MESSAGE_TYPES, Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
@@ -52,63 +52,94 @@ class Scheduler:
         js: JetStreamContext = self.broker.config.connection_state.stream
         return js
 
-    async def publish(self, envelope: Envelope[Any], subject: str, stream: str, key: str) -> None:
-        await self.broker.publish(
-            envelope.to_bytes(),
-            subject,
-            headers=envelope_headers(envelope, key),
-            stream=stream,
-            timeout=PUBLISH_TIMEOUT_SECONDS,
+    async def publish(self, envelope: Envelope[Any], subject: str, stream: str, key: str) -> asyncio.Future[PubAck]:
+        """Send one message pipelined (call inside the span it belongs to); `stored` waits for its ack."""
+        return await self.js.publish_async(
+            subject, envelope.to_bytes(), headers=envelope_headers(envelope, key), stream=stream
         )
+
+    @staticmethod
+    async def stored(acks: list[asyncio.Future[PubAck]]) -> None:
+        """Wait until JetStream has stored every pipelined publish; raise if any was refused or timed out.
+
+        The scheduler then stops (its loop is crash-only) and, restarted, rebuilds from the stream:
+        every message is keyed, so what did get stored is not stored twice.
+        """
+        if acks:
+            await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT_SECONDS)
 
     def emit(self, payload: Payload, cause: Envelope[Any]) -> Envelope[Any]:
         return make_envelope(
             payload, tenant=cause.tenant, subject=cause.subject, actor=SERVICE, source=SERVICE, caused_by=cause
         )
 
-    async def queue_allowed(self) -> None:
-        """Queue every allowed run: read its submission for the agent and priority, record run.queued."""
-        for (tenant, run_id), allowed in list(self.state.allowed.items()):
-            with consuming(SERVICE, "scheduler.queue", allowed.trace_headers, run_id=run_id):
-                stored = await self.js.get_msg(self.streams.commands, allowed.request_seq, direct=True)
+    async def queue_allowed(self) -> list[asyncio.Future[PubAck]]:
+        """Queue every allowed run: read its submission for the agent and priority, record run.queued.
+
+        The submissions are read concurrently and the run.queued events pipelined: one round trip
+        per batch of allowed runs, not two per run.
+        """
+        allowed = list(self.state.allowed.items())
+        submissions = await asyncio.gather(
+            *(self.js.get_msg(self.streams.commands, run.request_seq, direct=True) for _, run in allowed)
+        )
+        acks = []
+        for ((tenant, run_id), run), stored in zip(allowed, submissions, strict=True):
+            with consuming(SERVICE, "scheduler.queue", run.trace_headers, run_id=run_id):
                 submission = parse_envelope(stored.data or b"")
                 queued = self.emit(
                     RunQueued(
-                        decision_id=allowed.decision_id,
+                        decision_id=run.decision_id,
                         priority=submission.data.priority,
                         agent=submission.data.agent,
-                        request_seq=allowed.request_seq,
+                        request_seq=run.request_seq,
                     ),
-                    allowed.cause,
+                    run.cause,
                 )
-                await self.publish(
-                    queued, self.subjects.expected_subject(queued), self.streams.events, f"queued-{tenant}-{run_id}"
+                acks.append(
+                    await self.publish(
+                        queued, self.subjects.expected_subject(queued), self.streams.events, f"queued-{tenant}-{run_id}"
+                    )
                 )
-                evolve(self.state, queued, allowed.trace_headers)
-                log.info("run queued", run_id=run_id, tenant=tenant, priority=submission.data.priority)
+            evolve(self.state, queued, run.trace_headers)
+            log.info("run queued", run_id=run_id, tenant=tenant, priority=submission.data.priority)
+        return acks
 
-    async def dispatch(self, run: QueuedRun) -> None:
-        """Hand a run to the runners: the work item first, then the event that records it.
+    async def act(self) -> None:
+        """Queue what was allowed and dispatch what fits, pipelined, in two ordered rounds.
 
-        Both are keyed by the run, so a scheduler that crashed between the two and dispatches the
-        run again after its restart does not create a second work item.
+        A run is handed to the runners with its work item first and only then the event that
+        records it: a scheduler that dies between the two dispatches the run again after its
+        restart, and the work item, keyed by the run, is not stored twice. So the work items (with
+        this batch's run.queued events) must be stored before any run.dispatched event is sent.
         """
-        with consuming(SERVICE, "scheduler.dispatch", run.trace_headers, run_id=run.run_id):
-            dispatched = self.emit(
-                RunDispatched(decision_id=run.decision_id, agent=run.agent, request_seq=run.request_seq), run.cause
+        acks = await self.queue_allowed()
+        dispatches = []
+        for run in next_dispatches(self.state, self.settings.tenant_concurrency):
+            with consuming(SERVICE, "scheduler.dispatch", run.trace_headers, run_id=run.run_id):
+                dispatched = self.emit(
+                    RunDispatched(decision_id=run.decision_id, agent=run.agent, request_seq=run.request_seq), run.cause
+                )
+                key = f"dispatched-{run.tenant}-{run.run_id}"
+                acks.append(await self.publish(dispatched, self.subjects.work(run.tenant), self.streams.work, key))
+                # Headers now, inside the span, so the recording event continues the same trace.
+                dispatches.append((run, dispatched, envelope_headers(dispatched, key)))
+        await self.stored(acks)
+        records = [
+            await self.js.publish_async(
+                self.subjects.expected_subject(dispatched),
+                dispatched.to_bytes(),
+                headers=headers,
+                stream=self.streams.events,
             )
-            key = f"dispatched-{run.tenant}-{run.run_id}"
-            await self.publish(dispatched, self.subjects.work(run.tenant), self.streams.work, key)
-            await self.publish(dispatched, self.subjects.expected_subject(dispatched), self.streams.events, key)
+            for _, dispatched, headers in dispatches
+        ]
+        await self.stored(records)
+        for run, dispatched, _ in dispatches:
             evolve(self.state, dispatched)
             log.info(
                 "run dispatched", run_id=run.run_id, tenant=run.tenant, running=len(self.state.running[run.tenant])
             )
-
-    async def act(self) -> None:
-        await self.queue_allowed()
-        for run in next_dispatches(self.state, self.settings.tenant_concurrency):
-            await self.dispatch(run)
 
     def apply(self, message: Msg) -> None:
         self.last_seq = message.metadata.sequence.stream
