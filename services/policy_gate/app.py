@@ -10,7 +10,7 @@ import structlog
 from faststream import FastStream
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from services.policy_gate.decide import decision, policy_input, unknown_agent
 from services.policy_gate.engine import PolicyEngine, PolicyEvaluationError
@@ -40,10 +40,6 @@ MAX_DELIVERIES = 5
 RETRY_DELAY_SECONDS = 1.0
 # Commands delivered and not yet acknowledged, across all gate instances.
 MAX_IN_FLIGHT = 2048
-# Commands decided together; their outcomes are published together, pipelined.
-BATCH_SIZE = 256
-# Batches whose outcomes may be waiting for JetStream's acknowledgement at once.
-BATCHES_IN_FLIGHT = 8
 PUBLISH_TIMEOUT_SECONDS = 5.0
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
@@ -93,7 +89,13 @@ class PolicyDecider:
 
 
 class Gate:
-    """Decides commands in batches: each command's outcome is stored before the command is acked."""
+    """Decides each command as it arrives; acks it only once its outcome is stored.
+
+    The decision is made and published inside the subscription's callback, with nothing queued
+    in between: on an idle gate the outcome is on the wire one step after the command arrives.
+    The publishes are pipelined (`publish_async`), and one task settles them in arrival order,
+    a whole backlog at a time: ack what JetStream stored, nak or term what it did not.
+    """
 
     def __init__(self, settings: Settings, js: JetStreamContext, decider: PolicyDecider) -> None:
         self.settings = settings
@@ -101,9 +103,7 @@ class Gate:
         self.decider = decider
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
-        self.inbox: asyncio.Queue[Msg] = asyncio.Queue()
-        self.publishing = asyncio.Semaphore(BATCHES_IN_FLIGHT)
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.unsettled: asyncio.Queue[tuple[Msg, asyncio.Future[PubAck]]] = asyncio.Queue()
 
     def outcome(self, message: Msg) -> tuple[Envelope[Any], str]:
         """The event that answers one command (a rejection or a decision) and its idempotency key."""
@@ -156,25 +156,39 @@ class Gate:
         )
         return event, f"decision-{metadata.stream}-{seq}"
 
-    async def record(self, messages: list[Msg], outcomes: list[tuple[Envelope[Any], dict[str, str]]]) -> None:
-        """Publish a batch's outcomes pipelined; ack each command whose outcome JetStream stored."""
+    async def decide(self, message: Msg) -> None:
+        """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""
         try:
-            # publish_async: one shared reply subscription instead of a request (and a timer) per message.
-            acks = [
-                await self.js.publish_async(
-                    self.subjects.expected_subject(event), event.to_bytes(), headers=headers, stream=self.streams.events
+            with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
+                event, key = self.outcome(message)
+                stored = await self.js.publish_async(
+                    self.subjects.expected_subject(event),
+                    event.to_bytes(),
+                    headers=envelope_headers(event, key),
+                    stream=self.streams.events,
                 )
-                for event, headers in outcomes
-            ]
-            await asyncio.wait(acks, timeout=PUBLISH_TIMEOUT_SECONDS)
-            stored: list[object] = []
-            for ack in acks:
-                if not ack.done():
-                    ack.cancel()  # frees its place in nats-py's window of pending publishes
-                    stored.append(TimeoutError(f"no acknowledgement within {PUBLISH_TIMEOUT_SECONDS}s"))
+        except Exception:
+            # Not the command's fault (bad commands are rejections, above): the connection or a bug.
+            # Redelivered later, and given up on after MAX_DELIVERIES, like a failed publish.
+            log.exception("could not answer command; will retry", subject=message.subject)
+            await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
+            return
+        self.unsettled.put_nowait((message, stored))
+
+    async def settle(self) -> None:
+        """Ack each command whose outcome JetStream stored; retry (later) or give up on the others."""
+        while True:
+            backlog = [await self.unsettled.get()]
+            while not self.unsettled.empty():
+                backlog.append(self.unsettled.get_nowait())
+            # One timer for the whole backlog, not one per publish.
+            await asyncio.wait([stored for _, stored in backlog], timeout=PUBLISH_TIMEOUT_SECONDS)
+            for message, stored in backlog:
+                if not stored.done():
+                    stored.cancel()  # frees its place in nats-py's window of pending publishes
+                    result: object = TimeoutError(f"no acknowledgement within {PUBLISH_TIMEOUT_SECONDS}s")
                 else:
-                    stored.append(ack.exception() or ack.result())
-            for message, result in zip(messages, stored, strict=True):
+                    result = stored.exception() or stored.result()
                 if not isinstance(result, BaseException):
                     await message.ack()
                 elif message.metadata.num_delivered >= MAX_DELIVERIES:
@@ -188,22 +202,18 @@ class Gate:
                 else:
                     log.warning("could not record outcome; will retry", error=repr(result))
                     await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
-        finally:
-            self.publishing.release()
 
     async def run(self) -> None:
-        async def enqueue(message: Msg) -> None:
-            self.inbox.put_nowait(message)
-
+        settling = asyncio.create_task(self.settle())
         # A push consumer shared by every gate instance through the queue group: JetStream spreads
         # commands across them and redelivers what an instance leaves unacknowledged. Push, not
-        # pull: an idle gate answers at once, and under load whatever has arrived forms a batch.
+        # pull: an idle gate answers at once, with no fetch round trip in the way.
         subscription = await self.js.subscribe(
             self.subjects.all_commands,
             queue=DURABLE_NAME,
             durable=DURABLE_NAME,
             stream=self.streams.commands,
-            cb=enqueue,
+            cb=self.decide,
             manual_ack=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL,
@@ -214,27 +224,13 @@ class Gate:
             ),
         )
         try:
-            while True:
-                batch = [await self.inbox.get()]
-                while len(batch) < BATCH_SIZE and not self.inbox.empty():
-                    batch.append(self.inbox.get_nowait())
-                outcomes = []
-                for message in batch:
-                    with consuming(
-                        SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream
-                    ):
-                        event, key = self.outcome(message)
-                        outcomes.append((event, envelope_headers(event, key)))
-                await self.publishing.acquire()
-                task = asyncio.create_task(self.record(batch, outcomes))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+            await settling
         finally:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
             try:
                 await subscription.unsubscribe()
             except nats.errors.Error as exc:
                 log.warning("could not unsubscribe", error=repr(exc))
+            settling.cancel()
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
