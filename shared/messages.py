@@ -356,6 +356,21 @@ def validate_document(document: dict[str, Any]) -> Envelope[Any]:
         raise InvalidMessage(RejectionCode.SCHEMA_INVALID, describe_validation_error(exc)) from None
 
 
-def parse_envelope(raw: bytes, *, max_bytes: int | None = None) -> Envelope[Any]:
-    """Validate raw bytes into a typed envelope, or raise `InvalidMessage` saying exactly why not."""
+def parse_envelope(raw: bytes, *, max_bytes: int | None = None, type_hint: str | None = None) -> Envelope[Any]:
+    """Validate raw bytes into a typed envelope, or raise `InvalidMessage` saying exactly why not.
+
+    `type_hint` (a message's `Warden-Type` header) lets pydantic-core parse and validate the bytes
+    in one pass, about twice as fast. A hint is only a hint: when that pass fails, or the message
+    is of an older schema version that needs upcasting, the bytes take the full path, which finds
+    the type in the body and gives the precise error.
+    """
+    fast = ENVELOPE_TYPES.get(type_hint) if type_hint is not None else None
+    if fast is not None and (max_bytes is None or len(raw) <= max_bytes):
+        try:
+            envelope = fast.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            if envelope.schema_version == envelope.data.SCHEMA_VERSION:
+                return envelope
     return validate_document(decode_document(raw, max_bytes=max_bytes))

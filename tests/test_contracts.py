@@ -27,6 +27,7 @@ from shared.errors import InvalidMessage, RejectionCode
 from shared.messages import (
     ENVELOPE_TYPES,
     MESSAGE_TYPES,
+    UPCASTERS,
     CommandRejected,
     DecisionMade,
     Envelope,
@@ -299,12 +300,13 @@ def _edited(edit: Callable[[dict[str, Any]], object]) -> bytes:
         ),
     ],
 )
+@pytest.mark.parametrize("type_hint", [None, "run.submitted", "decision.made"], ids=["no-hint", "hint", "wrong-hint"])
 def test_parse_envelope_rejects_with_the_right_code(
-    raw: bytes, max_bytes: int | None, code: RejectionCode, reason_pattern: str
+    raw: bytes, max_bytes: int | None, code: RejectionCode, reason_pattern: str, type_hint: str | None
 ) -> None:
-    """parse_envelope raises InvalidMessage carrying the RejectionCode for what is wrong."""
+    """parse_envelope raises InvalidMessage carrying the RejectionCode for what is wrong, whatever the type hint."""
     with pytest.raises(InvalidMessage) as caught:
-        parse_envelope(raw, max_bytes=max_bytes)
+        parse_envelope(raw, max_bytes=max_bytes, type_hint=type_hint)
     assert caught.value.code is code
     assert re.search(re.escape(reason_pattern), caught.value.reason), caught.value.reason
 
@@ -313,6 +315,21 @@ def test_message_exactly_at_the_size_limit_is_accepted() -> None:
     """max_bytes is inclusive: a message of exactly that many bytes parses."""
     raw = _valid_bytes()
     assert parse_envelope(raw, max_bytes=len(raw)).type == "run.submitted"
+
+
+@pytest.mark.parametrize("type_hint", ["run.submitted", "decision.made", "no.such.type"])
+def test_a_type_hint_never_changes_what_is_parsed(type_hint: str) -> None:
+    """The hint (a Warden-Type header) only speeds parsing up: a wrong one gives the same envelope."""
+    assert parse_envelope(VALID, type_hint=type_hint) == parse_envelope(VALID)
+
+
+def test_a_hinted_message_of_an_older_schema_version_is_still_upcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass parse would accept an old payload that happens to fit the new model: it must not skip upcasting."""
+    monkeypatch.setattr(RunSubmitted, "SCHEMA_VERSION", 2)
+    monkeypatch.setitem(UPCASTERS, ("run.submitted", 1), lambda data: {**data, "labels": {"upcast": "v1-to-v2"}})
+    envelope = parse_envelope(VALID, type_hint="run.submitted")
+    assert envelope.schema_version == 2
+    assert envelope.data.labels == {"upcast": "v1-to-v2"}
 
 
 # --- (f) property: random valid payloads round-trip ---------------------------------------------

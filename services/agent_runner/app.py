@@ -44,7 +44,7 @@ class Runner:
     async def handle(self, message: Msg) -> None:
         attempt = message.metadata.num_delivered
         try:
-            work = parse_envelope(message.data)
+            work = parse_envelope(message.data, type_hint=RunDispatched.TYPE)
         except InvalidMessage as exc:
             # Only the scheduler writes work items; a bad one can never run, so it is dropped loudly.
             log.error("invalid work item; terminating it", error=str(exc), subject=message.subject)

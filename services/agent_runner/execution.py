@@ -29,7 +29,7 @@ from services.agent_runner.agents import (
     UnknownAgent,
 )
 from services.agent_runner.tools import ToolError, run_tool
-from shared.bus import envelope_headers
+from shared.bus import TYPE_HEADER, envelope_headers
 from shared.errors import InvalidMessage
 from shared.messages import (
     DecisionMade,
@@ -114,7 +114,7 @@ async def read_history(js: JetStreamContext, stream: str, subject: str) -> RunHi
         if message.metadata.num_pending == 0:
             caught_up.set()
         try:
-            history.apply(parse_envelope(message.data))
+            history.apply(parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER)))
         except InvalidMessage:
             return  # not ours to judge: the projector records it; the run's history skips it
 
@@ -179,7 +179,7 @@ class DecisionFeed:
         if decisions is None:
             return  # a run some other runner executes, or a run decision
         try:
-            verdict = parse_envelope(message.data).data
+            verdict = parse_envelope(message.data, type_hint=DecisionMade.TYPE).data
         except InvalidMessage:
             return
         if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
@@ -242,7 +242,7 @@ class RunExecutor:
             stored = await self.js.get_last_msg(
                 self.streams.events, self.subjects.event(tenant, DecisionMade, run_id), direct=True
             )
-            verdict = parse_envelope(stored.data or b"").data
+            verdict = parse_envelope(stored.data or b"", type_hint=DecisionMade.TYPE).data
         except (nats.js.errors.NotFoundError, InvalidMessage):
             return None
         return verdict if isinstance(verdict, DecisionMade) and verdict.tool_call_id == tool_call_id else None
@@ -268,7 +268,8 @@ class RunExecutor:
             if history.finished:
                 log.info("run already finished; nothing to do")
                 return
-            await self._run(work, parse_envelope(stored.data or b""), history, attempt)
+            submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+            await self._run(work, submission, history, attempt)
 
     async def _run(
         self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int

@@ -4,9 +4,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from shared.bus import MSG_ID_HEADER
+from shared.bus import MSG_ID_HEADER, TYPE_HEADER
 from shared.errors import InvalidMessage
-from shared.messages import CommandRejected, Envelope, decode_document, validate_document
+from shared.messages import CommandRejected, Envelope, decode_document, parse_envelope
 from shared.subjects import Subjects
 
 # Rejections need a tenant for their subject; a subject whose tenant token is not a valid tenant
@@ -28,12 +28,12 @@ def check_command(
 
     An event envelope sent to a command subject fails the subject check, so only commands pass.
     """
-    document: dict[str, Any] | None = None
     try:
-        document = decode_document(data, max_bytes=max_bytes)
-        envelope = validate_document(document)
+        envelope = parse_envelope(data, max_bytes=max_bytes, type_hint=(headers or {}).get(TYPE_HEADER))
         subjects.check_envelope_subject(envelope, nats_subject)
     except InvalidMessage as exc:
+        # The rejection names the command's type and id when its body has them.
+        document = _document_or_none(data)
         type_name = document.get("type") if document else None
         command_id = document.get("id") if document else None
         return CommandRejected(
@@ -47,6 +47,13 @@ def check_command(
             size_bytes=len(data),
         )
     return envelope
+
+
+def _document_or_none(data: bytes) -> dict[str, Any] | None:
+    try:
+        return decode_document(data)
+    except InvalidMessage:
+        return None
 
 
 def rejection_tenant(subjects: Subjects, nats_subject: str) -> str:

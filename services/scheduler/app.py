@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 
 from services.scheduler.core import WATCHED_TYPES, SchedulerState, evolve, next_dispatches
-from shared.bus import envelope_headers
+from shared.bus import TYPE_HEADER, envelope_headers
 from shared.errors import InvalidMessage
 from shared.messages import MESSAGE_TYPES, Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
 from shared.service import consumer_service, run_service
@@ -86,7 +86,7 @@ class Scheduler:
         acks = []
         for ((tenant, run_id), run), stored in zip(allowed, submissions, strict=True):
             with consuming(SERVICE, "scheduler.queue", run.trace_headers, run_id=run_id):
-                submission = parse_envelope(stored.data or b"")
+                submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
                 queued = self.emit(
                     RunQueued(
                         decision_id=run.decision_id,
@@ -143,10 +143,11 @@ class Scheduler:
 
     def apply(self, message: Msg) -> None:
         self.last_seq = message.metadata.sequence.stream
-        if (message.headers or {}).get("Warden-Type") not in WATCHED_TYPES:
+        type_name = (message.headers or {}).get(TYPE_HEADER)
+        if type_name not in WATCHED_TYPES:
             return
         try:
-            envelope = parse_envelope(message.data)
+            envelope = parse_envelope(message.data, type_hint=type_name)
         except InvalidMessage as exc:
             log.warning("ignoring an invalid event", subject=message.subject, error=str(exc))
             return
