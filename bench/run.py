@@ -138,7 +138,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                     f"{row['p99_ms_at_half_rate']} |"
                 )
             lines.append(
-                f"\nraw acknowledged publish: {w2['raw_publish_per_second']} msg/s; "
+                f"\nraw acknowledged publish: {w2['raw_publish_per_second']} msg/s with 256 in flight, as W2 has "
+                f"({w2['raw_publish_per_second_window_1024']} msg/s with 1024); "
                 f"{w2['persisted_messages_per_decision']} persisted messages per decision; floor "
                 f"{w2['raw_publish_floor_decisions_per_second']} decisions/s. With the projector "
                 f"running: {w2['with_projector']['decisions_per_second']} decisions/s, projection lag "
