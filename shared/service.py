@@ -23,7 +23,33 @@ def run_service(name: str, build_app: Callable[[Settings], FastStream]) -> None:
     settings = Settings()
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name)
-    asyncio.run(build_app(settings).run())
+    try:
+        asyncio.run(build_app(settings).run())
+    except asyncio.CancelledError:
+        log.info("stopped before it had started")  # a signal during start-up (see interruptible_startup)
+
+
+@asynccontextmanager
+async def interruptible_startup(app: FastStream) -> AsyncIterator[None]:
+    """Let SIGTERM and SIGINT stop a service that is still starting (waiting for Postgres, say).
+
+    FastStream enters the lifespan before it starts watching for its exit flag, so a signal during
+    a lifespan's start-up was only noted, and a service waiting for a database that never came
+    (its supervisor gone) lived on. During start-up a signal cancels the start-up instead; once it
+    is done, the signal means what FastStream makes it mean: a clean shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    if starting is None:
+        raise RuntimeError("interruptible_startup must be entered from a task")
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for number in handled:
+        loop.add_signal_handler(number, starting.cancel)
+    try:
+        yield
+    finally:
+        for number in handled:
+            loop.add_signal_handler(number, app.exit)
 
 
 class BackgroundLoops:
@@ -68,8 +94,9 @@ def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        await broker.connect()
-        loops.start(loop(broker))
+        async with interruptible_startup(app):
+            await broker.connect()
+            loops.start(loop(broker))
         yield
 
     app = FastStream(broker, lifespan=lifespan)

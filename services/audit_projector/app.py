@@ -12,7 +12,7 @@ from faststream.nats import NatsBroker
 
 from services.audit_projector.handlers import consume_stream, reset_consumer
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, create_pool
-from shared.service import BackgroundLoops, run_service
+from shared.service import BackgroundLoops, interruptible_startup, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -45,17 +45,18 @@ def build_app(settings: Settings | None = None) -> FastStream:
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        pool = await _wait_for_postgres(settings.database_url)
-        store = AuditStore(pool, subjects)
-        await store.ensure_schema(list(filters))
-        await store.become_active(settings.database_url)
-        positions = await store.positions()
-        await broker.connect()
-        js = broker.config.connection_state.stream
-        for stream, filter_subject in filters.items():
-            await reset_consumer(js, stream, filter_subject, positions.get(stream, 0) + 1, BATCH_SIZE)
-            loops.start(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
-        log.info("projecting", positions=positions)
+        async with interruptible_startup(app):
+            pool = await _wait_for_postgres(settings.database_url)
+            store = AuditStore(pool, subjects)
+            await store.ensure_schema(list(filters))
+            await store.become_active(settings.database_url)
+            positions = await store.positions()
+            await broker.connect()
+            js = broker.config.connection_state.stream
+            for stream, filter_subject in filters.items():
+                await reset_consumer(js, stream, filter_subject, positions.get(stream, 0) + 1, BATCH_SIZE)
+                loops.start(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
+            log.info("projecting", positions=positions)
         try:
             yield
         finally:
