@@ -44,6 +44,11 @@ def configure_tracing(service: str) -> TracerProvider:
     return provider
 
 
+def spans_recorded() -> bool:
+    """Whether this process records spans (False without an exporter: see configure_tracing)."""
+    return not _Mode.passthrough
+
+
 def inject_trace_context(headers: dict[str, str], *, start_trace: bool = False) -> dict[str, str]:
     """Add `traceparent` (and `tracestate`) for the current span to outgoing message headers.
 
