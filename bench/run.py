@@ -159,13 +159,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
             "## W3 peer: Celery chain writing to Postgres, no governance",
             "",
-            "| pool | workers | runs/s | p50 ms | p99 ms |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| broker | pool | workers | runs/s | p50 ms | p99 ms |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
         ]
         for peer in results["W3_peer"]["tried"]:
             lines.append(
-                f"| {peer['pool']} | {peer['workers']} | {peer['runs_per_second']} | {peer['p50_ms']} | "
-                f"{peer['p99_ms']} |"
+                f"| {peer['broker']} | {peer['pool']} | {peer['workers']} | {peer['runs_per_second']} | "
+                f"{peer['p50_ms']} | {peer['p99_ms']} |"
             )
     if "W4" in results:
         lines += ["", "## W4, audit replay", "", "```json", json.dumps(results["W4"], indent=2), "```"]
