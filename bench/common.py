@@ -127,3 +127,52 @@ class ServiceProcesses:
             if process.returncode is None:
                 process.terminate()
         await asyncio.gather(*(process.wait() for process in self.processes.values()))
+
+
+class CpuMeter:
+    """CPU seconds each role on this machine spends between `start` and `stop`.
+
+    Roles: each Warden service (by its `-m services.<name>` command line; instances of one service
+    add up), nats-server, Postgres (every backend) and this process (the load generator). Other
+    servers of those names on the machine count too: keep them idle. Processes are read at both
+    ends, so stop while the services still run.
+    """
+
+    def __init__(self) -> None:
+        self._started: dict[int, tuple[str, float]] = {}
+
+    @staticmethod
+    def _role(process: psutil.Process) -> str | None:
+        if process.pid == os.getpid():
+            return "load generator"
+        command = " ".join(process.cmdline())
+        if "-m services." in command:
+            return command.split("-m services.", 1)[1].split()[0]
+        if process.name() == "nats-server":
+            return "nats-server"
+        if process.name().startswith("postgres"):
+            return "postgres"
+        return None
+
+    @classmethod
+    def _read(cls) -> dict[int, tuple[str, float]]:
+        readings = {}
+        for process in psutil.process_iter():
+            try:
+                role = cls._role(process)
+                if role is not None:
+                    times = process.cpu_times()
+                    readings[process.pid] = (role, times.user + times.system)
+            except psutil.Error:
+                continue  # gone, or not ours to read
+        return readings
+
+    def start(self) -> None:
+        self._started = self._read()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per role since `start` (processes that started meanwhile count from zero)."""
+        spent: dict[str, float] = {}
+        for pid, (role, cpu) in self._read().items():
+            spent[role] = spent.get(role, 0.0) + cpu - self._started.get(pid, (role, 0.0))[1]
+        return dict(sorted(spent.items(), key=lambda item: -item[1]))

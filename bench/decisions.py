@@ -14,7 +14,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
-from bench.common import REPO_ROOT, Installation, ServiceProcesses, latency_summary, percentile
+from bench.common import REPO_ROOT, CpuMeter, Installation, ServiceProcesses, latency_summary, percentile
 from shared.messages import ToolCallRequested, make_envelope
 from shared.streams import StreamNames, stream_configs
 from shared.subjects import Subjects
@@ -236,10 +236,15 @@ async def run_w2(nats_url: str, admin_url: str, seconds: float, concurrency: int
         client = DecisionClient(nc, install.settings.subject_prefix, "warden")
         await client.open()
         await _ready(client)
+        cpu = CpuMeter()
+        cpu.start()
         rate, latencies = await closed_loop(client, concurrency, seconds)
+        cpu_seconds = cpu.stop()
         half = await open_loop(client, rate / 2, seconds)
         results[f"gates_{gates}"] = {
             "decisions_per_second": round(rate),
+            # Where saturation's CPU went, per decision: the gate(s), the load generator, NATS.
+            "cpu_us_per_decision": {role: round(spent / len(latencies) * 1e6) for role, spent in cpu_seconds.items()},
             "saturation_latency": latency_summary(latencies),
             "p99_ms_at_half_rate": latency_summary(half)["p99_ms"],
             "gate_resident_mb": services.resident_mb(),

@@ -128,14 +128,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 "",
                 "W2, decision throughput:",
                 "",
-                "| gates | decisions/s | p99 ms at saturation | p99 ms at half rate |",
-                "| ---: | ---: | ---: | ---: |",
+                "| gates | decisions/s | p99 ms at saturation | p99 ms at half rate | CPU µs per decision |",
+                "| ---: | ---: | ---: | ---: | --- |",
             ]
             for gates in (1, 2):
                 row = w2[f"gates_{gates}"]
                 lines.append(
                     f"| {gates} | {row['decisions_per_second']} | {row['saturation_latency']['p99_ms']} | "
-                    f"{row['p99_ms_at_half_rate']} |"
+                    f"{row['p99_ms_at_half_rate']} | {_per_role(row['cpu_us_per_decision'])} |"
                 )
             lines.append(
                 f"\nraw acknowledged publish: {w2['raw_publish_per_second']} msg/s with 256 in flight, as W2 has "
@@ -153,6 +153,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"{w3['runs_per_second']} runs/s finished, {w3['runs_per_second_projected']} runs/s "
                 f"projected; latency p50 {w3['latency']['p50_ms']} ms, p99 {w3['latency']['p99_ms']} ms; "
                 f"resident MB idle {json.dumps(w3['resident_mb_idle'])}, peak {json.dumps(w3['resident_mb_peak'])}",
+                "",
+                f"CPU ms per run: {_per_role(w3['cpu_ms_per_run'])}",
             ]
     if "W3_peer" in results:
         lines += [
@@ -170,6 +172,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     if "W4" in results:
         lines += ["", "## W4, audit replay", "", "```json", json.dumps(results["W4"], indent=2), "```"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _per_role(spent: dict[str, float]) -> str:
+    return ", ".join(f"{role} {amount}" for role, amount in spent.items())
 
 
 def write_chart(results: dict[str, Any], path: Path) -> None:

@@ -9,7 +9,7 @@ import asyncpg
 import nats
 from nats.aio.msg import Msg
 
-from bench.common import Installation, ServiceProcesses, latency_summary
+from bench.common import CpuMeter, Installation, ServiceProcesses, latency_summary
 from shared.streams import StreamNames
 from warden.client import WardenClient
 
@@ -34,7 +34,11 @@ async def _projected(install: Installation) -> None:
 
 
 async def run_w3(nats_url: str, admin_url: str, runs: int, concurrency: int) -> dict[str, Any]:
-    """Closed loop: `concurrency` runs in flight across two tenants until `runs` have succeeded."""
+    """Closed loop: `concurrency` runs in flight across two tenants until `runs` have succeeded.
+
+    Also reports the CPU each process spent per run, from the end of the warm-up until every run
+    is projected: where the time goes, without a profiler.
+    """
     install = await Installation.create(
         nats_url, admin_url, tenant_concurrency=concurrency, runner_concurrency=concurrency
     )
@@ -85,11 +89,14 @@ async def run_w3(nats_url: str, admin_url: str, runs: int, concurrency: int) -> 
 
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_memory(stop))
+    cpu = CpuMeter()
+    cpu.start()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     completed = time.perf_counter() - started
     await _projected(install)
     projected = time.perf_counter() - started
+    cpu_seconds = cpu.stop()  # while the services still run
     stop.set()
     await sampler
     await services.stop()
@@ -102,4 +109,5 @@ async def run_w3(nats_url: str, admin_url: str, runs: int, concurrency: int) -> 
         "latency": latency_summary(latencies),
         "resident_mb_idle": idle,
         "resident_mb_peak": peak,
+        "cpu_ms_per_run": {role: round(seconds / runs * 1000, 2) for role, seconds in cpu_seconds.items()},
     }
