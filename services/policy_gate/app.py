@@ -187,6 +187,8 @@ class Gate:
                 if not stored.done():
                     stored.cancel()  # frees its place in nats-py's window of pending publishes
                     result: object = TimeoutError(f"no acknowledgement within {PUBLISH_TIMEOUT_SECONDS}s")
+                elif stored.cancelled():  # nats-py gave up on it (its connection closed)
+                    result = ConnectionError("the publish was cancelled before it was acknowledged")
                 else:
                     result = stored.exception() or stored.result()
                 if not isinstance(result, BaseException):
