@@ -22,25 +22,20 @@ def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
     """The document the Rego policies see (see policies/README.md): who asks what, and usage so far."""
     data = envelope.data
     if isinstance(data, RunSubmitted):
-        return {
-            "action": RUN_START,
-            "tenant": envelope.tenant,
-            "principal": envelope.actor,
-            "agent": data.agent,
-            "tool": None,
-            "run": {"id": envelope.subject, "usage": RunUsage().model_dump()},
-        }
-    if isinstance(data, ToolCallRequested):
-        return {
-            "action": TOOL_CALL,
-            # Who asked for the run: the runner carries it on the request's actor.
-            "tenant": envelope.tenant,
-            "principal": envelope.actor,
-            "agent": data.agent,
-            "tool": {"name": data.tool, "arguments": data.arguments},
-            "run": {"id": envelope.subject, "usage": data.usage.model_dump()},
-        }
-    raise TypeError(f"{envelope.type} needs no decision")
+        action, tool, usage = RUN_START, None, RunUsage()
+    elif isinstance(data, ToolCallRequested):
+        action, tool, usage = TOOL_CALL, {"name": data.tool, "arguments": data.arguments}, data.usage
+    else:
+        raise TypeError(f"{envelope.type} needs no decision")
+    return {
+        "action": action,
+        "tenant": envelope.tenant,
+        # For a tool call, who asked for the run: the runner carries it on the request's actor.
+        "principal": envelope.actor,
+        "agent": data.agent,
+        "tool": tool,
+        "run": {"id": envelope.subject, "usage": usage.model_dump()},
+    }
 
 
 def decision(
