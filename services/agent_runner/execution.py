@@ -224,7 +224,10 @@ class RunExecutor:
             stream=stream,
         )
 
-    async def _has_started(self, tenant: str, run_id: str) -> bool:
+    async def _may_have_started(self, tenant: str, run_id: str, attempt: int) -> bool:
+        """A later attempt may have; a first one has only if its run.started is stored (a duplicate work item)."""
+        if attempt > 1:
+            return True
         try:
             await self.js.get_last_msg(
                 self.streams.events, self.subjects.event(tenant, RunStarted, run_id), direct=True
@@ -257,9 +260,8 @@ class RunExecutor:
             # A run never started needs no history: its decisions come from the live feed. Any run
             # that may have started (a retry, or a duplicate work item) is rebuilt from all of its
             # events, decisions included.
-            first_attempt = attempt == 1
             started, stored = await asyncio.gather(
-                self._has_started(tenant, run_id) if first_attempt else _true(),
+                self._may_have_started(tenant, run_id, attempt),
                 self.js.get_msg(self.streams.commands, work.data.request_seq, direct=True),
             )
             history = RunHistory()
@@ -413,10 +415,6 @@ class RunExecutor:
             await self._publish(event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)
-
-
-async def _true() -> bool:
-    return True
 
 
 async def heartbeat(message: Msg, every: float) -> None:
