@@ -7,6 +7,7 @@ WARDEN_NATS_URL and WARDEN_DATABASE_URL set, those servers are used instead.
 import asyncio
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -147,3 +148,19 @@ async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0, 
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+async def warden_cli(settings: Settings, *args: str) -> str:
+    """Run the `warden` command against this test's servers and prefix; its standard output (exit 0 asserted)."""
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": settings.nats_url,
+        "WARDEN_DATABASE_URL": settings.database_url,
+        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0
+    return stdout.decode()

@@ -1,16 +1,13 @@
 """The user-facing client and CLI against real JetStream: idempotent submits, tailing, envelope round trips."""
 
-import asyncio
 import json
-import os
-import sys
 
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from shared.messages import RunStarted, RunSubmitted, make_envelope
 from shared.settings import Settings
-from tests.conftest import REPO_ROOT
+from tests.conftest import warden_cli
 from tests.test_projector import publish
 from warden.client import CommandTooLarge, WardenClient
 
@@ -58,23 +55,9 @@ async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient
 
 async def test_cli_submit_and_tail(settings: Settings) -> None:
     """`warden submit` prints a receipt and `warden tail` prints the tenant's events as JSON lines."""
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_DATABASE_URL": settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-    }
-
-    async def warden(*args: str) -> str:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
-        )
-        stdout, _ = await asyncio.wait_for(process.communicate(), 60)
-        assert process.returncode == 0
-        return stdout.decode()
-
     receipt = json.loads(
-        await warden(
+        await warden_cli(
+            settings,
             "submit",
             "--tenant",
             "acme",
@@ -96,5 +79,7 @@ async def test_cli_submit_and_tail(settings: Settings) -> None:
     )
     await publish(nc, settings, started)
     await nc.close()
-    lines = (await warden("tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")).splitlines()
+    lines = (
+        await warden_cli(settings, "tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")
+    ).splitlines()
     assert [json.loads(line)["id"] for line in lines] == [started.id]

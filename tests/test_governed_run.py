@@ -2,9 +2,7 @@
 
 import asyncio
 import json
-import os
 import shutil
-import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ from services.policy_gate.app import build_app as build_gate
 from services.scheduler.app import build_app as build_scheduler
 from shared.messages import CommandRejected, Envelope, ToolCallCompleted
 from shared.settings import Settings
-from tests.conftest import REPO_ROOT, SPANS, AppRunner, eventually
+from tests.conftest import REPO_ROOT, SPANS, AppRunner, eventually, warden_cli
 from warden.client import WardenClient
 
 BUILDERS: dict[str, Callable[[Settings], FastStream]] = {
@@ -300,20 +298,10 @@ async def test_cli_runs_lists_runs_and_prints_a_timeline(
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="demo", actor="alice")
     await eventually(await run_row(db, receipt.subject_id, ("succeeded",)), within=30)
     await eventually(lambda: db.fetchval("SELECT count(*) = 14 FROM events WHERE subject = $1", receipt.subject_id))
-    env = {**os.environ, "WARDEN_NATS_URL": governed.nats_url, "WARDEN_DATABASE_URL": governed.database_url}
-
-    async def warden(*args: str) -> str:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
-        )
-        stdout, _ = await asyncio.wait_for(process.communicate(), 60)
-        assert process.returncode == 0
-        return stdout.decode()
-
-    listing = await warden("runs", "--tenant", "acme")
+    listing = await warden_cli(governed, "runs", "--tenant", "acme")
     assert receipt.subject_id in listing
     assert "succeeded" in listing
-    timeline = await warden("runs", "--run", receipt.subject_id)
+    timeline = await warden_cli(governed, "runs", "--run", receipt.subject_id)
     assert "alice asked for a run of agent demo" in timeline
     assert "DENY tool call" in timeline
     assert "evil.example.net is not in web.fetch's allowed domains" in timeline
