@@ -52,9 +52,10 @@ from services.audit_projector.replay import (
     cyclic_gc_paused,
     default_workers,
     prepare_target,
-    read_range,
     replay,
 )
+from services.audit_projector.stream_reader import read_range
+from shared.admission import CommandRules
 from shared.bus import envelope_headers
 from shared.messages import (
     CommandRejected,
@@ -325,14 +326,14 @@ async def nats_py_ordered_read(nats_url: str, prefix: str, limit: int) -> tuple[
 
 async def copy_floor(nats_url: str, database_url: str, prefix: str, connections: int) -> tuple[int, float]:
     """Floor 2: COPY the exact `events` rows the projection makes, the way the replay loads them."""
-    subjects = Subjects(prefix)
+    rules = CommandRules(Subjects(prefix), Settings().max_command_bytes)
     chunks: list[list[tuple[Any, ...]]] = []
     nc = await nats.connect(nats_url)
     try:
         with cyclic_gc_paused():
             for stream, subject, last_seq in await _audited(nc, prefix):
                 async for batch in read_range(nc, stream, subject, 1, last_seq):
-                    rows = project(batch, subjects).events
+                    rows = project(batch, rules).events
                     if chunks and len(chunks[-1]) < COPY_CHUNK:
                         chunks[-1] += rows
                     else:
@@ -340,7 +341,7 @@ async def copy_floor(nats_url: str, database_url: str, prefix: str, connections:
     finally:
         await nc.close()
     schema = "copy_floor"
-    indexes = await prepare_target(database_url, schema, subjects, list(StreamNames.for_prefix(prefix).audited))
+    indexes = await prepare_target(database_url, schema, rules, list(StreamNames.for_prefix(prefix).audited))
     pending = list(reversed(chunks))
     writers = [await connect_for_copy(database_url) for _ in range(connections)]
 

@@ -14,16 +14,27 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 TYPE_HEADER = "Warden-Type"
 
 
+def command_key_scope(tenant: str, type_name: str) -> str:
+    """What every command's Nats-Msg-Id starts with (see `envelope_headers`)."""
+    return f"{tenant}:{type_name}:"
+
+
 def envelope_headers(
     envelope: Envelope[Any], idempotency_key: str | None = None, *, start_trace: bool = False
 ) -> dict[str, str]:
     """Headers for one message: JetStream's dedup key, the type (for routing without parsing), trace context.
 
     The idempotency key defaults to the envelope id, so a retried publish of the same envelope is
-    stored once; clients pass their own key to make a retried *request* idempotent too.
+    stored once; clients pass their own key to make a retried *request* idempotent too. JetStream
+    deduplicates over the whole stream, so a command's key is scoped by its tenant and type
+    (`acme:run.submitted:ticket-42`): two tenants using the same key never collide, and the gate
+    refuses a command whose key claims another tenant's scope.
     """
+    key = idempotency_key or envelope.id
+    if envelope.data.KIND == "command":
+        key = command_key_scope(envelope.tenant, envelope.type) + key
     headers = {
-        MSG_ID_HEADER: idempotency_key or envelope.id,
+        MSG_ID_HEADER: key,
         TYPE_HEADER: envelope.type,
         "content-type": "application/json",
     }

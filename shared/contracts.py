@@ -42,7 +42,8 @@ _PARAMETER_DESCRIPTIONS: dict[str, str] = {
     "tenant": "Tenant id; equals the envelope's `tenant`.",
     "type": "Message type; equals the envelope's `type`. Spans two subject tokens (e.g. `run.submitted`).",
     "entity": "Kind of entity the event is about.",
-    "entity_id": "Id of that entity (a run id, or a command id for rejections); equals the envelope's `subject`.",
+    "entity_id": "Id of that entity (a run id, a command id for rejections, a stream name for gaps); "
+    "equals the envelope's `subject`.",
 }
 # Where a subscriber can cross-check a subject token against the envelope it carries.
 _PARAMETER_LOCATIONS: dict[str, str] = {

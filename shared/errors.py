@@ -20,10 +20,15 @@ class RejectionCode(StrEnum):
 
     NOT_JSON = "not_json"
     TOO_LARGE = "too_large"
+    TOO_DEEP = "too_deep"
+    NUMBER_OUT_OF_RANGE = "number_out_of_range"
+    INVALID_STRING = "invalid_string"
     UNKNOWN_TYPE = "unknown_type"
     SCHEMA_INVALID = "schema_invalid"
     SUBJECT_MISMATCH = "subject_mismatch"
-    UNKNOWN_AGENT = "unknown_agent"
+    IDEMPOTENCY_KEY_OUT_OF_SCOPE = "idempotency_key_out_of_scope"
+    # The gate failed on the command itself (a bug it exposed): refused at once, never retried.
+    UNPROCESSABLE = "unprocessable"
 
 
 class InvalidMessage(PermanentError):

@@ -5,12 +5,12 @@ event, and the entity its subject is about. `MESSAGE_TYPES` is the registry that
 subject catalogue, the JSON Schemas and the AsyncAPI document are all built from.
 """
 
-import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, model_validator
 
+from shared.decoding import decode_json, may_break_rules
 from shared.errors import InvalidMessage, RejectionCode
 from shared.ids import new_id
 
@@ -20,6 +20,8 @@ TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # Agent and tool names: readable identifiers that may carry a namespace ("web.fetch").
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 MessageKind = Literal["command", "event"]
+# Integers stored in `integer` columns are bounded here, so every valid message fits its row.
+INT32_MAX = 2**31 - 1
 Effect = Literal["allow", "deny", "require_approval"]
 
 
@@ -67,7 +69,7 @@ class ToolCallRequested(Payload):
     ENTITY: ClassVar[str] = "run"
 
     tool_call_id: Token
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=INT32_MAX)
     agent: Name
     tool: Name
     arguments: dict[str, JsonValue] = Field(default_factory=dict)
@@ -88,7 +90,7 @@ class CommandRejected(Payload):
     command_type: str | None = None
     command_id: str | None = None
     idempotency_key: str | None = None
-    size_bytes: int = Field(ge=0)
+    size_bytes: int = Field(ge=0, le=INT32_MAX)
 
 
 class DecisionMade(Payload):
@@ -179,7 +181,7 @@ class ToolCallCompleted(Payload):
     ENTITY: ClassVar[str] = "run"
 
     tool_call_id: Token
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=INT32_MAX)
     tool: Name
     decision_id: Token | None = Field(description="The decision that allowed or refused it; None if none came.")
     outcome: Literal["ok", "error", "refused"]
@@ -211,6 +213,22 @@ class RunFailed(Payload):
     steps: int = Field(default=0, ge=0)
 
 
+class StreamGapDetected(Payload):
+    """Sequences of an audited stream were missing (deleted or purged) when the audit projector reached them.
+
+    The projection moves past them, so this event and the `stream_gaps` table are where the hole
+    in the record is written down. Filed under the reserved tenant `_warden`.
+    """
+
+    TYPE: ClassVar[str] = "stream.gap_detected"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "stream"
+
+    stream: Token
+    first_seq: int = Field(ge=1)
+    last_seq: int = Field(ge=1)
+
+
 PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunSubmitted,
     ToolCallRequested,
@@ -223,6 +241,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     ToolCallCompleted,
     RunSucceeded,
     RunFailed,
+    StreamGapDetected,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 
@@ -329,14 +348,9 @@ def describe_validation_error(error: ValidationError, limit: int = 5) -> str:
 
 
 def decode_document(raw: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
-    """Bytes to a JSON object, or `InvalidMessage` (too large, not JSON, not an object)."""
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise InvalidMessage(RejectionCode.TOO_LARGE, f"message is {len(raw)} bytes; the limit is {max_bytes}")
-    try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidMessage(RejectionCode.NOT_JSON, f"body is not JSON: {exc}") from None
-    if not isinstance(document, dict):
+    """Bytes to a JSON object under Warden's decoding rules (shared.decoding), or `InvalidMessage` saying why not."""
+    document = decode_json(raw, max_bytes=max_bytes)
+    if type(document) is not dict:
         raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "body must be a JSON object (an envelope)")
     return document
 
@@ -362,10 +376,11 @@ def parse_envelope(raw: bytes, *, max_bytes: int | None = None, type_hint: str |
     `type_hint` (a message's `Warden-Type` header) lets pydantic-core parse and validate the bytes
     in one pass, about twice as fast. A hint is only a hint: when that pass fails, or the message
     is of an older schema version that needs upcasting, the bytes take the full path, which finds
-    the type in the body and gives the precise error.
+    the type in the body and gives the precise error. So does a message that might break a
+    decoding rule the one-pass parse does not check (a huge number, say).
     """
     fast = ENVELOPE_TYPES.get(type_hint) if type_hint is not None else None
-    if fast is not None and (max_bytes is None or len(raw) <= max_bytes):
+    if fast is not None and (max_bytes is None or len(raw) <= max_bytes) and not may_break_rules(raw):
         try:
             envelope = fast.model_validate_json(raw)
         except ValidationError:

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,15 +19,35 @@ from shared.telemetry import configure_tracing
 
 log = structlog.get_logger(__name__)
 
+# Once its consumer loops have stopped, a service has this long to close its connections; then
+# it exits regardless, so a hung close (a Postgres pool waiting on a stuck transaction, say)
+# cannot keep it from being restarted by its supervisor.
+SHUTDOWN_DEADLINE_SECONDS = 15.0
+# Exit status of a service whose shutdown overran its deadline (EX_SOFTWARE).
+SHUTDOWN_OVERRUN_STATUS = 70
+
 
 def run_service(name: str, build_app: Callable[[Settings], FastStream]) -> None:
     settings = Settings()
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name)
+    app = build_app(settings)
+    app.on_shutdown(_arm_shutdown_deadline)
     try:
-        asyncio.run(build_app(settings).run())
+        asyncio.run(app.run())
     except asyncio.CancelledError:
         log.info("stopped before it had started")  # a signal during start-up (see interruptible_startup)
+
+
+def _arm_shutdown_deadline() -> None:
+    def overdue() -> None:
+        log.error("shutdown overran its deadline; exiting now", deadline_s=SHUTDOWN_DEADLINE_SECONDS)
+        os._exit(SHUTDOWN_OVERRUN_STATUS)
+
+    # A thread, not a task: it must fire even when the event loop itself is stuck.
+    timer = threading.Timer(SHUTDOWN_DEADLINE_SECONDS, overdue)
+    timer.daemon = True
+    timer.start()
 
 
 @asynccontextmanager
@@ -71,7 +92,7 @@ class BackgroundLoops:
         self.tasks.add(task)
         task.add_done_callback(self._finished)
 
-    async def stop(self, grace_seconds: float = 10.0) -> None:
+    async def stop(self, grace_seconds: float = 5.0) -> None:
         self.stopping = True
         for task in self.tasks:
             task.cancel()

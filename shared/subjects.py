@@ -18,6 +18,12 @@ from shared.errors import InvalidMessage, RejectionCode
 from shared.messages import MESSAGE_TYPES, Envelope, Payload
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A message whose subject names no valid tenant (characters NATS allows and Warden does not, or
+# a token too long to index) is filed under this tenant rather than lost.
+UNATTRIBUTED_TENANT = "_unattributed"
+# Events about the installation itself (a gap in a stream) rather than any tenant's work.
+SYSTEM_TENANT = "_warden"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,11 @@ class Subjects:
     # Commands
     def command(self, tenant: str, type_name: str) -> str:
         return f"{self.prefix}.cmd.{_ensure_token(tenant, 'tenant')}.{type_name}"
+
+    @property
+    def command_prefix(self) -> str:
+        """What every command subject starts with."""
+        return f"{self.prefix}.cmd."
 
     @property
     def all_commands(self) -> str:
@@ -105,9 +116,11 @@ class Subjects:
             )
 
     def tenant_of(self, nats_subject: str) -> str:
-        """The tenant token of any Warden subject (`<prefix>.<channel>.<tenant>...`)."""
-        parts = nats_subject.split(".")
-        return parts[2] if len(parts) > 2 else ""
+        """The tenant a message on this subject is filed under: its tenant token if that is a valid
+        tenant id (`<prefix>.<channel>.<tenant>...`), else UNATTRIBUTED_TENANT."""
+        parts = nats_subject.split(".", 3)
+        tenant = parts[2] if len(parts) > 2 else ""
+        return tenant if _TENANT.match(tenant) else UNATTRIBUTED_TENANT
 
     def entity_of(self, nats_subject: str) -> str:
         """The entity id token of an event subject (`<prefix>.evt.<tenant>.<entity>.<id>.<type>`)."""
@@ -141,10 +154,11 @@ CHANNELS: tuple[Channel, ...] = (
         name="events",
         pattern="{prefix}.evt.{tenant}.{entity}.{entity_id}.{type}",
         message_types=_types_of("event"),
-        published_by="policy gate, scheduler, agent runner",
+        published_by="policy gate, scheduler, agent runner, audit projector (stream.gap_detected)",
         consumed_by="audit projector, scheduler, agent runner, clients (tail)",
         description="Facts: decisions, rejections and every step of a run. "
-        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>",
+        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream are "
+        "filed under the tenant _warden.",
     ),
     Channel(
         name="work",

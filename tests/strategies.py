@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from pydantic import JsonValue, StringConstraints
 
 from services.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
-from shared.messages import Name, RunSubmitted, TenantId, Token, ToolCallRequested
+from shared.decoding import MAX_SAFE_INTEGER
+from shared.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested
 
 
 def _matching(annotated: object) -> st.SearchStrategy[str]:
@@ -33,21 +34,30 @@ def tenants() -> st.SearchStrategy[str]:
     return _matching(TenantId)
 
 
+def texts(max_size: int | None = None) -> st.SearchStrategy[str]:
+    """Any text a Warden message may hold: every code point but NUL (Postgres cannot store it) and lone surrogates."""
+    return st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=max_size)
+
+
 def json_values() -> st.SearchStrategy[JsonValue]:
-    """Any JSON value; NaN and infinities are left out because JSON cannot carry them."""
+    """Any JSON value Warden accepts: finite numbers, integers every reader holds exactly (shared.decoding)."""
     scalars: st.SearchStrategy[JsonValue] = (
-        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-MAX_SAFE_INTEGER, max_value=MAX_SAFE_INTEGER)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | texts()
     )
     return st.recursive(
         scalars,
-        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(texts(max_size=8), children, max_size=4),
         max_leaves=12,
     )
 
 
 def json_objects() -> st.SearchStrategy[dict[str, JsonValue]]:
     """JSON objects, as tool arguments and run inputs are."""
-    return st.dictionaries(st.text(max_size=16), json_values(), max_size=5)
+    return st.dictionaries(texts(max_size=16), json_values(), max_size=5)
 
 
 def run_submitted() -> st.SearchStrategy[RunSubmitted]:
@@ -58,7 +68,7 @@ def run_submitted() -> st.SearchStrategy[RunSubmitted]:
         input=json_objects(),
         priority=st.integers(min_value=0, max_value=9),
         timeout_seconds=st.none() | st.floats(min_value=0, max_value=86_400, exclude_min=True),
-        labels=st.dictionaries(st.text(max_size=16), st.text(max_size=32), max_size=4),
+        labels=st.dictionaries(texts(max_size=16), texts(max_size=32), max_size=4),
     )
 
 
@@ -67,7 +77,7 @@ def tool_call_requested() -> st.SearchStrategy[ToolCallRequested]:
     return st.builds(
         ToolCallRequested,
         tool_call_id=tokens(),
-        step=st.integers(min_value=0),
+        step=st.integers(min_value=0, max_value=INT32_MAX),
         agent=names(),
         tool=names(),
         arguments=json_objects(),
@@ -80,8 +90,8 @@ def envelope_fields() -> st.SearchStrategy[dict[str, Any]]:
         {
             "tenant": tenants(),
             "subject": tokens(),
-            "actor": st.text(min_size=1, max_size=256),
-            "source": st.text(min_size=1, max_size=128),
+            "actor": texts(max_size=256).filter(bool),
+            "source": texts(max_size=128).filter(bool),
         }
     )
 

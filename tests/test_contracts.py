@@ -39,6 +39,7 @@ from shared.messages import (
     RunSubmitted,
     RunSucceeded,
     StepCompleted,
+    StreamGapDetected,
     TokenUsage,
     ToolCallCompleted,
     ToolCallRequested,
@@ -84,6 +85,7 @@ EXAMPLES: dict[str, Payload] = {
     ),
     "run.succeeded": RunSucceeded(output={"answer": 42}, steps=3, tool_calls=1),
     "run.failed": RunFailed(reason="the tool web.fetch was refused", error_type="PolicyDenied", steps=2),
+    "stream.gap_detected": StreamGapDetected(stream="WARDEN_EVENTS", first_seq=120, last_seq=133),
 }
 
 
@@ -252,6 +254,18 @@ def _edited(edit: Callable[[dict[str, Any]], object]) -> bytes:
     return json.dumps(document).encode()
 
 
+def _with_input(literal: bytes) -> bytes:
+    """The valid envelope with its run input's value spelt as raw JSON text (which json.dumps could not write)."""
+    return VALID.replace(b'"input":{', b'"input":{"hostile":' + literal + b",", 1)
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+EXAMPLES_STEP = {**json.loads(EXAMPLES["tool_call.requested"].model_dump_json()), "step": 2**31}
+
+
 @pytest.mark.parametrize(
     ("raw", "max_bytes", "code", "reason_pattern"),
     [
@@ -291,6 +305,25 @@ def _edited(edit: Callable[[dict[str, Any]], object]) -> bytes:
             id="extra-payload-field",
         ),
         pytest.param(VALID, len(VALID) - 1, RejectionCode.TOO_LARGE, "limit", id="oversize"),
+        pytest.param(_with_input(_nested(70)), None, RejectionCode.TOO_DEEP, "nested", id="nested-70"),
+        pytest.param(_nested(10_000), None, RejectionCode.TOO_DEEP, "nested", id="nested-10000"),
+        pytest.param(_with_input(b"[" * 3000 + b"]" * 3000), None, RejectionCode.TOO_DEEP, "nested", id="arrays"),
+        pytest.param(_with_input(b"9" * 5000), None, RejectionCode.NUMBER_OUT_OF_RANGE, "range", id="5000-digits"),
+        pytest.param(_with_input(b"9007199254740992"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "2**53", id="2**53"),
+        pytest.param(_with_input(b"-9007199254740992"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "2**53", id="-2**53"),
+        pytest.param(_with_input(b"1e999"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="overflow"),
+        pytest.param(_with_input(b"NaN"), None, RejectionCode.NOT_JSON, "JSON", id="nan"),
+        pytest.param(_with_input(b"-Infinity"), None, RejectionCode.NOT_JSON, "JSON", id="infinity"),
+        pytest.param(_with_input(b'"a\\u0000b"'), None, RejectionCode.INVALID_STRING, "U+0000", id="nul"),
+        pytest.param(_with_input(b'"\\ud800"'), None, RejectionCode.NOT_JSON, "hex escape", id="lone-surrogate"),
+        pytest.param(_with_input(b'"\xff"'), None, RejectionCode.NOT_JSON, "JSON", id="invalid-utf8"),
+        pytest.param(
+            _edited(lambda d: d.update(type="tool_call.requested", data=dict(EXAMPLES_STEP))),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "data.step",
+            id="step-past-int32",
+        ),
         pytest.param(
             _edited(lambda d: d.update(schema_version=RunSubmitted.SCHEMA_VERSION + 1)),
             None,
@@ -309,6 +342,26 @@ def test_parse_envelope_rejects_with_the_right_code(
         parse_envelope(raw, max_bytes=max_bytes, type_hint=type_hint)
     assert caught.value.code is code
     assert re.search(re.escape(reason_pattern), caught.value.reason), caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [b"9007199254740991", b"-9007199254740991", b"1e308", b"1234567890123456.5", b'"\\\\u0000 is text"', b'"NaN"'],
+)
+def test_values_at_the_edge_of_the_rules_are_accepted(literal: bytes) -> None:
+    """The largest exact integers, the largest finite exponent, and look-alikes inside strings all parse."""
+    raw = _with_input(literal)
+    assert parse_envelope(raw).data.input["hostile"] == json.loads(literal)
+    assert parse_envelope(raw, type_hint="run.submitted") == parse_envelope(raw)
+
+
+def test_nesting_at_the_limit_is_accepted() -> None:
+    """64 nested arrays and objects (the envelope, its data, the run input, 61 arrays) are fine; one more is not."""
+    inside = _with_input(b"[" * 61 + b"]" * 61)
+    assert parse_envelope(inside).data.input["hostile"] is not None
+    with pytest.raises(InvalidMessage) as caught:
+        parse_envelope(_with_input(b"[" * 62 + b"]" * 62))
+    assert caught.value.code is RejectionCode.TOO_DEEP
 
 
 def test_message_exactly_at_the_size_limit_is_accepted() -> None:

@@ -19,7 +19,7 @@ from services.agent_runner.tools import run_tool
 from services.audit_projector.app import build_app as build_projector
 from services.policy_gate.app import build_app as build_gate
 from services.scheduler.app import build_app as build_scheduler
-from shared.messages import CommandRejected, Envelope, ToolCallCompleted
+from shared.messages import DecisionMade, Envelope, ToolCallCompleted
 from shared.settings import Settings
 from tests.conftest import REPO_ROOT, SPANS, AppRunner, eventually, warden_cli
 from warden.client import WardenClient
@@ -138,21 +138,22 @@ async def test_denied_tool_call_never_executes(
     assert executed == [("web.fetch", {"url": "https://example.com/answers"})]
 
 
-async def test_unknown_agent_is_rejected(governed: Settings, nc: NatsClient, run_app: AppRunner) -> None:
-    """A submission naming an agent no policy knows is rejected with a reason; no decision, no run."""
+async def test_unknown_agent_is_denied(
+    governed: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """A submission naming an agent no policy knows is decided: denied, with the reason, and never run."""
     await start_all(run_app, governed)
     client = WardenClient(nc, governed.subject_prefix)
     receipt = await client.submit_run(tenant="acme", agent="nosuchagent", actor="alice")
-    rejections = [
-        e.envelope
-        async for e in client.tail("acme", idle_timeout=3.0)
-        if e.envelope and isinstance(e.envelope.data, CommandRejected)
-    ]
-    assert len(rejections) == 1
-    assert rejections[0].data.code == "unknown_agent"
-    assert "nosuchagent" in rejections[0].data.reason
-    assert rejections[0].data.command_stream_seq == receipt.stream_seq
-    assert await run_events(nc, governed, "acme", receipt.subject_id) == []
+    run = await eventually(await run_row(db, receipt.subject_id, ("denied",)), within=30)
+    assert run["agent"] == "nosuchagent"
+    events = await run_events(nc, governed, "acme", receipt.subject_id)
+    assert [event.type for event in events] == ["decision.made"]
+    decision = events[0].data
+    assert isinstance(decision, DecisionMade)
+    assert decision.effect == "deny"
+    assert "unknown agent 'nosuchagent'" in decision.reasons[0]
+    assert decision.request_seq == receipt.stream_seq
 
 
 async def test_fifty_runs_never_exceed_the_tenant_limit(

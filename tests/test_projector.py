@@ -11,9 +11,10 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from services.audit_projector.app import build_app
-from services.audit_projector.handlers import stored_message
 from services.audit_projector.replay import TargetNotEmpty, replay
 from services.audit_projector.store import AuditStore, create_pool
+from services.audit_projector.stream_reader import stored_message
+from shared.admission import CommandRules
 from shared.bus import envelope_headers
 from shared.messages import (
     Envelope,
@@ -98,7 +99,7 @@ async def test_apply_is_idempotent_under_redelivery(settings: Settings, nc: Nats
     )
     messages = [stored_message(m) for m in await subscription.fetch(6, timeout=5)]
     pool = await create_pool(settings.database_url)
-    store = AuditStore(pool, Subjects(settings.subject_prefix))
+    store = AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes))
     await store.ensure_schema(list(names.audited))
     assert await store.apply(names.events, messages[:4]) == 4
     assert await store.apply(names.events, messages[:4]) == 0  # redelivered batch
@@ -218,7 +219,9 @@ async def test_replay_rebuilds_equal_tables(
 async def test_events_table_is_append_only(settings: Settings, db: asyncpg.Connection) -> None:
     """Updating or deleting an audit row is refused by the database itself."""
     pool = await create_pool(settings.database_url)
-    await AuditStore(pool, Subjects(settings.subject_prefix)).ensure_schema(["S"])
+    await AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes)).ensure_schema(
+        ["S"]
+    )
     await pool.close()
     await db.execute(
         "INSERT INTO events (stream, stream_seq, nats_subject, stored_at, tenant) VALUES ('S', 1, 'x', now(), 't')"

@@ -18,6 +18,9 @@ from shared.subjects import Subjects
 from warden.client import TailedEvent, WardenClient
 from warden.stack import run_stack, settings_for_running_stack
 
+# `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
+REPLAY_FOUND_GAPS = 3
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
@@ -140,9 +143,18 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 "per_stream": report.per_stream,
                 "seconds": round(report.seconds, 3),
                 "events_per_second": round(report.events_per_second),
+                "missing": [{"stream": s, "first_seq": first, "last_seq": last} for s, first, last in report.gaps],
             }
         )
     )
+    for stream, first, last in report.gaps:
+        print(f"warden: {stream} is missing sequences {first}..{last} (deleted or purged)", file=sys.stderr)
+    if report.gaps:
+        print(
+            f"warden: the replayed history in {schema!r} has {len(report.gaps)} hole(s); it is not the whole record",
+            file=sys.stderr,
+        )
+        return REPLAY_FOUND_GAPS
     return 0
 
 
@@ -208,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.set_defaults(handler=_policy_test)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
-    replay = audit.add_parser("replay", help="rebuild the projections from sequence 1 into a fresh schema")
+    replay = audit.add_parser(
+        "replay",
+        help="rebuild the projections from sequence 1 into a fresh schema; "
+        f"exits {REPLAY_FOUND_GAPS} if messages are missing from a stream",
+    )
     replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
     replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
     replay.set_defaults(handler=_replay)

@@ -24,9 +24,18 @@ class CommandTooLarge(PermanentError):
     """The command is over the size limit; it was not sent."""
 
 
+class IdempotencyKeyTaken(PermanentError):
+    """The idempotency key is held by a message that is not this tenant's command of this type.
+
+    Keys are scoped by tenant and type, so only a client that wrote another tenant's scope into
+    its Nats-Msg-Id (which the gate rejects, on the record) can cause this. The command was not
+    stored; retry with another key.
+    """
+
+
 @dataclass(frozen=True)
 class Receipt:
-    """What JetStream said when it stored a command."""
+    """What JetStream said when it stored a command: for a duplicate, the command stored first."""
 
     command_id: str
     subject_id: str  # the run id, for a run submission
@@ -87,7 +96,21 @@ class WardenClient:
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise RetryableError(f"JetStream did not acknowledge the command: {exc!r}") from exc
-        return Receipt(envelope.id, envelope.subject, ack.seq, bool(ack.duplicate))
+        if ack.duplicate:
+            return await self._first_submission(envelope, ack.seq)
+        return Receipt(envelope.id, envelope.subject, ack.seq, duplicate=False)
+
+    async def _first_submission(self, envelope: Envelope[Any], seq: int) -> Receipt:
+        """The receipt of the command already stored under this key: a retry learns the run it started."""
+        stored = await self.js.get_msg(self.streams.commands, seq, direct=True)
+        expected = self.subjects.expected_subject(envelope)
+        try:
+            first = parse_envelope(stored.data or b"")
+        except InvalidMessage as exc:
+            raise IdempotencyKeyTaken(f"the key is held by command {seq}, which is not valid: {exc}") from exc
+        if stored.subject != expected or (first.tenant, first.type) != (envelope.tenant, envelope.type):
+            raise IdempotencyKeyTaken(f"the key is held by command {seq} on {stored.subject!r}, not {expected!r}")
+        return Receipt(first.id, first.subject, seq, duplicate=True)
 
     async def submit_run(
         self,
@@ -100,7 +123,11 @@ class WardenClient:
         priority: int = 5,
         idempotency_key: str | None = None,
     ) -> Receipt:
-        """Ask for a run. The idempotency key defaults to the run id, so a retried submit runs once."""
+        """Ask for a run. The idempotency key defaults to the run id, so a retried submit runs once.
+
+        Submitting again with the same key (within the commands stream's ten-minute duplicate
+        window) stores nothing and returns the first submission's receipt, naming its run.
+        """
         run_id = run_id or new_id()
         envelope = make_envelope(
             RunSubmitted(agent=agent, input=input or {}, priority=priority),
@@ -109,7 +136,7 @@ class WardenClient:
             actor=actor,
             source="warden-client",
         )
-        return await self.publish_command(envelope, idempotency_key or f"run.submitted:{tenant}:{run_id}")
+        return await self.publish_command(envelope, idempotency_key or run_id)
 
     async def tail(
         self,

@@ -1,23 +1,45 @@
 """Read a run's story back from the audit tables: who asked, each decision, each step, the result."""
 
+import heapq
+import itertools
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
 
+def server_order(rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
+    """A run's rows in the order the server stored them.
+
+    Within a stream that is stream sequence, the server's own order. A run's rows come from two
+    streams (commands and events), whose sequences cannot be compared, so the streams are
+    merged by the time JetStream stored each message, never reordering either. The envelope's
+    `time` is what the sender claimed, and a sender can backdate it, so it orders nothing.
+    """
+    by_stream = [list(group) for _, group in itertools.groupby(rows, key=lambda row: row["stream"])]
+    return list(heapq.merge(*by_stream, key=lambda row: row["stored_at"]))
+
+
 async def run_timeline(db: asyncpg.Pool | asyncpg.Connection, tenant: str, run_id: str) -> list[str]:
-    """Lines describing the run, in the order things happened, from the projected `events` table."""
+    """Lines describing the run, in the order the server stored its messages, from the `events` table.
+
+    Each line starts with the time the server stored the message, then the time the sender
+    claimed (with its date when that is another day).
+    """
     rows = await db.fetch(
-        "SELECT type, actor, time, payload FROM events WHERE tenant = $1 AND subject = $2 AND type IS NOT NULL "
-        "ORDER BY time, stream_seq",
+        "SELECT stream, stream_seq, stored_at, type, actor, time, payload FROM events "
+        "WHERE tenant = $1 AND subject = $2 AND type IS NOT NULL ORDER BY stream, stream_seq",
         tenant,
         run_id,
     )
     lines = []
-    for row in rows:
+    for row in server_order(rows):
         data: dict[str, Any] = json.loads(row["payload"]) if row["payload"] else {}
-        lines.append(f"{row['time']:%H:%M:%S.%f}"[:-3] + "  " + _describe(row["type"], row["actor"], data))
+        stored, claimed = row["stored_at"], row["time"]
+        claimed_format = "%H:%M:%S.%f" if claimed.date() == stored.date() else "%Y-%m-%d %H:%M:%S.%f"
+        times = f"{stored:%H:%M:%S.%f}"[:-3] + " (sent " + f"{claimed:{claimed_format}}"[:-3] + ")"
+        lines.append(f"{times}  {_describe(row['type'], row['actor'], data)}")
     return lines
 
 

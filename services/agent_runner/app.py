@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from services.agent_runner.agents import AgentCatalogue
 from services.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor, heartbeat
 from shared.bus import envelope_headers, fetch_batch
-from shared.errors import InvalidMessage
+from shared.errors import InvalidMessage, RejectionCode
 from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from shared.service import consumer_service, run_service
 from shared.settings import Settings
@@ -45,13 +45,17 @@ class Runner:
         attempt = message.metadata.num_delivered
         try:
             work = parse_envelope(message.data, type_hint=RunDispatched.TYPE)
+            if not isinstance(work.data, RunDispatched):
+                raise InvalidMessage(
+                    RejectionCode.UNKNOWN_TYPE, f"a work item must be a run.dispatched, not {work.type}"
+                )
+            if message.subject != self.subjects.work(work.tenant):
+                raise InvalidMessage(
+                    RejectionCode.SUBJECT_MISMATCH, f"a work item of {work.tenant!r} arrived on {message.subject!r}"
+                )
         except InvalidMessage as exc:
             # Only the scheduler writes work items; a bad one can never run, so it is dropped loudly.
             log.error("invalid work item; terminating it", error=str(exc), subject=message.subject)
-            await message.term()
-            return
-        if not isinstance(work.data, RunDispatched):
-            log.error("work item is not a run.dispatched event; terminating it", type=work.type)
             await message.term()
             return
         if attempt > MAX_ATTEMPTS:

@@ -30,6 +30,7 @@ from services.agent_runner.agents import (
 )
 from services.agent_runner.tools import ToolError, run_tool
 from shared.bus import TYPE_HEADER, envelope_headers
+from shared.decoding import check_value, recordable_text
 from shared.errors import InvalidMessage
 from shared.messages import (
     DecisionMade,
@@ -38,6 +39,7 @@ from shared.messages import (
     RunDispatched,
     RunFailed,
     RunStarted,
+    RunSubmitted,
     RunSucceeded,
     RunUsage,
     StepCompleted,
@@ -102,7 +104,7 @@ class RunHistory:
         return [self.steps[step] for step in sorted(self.steps)]
 
 
-async def read_history(js: JetStreamContext, stream: str, subject: str) -> RunHistory:
+async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, subject: str) -> RunHistory:
     """Everything the stream holds on one run so far, read with an ordered consumer, then closed."""
     history = RunHistory()
     stored = (await js.stream_info(stream, subjects_filter=subject)).state.messages
@@ -114,9 +116,11 @@ async def read_history(js: JetStreamContext, stream: str, subject: str) -> RunHi
         if message.metadata.num_pending == 0:
             caught_up.set()
         try:
-            history.apply(parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER)))
+            envelope = parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER))
+            subjects.check_envelope_subject(envelope, message.subject)
         except InvalidMessage:
             return  # not ours to judge: the projector records it; the run's history skips it
+        history.apply(envelope)
 
     subscription = await js.subscribe(
         subject,
@@ -179,9 +183,11 @@ class DecisionFeed:
         if decisions is None:
             return  # a run some other runner executes, or a run decision
         try:
-            verdict = parse_envelope(message.data, type_hint=DecisionMade.TYPE).data
+            envelope = parse_envelope(message.data, type_hint=DecisionMade.TYPE)
+            self.subjects.check_envelope_subject(envelope, message.subject)
         except InvalidMessage:
             return
+        verdict = envelope.data
         if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
             decisions[verdict.tool_call_id] = verdict
             waiter = self.waiters.pop(verdict.tool_call_id, None)
@@ -260,18 +266,39 @@ class RunExecutor:
             # A run never started needs no history: its decisions come from the live feed. Any run
             # that may have started (a retry, or a duplicate work item) is rebuilt from all of its
             # events, decisions included.
-            started, stored = await asyncio.gather(
-                self._may_have_started(tenant, run_id, attempt),
-                self.js.get_msg(self.streams.commands, work.data.request_seq, direct=True),
+            started, submission = await asyncio.gather(
+                self._may_have_started(tenant, run_id, attempt), self._submission(work)
             )
             history = RunHistory()
             if started:
-                history = await read_history(self.js, self.streams.events, self.subjects.run_events(tenant, run_id))
+                history = await read_history(
+                    self.js, self.subjects, self.streams.events, self.subjects.run_events(tenant, run_id)
+                )
             if history.finished:
                 log.info("run already finished; nothing to do")
                 return
-            submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+            if isinstance(submission, str):
+                log.error("the run's submission cannot be used; failing the run", problem=submission)
+                failed = RunFailed(reason=submission, error_type="InvalidSubmission")
+                envelope = make_envelope(
+                    failed, tenant=tenant, subject=run_id, actor=SERVICE, source=SERVICE, caused_by=work
+                )
+                await self._publish(envelope, f"{run_id}-finished")
+                return
             await self._run(work, submission, history, attempt)
+
+    async def _submission(self, work: Envelope[RunDispatched]) -> Envelope[Any] | str:
+        """The run.submitted command the work item names, or why it cannot be that run's submission."""
+        seq = work.data.request_seq
+        try:
+            stored = await self.js.get_msg(self.streams.commands, seq, direct=True)
+            submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+        except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
+            return f"the run's submission (command {seq}) cannot be read: {exc}"
+        names_the_run = (submission.tenant, submission.subject) == (work.tenant, work.subject)
+        if not isinstance(submission.data, RunSubmitted) or not names_the_run:
+            return f"command {seq} is a {submission.type} of {submission.tenant}/{submission.subject}, not this run's"
+        return submission
 
     async def _run(
         self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int
@@ -398,9 +425,13 @@ class RunExecutor:
             else:
                 try:
                     result = await asyncio.wait_for(run_tool(action.tool, action.arguments), TOOL_TIMEOUT_SECONDS)
+                    # What cannot be recorded cannot be the result: every reader would refuse the event.
+                    check_value(result)
                     outcome = "ok"
                 except ToolError as exc:
-                    outcome, error = "error", str(exc)
+                    outcome, error = "error", recordable_text(str(exc), 2000)
+                except InvalidMessage as exc:
+                    result, outcome, error = None, "error", f"{action.tool} returned what cannot be recorded: {exc}"
                 except TimeoutError:
                     outcome, error = "error", f"{action.tool} took longer than {TOOL_TIMEOUT_SECONDS}s"
             completed = ToolCallCompleted(

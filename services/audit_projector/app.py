@@ -10,12 +10,15 @@ import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
 
-from services.audit_projector.handlers import consume_stream, reset_consumer
-from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, create_pool
+from services.audit_projector.handlers import StreamProjection
+from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
+from shared.admission import CommandRules
+from shared.bus import envelope_headers
+from shared.messages import StreamGapDetected, make_envelope
 from shared.service import BackgroundLoops, interruptible_startup, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
-from shared.subjects import Subjects
+from shared.subjects import SYSTEM_TENANT, Subjects
 
 SERVICE = "audit-projector"
 BATCH_SIZE = 1000
@@ -47,22 +50,43 @@ def build_app(settings: Settings | None = None) -> FastStream:
     async def lifespan() -> AsyncIterator[None]:
         async with interruptible_startup(app):
             pool = await _wait_for_postgres(settings.database_url)
-            store = AuditStore(pool, subjects)
+            store = AuditStore(pool, CommandRules(subjects, settings.max_command_bytes))
             await store.ensure_schema(list(filters))
             await store.become_active(settings.database_url)
             positions = await store.positions()
             await broker.connect()
             js = broker.config.connection_state.stream
+
+            async def record_gap(stream: str, first_seq: int, last_seq: int) -> None:
+                # The event first: once the position has moved past the gap, nothing would find it again.
+                gap = StreamGapDetected(stream=stream, first_seq=first_seq, last_seq=last_seq)
+                event = make_envelope(gap, tenant=SYSTEM_TENANT, subject=stream, actor=SERVICE, source=SERVICE)
+                await js.publish(
+                    subjects.expected_subject(event),
+                    event.to_bytes(),
+                    headers=envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),
+                    stream=streams.events,
+                )
+                await store.record_gap(stream, first_seq, last_seq)
+
             for stream, filter_subject in filters.items():
-                await reset_consumer(js, stream, filter_subject, positions.get(stream, 0) + 1, BATCH_SIZE)
-                loops.start(consume_stream(js, store, stream, BATCH_SIZE, BATCH_WAIT_SECONDS))
+                projection = StreamProjection(
+                    js,
+                    store,
+                    stream,
+                    filter_subject,
+                    batch=BATCH_SIZE,
+                    wait=BATCH_WAIT_SECONDS,
+                    record_gap=record_gap,
+                )
+                loops.start(projection.run(positions.get(stream, 0)))
             log.info("projecting", positions=positions)
         try:
             yield
         finally:
             await loops.stop()
             await store.release()
-            await pool.close()
+            await close_pool(pool)
 
     app = FastStream(broker, lifespan=lifespan)
     loops = BackgroundLoops(app)

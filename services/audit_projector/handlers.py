@@ -1,10 +1,20 @@
-"""Thin subscriber logic: JetStream batch in, rows committed with the position, then one ack."""
+"""Thin subscriber logic: JetStream batches in, contiguous rows committed with the position, then one ack.
+
+The projector applies a stream's messages only in unbroken sequence order. When a delivery skips
+sequences, it asks the stream whether they still exist: if they do, they were lost in flight (a
+dropped connection, a leader change, a client-side overflow) and the consumer is re-created at
+the stored position to fetch them again; if they do not, they were deleted or purged, and the gap
+is recorded (a `stream.gap_detected` event and a `stream_gaps` row) before the projection moves
+past it. Nothing is acknowledged that is not stored, so an acknowledgement never covers a hole.
+"""
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
+import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -14,6 +24,7 @@ from opentelemetry import propagate, trace
 
 from services.audit_projector.projection import StoredMessage
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore
+from services.audit_projector.stream_reader import stored_message
 from shared.bus import fetch_batch
 from shared.telemetry import spans_recorded
 
@@ -21,18 +32,14 @@ log = structlog.get_logger(__name__)
 
 DURABLE_NAME = "audit_projector"
 MAX_RETRY_DELAY_SECONDS = 10.0
+# Roughly how many bytes one batch may hold: batches shrink when messages are large, so a burst
+# of 1 MiB messages is not a gigabyte in memory and in one transaction.
+BATCH_BYTES = 32 * 1024 * 1024
+# What nats-py may buffer for the consumer before it drops messages; a dropped message is a gap
+# the projector finds and fetches again, so this bounds memory, not correctness.
+PENDING_BYTES_LIMIT = 2 * BATCH_BYTES
 
-
-def stored_message(message: Msg) -> StoredMessage:
-    metadata = message.metadata
-    return StoredMessage(
-        stream=metadata.stream,
-        seq=metadata.sequence.stream,
-        subject=message.subject,
-        headers=message.headers,
-        data=message.data,
-        stored_at=metadata.timestamp,
-    )
+GapRecorder = Callable[[str, int, int], Awaitable[None]]
 
 
 async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str, start_seq: int, batch: int) -> None:
@@ -52,7 +59,8 @@ async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str,
             filter_subject=filter_subject,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start_seq,
-            # One ack per batch: acking a batch's last message acknowledges all before it.
+            # One ack per batch: acking a batch's last message acknowledges all before it, which
+            # is safe only because every batch is checked to follow the stored position.
             ack_policy=AckPolicy.ALL,
             # The projector stores every message, even garbage, so it never gives one up:
             # redeliver without limit. A batch waits in memory while Postgres is away.
@@ -63,8 +71,34 @@ async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str,
     )
 
 
+@dataclass(frozen=True)
+class Split:
+    """A fetched batch cut where it stops following the stored position."""
+
+    applicable: list[Msg]  # up to the first hole (including any already applied, which the store skips)
+    after_gap: list[Msg]  # from the first message past the hole
+    gap: tuple[int, int] | None  # the missing sequences, first and last
+
+
+def split_at_gap(messages: Sequence[Msg], position: int) -> Split:
+    """Cut `messages` (in delivery order) at the first sequence that does not follow `position`."""
+    expected = position + 1
+    for index, message in enumerate(messages):
+        seq = message.metadata.sequence.stream
+        if seq > expected:
+            return Split(list(messages[:index]), list(messages[index:]), (expected, seq - 1))
+        expected = max(expected, seq + 1)
+    return Split(list(messages), [], None)
+
+
+def next_batch_size(messages: Sequence[Msg], most: int) -> int:
+    """How many messages to ask for next: `most`, fewer when recent messages were large."""
+    largest = max((len(message.data) for message in messages), default=0)
+    return max(1, min(most, BATCH_BYTES // max(largest, 1)))
+
+
 async def project_batch(store: AuditStore, stream: str, messages: Sequence[Msg]) -> None:
-    """Apply a batch, waiting out Postgres outages with capped backoff; ack only after commit."""
+    """Apply a contiguous batch, waiting out Postgres outages with capped backoff; ack only after commit."""
     if not messages:
         return
     stored = [stored_message(message) for message in messages]
@@ -107,15 +141,80 @@ def _trace_projection(messages: Sequence[StoredMessage], started_ns: int) -> Non
             span.end(end_time=ended_ns)
 
 
-async def consume_stream(js: JetStreamContext, store: AuditStore, stream: str, batch: int, wait: float) -> None:
-    """Fetch, project and ack batches in stream order until cancelled.
+async def still_stored(js: JetStreamContext, stream: str, filter_subject: str, first: int, last: int) -> bool:
+    """Whether any of the sequences `first`..`last` is still in the stream.
 
-    A hand-written loop rather than FastStream's batch subscriber, which misses nats-py's
-    timeout on an idle fetch (see `fetch_batch`) and so kills and restarts its task each time.
+    When the stream cannot be asked, the answer is yes: fetching again is always safe, while
+    recording a gap that is not there would hide messages from the audit.
     """
-    subscription = await js.pull_subscribe_bind(durable=DURABLE_NAME, stream=stream)
     try:
-        while True:
-            await project_batch(store, stream, await fetch_batch(subscription, batch, wait))
-    finally:
-        await subscription.unsubscribe()
+        found = await js.get_msg(stream, first, subject=filter_subject, next=True)
+    except NotFoundError:
+        return False
+    except (nats.errors.Error, TimeoutError) as exc:
+        log.warning("could not ask the stream about missing messages; fetching again", stream=stream, error=repr(exc))
+        return True
+    return found.seq is not None and found.seq <= last
+
+
+class StreamProjection:
+    """One audited stream projected into Postgres in unbroken sequence order."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        store: AuditStore,
+        stream: str,
+        filter_subject: str,
+        *,
+        batch: int,
+        wait: float,
+        record_gap: GapRecorder,
+    ) -> None:
+        self.js = js
+        self.store = store
+        self.stream = stream
+        self.filter_subject = filter_subject
+        self.batch = batch
+        self.wait = wait
+        self.record_gap = record_gap
+
+    async def _subscribe(self, position: int) -> JetStreamContext.PullSubscription:
+        await reset_consumer(self.js, self.stream, self.filter_subject, position + 1, self.batch)
+        return await self.js.pull_subscribe_bind(
+            durable=DURABLE_NAME, stream=self.stream, pending_bytes_limit=PENDING_BYTES_LIMIT
+        )
+
+    async def run(self, position: int) -> None:
+        """Fetch, project and ack batches from `position` + 1 until cancelled.
+
+        A hand-written loop rather than FastStream's batch subscriber, which misses nats-py's
+        timeout on an idle fetch (see `fetch_batch`) and so kills and restarts its task each time.
+        """
+        subscription = await self._subscribe(position)
+        size = self.batch
+        try:
+            while True:
+                messages = await fetch_batch(subscription, size, self.wait)
+                size = next_batch_size(messages, self.batch) if messages else size
+                while messages:
+                    split = split_at_gap(messages, position)
+                    await project_batch(self.store, self.stream, split.applicable)
+                    if split.applicable:
+                        position = max(position, split.applicable[-1].metadata.sequence.stream)
+                    if split.gap is None:
+                        break
+                    first, last = split.gap
+                    if await still_stored(self.js, self.stream, self.filter_subject, first, last):
+                        log.warning("messages lost in flight; fetching again", stream=self.stream, first_seq=first)
+                        with contextlib.suppress(nats.errors.Error):
+                            await subscription.unsubscribe()
+                        subscription = await self._subscribe(position)
+                        break
+                    log.error("messages missing from the stream", stream=self.stream, first_seq=first, last_seq=last)
+                    await self.record_gap(self.stream, first, last)
+                    position = last
+                    messages = split.after_gap
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()

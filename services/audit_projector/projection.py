@@ -12,7 +12,6 @@ the read-model rows of a batch per primary key in memory, exactly as the upserts
 one by one, so a batch sends one upsert per run instead of one per event.
 """
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +20,9 @@ from typing import Any, NamedTuple
 import pydantic
 import pydantic_core
 
+from shared.admission import CommandRules, check_key_scope
 from shared.bus import MSG_ID_HEADER
+from shared.decoding import check_size, recordable_text
 from shared.errors import InvalidMessage
 from shared.messages import (
     ENVELOPE_TYPES,
@@ -38,6 +39,7 @@ from shared.messages import (
     RunSubmitted,
     RunSucceeded,
     StepCompleted,
+    StreamGapDetected,
     ToolCallCompleted,
     ToolCallRequested,
     decode_document,
@@ -190,29 +192,15 @@ _NO_VALUES = (None,) * (len(RUN_COLUMNS) - 4)
 _TOOL_CALL_MERGED = tuple(TOOL_CALL_COLUMNS.index(column) for column in TOOL_CALL_MERGED_COLUMNS)
 
 
-# Integer columns of the read models whose values no validator bounds: a merge that dropped such a
-# value would also drop the error Postgres raises for it when it does not fit (see Rows).
-_INTEGER = range(-(2**31), 2**31)
-_BIGINT = range(-(2**63), 2**63)
-_DECISION_REQUEST_SEQ = DECISION_COLUMNS.index("request_seq")
-_REJECTION_SEQ, _REJECTION_SIZE = REJECTION_COLUMNS.index("command_stream_seq"), REJECTION_COLUMNS.index("size_bytes")
-_TOOL_CALL_STEP = TOOL_CALL_COLUMNS.index("step")
-
-
 @dataclass
 class Rows:
     """What a sequence of messages adds to each table.
 
     Read-model rows are merged per primary key as they arrive, in message order, with the rules
     the database applies (see `merge_run` and store.py): applying the merged row once leaves the
-    same row as applying each message's row in turn, so a batch needs one upsert per key.
-
-    One thing a merge could change: a value Postgres refuses makes the whole batch fail, and the
-    projector then writes message by message, recording the offending message raw. A merge
-    that kept only the first of two values would never send the refused one. The only values
-    Postgres can refuse in a read-model row and not in the same message's `events` row are
-    integers too large for their column, so any such value marks the rows (`has_refused_value`)
-    and the writer goes message by message, as it would have after the failed batch.
+    same row as applying each message's row in turn, so a batch needs one upsert per key. Every
+    valid message's values fit their columns (the models bound them), so merging never hides a
+    value Postgres would refuse.
     """
 
     events: list[EventRow] = field(default_factory=list)
@@ -220,7 +208,6 @@ class Rows:
     rejections: dict[tuple[str, int], RejectionRow] = field(default_factory=dict)
     decisions: dict[tuple[str, str], DecisionRow] = field(default_factory=dict)
     tool_calls: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
-    has_refused_value: bool = False
 
     def merge_run(self, row: RunRow) -> None:
         """Merge a whole runs row (as `MERGE_RUN` would upsert it)."""
@@ -252,8 +239,6 @@ class Rows:
                 current[index] = value
 
     def merge_tool_call(self, row: ToolCallRow) -> None:
-        if row[_TOOL_CALL_STEP] not in _INTEGER:
-            self.has_refused_value = True
         current = self.tool_calls.get((row[0], row[1]))
         if current is None:
             self.tool_calls[row[0], row[1]] = list(row)
@@ -263,13 +248,9 @@ class Rows:
                 current[index] = row[index]
 
     def add_decision(self, row: DecisionRow) -> None:
-        if row[_DECISION_REQUEST_SEQ] not in _BIGINT:
-            self.has_refused_value = True
         self.decisions.setdefault((row[0], row[1]), row)  # ON CONFLICT DO NOTHING: the first stays
 
     def add_rejection(self, row: RejectionRow) -> None:
-        if row[_REJECTION_SEQ] not in _BIGINT or row[_REJECTION_SIZE] not in _INTEGER:
-            self.has_refused_value = True
         self.rejections.setdefault((row[0], row[1]), row)  # ON CONFLICT DO NOTHING: the first stays
 
     def absorb(self, later: "Rows") -> None:
@@ -283,7 +264,6 @@ class Rows:
             self.add_decision(decision)
         for tool_call in later.tool_calls.values():
             self.merge_tool_call(tuple(tool_call))
-        self.has_refused_value = self.has_refused_value or later.has_refused_value
 
     def run_rows(self) -> list[RunRow]:
         """The merged runs rows in key order, so concurrent batches lock rows in one order."""
@@ -298,28 +278,9 @@ def _json(value: Any) -> str:
 
     Postgres normalises jsonb (key order, white space, how a number is spelt), so any faithful
     serialisation stores the same value; pydantic-core's is about three times faster than the
-    json module's. What it refuses (a lone surrogate) goes through json.dumps, and on to the
-    database's verdict, as before.
+    json module's. Decoded messages hold nothing it refuses (shared.decoding).
     """
-    try:
-        return pydantic_core.to_json(value).decode()
-    except pydantic_core.PydanticSerializationError:
-        return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def _decode(data: bytes) -> dict[str, Any]:
-    """`decode_document`, faster: pydantic-core's JSON parser takes the common case.
-
-    Anything it does not turn into an object goes to `decode_document`, whose verdict and
-    message stand (json.loads also accepts UTF-16 and UTF-32 bodies, which it does not).
-    """
-    try:
-        document = pydantic_core.from_json(data, cache_strings=False)
-    except ValueError:
-        document = None
-    if type(document) is dict:
-        return document
-    return decode_document(data)
+    return pydantic_core.to_json(value).decode()
 
 
 def _validate(document: dict[str, Any]) -> Envelope[Any]:
@@ -342,15 +303,18 @@ def _validate(document: dict[str, Any]) -> Envelope[Any]:
     return validate_document(document)
 
 
-def raw_event_row(message: StoredMessage, tenant: str, reason: str) -> EventRow:
-    """The row for a message that is not a storable envelope: attributed by subject, kept byte for byte."""
-    idempotency_key = (message.headers or {}).get(MSG_ID_HEADER)
+def raw_event_row(message: StoredMessage, subjects: Subjects, reason: str) -> EventRow:
+    """The row for a message that is not a storable envelope: attributed by subject, kept byte for byte.
+
+    Everything in it but the bytes comes from what the sender chose (subject, headers) and is
+    made safe to store, so the row itself can never be refused.
+    """
     return (
         message.stream,
         message.seq,
-        message.subject,
+        recordable_text(message.subject, 1024),
         message.stored_at,
-        tenant,
+        subjects.tenant_of(message.subject),
         None,
         None,
         None,
@@ -361,11 +325,16 @@ def raw_event_row(message: StoredMessage, tenant: str, reason: str) -> EventRow:
         None,
         trace_id_from_headers(message.headers),
         None,
-        idempotency_key,
+        _idempotency_key(message),
         None,
         message.data,
-        reason,
+        recordable_text(reason, 2000),
     )
+
+
+def _idempotency_key(message: StoredMessage) -> str | None:
+    key = message.headers.get(MSG_ID_HEADER) if message.headers else None
+    return recordable_text(key, 1024) if key is not None else None
 
 
 def _envelope_event_row(
@@ -387,7 +356,7 @@ def _envelope_event_row(
         envelope.causation_id,
         trace_id,
         document.get("schema_version", 1),
-        message.headers.get(MSG_ID_HEADER) if message.headers else None,
+        _idempotency_key(message),
         # The data exactly as stored (before any upcast): the log records what was said.
         _json(document.get("data")),
         None,
@@ -562,6 +531,8 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     ToolCallCompleted: _tool_call_completed,
     RunSucceeded: _run_succeeded,
     RunFailed: _run_failed,
+    # Gaps are written to stream_gaps where they are found (store.py, replay.py), not from this event.
+    StreamGapDetected: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 
@@ -582,25 +553,41 @@ def _check_subject(subjects: Subjects, envelope: Envelope[Any], nats_subject: st
         _CHECKED_SUBJECTS[key] = nats_subject
 
 
-def project(messages: Iterable[StoredMessage], subjects: Subjects, rows: Rows | None = None) -> Rows:
+def read_stored(message: StoredMessage, rules: CommandRules) -> tuple[dict[str, Any], Envelope[Any]]:
+    """A stored message's document and envelope, or `InvalidMessage` saying why it is not a valid one.
+
+    A command is judged by the gate's own admission rules (shared.admission), in the gate's
+    order, so a command the gate rejected shapes no read model.
+    """
+    is_command = message.subject.startswith(rules.subjects.command_prefix)
+    if is_command:
+        check_size(message.data, rules.max_bytes)
+    document = decode_document(message.data)
+    envelope = _validate(document)
+    _check_subject(rules.subjects, envelope, message.subject)
+    if is_command:
+        check_key_scope(envelope, message.headers)
+    return document, envelope
+
+
+def project(messages: Iterable[StoredMessage], rules: CommandRules, rows: Rows | None = None) -> Rows:
     """Turn stored messages into rows, added to `rows` if given.
 
-    Never raises on bad input: bad input is recorded, raw.
+    Never raises on bad input: bad input is recorded, raw, with the reason. That includes input
+    that makes this code fail, which would otherwise stop the projection at the same message on
+    every restart.
     """
     rows = Rows() if rows is None else rows
     events = rows.events
     for message in messages:
-        if b"\\u0000" in message.data:
-            # Valid JSON, but Postgres text and jsonb cannot hold NUL: keep the bytes instead.
-            tenant = subjects.tenant_of(message.subject)
-            events.append(raw_event_row(message, tenant, "contains a NUL character (\\u0000)"))
-            continue
         try:
-            document = _decode(message.data)
-            envelope = _validate(document)
-            _check_subject(subjects, envelope, message.subject)
+            document, envelope = read_stored(message, rules)
         except InvalidMessage as exc:
-            events.append(raw_event_row(message, subjects.tenant_of(message.subject), str(exc)))
+            events.append(raw_event_row(message, rules.subjects, str(exc)))
+            continue
+        except Exception as exc:
+            reason = f"unreadable: the projector failed on it ({type(exc).__name__}: {exc})"
+            events.append(raw_event_row(message, rules.subjects, reason))
             continue
         trace_id = trace_id_from_headers(message.headers)
         events.append(_envelope_event_row(message, document, envelope, trace_id))

@@ -5,8 +5,7 @@ so it gives the same rows. What differs is how messages arrive and rows leave, b
 of a long history must be fast (and a replay is CPU-bound in Python):
 
 - Reading: a bare NATS connection pulls from an ephemeral, unacknowledged consumer and parses
-  the wire protocol itself, in bulk (`PullReader`); nats-py's subscription machinery costs more
-  per message than projecting it. Servers it cannot talk to (TLS) are read through nats-py.
+  the wire protocol itself, in bulk, with what is in flight bounded in bytes (stream_reader.py).
 - Parallelism: the streams are cut into segments of consecutive sequences, projected by worker
   processes (`replay_segment`); small replays run in this process.
 - Writing `events`: the target is fresh, so rows cannot conflict: each segment COPYs its rows, in
@@ -18,8 +17,11 @@ of a long history must be fast (and a replay is CPU-bound in Python):
   (`_ReadModelWriter`).
 
 A row Postgres refuses is handled as the live projector handles it: the message is recorded raw,
-with the database's reason (`_settle_refusals`). A replay that fails leaves an incomplete schema
-behind: drop it and replay into a new one.
+with the database's reason, or as a dead letter if even that is refused (`_settle_refusals`).
+Sequences missing from a stream (deleted or purged messages) are found, written to `stream_gaps`
+as the live projector writes them, and reported (`ReplayReport.gaps`): a replay never passes a
+hole off as a complete history. A replay that fails leaves an incomplete schema behind: drop it
+and replay into a new one.
 
 Worker processes are started with multiprocessing's spawn method, which imports the calling
 program's main module again: call `replay` under `if __name__ == "__main__":` (the `warden` command
@@ -30,27 +32,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import json
 import multiprocessing
 import os
-import re
 import struct
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self
-from urllib.parse import ParseResult
+from typing import Any
 
 import asyncpg
 import nats
 import structlog
-from nats.aio.client import Client as NatsClient
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from services.audit_projector.handlers import stored_message
 from services.audit_projector.projection import (
     DECISION_COLUMNS,
     EVENT_COLUMNS,
@@ -63,33 +57,36 @@ from services.audit_projector.projection import (
     raw_event_row,
 )
 from services.audit_projector.store import (
+    CONTENT_REFUSALS,
+    INSERT_DEAD_LETTER,
+    INSERT_GAP,
     MERGE_RUN_ON_CONFLICT,
     MERGE_TOOL_CALL_ON_CONFLICT,
     AuditStore,
     create_pool,
 )
-from shared.bus import MSG_ID_HEADER
+from services.audit_projector.stream_reader import read_range
+from shared.admission import CommandRules
+from shared.decoding import recordable_text
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
 
 log = structlog.get_logger(__name__)
 
-# Messages per pull request, and how many may be requested but not yet projected: enough to keep
-# the server sending while Python projects, few enough to bound memory.
-PULL_BATCH = 5_000
-PULL_WINDOW = 3 * PULL_BATCH
-# Events rows per COPY: large enough that a COPY's round trip does not matter.
+# Events rows per COPY, and the most bytes of messages one COPY holds: large enough that a COPY's
+# round trip does not matter, small enough that a chunk of 1 MiB messages is not a gigabyte.
 COPY_CHUNK = 10_000
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Below this many messages, worker processes cost more (start-up, imports) than they save.
 PARALLEL_THRESHOLD = 50_000
-# A pull that brings nothing for this long means the server stopped answering.
-READ_TIMEOUT_SECONDS = 30.0
+
+Gap = tuple[str, int, int]  # (stream, first missing sequence, last missing sequence)
 
 
 @dataclass(frozen=True)
 class ReplayReport:
-    """What a replay did: messages applied (per stream), and how long it took."""
+    """What a replay did: messages applied (per stream), the sequences it found missing, how long it took."""
 
     schema: str
     events_applied: int
@@ -97,6 +94,7 @@ class ReplayReport:
     per_stream: dict[str, int]
     # CPU time spent reading, projecting and COPYing, summed over segments (and worker processes).
     segment_cpu_seconds: float = 0.0
+    gaps: tuple[Gap, ...] = ()
 
     @property
     def events_per_second(self) -> float:
@@ -105,380 +103,6 @@ class ReplayReport:
 
 class TargetNotEmpty(RuntimeError):
     """Replay writes only into an empty schema, so it never mixes with existing rows."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading: a bare NATS connection that pulls one consumer and parses the protocol in bulk.
-# --------------------------------------------------------------------------------------------
-
-
-class RawReaderUnsupported(RuntimeError):
-    """The server needs something the bare connection does not speak (TLS); use nats-py instead."""
-
-
-# A header block in the plain form every Warden publisher writes: printable ASCII `Name: value`
-# lines. Read from such a block, a header has the value nats-py's parser would give it
-# (`Client._parse_header_lines`, which the live projector's messages went through).
-_PLAIN_HEADERS = re.compile(rb"NATS/1\.0\r\n(?:[!-9;-~]+:[ -~]*\r\n)+\r\n")
-
-
-class WireHeaders(Mapping[str, str]):
-    """A message's headers, read from its plain header block only as far as they are asked for.
-
-    The projector asks each message for two headers; parsing all of them into a dict, as nats-py
-    does, costs more than the rest of reading the message. In a plain block (see
-    `_PLAIN_HEADERS`) a name can only appear right after a line break and before a colon, and
-    the last line with that name wins, as in nats-py's dict.
-    """
-
-    __slots__ = ("_block", "_parsed")
-
-    def __init__(self, block: bytes) -> None:
-        self._block = block
-        self._parsed: dict[str, str] | None = None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        needle = _NEEDLES.get(key) or b"\r\n%s:" % key.encode()
-        found = self._block.rfind(needle)
-        if found < 0:
-            return default
-        start = found + len(needle)
-        return self._block[start : self._block.index(b"\r\n", start)].strip().decode()
-
-    def __getitem__(self, key: str) -> str:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return str(value)
-
-    def __bool__(self) -> bool:
-        return True  # a plain block has at least one header
-
-    def _all(self) -> dict[str, str]:
-        if self._parsed is None:
-            self._parsed = NatsClient._parse_header_lines(self._block[10:])
-        return self._parsed
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-
-_MISSING = object()
-_NEEDLES = {name: b"\r\n%s:" % name.encode() for name in (MSG_ID_HEADER, "traceparent")}
-
-
-def parse_headers(block: bytes) -> Mapping[str, str] | None:
-    """The headers of a message, as nats-py reports them (a mapping, or None when there are none)."""
-    if _PLAIN_HEADERS.fullmatch(block):
-        return WireHeaders(block)
-    # Anything else (no headers, a status line, other characters) goes through nats-py's parser.
-    return NatsClient._parse_header_lines(block[block.find(b"\r\n") + 2 :]) or None
-
-
-# The usual frame: HMSG <subject> <sid> $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
-# <consumer seq>.<timestamp ns>.<pending> <header bytes> <total bytes>. One match reads it all.
-_STREAM_MESSAGE = re.compile(
-    rb"HMSG ([^ \r\n]+) [0-9]+ \$JS\.ACK\.[^. ]+\.[^. ]+\.[0-9]+\."
-    rb"([0-9]+)\.[0-9]+\.([0-9]+)\.([0-9]+) ([0-9]+) ([0-9]+)\r\n"
-)
-
-
-class _PullProtocol(asyncio.Protocol):
-    """Parses what the server sends: stream messages are batched up for `PullReader`, the rest handled."""
-
-    def __init__(self, stream: str, last_seq: int) -> None:
-        self.stream = stream
-        self.last_seq = last_seq
-        self.transport: asyncio.Transport | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.server_info: dict[str, Any] = {}
-        self.batches: asyncio.Queue[list[StoredMessage] | BaseException | None] = asyncio.Queue()
-        self.finished = False  # the last message of the range has arrived (or the connection failed)
-        self._buffer = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.finished:
-            self._fail(exc or ConnectionError("NATS closed the connection during a replay"))
-
-    def _fail(self, exc: BaseException) -> None:
-        self.finished = True
-        if not self.ready.done():
-            self.ready.set_exception(exc)
-        self.batches.put_nowait(exc)
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer + data if self._buffer else data
-        size, pos = len(buffer), 0
-        stream, last_seq = self.stream, self.last_seq
-        messages: list[StoredMessage] = []
-        complete = False
-        while not complete and not self.finished:
-            match = _STREAM_MESSAGE.match(buffer, pos)
-            if match is None:  # anything but a stream message in the usual form
-                frame = self._other_frame(buffer, pos)
-                if frame is None:
-                    break  # the frame has not all arrived yet
-                pos, message, complete = frame
-                if message is not None:
-                    messages.append(message)
-                continue
-            subject, seq, stamp, pending, header_size, total_size = match.groups()
-            start = match.end()
-            stop = start + int(total_size)
-            if stop + 2 > size:
-                break  # the payload has not all arrived yet
-            header_end = start + int(header_size)
-            sequence = int(seq)
-            if sequence <= last_seq:
-                messages.append(
-                    StoredMessage(
-                        stream,
-                        sequence,
-                        subject.decode(),
-                        parse_headers(buffer[start:header_end]),
-                        buffer[header_end:stop],
-                        # nats-py's arithmetic (Msg.Metadata), so stored_at is the same to the microsecond.
-                        datetime.fromtimestamp(int(stamp) / 1_000_000_000.0, UTC),
-                    )
-                )
-            # Past the range's end, or nothing more stored: done (what follows is never parsed).
-            complete = sequence >= last_seq or pending == b"0"
-            pos = stop + 2
-        if messages:
-            self.batches.put_nowait(messages)
-        if complete:
-            self.finished = True
-            self.batches.put_nowait(None)
-        self._buffer = buffer[pos:]
-
-    def _other_frame(self, buffer: bytes, pos: int) -> tuple[int, StoredMessage | None, bool] | None:
-        """Handle one frame at `pos` that is not a usual stream message: (next pos, message, done), or None."""
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            return None
-        if not (buffer.startswith(b"HMSG ", pos) or buffer.startswith(b"MSG ", pos)):
-            line = buffer[pos:end]
-            if line == b"PING":
-                assert self.transport is not None
-                self.transport.write(b"PONG\r\n")
-            elif line == b"PONG":
-                if not self.ready.done():
-                    self.ready.set_result(None)
-            elif line.startswith(b"INFO "):
-                self.server_info = json.loads(line[5:])
-                if self.server_info.get("tls_required"):
-                    self._fail(RawReaderUnsupported("the NATS server requires TLS"))
-            elif line.startswith(b"-ERR"):
-                self._fail(ConnectionError(f"NATS refused the replay's reader: {line.decode(errors='replace')}"))
-            return end + 2, None, False
-        # HMSG <subject> <sid> [reply] <header bytes> <total bytes>, or MSG <subject> <sid> [reply] <bytes>
-        headed = buffer[pos] == 72  # "H"
-        args = buffer[pos + (5 if headed else 4) : end].split(b" ")
-        start = end + 2
-        stop = start + int(args[-1])
-        if stop + 2 > len(buffer):
-            return None
-        header_end = start + int(args[-2]) if headed else start
-        reply = args[2] if len(args) == (5 if headed else 4) else b""
-        if not reply.startswith(b"$JS.ACK."):
-            self._status(buffer[start:header_end])
-            return stop + 2, None, False
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>, or
-        # with <domain>.<account hash> after ACK and a random token at the end.
-        tokens = reply.split(b".")
-        seq, stamp, pending = (tokens[5], tokens[7], tokens[8]) if len(tokens) == 9 else tokens[7:10]
-        sequence = int(seq)
-        message = None
-        if sequence <= self.last_seq:
-            message = StoredMessage(
-                self.stream,
-                sequence,
-                args[0].decode(),
-                parse_headers(buffer[start:header_end]) if headed else None,
-                buffer[header_end:stop],
-                datetime.fromtimestamp(int(stamp) / 1_000_000_000.0, UTC),
-            )
-        return stop + 2, message, sequence >= self.last_seq or pending == b"0"
-
-    def _status(self, block: bytes) -> None:
-        # A pull ends early only when something is wrong (the consumer went away, the server is
-        # shutting down): 404/408 cannot happen to requests that ask only for stored messages.
-        status = block[9:12]
-        if status not in (b"100", b"404", b"408"):
-            self._fail(RuntimeError(f"JetStream ended a replay pull: {block.decode(errors='replace').strip()}"))
-
-
-def _pull_request(batch: int) -> tuple[int, bytes]:
-    # No expiry: a request waits until served, and only stored messages are asked for.
-    body = b'{"batch":%d}' % batch
-    return len(body), body
-
-
-class PullReader:
-    """Every message of `stream` from `first_seq` to `last_seq`, in order, as lists of StoredMessage.
-
-    An ephemeral pull consumer with no acknowledgements, read over a bare NATS connection:
-    consuming the stream does not disturb it or any other consumer. nats-py (`nc`) creates and
-    deletes the consumer; the bare connection only subscribes to an inbox and asks for batches.
-    """
-
-    def __init__(self, nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int) -> None:
-        self.nc = nc
-        self.stream = stream
-        self.filter_subject = filter_subject
-        self.first_seq = first_seq
-        self.last_seq = last_seq
-        self.consumer = f"replay_{uuid.uuid4().hex}"
-        self._protocol: _PullProtocol | None = None
-        self._requested = 0
-        self._consumed = 0
-
-    async def __aenter__(self) -> Self:
-        url = self.nc.connected_url
-        if url is None or url.scheme not in ("nats", ""):
-            raise RawReaderUnsupported(f"the bare reader speaks plain nats://, not {url and url.scheme}")
-        await self.nc.jetstream().add_consumer(
-            self.stream,
-            ConsumerConfig(
-                name=self.consumer,
-                filter_subject=self.filter_subject,
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self.first_seq,
-                # Unacknowledged and in memory: reading leaves no trace in the stream.
-                ack_policy=AckPolicy.NONE,
-                mem_storage=True,
-                inactive_threshold=60.0,
-            ),
-        )
-        try:
-            await self._connect(url)
-        except BaseException:
-            await self._delete_consumer()
-            raise
-        return self
-
-    async def _connect(self, url: ParseResult) -> None:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            lambda: _PullProtocol(self.stream, self.last_seq), url.hostname or "127.0.0.1", url.port or 4222
-        )
-        self._protocol = protocol
-        options: dict[str, Any] = {
-            "verbose": False,
-            "pedantic": False,
-            "headers": True,
-            "no_responders": True,
-            "protocol": 1,
-            "lang": "python3",
-            "version": "warden-replay",
-            "name": "warden-audit-replay",
-        }
-        if url.username and url.password:
-            options.update(user=url.username, **{"pass": url.password})
-        elif url.username:
-            options["auth_token"] = url.username
-        self._inbox = f"_INBOX.{uuid.uuid4().hex}".encode()
-        self._write(b"CONNECT %s\r\nSUB %s 1\r\nPING\r\n" % (json.dumps(options).encode(), self._inbox))
-        await asyncio.wait_for(protocol.ready, READ_TIMEOUT_SECONDS)
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}".encode()
-        self._top_up()
-
-    def _write(self, data: bytes) -> None:
-        assert self._protocol is not None
-        assert self._protocol.transport is not None
-        self._protocol.transport.write(data)
-
-    def _top_up(self) -> None:
-        """Keep PULL_WINDOW messages requested beyond those handed out, but not many past the range.
-
-        The consumer does not stop at `last_seq`, so requests are sized to the range; only if
-        they are all served and the range is still open (deleted messages left gaps) is more asked.
-        """
-        size = self.last_seq - self.first_seq + 1
-        while self._requested - self._consumed < PULL_WINDOW:
-            batch = min(PULL_BATCH, size - self._requested)
-            if batch <= 0:
-                if self._requested > self._consumed:
-                    return
-                batch = PULL_BATCH
-            self._write(b"PUB %s %s %d\r\n%s\r\n" % (self._next_subject, self._inbox, *_pull_request(batch)))
-            self._requested += batch
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> list[StoredMessage]:
-        assert self._protocol is not None
-        batch = await asyncio.wait_for(self._protocol.batches.get(), READ_TIMEOUT_SECONDS)
-        if batch is None:
-            raise StopAsyncIteration
-        if isinstance(batch, BaseException):
-            raise batch
-        self._consumed += len(batch)
-        if not self._protocol.finished:
-            self._top_up()
-        return batch
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.finished = True
-            self._protocol.transport.close()
-        await self._delete_consumer()
-
-    async def _delete_consumer(self) -> None:
-        with contextlib.suppress(Exception):  # it expires on its own after inactive_threshold
-            await self.nc.jetstream().delete_consumer(self.stream, self.consumer)
-
-
-async def _nats_py_batches(
-    nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int
-) -> AsyncIterator[list[StoredMessage]]:
-    """The portable, slower reader (nats-py batched fetch), for servers the bare reader cannot talk to."""
-    subscription = await nc.jetstream().pull_subscribe(
-        filter_subject,
-        stream=stream,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=first_seq,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=60.0,
-        ),
-    )
-    try:
-        seen = first_seq - 1
-        while seen < last_seq:
-            messages = await subscription.fetch(PULL_BATCH, timeout=READ_TIMEOUT_SECONDS)
-            yield [stored_message(m) for m in messages if m.metadata.sequence.stream <= last_seq]
-            seen = messages[-1].metadata.sequence.stream
-            if messages[-1].metadata.num_pending == 0:
-                break
-    finally:
-        await subscription.unsubscribe()
-
-
-async def read_range(
-    nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int
-) -> AsyncIterator[list[StoredMessage]]:
-    """Messages `first_seq`..`last_seq` of a stream, in order, in lists: bare reader if possible."""
-    try:
-        reader = PullReader(nc, stream, filter_subject, first_seq, last_seq)
-        async with reader:
-            async for batch in reader:
-                yield batch
-        return
-    except RawReaderUnsupported as exc:
-        log.info("replay reads through nats-py", reason=str(exc))
-    async for batch in _nats_py_batches(nc, stream, filter_subject, first_seq, last_seq):
-        yield batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,6 +181,11 @@ class ReplayTarget:
     database_url: str
     schema: str
     subject_prefix: str
+    max_command_bytes: int
+
+    @property
+    def rules(self) -> CommandRules:
+        return CommandRules(Subjects(self.subject_prefix), self.max_command_bytes)
 
 
 @dataclass
@@ -568,40 +197,56 @@ class SegmentResult:
     last_seq: int = 0
     rows: Rows = field(default_factory=Rows)
     cpu_seconds: float = 0.0
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
+    dead_letters: list[tuple[str, int, str]] = field(default_factory=list)  # stream, sequence, reason
 
 
 class _DryRun(Exception):
     """Raised to roll a savepoint back on purpose."""
 
 
-async def _settle_refusals(subjects: Subjects, messages: Sequence[StoredMessage], refusals: asyncpg.Pool) -> Rows:
+async def _settle_refusals(
+    rules: CommandRules, messages: Sequence[StoredMessage], refusals: asyncpg.Pool, result: SegmentResult
+) -> Rows:
     """Project messages one by one, the way the live projector does when Postgres refuses a batch.
 
     Each message's rows are tried with the live projector's own statements, in a savepoint that
     is always rolled back; a message whose rows are refused becomes a raw `events` row with the
-    database's reason, exactly as `AuditStore._write_one_by_one` records it.
+    database's reason, and one whose raw row is refused too becomes a dead letter, exactly as
+    `AuditStore._write_one_by_one` records them.
     """
     rows = Rows()
     async with refusals.acquire() as connection, connection.transaction():
         for message in messages:
-            single = project([message], subjects)
-            try:
-                async with connection.transaction():
-                    await AuditStore._write(connection, single)
-                    raise _DryRun
-            except _DryRun:
-                pass
-            except asyncpg.DataError as exc:
-                tenant = subjects.tenant_of(message.subject)
-                single = Rows(events=[raw_event_row(message, tenant, f"postgres refused the row: {exc}")])
+            single = project([message], rules)
+            refusal = await _refused(connection, single)
+            if refusal is not None:
+                reason = f"postgres refused the row: {refusal}"
+                single = Rows(events=[raw_event_row(message, rules.subjects, reason)])
+                refused_again = await _refused(connection, single)
+                if refused_again is not None:
+                    text = recordable_text(f"{reason}; stored raw, refused again: {refused_again}", 2000)
+                    result.dead_letters.append((message.stream, message.seq, text))
+                    continue
             rows.absorb(single)
     return rows
+
+
+async def _refused(connection: asyncpg.pool.PoolConnectionProxy, rows: Rows) -> BaseException | None:
+    """Why Postgres refuses these rows, or None if it takes them (nothing is kept either way)."""
+    try:
+        async with connection.transaction():
+            await AuditStore._write(connection, rows)
+            raise _DryRun
+    except _DryRun:
+        return None
+    except CONTENT_REFUSALS as exc:
+        return exc
 
 
 async def _write_chunks(
     connection: asyncpg.Connection,
     target: ReplayTarget,
-    subjects: Subjects,
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
     result: SegmentResult,
 ) -> None:
@@ -611,17 +256,15 @@ async def _write_chunks(
         while (chunk := await chunks.get()) is not None:
             messages, rows = chunk
             try:
-                if rows.has_refused_value:
-                    raise asyncpg.DataError("a merged row hides a value postgres refuses")
                 async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
                     await connection.copy_records_to_table(
                         "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
                     )
-            except asyncpg.DataError as exc:
+            except CONTENT_REFUSALS as exc:
                 log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
                 # The live projector's pool settings, so its statements fail (or not) as they do live.
                 refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
-                rows = await _settle_refusals(subjects, messages, refusals)
+                rows = await _settle_refusals(target.rules, messages, refusals, result)
                 async with connection.transaction():
                     await connection.copy_records_to_table(
                         "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
@@ -635,29 +278,53 @@ async def _write_chunks(
             await refusals.close()
 
 
+class _HoleFinder:
+    """Notes the sequences of a range that never arrived (messages deleted or purged from the stream)."""
+
+    def __init__(self, first_seq: int, last_seq: int) -> None:
+        self.expected = first_seq
+        self.last_seq = last_seq
+        self.holes: list[tuple[int, int]] = []
+
+    def saw(self, batch: Sequence[StoredMessage]) -> None:
+        for message in batch:
+            if message.seq > self.expected:
+                self.holes.append((self.expected, message.seq - 1))
+            self.expected = message.seq + 1
+
+    def finish(self) -> list[tuple[int, int]]:
+        if self.expected <= self.last_seq:
+            self.holes.append((self.expected, self.last_seq))
+        return self.holes
+
+
 async def replay_segment_async(target: ReplayTarget, segment: Segment) -> SegmentResult:
-    """Read, project and COPY one segment's events; return its merged read-model rows."""
+    """Read, project and COPY one segment's events; return its merged read-model rows and its holes."""
     cpu_started = time.process_time()
-    subjects = Subjects(target.subject_prefix)
+    rules = target.rules
     result = SegmentResult(segment)
+    holes = _HoleFinder(segment.first_seq, segment.last_seq)
     nc = await nats.connect(target.nats_url)
     connection = await connect_for_copy(target.database_url)
     # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
     try:
         async with connection.transaction():
-            writer = asyncio.create_task(_write_chunks(connection, target, subjects, chunks, result))
+            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result))
             try:
                 messages: list[StoredMessage] = []
+                size = 0
                 rows = Rows()
                 async for batch in read_range(
                     nc, segment.stream, segment.filter_subject, segment.first_seq, segment.last_seq
                 ):
-                    project(batch, subjects, rows)
+                    holes.saw(batch)
+                    project(batch, rules, rows)
                     messages += batch
-                    if len(messages) >= COPY_CHUNK:
+                    size += sum(len(message.data) for message in batch)
+                    if len(messages) >= COPY_CHUNK or size >= COPY_CHUNK_BYTES:
                         await _put(chunks, (messages, rows), writer)
-                        messages, rows = [], Rows()
+                        messages, size, rows = [], 0, Rows()
                 if messages:
                     await _put(chunks, (messages, rows), writer)
                 await _put(chunks, None, writer)
@@ -667,6 +334,7 @@ async def replay_segment_async(target: ReplayTarget, segment: Segment) -> Segmen
     finally:
         await connection.close()
         await nc.close()
+    result.gaps = holes.finish()
     result.cpu_seconds = time.process_time() - cpu_started
     return result
 
@@ -788,7 +456,7 @@ def _segments(ranges: Sequence[tuple[str, str, int]], size: int) -> list[Segment
     return segments
 
 
-async def prepare_target(url: str, schema: str, subjects: Subjects, streams: list[str]) -> dict[str, list[str]]:
+async def prepare_target(url: str, schema: str, rules: CommandRules, streams: list[str]) -> dict[str, list[str]]:
     """Create the target's tables; return, per table, the definitions of the indexes left to build.
 
     Postgres builds an index over a loaded table (one sort) several times faster than it
@@ -807,7 +475,7 @@ async def prepare_target(url: str, schema: str, subjects: Subjects, streams: lis
         await bootstrap.close()
     pool = await create_pool(url, schema=schema, size=1)
     try:
-        await AuditStore(pool, subjects).ensure_schema(streams)
+        await AuditStore(pool, rules).ensure_schema(streams)
         indexes = await pool.fetch(
             "SELECT i.tablename, i.indexname, i.indexdef FROM pg_indexes i JOIN pg_index x ON x.indexrelid = "
             "format('%I.%I', i.schemaname, i.indexname)::regclass "
@@ -869,7 +537,7 @@ async def replay(
     streams = StreamNames.for_prefix(settings.subject_prefix)
     url = database_url or settings.database_url
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
-    target = ReplayTarget(settings.nats_url, url, schema, settings.subject_prefix)
+    target = ReplayTarget(settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes)
 
     nc = await nats.connect(settings.nats_url)
     try:
@@ -887,14 +555,23 @@ async def replay(
     executor = _start_workers(workers) if workers and len(segments) > 1 else None
     try:
         with cyclic_gc_paused():
-            deferred_indexes = await prepare_target(url, schema, subjects, list(filters))
+            deferred_indexes = await prepare_target(url, schema, target.rules, list(filters))
             results = _run_segments(target, segments, executor)
-            per_stream, worker_cpu = await _apply_in_order(url, schema, list(filters), results, deferred_indexes)
+            applied = await _apply_in_order(url, schema, list(filters), results, deferred_indexes)
     finally:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - started
-    report = ReplayReport(schema, sum(per_stream.values()), seconds, per_stream, worker_cpu)
+    report = ReplayReport(
+        schema,
+        sum(applied.per_stream.values()),
+        seconds,
+        applied.per_stream,
+        applied.cpu_seconds,
+        tuple(applied.gaps),
+    )
+    for stream, first, last in report.gaps:
+        log.error("messages missing from the stream", stream=stream, first_seq=first, last_seq=last)
     log.info(
         "replay finished",
         schema=schema,
@@ -940,43 +617,71 @@ async def _in_order(futures: Sequence[asyncio.Future[SegmentResult]]) -> AsyncIt
             future.cancel()
 
 
+@dataclass
+class _Applied:
+    """What the coordinator gathered from every segment, besides the rows it wrote."""
+
+    per_stream: dict[str, int]
+    cpu_seconds: float = 0.0
+    gaps: list[Gap] = field(default_factory=list)
+
+
+def merge_gaps(gaps: Sequence[Gap]) -> list[Gap]:
+    """Join holes that touch (one deleted range can span two segments), in stream and sequence order."""
+    merged: list[Gap] = []
+    for stream, first, last in sorted(gaps):
+        if merged and merged[-1][0] == stream and merged[-1][2] + 1 >= first:
+            merged[-1] = (stream, merged[-1][1], max(merged[-1][2], last))
+        else:
+            merged.append((stream, first, last))
+    return merged
+
+
 async def _apply_in_order(
     url: str,
     schema: str,
     streams: list[str],
     results: AsyncIterator[SegmentResult],
     indexes: dict[str, list[str]],
-) -> tuple[dict[str, int], float]:
-    """Apply each segment's read-model rows in order, then record how far each stream was projected.
+) -> _Applied:
+    """Apply each segment's read-model rows in order, then record holes, dead letters and positions.
 
     Once every segment is in, the deferred `events` indexes are built (on other connections:
     the workers committed those rows) while the last read-model rows are written, and then
-    their own indexes. Returns the messages applied per stream and the CPU seconds the
-    segments took.
+    their own indexes. Each stream's position is the last sequence read, or past a hole at its end.
     """
-    per_stream = dict.fromkeys(streams, 0)
-    cpu_seconds = 0.0
+    applied = _Applied(dict.fromkeys(streams, 0))
     positions: dict[str, int] = {}
+    gaps: list[Gap] = []
+    dead_letters: list[tuple[str, int, str]] = []
     connection = await connect_for_copy(url)
     try:
         async with connection.transaction():
             writer = _ReadModelWriter(connection, schema)
             async for result in results:
                 await writer.apply(result.rows)
-                per_stream[result.segment.stream] += result.applied
-                cpu_seconds += result.cpu_seconds
-                if result.applied:
-                    positions[result.segment.stream] = result.last_seq
+                stream = result.segment.stream
+                applied.per_stream[stream] += result.applied
+                applied.cpu_seconds += result.cpu_seconds
+                gaps += [(stream, first, last) for first, last in result.gaps]
+                dead_letters += result.dead_letters
+                reached = max([result.last_seq, *(last for _, last in result.gaps)])
+                if reached:
+                    positions[stream] = max(positions.get(stream, 0), reached)
             await asyncio.gather(writer.flush(), _build_indexes(url, indexes["events"]))
             await connection.execute(_INDEX_MEMORY)
             for table in _LOADED_TABLES:
                 for definition in indexes[table] if table != "events" else ():
                     await connection.execute(definition)
                 await connection.execute(f'ALTER TABLE "{schema}".{table} RESET (autovacuum_enabled)')
+            applied.gaps = merge_gaps(gaps)
+            await connection.execute(f'SET LOCAL search_path = "{schema}"')
+            await connection.executemany(INSERT_GAP, applied.gaps)
+            await connection.executemany(INSERT_DEAD_LETTER, dead_letters)
             for stream, last_seq in positions.items():
                 await connection.execute(
-                    f'UPDATE "{schema}".projector_positions SET last_seq = $2 WHERE stream = $1', stream, last_seq
+                    "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, last_seq
                 )
     finally:
         await connection.close()
-    return per_stream, cpu_seconds
+    return applied

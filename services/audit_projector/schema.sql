@@ -87,6 +87,24 @@ CREATE TABLE IF NOT EXISTS rejected_commands (
     PRIMARY KEY (tenant, command_stream_seq)
 );
 
+-- Sequences missing from an audited stream (deleted or purged) where the projector, or a replay,
+-- expected the next message. The projection moved past them; this is where the hole is written down.
+CREATE TABLE IF NOT EXISTS stream_gaps (
+    stream    text   NOT NULL,
+    first_seq bigint NOT NULL,
+    last_seq  bigint NOT NULL,
+    PRIMARY KEY (stream, first_seq)
+);
+
+-- Messages the projector could not store in any form, not even raw: where they are and why. They
+-- are still in JetStream; the projection moved past them so that one message cannot stop it.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    stream     text   NOT NULL,
+    stream_seq bigint NOT NULL,
+    reason     text   NOT NULL,
+    PRIMARY KEY (stream, stream_seq)
+);
+
 -- Fencing for the single active projector: each activation bumps the epoch, and every batch checks
 -- it, so a projector that lost its lock (a network blip) cannot keep writing beside its successor.
 CREATE TABLE IF NOT EXISTS projector_lease (

@@ -1,5 +1,6 @@
 """Postgres adapter for the audit projector: schema, stream positions and batched, idempotent writes."""
 
+import asyncio
 from collections.abc import Sequence
 from importlib import resources
 
@@ -20,7 +21,8 @@ from services.audit_projector.projection import (
     project,
     raw_event_row,
 )
-from shared.subjects import Subjects
+from shared.admission import CommandRules
+from shared.decoding import recordable_text
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +71,19 @@ MERGE_TOOL_CALL = (
     + MERGE_TOOL_CALL_ON_CONFLICT
 )
 
+INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream, stream_seq, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+INSERT_GAP = "INSERT INTO stream_gaps (stream, first_seq, last_seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+
+# Postgres refusing what a batch holds (a value, a constraint, a size limit), rather than being
+# unable to take anything: the batch is then written message by message (see AuditStore.apply).
+# ValueError is asyncpg refusing to encode an argument, before the statement is sent.
+CONTENT_REFUSALS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+)
+
 # Failures worth waiting out: the server is away or busy, or our transaction lost a race.
 RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -78,7 +93,8 @@ RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.TransactionRollbackError,
-    asyncpg.AdminShutdownError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
 )
 
 
@@ -101,16 +117,39 @@ async def create_pool(database_url: str, schema: str | None = None, size: int = 
     return pool
 
 
+# How long closing connections may take at shutdown before they are cut: a connection stuck in a
+# transaction must not keep a stopping projector alive (and its supervisor from restarting it).
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close the pool gracefully if it can be done promptly, else terminate its connections."""
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        log.warning("postgres connections did not close in time; terminating them", after_s=CLOSE_TIMEOUT_SECONDS)
+        pool.terminate()
+
+
 class LeadershipLost(RuntimeError):
     """Another projector became active: this one must stop writing at once."""
 
 
-class AuditStore:
-    """Writes projected rows and the stream position in one transaction per batch."""
+class NotContiguous(RuntimeError):
+    """A batch does not start right after the stored position: applying it would leave a hole."""
 
-    def __init__(self, pool: asyncpg.Pool, subjects: Subjects) -> None:
+
+class AuditStore:
+    """Writes projected rows and the stream position in one transaction per batch.
+
+    Locks are always taken in one order: the lease row first (shared by ordinary batches), then
+    the stream's position, then read-model rows in key order, table by table. A batch written
+    message by message cannot keep that order, so it takes the lease exclusively and runs alone.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, rules: CommandRules) -> None:
         self.pool = pool
-        self.subjects = subjects
+        self.rules = rules
         self.epoch: int | None = None
         self._lock_connection: asyncpg.Connection | None = None
 
@@ -123,7 +162,10 @@ class AuditStore:
 
     async def release(self) -> None:
         if self._lock_connection is not None:
-            await self._lock_connection.close()
+            try:
+                await self._lock_connection.close(timeout=CLOSE_TIMEOUT_SECONDS)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._lock_connection.terminate()
             self._lock_connection = None
 
     async def ensure_schema(self, streams: Sequence[str]) -> None:
@@ -141,32 +183,62 @@ class AuditStore:
         return {record["stream"]: record["last_seq"] for record in records}
 
     async def apply(self, stream: str, messages: Sequence[StoredMessage]) -> int:
-        """Project the messages not yet applied; return how many were new. Safe to call again."""
-        async with self.pool.acquire() as connection, connection.transaction():
-            if self.epoch is not None:
-                # FOR SHARE: a takeover's epoch bump waits for this batch, then fences the next one.
-                epoch = await connection.fetchval("SELECT epoch FROM projector_lease WHERE id = 1 FOR SHARE")
-                if epoch != self.epoch:
-                    raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
-            last_seq = await connection.fetchval(
-                "SELECT last_seq FROM projector_positions WHERE stream = $1 FOR UPDATE", stream
+        """Project the messages not yet applied; return how many were new. Safe to call again.
+
+        The new messages must continue the stored position without a hole (`NotContiguous`
+        otherwise). When Postgres refuses something in the batch, it is written again message
+        by message: a message whose rows are refused is stored raw with the reason, and one
+        that cannot be stored even raw becomes a dead letter (stream, sequence, reason), so one
+        message never stops the stream.
+        """
+        try:
+            return await self._apply(stream, messages, one_by_one=False)
+        except CONTENT_REFUSALS as exc:
+            log.warning(
+                "batch has a row postgres refuses; writing it message by message", stream=stream, error=str(exc)
             )
-            if last_seq is None:
-                raise RuntimeError(f"no projector position for stream {stream!r}: run ensure_schema first")
+        return await self._apply(stream, messages, one_by_one=True)
+
+    async def record_gap(self, stream: str, first_seq: int, last_seq: int) -> None:
+        """Write down that `first_seq`..`last_seq` are missing from the stream, and move the position past them."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            position = await self._lock_position(connection, stream, exclusive=False)
+            if position != first_seq - 1:
+                raise NotContiguous(f"{stream}: a gap from {first_seq} does not follow the stored position {position}")
+            await connection.execute(INSERT_GAP, stream, first_seq, last_seq)
+            await connection.execute("UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, last_seq)
+
+    async def _lock_position(self, connection: Connection, stream: str, *, exclusive: bool) -> int:
+        """Take the lease (fencing out a deposed projector) and lock the stream's position; return it."""
+        if self.epoch is not None or exclusive:
+            # FOR SHARE: a takeover's epoch bump waits for this batch, then fences the next one.
+            lock = "FOR UPDATE" if exclusive else "FOR SHARE"
+            epoch = await connection.fetchval(f"SELECT epoch FROM projector_lease WHERE id = 1 {lock}")
+            if self.epoch is not None and epoch != self.epoch:
+                raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
+        last_seq = await connection.fetchval(
+            "SELECT last_seq FROM projector_positions WHERE stream = $1 FOR UPDATE", stream
+        )
+        if last_seq is None:
+            raise RuntimeError(f"no projector position for stream {stream!r}: run ensure_schema first")
+        return int(last_seq)
+
+    async def _apply(self, stream: str, messages: Sequence[StoredMessage], *, one_by_one: bool) -> int:
+        async with self.pool.acquire() as connection, connection.transaction():
+            last_seq = await self._lock_position(connection, stream, exclusive=one_by_one)
             fresh = [message for message in messages if message.seq > last_seq]
             if not fresh:
                 return 0
-            try:
-                rows = project(fresh, self.subjects)
-                if rows.has_refused_value:
-                    # Merged, the batch might not send the value Postgres refuses (see Rows): go
-                    # message by message, as the batch failing would have.
-                    raise asyncpg.DataError("a read-model row holds an integer too large for its column")
-                async with connection.transaction():
-                    await self._write(connection, rows)
-            except asyncpg.DataError as exc:
-                log.warning("batch has a row postgres refuses; writing row by row", stream=stream, error=str(exc))
+            expected = range(last_seq + 1, last_seq + 1 + len(fresh))
+            if [message.seq for message in fresh] != list(expected):
+                raise NotContiguous(
+                    f"{stream}: batch {fresh[0].seq}..{fresh[-1].seq} ({len(fresh)} messages) does not continue "
+                    f"the stored position {last_seq} without a hole"
+                )
+            if one_by_one:
                 await self._write_one_by_one(connection, fresh)
+            else:
+                await self._write(connection, project(fresh, self.rules))
             await connection.execute(
                 "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, fresh[-1].seq
             )
@@ -191,8 +263,16 @@ class AuditStore:
         for message in messages:
             try:
                 async with connection.transaction():
-                    await self._write(connection, project([message], self.subjects))
-            except asyncpg.DataError as exc:
-                tenant = self.subjects.tenant_of(message.subject)
-                row = raw_event_row(message, tenant, f"postgres refused the row: {exc}")
-                await connection.executemany(INSERT_EVENT, [row])
+                    await self._write(connection, project([message], self.rules))
+                continue
+            except CONTENT_REFUSALS as exc:
+                refusal = f"postgres refused the row: {exc}"
+            log.warning("storing a message raw", stream=message.stream, stream_seq=message.seq, reason=refusal)
+            try:
+                async with connection.transaction():
+                    await connection.executemany(INSERT_EVENT, [raw_event_row(message, self.rules.subjects, refusal)])
+                continue
+            except CONTENT_REFUSALS as exc:
+                reason = recordable_text(f"{refusal}; stored raw, refused again: {exc}", 2000)
+            log.error("dead-lettering a message", stream=message.stream, stream_seq=message.seq, reason=reason)
+            await connection.execute(INSERT_DEAD_LETTER, message.stream, message.seq, reason)

@@ -12,12 +12,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
-from services.policy_gate.decide import decision, policy_input, unknown_agent
+from services.policy_gate.decide import decision, policy_input
 from services.policy_gate.engine import PolicyEngine, PolicyEvaluationError
-from services.policy_gate.intake import check_command, rejection_tenant
-from shared.bus import MSG_ID_HEADER, envelope_headers
+from shared.admission import CommandRules, rejection
+from shared.bus import envelope_headers
+from shared.errors import RejectionCode
 from shared.messages import (
-    CommandRejected,
     DecisionMade,
     Effect,
     Envelope,
@@ -66,6 +66,11 @@ class PolicyDecider:
         try:
             if isinstance(data, ToolCallRequested) and not self.engine.knows_tool(data.tool):
                 effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
+            elif isinstance(data, RunSubmitted) and not self.engine.knows_agent(data.agent):
+                effect, reasons = (
+                    "deny",
+                    [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
+                )
             else:
                 result = self.engine.evaluate(policy_input(envelope))
                 effect, reasons = result.effect, list(result.reasons)
@@ -102,59 +107,54 @@ class Gate:
         self.js = js
         self.decider = decider
         self.subjects = Subjects(settings.subject_prefix)
+        self.rules = CommandRules(self.subjects, settings.max_command_bytes)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
         self.unsettled: asyncio.Queue[tuple[Msg, asyncio.Future[PubAck]]] = asyncio.Queue()
 
     def outcome(self, message: Msg) -> tuple[Envelope[Any], str]:
-        """The event that answers one command (a rejection or a decision) and its idempotency key."""
+        """The event that answers one command (a rejection or a decision) and its idempotency key.
+
+        Never raises: the answer depends only on the stored command, so a command that makes the
+        gate fail would fail on every delivery; it is rejected (`unprocessable`) at once instead.
+        """
         metadata = message.metadata
         seq = metadata.sequence.stream
-        checked = check_command(
-            self.subjects,
-            nats_subject=message.subject,
-            data=message.data,
-            headers=message.headers,
-            stream_seq=seq,
-            max_bytes=self.settings.max_command_bytes,
+        try:
+            checked = self.rules.judge(message.subject, message.data, message.headers, seq)
+            if isinstance(checked, Envelope):
+                return self._decided(checked, seq), f"decision-{metadata.stream}-{seq}"
+        except Exception as exc:
+            log.exception("the gate failed on a command; rejecting it", subject=message.subject, stream_seq=seq)
+            checked = rejection(
+                message.subject,
+                message.data,
+                message.headers,
+                seq,
+                code=RejectionCode.UNPROCESSABLE,
+                reason=f"the policy gate failed on this command: {type(exc).__name__}: {exc}",
+            )
+        answer = make_envelope(
+            checked, tenant=self.subjects.tenant_of(message.subject), subject=str(seq), actor=SERVICE, source=SERVICE
         )
-        if (
-            isinstance(checked, Envelope)
-            and isinstance(checked.data, RunSubmitted)
-            and not self.decider.engine.knows_agent(checked.data.agent)
-        ):
-            checked = unknown_agent(
-                checked,
-                nats_subject=message.subject,
-                request_seq=seq,
-                size_bytes=len(message.data),
-                idempotency_key=(message.headers or {}).get(MSG_ID_HEADER),
-            )
-        if isinstance(checked, CommandRejected):
-            rejection = make_envelope(
-                checked,
-                tenant=rejection_tenant(self.subjects, message.subject),
-                subject=str(seq),
-                actor=SERVICE,
-                source=SERVICE,
-            )
-            log.warning(
-                "command rejected", subject=message.subject, stream_seq=seq, code=checked.code, reason=checked.reason
-            )
-            # Keyed by the command's position: a redelivered command is rejected once.
-            return rejection, f"rejected-{metadata.stream}-{seq}"
-        verdict = self.decider.decide(checked, seq)
-        event = make_envelope(
-            verdict, tenant=checked.tenant, subject=checked.subject, actor=SERVICE, source=SERVICE, caused_by=checked
+        log.warning(
+            "command rejected", subject=message.subject, stream_seq=seq, code=checked.code, reason=checked.reason
         )
+        # Keyed by the command's position: a redelivered command is rejected once.
+        return answer, f"rejected-{metadata.stream}-{seq}"
+
+    def _decided(self, command: Envelope[Any], seq: int) -> Envelope[Any]:
+        verdict = self.decider.decide(command, seq)
         log.info(
             "decision made",
-            run_id=checked.subject,
-            type=checked.type,
+            run_id=command.subject,
+            type=command.type,
             effect=verdict.effect,
             decision_id=verdict.decision_id,
             evaluation_ms=verdict.evaluation_ms,
         )
-        return event, f"decision-{metadata.stream}-{seq}"
+        return make_envelope(
+            verdict, tenant=command.tenant, subject=command.subject, actor=SERVICE, source=SERVICE, caused_by=command
+        )
 
     async def decide(self, message: Msg) -> None:
         """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""

@@ -2,10 +2,8 @@
 
 from typing import Any
 
-from shared.errors import RejectionCode
 from shared.ids import new_id
 from shared.messages import (
-    CommandRejected,
     DecisionMade,
     Effect,
     Envelope,
@@ -58,20 +56,4 @@ def decision(
         policy_revision=policy_revision,
         evaluation_ms=evaluation_ms,
         tool_call_id=tool_call_id,
-    )
-
-
-def unknown_agent(
-    envelope: Envelope[Any], *, nats_subject: str, request_seq: int, size_bytes: int, idempotency_key: str | None
-) -> CommandRejected:
-    """A run of an agent no policy knows is not a decision to make but a request to refuse."""
-    return CommandRejected(
-        code=RejectionCode.UNKNOWN_AGENT.value,
-        reason=f"unknown agent {envelope.data.agent!r}: it is not in the policy data's agent catalogue",
-        command_subject=nats_subject,
-        command_stream_seq=request_seq,
-        command_type=envelope.type,
-        command_id=envelope.id,
-        idempotency_key=idempotency_key,
-        size_bytes=size_bytes,
     )

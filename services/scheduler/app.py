@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
@@ -21,7 +22,16 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from services.scheduler.core import WATCHED_TYPES, SchedulerState, evolve, next_dispatches
 from shared.bus import TYPE_HEADER, envelope_headers
 from shared.errors import InvalidMessage
-from shared.messages import MESSAGE_TYPES, Envelope, Payload, RunDispatched, RunQueued, make_envelope, parse_envelope
+from shared.messages import (
+    MESSAGE_TYPES,
+    Envelope,
+    Payload,
+    RunDispatched,
+    RunQueued,
+    RunSubmitted,
+    make_envelope,
+    parse_envelope,
+)
 from shared.service import consumer_service, run_service
 from shared.settings import Settings
 from shared.streams import StreamNames
@@ -73,6 +83,26 @@ class Scheduler:
             payload, tenant=cause.tenant, subject=cause.subject, actor=SERVICE, source=SERVICE, caused_by=cause
         )
 
+    async def submission(self, tenant: str, run_id: str, request_seq: int) -> Envelope[Any] | None:
+        """The run.submitted command an allow decision points at, or None (logged) if it is not that run's.
+
+        Only the gate writes decisions, and only about commands it read, so a decision that points
+        elsewhere is forged or corrupt: acting on it could start another run, and failing on it
+        would stop the scheduler at the same event on every restart.
+        """
+        try:
+            stored = await self.js.get_msg(self.streams.commands, request_seq, direct=True)
+            submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+        except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
+            problem = f"command {request_seq} cannot be read: {exc}"
+        else:
+            names_the_run = (submission.tenant, submission.subject) == (tenant, run_id)
+            if isinstance(submission.data, RunSubmitted) and names_the_run:
+                return submission
+            problem = f"command {request_seq} is a {submission.type} of {submission.tenant}/{submission.subject}"
+        log.error("an allow decision does not point at its run's submission; ignored", run_id=run_id, problem=problem)
+        return None
+
     async def queue_allowed(self) -> list[asyncio.Future[PubAck]]:
         """Queue every allowed run: read its submission for the agent and priority, record run.queued.
 
@@ -81,12 +111,14 @@ class Scheduler:
         """
         allowed = list(self.state.allowed.items())
         submissions = await asyncio.gather(
-            *(self.js.get_msg(self.streams.commands, run.request_seq, direct=True) for _, run in allowed)
+            *(self.submission(tenant, run_id, run.request_seq) for (tenant, run_id), run in allowed)
         )
         acks = []
-        for ((tenant, run_id), run), stored in zip(allowed, submissions, strict=True):
+        for ((tenant, run_id), run), submission in zip(allowed, submissions, strict=True):
+            if submission is None:
+                del self.state.allowed[tenant, run_id]
+                continue
             with consuming(SERVICE, "scheduler.queue", run.trace_headers, run_id=run_id):
-                submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
                 queued = self.emit(
                     RunQueued(
                         decision_id=run.decision_id,
@@ -143,11 +175,10 @@ class Scheduler:
 
     def apply(self, message: Msg) -> None:
         self.last_seq = message.metadata.sequence.stream
-        type_name = (message.headers or {}).get(TYPE_HEADER)
-        if type_name not in WATCHED_TYPES:
-            return
+        # The consumer's filter delivers only watched types; the header is a hint, never trusted.
         try:
-            envelope = parse_envelope(message.data, type_hint=type_name)
+            envelope = parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER))
+            self.subjects.check_envelope_subject(envelope, message.subject)
         except InvalidMessage as exc:
             log.warning("ignoring an invalid event", subject=message.subject, error=str(exc))
             return
