@@ -8,9 +8,18 @@ subject catalogue, the JSON Schemas and the AsyncAPI document are all built from
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
-from shared.decoding import decode_json, may_break_rules
+from shared.decoding import MAX_SAFE_INTEGER, check_value, decode_json, may_hold_nul
 from shared.errors import InvalidMessage, RejectionCode
 from shared.ids import new_id
 
@@ -20,15 +29,30 @@ TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # Agent and tool names: readable identifiers that may carry a namespace ("web.fetch").
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 MessageKind = Literal["command", "event"]
-# Integers stored in `integer` columns are bounded here, so every valid message fits its row.
+# Integers stored in `integer` columns are bounded here, so every valid message fits its row; the
+# rest are bounded by what every reader (the policy engine included) holds exactly.
 INT32_MAX = 2**31 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_SAFE_INTEGER)]
+StreamSeq = Annotated[int, Field(ge=1, le=MAX_SAFE_INTEGER)]
+
+
+def _checked(value: Any) -> Any:
+    check_value(value)  # raises InvalidMessage, which validation passes on as it is
+    return value
+
+
+# Free-form JSON (a run's input, a tool's arguments or result, a run's output): the decoding rules'
+# limits on depth and numbers are checked here, on every path a message is validated by.
+FreeJson = Annotated[JsonValue, AfterValidator(_checked)]
+FreeJsonObject = Annotated[dict[str, JsonValue], AfterValidator(_checked)]
+_MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid")
 Effect = Literal["allow", "deny", "require_approval"]
 
 
 class Payload(BaseModel):
     """Base of every payload: immutable and strict, so a typo is an error, not a silent drop."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _MODEL_CONFIG
 
     TYPE: ClassVar[str]
     KIND: ClassVar[MessageKind]
@@ -44,21 +68,21 @@ class RunSubmitted(Payload):
     ENTITY: ClassVar[str] = "run"
 
     agent: Name
-    input: dict[str, JsonValue] = Field(default_factory=dict)
+    input: FreeJsonObject = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9, description="0 is most urgent.")
-    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)
     labels: dict[str, str] = Field(default_factory=dict)
 
 
 class RunUsage(BaseModel):
     """What a run has consumed so far, as its runner counts it; policies cap it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _MODEL_CONFIG
 
-    steps: int = Field(default=0, ge=0)
-    tool_calls: int = Field(default=0, ge=0)
-    input_tokens: int = Field(default=0, ge=0)
-    output_tokens: int = Field(default=0, ge=0)
+    steps: Count = 0
+    tool_calls: Count = 0
+    input_tokens: Count = 0
+    output_tokens: Count = 0
 
 
 class ToolCallRequested(Payload):
@@ -72,7 +96,7 @@ class ToolCallRequested(Payload):
     step: int = Field(ge=0, le=INT32_MAX)
     agent: Name
     tool: Name
-    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+    arguments: FreeJsonObject = Field(default_factory=dict)
     usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
 
 
@@ -86,7 +110,7 @@ class CommandRejected(Payload):
     code: str = Field(description="One of the stable RejectionCode values.")
     reason: str
     command_subject: str
-    command_stream_seq: int = Field(ge=1)
+    command_stream_seq: StreamSeq
     command_type: str | None = None
     command_id: str | None = None
     idempotency_key: str | None = None
@@ -103,11 +127,11 @@ class DecisionMade(Payload):
     decision_id: Token
     request_type: str
     request_id: str
-    request_seq: int = Field(ge=1, description="Where the request sits in the commands stream.")
+    request_seq: StreamSeq = Field(description="Where the request sits in the commands stream.")
     effect: Effect
     reasons: list[str] = Field(default_factory=list)
     policy_revision: str
-    evaluation_ms: float = Field(ge=0)
+    evaluation_ms: float = Field(ge=0, allow_inf_nan=False)
     tool_call_id: Token | None = None
 
 
@@ -121,7 +145,7 @@ class RunQueued(Payload):
     decision_id: Token
     priority: int = Field(ge=0, le=9)
     agent: Name
-    request_seq: int = Field(ge=1, description="The run.submitted command's position in the commands stream.")
+    request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
 
 
 class RunDispatched(Payload):
@@ -136,7 +160,7 @@ class RunDispatched(Payload):
 
     decision_id: Token
     agent: Name
-    request_seq: int = Field(ge=1, description="The run.submitted command's position in the commands stream.")
+    request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
 
 
 class RunStarted(Payload):
@@ -148,16 +172,16 @@ class RunStarted(Payload):
 
     decision_id: Token
     worker: str
-    attempt: int = Field(default=1, ge=1)
+    attempt: int = Field(default=1, ge=1, le=MAX_SAFE_INTEGER)
 
 
 class TokenUsage(BaseModel):
     """Tokens a model turn consumed."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _MODEL_CONFIG
 
-    input_tokens: int = Field(default=0, ge=0)
-    output_tokens: int = Field(default=0, ge=0)
+    input_tokens: Count = 0
+    output_tokens: Count = 0
 
 
 class StepCompleted(Payload):
@@ -167,7 +191,7 @@ class StepCompleted(Payload):
     KIND: ClassVar[MessageKind] = "event"
     ENTITY: ClassVar[str] = "run"
 
-    step: int = Field(ge=0)
+    step: Count
     kind: Literal["model_turn", "tool_call"]
     summary: str = ""
     usage: TokenUsage = Field(default_factory=TokenUsage)
@@ -185,7 +209,7 @@ class ToolCallCompleted(Payload):
     tool: Name
     decision_id: Token | None = Field(description="The decision that allowed or refused it; None if none came.")
     outcome: Literal["ok", "error", "refused"]
-    result: JsonValue = None
+    result: FreeJson = None
     error: str | None = None
 
 
@@ -196,9 +220,9 @@ class RunSucceeded(Payload):
     KIND: ClassVar[MessageKind] = "event"
     ENTITY: ClassVar[str] = "run"
 
-    output: JsonValue = None
-    steps: int = Field(ge=0)
-    tool_calls: int = Field(ge=0)
+    output: FreeJson = None
+    steps: Count
+    tool_calls: Count
 
 
 class RunFailed(Payload):
@@ -210,7 +234,7 @@ class RunFailed(Payload):
 
     reason: str
     error_type: str
-    steps: int = Field(default=0, ge=0)
+    steps: Count = 0
 
 
 class StreamGapDetected(Payload):
@@ -225,8 +249,8 @@ class StreamGapDetected(Payload):
     ENTITY: ClassVar[str] = "stream"
 
     stream: Token
-    first_seq: int = Field(ge=1)
-    last_seq: int = Field(ge=1)
+    first_seq: StreamSeq
+    last_seq: StreamSeq
 
 
 PAYLOAD_TYPES: tuple[type[Payload], ...] = (
@@ -251,7 +275,7 @@ DataT = TypeVar("DataT", bound=Payload)
 class Envelope(BaseModel, Generic[DataT]):
     """What travels on the wire, in the spirit of CloudEvents 1.0."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _MODEL_CONFIG
 
     id: Token = Field(description="Unique and time-sortable (UUIDv7).")
     type: str
@@ -262,7 +286,7 @@ class Envelope(BaseModel, Generic[DataT]):
     correlation_id: Token
     causation_id: Token | None = None
     actor: str = Field(min_length=1, max_length=256, description="Who asked: a principal or a service.")
-    schema_version: int = Field(default=1, ge=1)
+    schema_version: int = Field(default=1, ge=1, le=MAX_SAFE_INTEGER)
     data: DataT
 
     @model_validator(mode="after")
@@ -376,11 +400,11 @@ def parse_envelope(raw: bytes, *, max_bytes: int | None = None, type_hint: str |
     `type_hint` (a message's `Warden-Type` header) lets pydantic-core parse and validate the bytes
     in one pass, about twice as fast. A hint is only a hint: when that pass fails, or the message
     is of an older schema version that needs upcasting, the bytes take the full path, which finds
-    the type in the body and gives the precise error. So does a message that might break a
-    decoding rule the one-pass parse does not check (a huge number, say).
+    the type in the body and gives the precise error. So does a message that might hold a NUL,
+    which the one-pass parse does not look for in typed strings.
     """
     fast = ENVELOPE_TYPES.get(type_hint) if type_hint is not None else None
-    if fast is not None and (max_bytes is None or len(raw) <= max_bytes) and not may_break_rules(raw):
+    if fast is not None and (max_bytes is None or len(raw) <= max_bytes) and not may_hold_nul(raw):
         try:
             envelope = fast.model_validate_json(raw)
         except ValidationError:

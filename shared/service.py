@@ -19,10 +19,6 @@ from shared.telemetry import configure_tracing
 
 log = structlog.get_logger(__name__)
 
-# Once its consumer loops have stopped, a service has this long to close its connections; then
-# it exits regardless, so a hung close (a Postgres pool waiting on a stuck transaction, say)
-# cannot keep it from being restarted by its supervisor.
-SHUTDOWN_DEADLINE_SECONDS = 15.0
 # Exit status of a service whose shutdown overran its deadline (EX_SOFTWARE).
 SHUTDOWN_OVERRUN_STATUS = 70
 
@@ -31,33 +27,45 @@ def run_service(name: str, build_app: Callable[[Settings], FastStream]) -> None:
     settings = Settings()
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name)
-    app = build_app(settings)
-    app.on_shutdown(_arm_shutdown_deadline)
     try:
-        asyncio.run(app.run())
+        asyncio.run(build_app(settings).run())
     except asyncio.CancelledError:
         log.info("stopped before it had started")  # a signal during start-up (see interruptible_startup)
 
 
-def _arm_shutdown_deadline() -> None:
+def _arm_shutdown_deadline(seconds: float) -> None:
+    """Exit the process `seconds` from now, whatever is still closing (once: a second signal changes nothing).
+
+    A hung close (a Postgres pool waiting on a stuck transaction, say) must not keep a stopping
+    service alive, and so keep its supervisor from restarting it.
+    """
+
     def overdue() -> None:
-        log.error("shutdown overran its deadline; exiting now", deadline_s=SHUTDOWN_DEADLINE_SECONDS)
+        log.error("shutdown overran its deadline; exiting now", deadline_s=seconds)
         os._exit(SHUTDOWN_OVERRUN_STATUS)
 
+    if _Deadline.armed:
+        return
+    _Deadline.armed = True
     # A thread, not a task: it must fire even when the event loop itself is stuck.
-    timer = threading.Timer(SHUTDOWN_DEADLINE_SECONDS, overdue)
+    timer = threading.Timer(seconds, overdue)
     timer.daemon = True
     timer.start()
 
 
+class _Deadline:
+    armed = False
+
+
 @asynccontextmanager
-async def interruptible_startup(app: FastStream) -> AsyncIterator[None]:
-    """Let SIGTERM and SIGINT stop a service that is still starting (waiting for Postgres, say).
+async def interruptible_startup(app: FastStream, shutdown_deadline_seconds: float) -> AsyncIterator[None]:
+    """Let SIGTERM and SIGINT stop a service at any moment, and within a bounded time.
 
     FastStream enters the lifespan before it starts watching for its exit flag, so a signal during
     a lifespan's start-up was only noted, and a service waiting for a database that never came
     (its supervisor gone) lived on. During start-up a signal cancels the start-up instead; once it
-    is done, the signal means what FastStream makes it mean: a clean shutdown.
+    is done, the signal starts FastStream's clean shutdown, with a deadline past which the process
+    exits anyway (see `_arm_shutdown_deadline`).
     """
     loop = asyncio.get_running_loop()
     starting = asyncio.current_task()
@@ -66,11 +74,16 @@ async def interruptible_startup(app: FastStream) -> AsyncIterator[None]:
     handled = (signal.SIGINT, signal.SIGTERM)
     for number in handled:
         loop.add_signal_handler(number, starting.cancel)
+
+    def shut_down() -> None:
+        _arm_shutdown_deadline(shutdown_deadline_seconds)
+        app.exit()
+
     try:
         yield
     finally:
         for number in handled:
-            loop.add_signal_handler(number, app.exit)
+            loop.add_signal_handler(number, shut_down)
 
 
 class BackgroundLoops:
@@ -115,7 +128,7 @@ def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        async with interruptible_startup(app):
+        async with interruptible_startup(app, settings.shutdown_deadline_seconds):
             await broker.connect()
             loops.start(loop(broker))
         yield

@@ -30,5 +30,8 @@ class Settings(BaseSettings):
     runner_ack_wait_seconds: float = Field(default=30.0, gt=0)
     # How long a runner waits for the gate's decision on a tool call before treating it as a refusal.
     decision_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Once its consumer loops have stopped, a service exits after this many seconds even if closing
+    # its connections hangs, so that its supervisor can restart it.
+    shutdown_deadline_seconds: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"
     log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")

@@ -150,8 +150,15 @@ async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0, 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-async def warden_cli(settings: Settings, *args: str) -> str:
-    """Run the `warden` command against this test's servers and prefix; its standard output (exit 0 asserted)."""
+@dataclass(frozen=True)
+class CliResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+async def run_warden_cli(settings: Settings, *args: str) -> CliResult:
+    """Run the `warden` command against this test's servers and prefix; its exit status and output."""
     env = {
         **os.environ,
         "WARDEN_NATS_URL": settings.nats_url,
@@ -159,8 +166,22 @@ async def warden_cli(settings: Settings, *args: str) -> str:
         "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "warden.cli", *args, cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "warden.cli",
+        *args,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    stdout, _ = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0
-    return stdout.decode()
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def warden_cli(settings: Settings, *args: str) -> str:
+    """Run the `warden` command against this test's servers and prefix; its standard output (exit 0 asserted)."""
+    result = await run_warden_cli(settings, *args)
+    assert result.status == 0, result.stderr[-2000:]
+    return result.stdout

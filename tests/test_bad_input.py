@@ -35,8 +35,23 @@ def with_data_changes(body: bytes, **changes: object) -> bytes:
     return json.dumps(document).encode()
 
 
+def with_input_literal(literal: bytes) -> bytes:
+    """A valid submission whose run input holds `literal` as raw JSON text (json.dumps could not write it)."""
+    body = valid_submission()
+    assert b'"input":{}' in body
+    return body.replace(b'"input":{}', b'"input":{"hostile":' + literal + b"}", 1)
+
+
 CASES = [
     pytest.param(b"{not json", RejectionCode.NOT_JSON, "not JSON", id="not-json"),
+    pytest.param(b'{"a":' * 10_000 + b"1" + b"}" * 10_000, RejectionCode.TOO_DEEP, "nested", id="nested-10000"),
+    pytest.param(with_input_literal(b"[" * 100 + b"]" * 100), RejectionCode.TOO_DEEP, "nested", id="nested-input"),
+    pytest.param(with_input_literal(b"7" * 5000), RejectionCode.NUMBER_OUT_OF_RANGE, "range", id="5000-digits"),
+    pytest.param(with_input_literal(b"9007199254740993"), RejectionCode.NUMBER_OUT_OF_RANGE, "2**53", id="past-2**53"),
+    pytest.param(with_input_literal(b"1e400"), RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="overflowing-float"),
+    pytest.param(with_input_literal(b"NaN"), RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="nan"),
+    pytest.param(with_input_literal(b'"a\\u0000b"'), RejectionCode.INVALID_STRING, "U+0000", id="nul"),
+    pytest.param(with_input_literal(b'"\xc3\x28"'), RejectionCode.NOT_JSON, "not JSON", id="invalid-utf8"),
     pytest.param(b"\xff\xfe binary", RejectionCode.NOT_JSON, "not JSON", id="binary"),
     pytest.param(b"[1, 2]", RejectionCode.SCHEMA_INVALID, "JSON object", id="json-array"),
     pytest.param(
@@ -106,7 +121,12 @@ async def test_bad_command_is_rejected_on_the_record(
     stored = await eventually(
         lambda: db.fetchrow("SELECT * FROM events WHERE stream_seq = $1 AND stream LIKE '%COMMANDS'", ack.seq)
     )
-    assert stored["raw"] == body or stored["type"] == "run.submitted"
+    # The projector judges the command by the gate's own rules: kept raw, with the same reason.
+    assert (stored["raw"], stored["type"]) == (body, None)
+    assert stored["invalid_reason"] == f"{code.value}: {rejection.reason}"
+    assert await db.fetchval("SELECT count(*) FROM runs") == 0, "a rejected command makes no run row"
+    info = await nc.jetstream().consumer_info(StreamNames.for_prefix(settings.subject_prefix).commands, DURABLE_NAME)
+    assert info.num_redelivered == 0, "answered on the first delivery"
 
 
 async def test_gate_keeps_serving_after_bad_input(settings: Settings, nc: NatsClient, run_app: AppRunner) -> None:

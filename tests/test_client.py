@@ -5,11 +5,14 @@ import json
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from services.policy_gate.app import build_app as build_gate
+from shared.errors import RejectionCode
 from shared.messages import RunStarted, RunSubmitted, make_envelope
 from shared.settings import Settings
-from tests.conftest import warden_cli
+from shared.subjects import Subjects
+from tests.conftest import AppRunner, warden_cli
 from tests.test_projector import publish
-from warden.client import CommandTooLarge, WardenClient
+from warden.client import CommandTooLarge, IdempotencyKeyTaken, Receipt, WardenClient
 
 
 async def test_submit_with_same_key_is_stored_once(settings: Settings, nc: NatsClient) -> None:
@@ -83,3 +86,39 @@ async def test_cli_submit_and_tail(settings: Settings) -> None:
         await warden_cli(settings, "tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")
     ).splitlines()
     assert [json.loads(line)["id"] for line in lines] == [started.id]
+
+
+async def test_tenants_using_the_same_key_never_collide(settings: Settings, nc: NatsClient) -> None:
+    """globex's `ticket-42` is not acme's: each tenant's first submission with that key is stored, as its own run."""
+    client = WardenClient(nc, settings.subject_prefix)
+    theirs = await client.submit_run(tenant="globex", agent="demo", actor="gina", idempotency_key="ticket-42")
+    ours = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-42")
+    assert (theirs.duplicate, ours.duplicate) == (False, False)
+    assert ours.stream_seq == theirs.stream_seq + 1
+    assert ours.subject_id != theirs.subject_id
+
+
+async def test_a_repeated_submission_names_the_run_the_first_one_created(settings: Settings, nc: NatsClient) -> None:
+    """The retry's receipt is the first submission's: its command, its run, its place in the stream."""
+    client = WardenClient(nc, settings.subject_prefix)
+    first = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-7")
+    again = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-7")
+    assert again == Receipt(first.command_id, first.subject_id, first.stream_seq, duplicate=True)
+
+
+async def test_a_key_claimed_in_another_tenants_scope_is_refused_on_the_record(
+    settings: Settings, nc: NatsClient, run_app: AppRunner
+) -> None:
+    """A globex client that writes acme's scope into its Nats-Msg-Id is rejected by the gate, and acme's client,
+    finding its key held by that command, says so rather than hand back someone else's receipt."""
+    await run_app(build_gate(settings))
+    subjects = Subjects(settings.subject_prefix)
+    squatter = make_envelope(RunSubmitted(agent="demo"), tenant="globex", subject="r-squat", actor="gina", source="t")
+    await nc.jetstream().publish(
+        subjects.expected_subject(squatter), squatter.to_bytes(), headers={"Nats-Msg-Id": "acme:run.submitted:ticket-9"}
+    )
+    client = WardenClient(nc, settings.subject_prefix)
+    with pytest.raises(IdempotencyKeyTaken, match="globex"):
+        await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-9")
+    rejections = [event.envelope async for event in client.tail("globex", idle_timeout=2.0) if event.envelope]
+    assert [rejection.data.code for rejection in rejections] == [RejectionCode.IDEMPOTENCY_KEY_OUT_OF_SCOPE.value]

@@ -264,6 +264,7 @@ def _nested(depth: int) -> bytes:
 
 
 EXAMPLES_STEP = {**json.loads(EXAMPLES["tool_call.requested"].model_dump_json()), "step": 2**31}
+USAGE = {"steps": 1, "tool_calls": 2**53}
 
 
 @pytest.mark.parametrize(
@@ -312,8 +313,15 @@ EXAMPLES_STEP = {**json.loads(EXAMPLES["tool_call.requested"].model_dump_json())
         pytest.param(_with_input(b"9007199254740992"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "2**53", id="2**53"),
         pytest.param(_with_input(b"-9007199254740992"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "2**53", id="-2**53"),
         pytest.param(_with_input(b"1e999"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="overflow"),
-        pytest.param(_with_input(b"NaN"), None, RejectionCode.NOT_JSON, "JSON", id="nan"),
-        pytest.param(_with_input(b"-Infinity"), None, RejectionCode.NOT_JSON, "JSON", id="infinity"),
+        pytest.param(_with_input(b"NaN"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="nan"),
+        pytest.param(_with_input(b"-Infinity"), None, RejectionCode.NUMBER_OUT_OF_RANGE, "finite", id="infinity"),
+        pytest.param(
+            _edited(lambda d: d.update(type="tool_call.requested", data={**EXAMPLES_STEP, "step": 1, "usage": USAGE})),
+            None,
+            RejectionCode.SCHEMA_INVALID,
+            "data.usage.tool_calls",
+            id="count-past-2**53",
+        ),
         pytest.param(_with_input(b'"a\\u0000b"'), None, RejectionCode.INVALID_STRING, "U+0000", id="nul"),
         pytest.param(_with_input(b'"\\ud800"'), None, RejectionCode.NOT_JSON, "hex escape", id="lone-surrogate"),
         pytest.param(_with_input(b'"\xff"'), None, RejectionCode.NOT_JSON, "JSON", id="invalid-utf8"),
@@ -346,7 +354,15 @@ def test_parse_envelope_rejects_with_the_right_code(
 
 @pytest.mark.parametrize(
     "literal",
-    [b"9007199254740991", b"-9007199254740991", b"1e308", b"1234567890123456.5", b'"\\\\u0000 is text"', b'"NaN"'],
+    [
+        b"9007199254740991",
+        b"-9007199254740991",
+        b"1e308",
+        b"1234567890123456.5",
+        b'"\\\\u0000 is text"',
+        b'"NaN"',
+        b'"3e512"',
+    ],
 )
 def test_values_at_the_edge_of_the_rules_are_accepted(literal: bytes) -> None:
     """The largest exact integers, the largest finite exponent, and look-alikes inside strings all parse."""
@@ -355,12 +371,13 @@ def test_values_at_the_edge_of_the_rules_are_accepted(literal: bytes) -> None:
     assert parse_envelope(raw, type_hint="run.submitted") == parse_envelope(raw)
 
 
-def test_nesting_at_the_limit_is_accepted() -> None:
-    """64 nested arrays and objects (the envelope, its data, the run input, 61 arrays) are fine; one more is not."""
-    inside = _with_input(b"[" * 61 + b"]" * 61)
-    assert parse_envelope(inside).data.input["hostile"] is not None
+@pytest.mark.parametrize("type_hint", [None, "run.submitted"])
+def test_nesting_at_the_limit_is_accepted(type_hint: str | None) -> None:
+    """A run input 64 arrays and objects deep (itself and 63 arrays) is fine; one more is not."""
+    inside = _with_input(b"[" * 63 + b"]" * 63)
+    assert parse_envelope(inside, type_hint=type_hint).data.input["hostile"] is not None
     with pytest.raises(InvalidMessage) as caught:
-        parse_envelope(_with_input(b"[" * 62 + b"]" * 62))
+        parse_envelope(_with_input(b"[" * 64 + b"]" * 64), type_hint=type_hint)
     assert caught.value.code is RejectionCode.TOO_DEEP
 
 

@@ -1,36 +1,46 @@
 """The audit projector against real JetStream and Postgres: rows, idempotency, crashes, outages, replay."""
 
 import asyncio
+import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from services.audit_projector import handlers
 from services.audit_projector.app import build_app
+from services.audit_projector.projection import StoredMessage
 from services.audit_projector.replay import TargetNotEmpty, replay
-from services.audit_projector.store import AuditStore, create_pool
+from services.audit_projector.store import AuditStore, NotContiguous, create_pool
 from services.audit_projector.stream_reader import stored_message
 from shared.admission import CommandRules
 from shared.bus import envelope_headers
 from shared.messages import (
     Envelope,
     Payload,
+    RunFailed,
     RunQueued,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
     StepCompleted,
+    ToolCallCompleted,
+    ToolCallRequested,
     make_envelope,
 )
 from shared.settings import Settings
 from shared.streams import StreamNames
 from shared.subjects import Subjects
-from tests.conftest import REPO_ROOT, AppRunner, eventually
+from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli
+from warden.timeline import run_timeline
 
+NOW = datetime.now(UTC)
 TABLES = ("events", "runs", "rejected_commands", "decisions", "tool_calls", "projector_positions")
 
 
@@ -293,3 +303,212 @@ class TcpProxy:
         self.cut()
         assert self.server is not None
         self.server.close()
+
+
+def as_stored(stream: str, seq: int, envelope: Envelope[Any], subjects: Subjects) -> StoredMessage:
+    """An envelope as JetStream would hand it to the projector at `seq` (no server needed at this port)."""
+    return StoredMessage(
+        stream, seq, subjects.expected_subject(envelope), envelope_headers(envelope), envelope.to_bytes(), NOW
+    )
+
+
+async def fresh_store(settings: Settings, size: int = 2) -> tuple[asyncpg.Pool, AuditStore]:
+    pool = await create_pool(settings.database_url, size=size)
+    store = AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes))
+    await store.ensure_schema(list(StreamNames.for_prefix(settings.subject_prefix).audited))
+    return pool, store
+
+
+async def test_refused_rows_are_kept_raw_and_unstorable_messages_dead_lettered(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A message Postgres refuses is stored raw; one refused even raw is a dead letter; the rest of the batch lands."""
+    subjects = Subjects(settings.subject_prefix)
+    stream = StreamNames.for_prefix(settings.subject_prefix).events
+    pool, store = await fresh_store(settings)
+    # Stand-ins for whatever Postgres may refuse: a payload it will not take, a row it will not take at all.
+    await db.execute("ALTER TABLE events ADD CHECK (payload IS NULL OR position('refused' in payload::text) = 0)")
+    await db.execute("ALTER TABLE events ADD CHECK (position('unstorable' in nats_subject) = 0)")
+    lifecycle = run_lifecycle("acme", "r1", steps=1)
+    refused = make_envelope(
+        RunFailed(reason="refused", error_type="E"), tenant="acme", subject="r2", actor="a", source="t"
+    )
+    messages = [as_stored(stream, seq, envelope, subjects) for seq, envelope in enumerate(lifecycle[1:3], start=1)]
+    messages.append(as_stored(stream, 3, refused, subjects))
+    messages.append(StoredMessage(stream, 4, f"{subjects.prefix}.evt.acme.run.unstorable.run.started", None, b"x", NOW))
+    messages += [as_stored(stream, seq, envelope, subjects) for seq, envelope in enumerate(lifecycle[3:], start=5)]
+
+    assert await store.apply(stream, messages) == len(messages)
+    await pool.close()
+    assert await db.fetchval("SELECT last_seq FROM projector_positions WHERE stream = $1", stream) == len(messages)
+    raw = await db.fetchrow("SELECT type, raw, invalid_reason FROM events WHERE stream_seq = 3")
+    assert raw is not None
+    assert (raw["type"], raw["raw"]) == (None, refused.to_bytes())
+    assert raw["invalid_reason"].startswith("postgres refused the row")
+    assert await db.fetchval("SELECT count(*) FROM events WHERE stream_seq = 4") == 0
+    dead = await db.fetchrow("SELECT * FROM dead_letters")
+    assert dead is not None
+    assert (dead["stream"], dead["stream_seq"]) == (stream, 4)
+    assert "refused again" in dead["reason"]
+    assert await db.fetchval("SELECT status FROM runs WHERE run_id = 'r1'") == "succeeded", "the rest landed"
+    assert await db.fetchval("SELECT count(*) FROM runs WHERE run_id = 'r2'") == 0
+
+
+async def test_a_batch_that_does_not_follow_the_position_is_refused(settings: Settings) -> None:
+    """Applying sequences 3..4 over a stored position of 1 would leave a hole: refused, nothing written."""
+    subjects = Subjects(settings.subject_prefix)
+    stream = StreamNames.for_prefix(settings.subject_prefix).events
+    pool, store = await fresh_store(settings)
+    lifecycle = run_lifecycle("acme", "r1", steps=2)[1:]
+    messages = [as_stored(stream, seq, envelope, subjects) for seq, envelope in enumerate(lifecycle, start=1)]
+    assert await store.apply(stream, messages[:1]) == 1
+    with pytest.raises(NotContiguous):
+        await store.apply(stream, messages[2:4])
+    assert await store.positions() == {stream: 1, StreamNames.for_prefix(settings.subject_prefix).commands: 0}
+    await store.record_gap(stream, 2, 2)
+    assert await store.apply(stream, messages[2:4]) == 2
+    gaps = await pool.fetch("SELECT stream, first_seq, last_seq FROM stream_gaps")
+    assert [tuple(gap) for gap in gaps] == [(stream, 2, 2)]
+    await pool.close()
+
+
+async def test_writing_one_by_one_never_deadlocks_with_the_other_stream(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A commands batch written message by message and an events batch touching the same rows both commit.
+
+    Message by message, the commands batch locks tool call X, then run B (message order); the
+    events batch locks run B, then tool call X (key order, table by table). Without one of
+    them waiting for the other before taking any row, Postgres detects a deadlock.
+    """
+    subjects = Subjects(settings.subject_prefix)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    pool, store = await fresh_store(settings, size=4)
+    # Hold tool call X's row long enough for the other batch to take its first rows.
+    await db.execute(
+        "CREATE FUNCTION hold_x() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.tool_call_id = 'X' THEN PERFORM pg_sleep(0.5); END IF; RETURN NEW; END $$; "
+        "CREATE TRIGGER hold_x AFTER INSERT OR UPDATE ON tool_calls FOR EACH ROW EXECUTE FUNCTION hold_x(); "
+        "ALTER TABLE events ADD CHECK (payload IS NULL OR position('refused' in payload::text) = 0)"
+    )
+
+    def envelope(payload: Payload, run_id: str) -> Envelope[Any]:
+        return make_envelope(payload, tenant="acme", subject=run_id, actor="alice", source="t")
+
+    requested = ToolCallRequested(tool_call_id="X", step=0, agent="demo", tool="math.add")
+    commands = [
+        as_stored(streams.commands, 1, envelope(requested, "A"), subjects),
+        as_stored(streams.commands, 2, envelope(RunSubmitted(agent="demo"), "B"), subjects),
+        as_stored(streams.commands, 3, envelope(RunSubmitted(agent="demo", input={"q": "refused"}), "C"), subjects),
+    ]
+    completed = ToolCallCompleted(tool_call_id="X", step=0, tool="math.add", decision_id="d", outcome="ok")
+    events = [
+        as_stored(streams.events, 1, envelope(RunStarted(decision_id="d", worker="w"), "B"), subjects),
+        as_stored(streams.events, 2, envelope(completed, "A"), subjects),
+    ]
+
+    async def events_a_moment_later() -> int:
+        await asyncio.sleep(0.2)
+        return await store.apply(streams.events, events)
+
+    applied = await asyncio.gather(store.apply(streams.commands, commands), events_a_moment_later())
+    assert list(applied) == [3, 2]
+    await pool.close()
+    row = await db.fetchrow("SELECT arguments, outcome FROM tool_calls WHERE tool_call_id = 'X'")
+    assert row is not None
+    assert (row["arguments"], row["outcome"]) == ("{}", "ok")
+
+
+async def test_deleted_messages_are_recorded_as_gaps_live_and_in_replay(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """Messages deleted before projection: the projector records each hole (event and row) and goes on;
+    a replay finds the same holes and says so, and `warden audit replay` exits non-zero."""
+    for i in range(4):
+        for envelope in run_lifecycle("acme", f"run-{i}", steps=2):
+            await publish(nc, settings, envelope)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    js = nc.jetstream()
+    for seq in (1, 2, 7, 12, 13, 14):  # the first messages, one alone, a run of three
+        await js.delete_msg(streams.events, seq)
+    await js.delete_msg(streams.commands, 2)
+    expected = [(streams.commands, 2, 2), (streams.events, 1, 2), (streams.events, 7, 7), (streams.events, 12, 14)]
+
+    await run_app(build_app(settings))
+
+    async def gaps() -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await db.fetch("SELECT * FROM stream_gaps ORDER BY stream, first_seq")]
+
+    await eventually(lambda: _equal(gaps(), expected))
+    total = await stream_total(nc, settings)
+    await eventually(lambda: db.fetchval("SELECT count(*) = $1 FROM events", total))
+    noticed = await db.fetch("SELECT payload FROM events WHERE type = 'stream.gap_detected' ORDER BY stream_seq")
+    found = [json.loads(row["payload"]) for row in noticed]
+    assert sorted((gap["stream"], gap["first_seq"], gap["last_seq"]) for gap in found) == expected
+    assert await db.fetchval("SELECT count(*) FROM runs WHERE status = 'succeeded'") == 4
+
+    report = await replay(settings, "rebuilt")
+    assert sorted(report.gaps) == expected
+    for table in TABLES:
+        assert await table_rows(db, "rebuilt", table) == await table_rows(db, "public", table), table
+    result = await run_warden_cli(settings, "audit", "replay", "--schema", "again")
+    assert result.status == 3
+    assert json.loads(result.stdout)["missing"][0] == {"stream": streams.commands, "first_seq": 2, "last_seq": 2}
+    assert f"{streams.events} is missing sequences 12..14" in result.stderr
+
+
+async def _equal(found: Awaitable[Any], expected: Any) -> bool:
+    return bool(await found == expected)
+
+
+async def test_messages_lost_in_flight_are_fetched_again(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages the client drops between delivery and storage are fetched again, never acknowledged unstored.
+
+    A tiny client-side buffer makes nats-py drop most of every batch, as a dropped connection
+    or a leader change would: the projector sees the next batch skip them, finds them still in
+    the stream, and fetches again from its stored position. Rows end up equal to messages.
+    """
+    monkeypatch.setattr(handlers, "PENDING_BYTES_LIMIT", 4096)
+    monkeypatch.setattr(handlers, "IDLE_CHECK_SECONDS", 0.1)
+    for i in range(30):
+        for envelope in run_lifecycle("acme", f"run-{i}", steps=3):
+            await publish(nc, settings, envelope)
+    total = await stream_total(nc, settings)
+    await run_app(build_app(settings))
+    await eventually(lambda: db.fetchval("SELECT sum(last_seq) = $1 FROM projector_positions", total), within=60)
+    assert await db.fetchval("SELECT count(DISTINCT (stream, stream_seq)) FROM events") == total
+    assert await db.fetchval("SELECT count(*) FROM stream_gaps") == 0, "nothing lost in flight is taken for a gap"
+    assert await db.fetchval("SELECT count(*) FROM runs WHERE status = 'succeeded' AND steps = 3") == 30
+
+
+async def test_a_timeline_follows_the_server_not_the_senders_clock(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """A backdated event is told where the server stored it, with the time its sender claimed beside it."""
+    subjects = Subjects(settings.subject_prefix)
+    lifecycle = run_lifecycle("acme", "r1", steps=2)
+    backdated_step = 4  # the second step.completed claims to have happened in 2020
+    for index, envelope in enumerate(lifecycle):
+        body = envelope.to_bytes()
+        if index == backdated_step:
+            document = json.loads(body)
+            document["time"] = "2020-01-02T03:04:05.678000Z"
+            body = json.dumps(document).encode()
+        await nc.jetstream().publish(subjects.expected_subject(envelope), body, headers=envelope_headers(envelope))
+    await run_app(build_app(settings))
+    await eventually(lambda: db.fetchval("SELECT count(*) = 6 FROM events"))
+
+    lines = await run_timeline(db, "acme", "r1")
+    described = [line.split("  ", 1)[1] for line in lines]
+    assert described == [
+        'alice asked for a run of agent demo with input {"q": "r1"}',
+        "scheduler: queued (priority 5)",
+        "runner w1: started (attempt 1)",
+        "step 0: model_turn: ",
+        "step 1: model_turn: ",
+        "run SUCCEEDED after 2 steps, 0 tool calls",
+    ]
+    assert "(sent 2020-01-02 03:04:05.678)" in lines[4]
+    assert "(sent 2020" not in lines[3] + lines[5]

@@ -152,6 +152,8 @@ async def publish_everything(nc: NatsClient, subjects: Subjects) -> None:
     await send(envelope_of(too_big, "acme", "r1", submitted))
     await send(envelope_of(tool_decision.model_copy(update={"decision_id": "d5"}), "acme", "r1", submitted))
     await send(envelope_of(too_big.model_copy(update={"decision_id": "d5"}), "acme", "r1", submitted))
+    overflow = envelope_of(RunSucceeded(output=1, steps=0, tool_calls=0), "acme", "r8")
+    await send(overflow, stored(overflow, **{"data.output": [1, 2**60]}))
     surrogate = envelope_of(RunFailed(reason="x", error_type="E"), "acme", "r1", submitted)
     await send(surrogate, stored(surrogate, **{"data.reason": "\ud800"}))
     huge = envelope_of(RunSubmitted(agent="demo", input={"blob": "x" * 70_000}), "acme", "r6")
@@ -204,7 +206,8 @@ async def test_fast_replay_equals_live_and_one_by_one(
         for schema in ("parallel", "sequential", "one_by_one"):
             assert await table_rows(db, schema, table) == live, f"{schema}.{table} differs from the live table"
     reasons = {row["invalid_reason"] for row in await db.fetch("SELECT invalid_reason FROM events")}
-    for code in ("not_json", "invalid_string", "number_out_of_range", "too_large", "idempotency_key_out_of_scope"):
+    codes = ("not_json", "invalid_string", "number_out_of_range", "too_large", "idempotency_key_out_of_scope")
+    for code in (*codes, "schema_invalid"):
         assert any(reason and reason.startswith(code) for reason in reasons), code
     assert await db.fetchval("SELECT count(*) FROM runs WHERE run_id IN ('r6', 'r7')") == 0, "rejected: no run rows"
     assert await db.fetchval("SELECT count(*) FROM events WHERE idempotency_key IS NULL") >= 1
@@ -294,3 +297,35 @@ async def test_timestamps_are_copied_as_asyncpg_copies_them(settings: Settings) 
         texts.append([row[0] for row in await connection.fetch("SELECT at::text FROM stamps ORDER BY i")])
         await connection.close()
     assert texts[0] == texts[1]
+
+
+async def test_large_messages_are_read_within_a_bounded_window(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """A hundred 900 KB commands and as many 900 KB events among small ones: the live projector and both
+    replay readers take them all, with no slow-consumer error however slowly messages are projected."""
+    subjects = Subjects(settings.subject_prefix)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    js = nc.jetstream()
+    for i in range(100):
+        big = envelope_of(RunSubmitted(agent="demo", input={"blob": "x" * 900_000}), "acme", f"big-{i}")
+        small = envelope_of(RunSubmitted(agent="demo"), "acme", f"small-{i}")
+        output = envelope_of(RunSucceeded(output=["y" * 900_000], steps=1, tool_calls=0), "acme", f"small-{i}", small)
+        for envelope in (big, small, output):
+            await js.publish(
+                subjects.expected_subject(envelope), envelope.to_bytes(), headers=envelope_headers(envelope)
+            )
+    await run_app(build_app(settings))
+    total = await stream_total(nc, settings)
+    await eventually(lambda: db.fetchval("SELECT sum(last_seq) = $1 FROM projector_positions", total), within=60)
+    assert await db.fetchval("SELECT count(*) FROM events WHERE invalid_reason LIKE 'too_large%'") == 100
+    assert await db.fetchval("SELECT count(*) FROM runs WHERE status = 'succeeded'") == 100
+
+    report = await replay(settings, "rebuilt", workers=0)
+    assert (report.events_applied, report.gaps) == (total, ())
+    for table in TABLES:
+        assert await table_rows(db, "rebuilt", table) == await table_rows(db, "public", table), table
+    portable = [
+        m.seq async for batch in _nats_py_batches(nc, streams.commands, subjects.all_commands, 1, 200) for m in batch
+    ]
+    assert portable == list(range(1, 201))

@@ -1,4 +1,4 @@
-"""A service process stops on SIGTERM at any moment, even while it is still waiting to start."""
+"""A service process stops on SIGTERM at any moment: while still waiting to start, or with a close that hangs."""
 
 import asyncio
 import os
@@ -6,7 +6,13 @@ import signal
 import socket
 import sys
 
-from tests.conftest import REPO_ROOT
+import asyncpg
+import pytest
+
+from services.audit_projector import store
+from shared.service import SHUTDOWN_OVERRUN_STATUS
+from shared.settings import Settings
+from tests.conftest import REPO_ROOT, Servers, eventually
 
 
 def _closed_port() -> int:
@@ -49,3 +55,40 @@ async def test_projector_waiting_for_postgres_stops_on_sigterm() -> None:
             process.kill()
             await process.wait()
     assert returncode == 0
+
+
+async def test_a_service_whose_shutdown_hangs_exits_at_its_deadline(servers: Servers) -> None:
+    """A close that never returns does not keep a stopping service alive: it exits at its deadline, to be restarted."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WARDEN_")}
+    env |= {"WARDEN_NATS_URL": servers.nats_url, "WARDEN_SHUTDOWN_DEADLINE_SECONDS": "1", "WARDEN_LOG_FORMAT": "json"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.hung_service", cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        assert await asyncio.wait_for(process.stdout.readline(), 30) == b"started\n"
+        process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(process.wait(), 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert returncode == SHUTDOWN_OVERRUN_STATUS
+
+
+async def test_closing_a_pool_cuts_connections_that_are_never_given_back(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection stuck in a transaction does not hold up closing the projector's pool: it is cut."""
+    monkeypatch.setattr(store, "CLOSE_TIMEOUT_SECONDS", 0.5)
+    pool = await store.create_pool(settings.database_url)
+    stuck = await pool.acquire()
+    await stuck.execute("BEGIN; SELECT 1")
+    backend = stuck.get_server_pid()
+    await asyncio.wait_for(store.close_pool(pool), 5)
+    observer = await asyncpg.connect(settings.database_url)
+    try:
+        gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1"
+        await eventually(lambda: observer.fetchval(gone, backend), within=5)
+    finally:
+        await observer.close()

@@ -48,7 +48,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        async with interruptible_startup(app):
+        async with interruptible_startup(app, settings.shutdown_deadline_seconds):
             pool = await _wait_for_postgres(settings.database_url)
             store = AuditStore(pool, CommandRules(subjects, settings.max_command_bytes))
             await store.ensure_schema(list(filters))

@@ -39,6 +39,9 @@ BATCH_BYTES = 32 * 1024 * 1024
 # the projector finds and fetches again, so this bounds memory, not correctness.
 PENDING_BYTES_LIMIT = 2 * BATCH_BYTES
 
+# How often an idle projector asks whether the stream holds messages it never received (see `run`).
+IDLE_CHECK_SECONDS = 1.0
+
 GapRecorder = Callable[[str, int, int], Awaitable[None]]
 
 
@@ -185,6 +188,28 @@ class StreamProjection:
             durable=DURABLE_NAME, stream=self.stream, pending_bytes_limit=PENDING_BYTES_LIMIT
         )
 
+    async def _resubscribe(
+        self, subscription: JetStreamContext.PullSubscription, position: int
+    ) -> JetStreamContext.PullSubscription:
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()
+        return await self._subscribe(position)
+
+    async def _missed(self, position: int) -> bool:
+        """Whether the stream holds messages past `position` that the consumer delivered and this process lost.
+
+        Lost messages at the end of the stream leave no later message to reveal the hole, and the
+        consumer would redeliver them only after its ack wait: so an idle projector asks.
+        """
+        try:
+            last_seq = (await self.js.stream_info(self.stream)).state.last_seq
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("could not ask the stream how far it goes", stream=self.stream, error=repr(exc))
+            return False
+        return last_seq > position and await still_stored(
+            self.js, self.stream, self.filter_subject, position + 1, last_seq
+        )
+
     async def run(self, position: int) -> None:
         """Fetch, project and ack batches from `position` + 1 until cancelled.
 
@@ -193,9 +218,16 @@ class StreamProjection:
         """
         subscription = await self._subscribe(position)
         size = self.batch
+        checked_at = time.monotonic()
         try:
             while True:
                 messages = await fetch_batch(subscription, size, self.wait)
+                if not messages and time.monotonic() - checked_at >= IDLE_CHECK_SECONDS:
+                    checked_at = time.monotonic()
+                    if await self._missed(position):
+                        log.warning("messages lost in flight; fetching again", stream=self.stream, after_seq=position)
+                        subscription = await self._resubscribe(subscription, position)
+                    continue
                 size = next_batch_size(messages, self.batch) if messages else size
                 while messages:
                     split = split_at_gap(messages, position)
@@ -207,9 +239,7 @@ class StreamProjection:
                     first, last = split.gap
                     if await still_stored(self.js, self.stream, self.filter_subject, first, last):
                         log.warning("messages lost in flight; fetching again", stream=self.stream, first_seq=first)
-                        with contextlib.suppress(nats.errors.Error):
-                            await subscription.unsubscribe()
-                        subscription = await self._subscribe(position)
+                        subscription = await self._resubscribe(subscription, position)
                         break
                     log.error("messages missing from the stream", stream=self.stream, first_seq=first, last_seq=last)
                     await self.record_gap(self.stream, first, last)

@@ -209,13 +209,16 @@ class AuditStore:
             await connection.execute("UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, last_seq)
 
     async def _lock_position(self, connection: Connection, stream: str, *, exclusive: bool) -> int:
-        """Take the lease (fencing out a deposed projector) and lock the stream's position; return it."""
-        if self.epoch is not None or exclusive:
-            # FOR SHARE: a takeover's epoch bump waits for this batch, then fences the next one.
-            lock = "FOR UPDATE" if exclusive else "FOR SHARE"
-            epoch = await connection.fetchval(f"SELECT epoch FROM projector_lease WHERE id = 1 {lock}")
-            if self.epoch is not None and epoch != self.epoch:
-                raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
+        """Take the lease (fencing out a deposed projector) and lock the stream's position; return it.
+
+        The lease is the first lock every transaction takes: shared by ordinary batches, so a
+        takeover's epoch bump waits for this batch and then fences the next; exclusive for a batch
+        written message by message, which then runs alone (see the class's docstring).
+        """
+        lock = "FOR UPDATE" if exclusive else "FOR SHARE"
+        epoch = await connection.fetchval(f"SELECT epoch FROM projector_lease WHERE id = 1 {lock}")
+        if self.epoch is not None and epoch != self.epoch:
+            raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
         last_seq = await connection.fetchval(
             "SELECT last_seq FROM projector_positions WHERE stream = $1 FOR UPDATE", stream
         )

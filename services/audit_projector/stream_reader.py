@@ -9,8 +9,12 @@ through nats-py instead (`read_range` chooses).
 What is in flight is bounded in bytes as well as in messages: each pull request asks for at
 most `REQUEST_BYTES` (the server ends it early, with a 409 status, rather than exceed that), and
 new requests are sent only while what has arrived and not been taken, plus what is still asked
-for, stays within `WINDOW_BYTES`. A stream of 1 MiB messages is then read as steadily as one of
-small ones, and the server never holds more for this connection than a slow reader can take.
+for, stays within `WINDOW_BYTES`. Each request has an inbox (a subscription) of its own, dropped
+once the request is served, so every message and status counts against the request it answers:
+the server does not order one request's closing status before the next request's messages, and
+a request may send a closing status after its last message. A stream of 1 MiB
+messages is then read as steadily as one of small ones, and the server never holds more for this
+connection than a slow reader can take.
 """
 
 import asyncio
@@ -18,8 +22,7 @@ import contextlib
 import json
 import re
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -36,9 +39,11 @@ from shared.bus import MSG_ID_HEADER
 
 log = structlog.get_logger(__name__)
 
-# Messages per pull request, and how many may be asked for and not yet taken.
+# Messages per pull request, how many requests may be in flight at once, and how many messages
+# may be asked for and not yet taken.
 PULL_BATCH = 5_000
-PULL_WINDOW = 3 * PULL_BATCH
+PULL_REQUESTS = 3
+PULL_WINDOW = PULL_REQUESTS * PULL_BATCH
 # Bytes per pull request (at least twice the largest message the server accepts), and how many
 # bytes may be asked for or waiting at once.
 REQUEST_BYTES = 8 * 1024 * 1024
@@ -154,19 +159,20 @@ def parse_headers(block: bytes) -> Mapping[str, str] | None:
 # The usual frame: HMSG <subject> <sid> $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
 # <consumer seq>.<timestamp ns>.<pending> <header bytes> <total bytes>. One match reads it all.
 _STREAM_MESSAGE = re.compile(
-    rb"HMSG ([^ \r\n]+) [0-9]+ \$JS\.ACK\.[^. ]+\.[^. ]+\.[0-9]+\."
+    rb"HMSG ([^ \r\n]+) ([0-9]+) \$JS\.ACK\.[^. ]+\.[^. ]+\.[0-9]+\."
     rb"([0-9]+)\.[0-9]+\.([0-9]+)\.([0-9]+) ([0-9]+) ([0-9]+)\r\n"
 )
-# A pull request that stopped short of its batch because the next message would pass its bytes.
-_MAX_BYTES_REACHED = b"409 Message Size Exceeds MaxBytes"
+# Statuses that close a pull request: it stopped short because the next message would pass its
+# bytes, or (a request with max_bytes) it delivered its whole batch.
+_REQUEST_CLOSED = (b"NATS/1.0 409 Message Size Exceeds MaxBytes", b"NATS/1.0 409 Batch Completed")
 
 
 class _PullProtocol(asyncio.Protocol):
     """Parses what the server sends: stream messages are batched up for `PullReader`, the rest handled.
 
-    It also keeps the books on the pull requests still being served (`outstanding`, how many
-    messages each may still bring, oldest first: the server serves them in order) and on what
-    has arrived and not been taken (`waiting_bytes`, `waiting_messages`).
+    It also keeps the books on the pull requests being served (`outstanding`: for each request's
+    inbox, by its subscription id, how many messages it may still bring) and on what has arrived
+    and not been taken (`waiting_bytes`, `waiting_messages`).
     """
 
     def __init__(self, stream: str, last_seq: int) -> None:
@@ -177,10 +183,13 @@ class _PullProtocol(asyncio.Protocol):
         self.server_info: dict[str, Any] = {}
         self.batches: asyncio.Queue[list[StoredMessage] | BaseException | None] = asyncio.Queue()
         self.finished = False  # the last message of the range has arrived (or the connection failed)
-        self.outstanding: deque[int] = deque()
+        self.outstanding: dict[bytes, int] = {}
         self.delivered = 0
         self.waiting_bytes = 0
         self.waiting_messages = 0
+        # Called whenever requests may have ended, so the reader can ask for more even while
+        # nothing is being taken (it waits for a batch that only a new request can bring).
+        self.on_progress: Callable[[], None] = lambda: None
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = 0  # bytes that must have arrived before the buffer is worth parsing again
@@ -199,14 +208,20 @@ class _PullProtocol(asyncio.Protocol):
             self.ready.set_exception(exc)
         self.batches.put_nowait(exc)
 
-    def _served(self, count: int = 1) -> None:
-        self.delivered += count
-        while count and self.outstanding:
-            taken = min(count, self.outstanding[0])
-            self.outstanding[0] -= taken
-            count -= taken
-            if self.outstanding[0] == 0:
-                self.outstanding.popleft()
+    def _served(self, sid: bytes) -> None:
+        self.delivered += 1
+        remaining = self.outstanding.get(sid)
+        if remaining is not None:
+            if remaining > 1:
+                self.outstanding[sid] = remaining - 1
+            else:
+                self._close_request(sid)
+
+    def _close_request(self, sid: bytes) -> None:
+        """Forget a served request and drop its inbox, so a status it sends late reaches no one."""
+        del self.outstanding[sid]
+        assert self.transport is not None
+        self.transport.write(b"UNSUB %s\r\n" % sid)
 
     def data_received(self, data: bytes) -> None:
         # A large message arrives in many pieces: keep them aside until the frame is complete,
@@ -238,13 +253,13 @@ class _PullProtocol(asyncio.Protocol):
                 if message is not None:
                     messages.append(message)
                 continue
-            subject, seq, stamp, pending, header_size, total_size = match.groups()
+            subject, sid, seq, stamp, pending, header_size, total_size = match.groups()
             start = match.end()
             stop = start + int(total_size)
             if stop + 2 > size:
                 self._need = stop + 2 - pos  # the payload has not all arrived yet
                 break
-            self._served()
+            self._served(sid)
             header_end = start + int(header_size)
             sequence = int(seq)
             if sequence <= last_seq:
@@ -269,6 +284,8 @@ class _PullProtocol(asyncio.Protocol):
         if complete:
             self.finished = True
             self.batches.put_nowait(None)
+        elif not self.finished:
+            self.on_progress()
         return pos
 
     def _other_frame(self, buffer: bytes, pos: int) -> tuple[int, StoredMessage | None, bool] | None:
@@ -303,9 +320,9 @@ class _PullProtocol(asyncio.Protocol):
         header_end = start + int(args[-2]) if headed else start
         reply = args[2] if len(args) == (5 if headed else 4) else b""
         if not reply.startswith(b"$JS.ACK."):
-            self._status(buffer[start:header_end])
+            self._status(args[1], buffer[start:header_end])
             return stop + 2, None, False
-        self._served()
+        self._served(args[1])
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>, or
         # with <domain>.<account hash> after ACK and a random token at the end.
         tokens = reply.split(b".")
@@ -323,10 +340,11 @@ class _PullProtocol(asyncio.Protocol):
             )
         return stop + 2, message, sequence >= self.last_seq or pending == b"0"
 
-    def _status(self, block: bytes) -> None:
-        if block.startswith(b"NATS/1.0 " + _MAX_BYTES_REACHED):
-            if self.outstanding:
-                self.outstanding.popleft()  # the oldest request is done, short of its batch
+    def _status(self, sid: bytes, block: bytes) -> None:
+        if sid not in self.outstanding:
+            return  # about a request already served
+        if block.startswith(_REQUEST_CLOSED):
+            self._close_request(sid)
             return
         # Anything else ends a pull early only when something is wrong (the consumer went away,
         # the server is shutting down): requests without an expiry never time out, and a
@@ -352,6 +370,7 @@ class PullReader:
         self.consumer = f"replay_{uuid.uuid4().hex}"
         self._protocol: _PullProtocol | None = None
         self._request_bytes = REQUEST_BYTES
+        self._requests = 0
 
     async def __aenter__(self) -> Self:
         url = self.nc.connected_url
@@ -397,13 +416,14 @@ class PullReader:
             options.update(user=url.username, **{"pass": url.password})
         elif url.username:
             options["auth_token"] = url.username
-        self._inbox = f"_INBOX.{uuid.uuid4().hex}".encode()
-        self._write(b"CONNECT %s\r\nSUB %s 1\r\nPING\r\n" % (json.dumps(options).encode(), self._inbox))
+        self._inbox_stem = f"_INBOX.{uuid.uuid4().hex}".encode()
+        self._write(b"CONNECT %s\r\nPING\r\n" % json.dumps(options).encode())
         await asyncio.wait_for(protocol.ready, READ_TIMEOUT_SECONDS)
         # A request must be able to hold the largest message the server accepts, or it would
         # end (409) before delivering it, again and again.
         self._request_bytes = max(REQUEST_BYTES, 2 * int(protocol.server_info.get("max_payload", 0)))
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}".encode()
+        protocol.on_progress = self._top_up
         self._top_up()
 
     def _write(self, data: bytes) -> None:
@@ -412,7 +432,7 @@ class PullReader:
         self._protocol.transport.write(data)
 
     def _top_up(self) -> None:
-        """Ask for more while what is waiting and what is still asked for stays within both windows.
+        """Ask for more while what is waiting and what is asked for stays within both windows.
 
         The consumer does not stop at `last_seq`, so requests are sized to what is left of the
         range; only if all are served and the range is still open (deleted messages left holes)
@@ -422,8 +442,8 @@ class PullReader:
         assert protocol is not None
         size = self.last_seq - self.first_seq + 1
         window_bytes = max(WINDOW_BYTES, 2 * self._request_bytes)
-        while True:
-            asked = sum(protocol.outstanding)
+        while len(protocol.outstanding) < PULL_REQUESTS:
+            asked = sum(protocol.outstanding.values())
             if protocol.waiting_bytes + (len(protocol.outstanding) + 1) * self._request_bytes > window_bytes:
                 return
             if protocol.waiting_messages + asked >= PULL_WINDOW:
@@ -433,10 +453,15 @@ class PullReader:
                 if protocol.outstanding:
                     return
                 batch = PULL_BATCH
+            self._requests += 1
+            sid = b"%d" % self._requests
+            inbox = b"%s.%s" % (self._inbox_stem, sid)
             # No expiry: a request waits until served, and only stored messages are asked for.
             body = b'{"batch":%d,"max_bytes":%d}' % (batch, self._request_bytes)
-            self._write(b"PUB %s %s %d\r\n%s\r\n" % (self._next_subject, self._inbox, len(body), body))
-            protocol.outstanding.append(batch)
+            self._write(
+                b"SUB %s %s\r\nPUB %s %s %d\r\n%s\r\n" % (inbox, sid, self._next_subject, inbox, len(body), body)
+            )
+            protocol.outstanding[sid] = batch
 
     def __aiter__(self) -> Self:
         return self
