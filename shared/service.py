@@ -40,8 +40,14 @@ def _arm_shutdown_deadline(seconds: float) -> None:
     service alive, and so keep its supervisor from restarting it.
     """
 
+    context = structlog.contextvars.get_contextvars()  # the timer's thread has none of its own
+    loop = asyncio.get_running_loop()
+
     def overdue() -> None:
-        log.error("shutdown overran its deadline; exiting now", deadline_s=seconds)
+        # What was still running, for whoever reads the log: the loop is stuck or busy, so this
+        # reads its tasks from another thread, which is fine for a last word before exiting.
+        pending = [_describe_task(task) for task in asyncio.all_tasks(loop)]
+        log.error("shutdown overran its deadline; exiting now", deadline_s=seconds, pending=pending, **context)
         os._exit(SHUTDOWN_OVERRUN_STATUS)
 
     if _Deadline.armed:
@@ -51,6 +57,14 @@ def _arm_shutdown_deadline(seconds: float) -> None:
     timer = threading.Timer(seconds, overdue)
     timer.daemon = True
     timer.start()
+
+
+def _describe_task(task: asyncio.Task[Any]) -> str:
+    frames = task.get_stack(limit=4)
+    where = " <- ".join(
+        f"{frame.f_code.co_name} ({frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})" for frame in frames
+    )
+    return f"{task.get_name()}: {where}"
 
 
 class _Deadline:

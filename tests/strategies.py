@@ -1,6 +1,7 @@
-"""Hypothesis strategies that generate valid Warden payloads, envelope fields and agent scripts."""
+"""Hypothesis strategies that generate valid Warden payloads, envelope fields, agent scripts, and hostile commands."""
 
 import json
+from dataclasses import dataclass
 from typing import Any, get_args
 
 from hypothesis import strategies as st
@@ -8,7 +9,7 @@ from pydantic import JsonValue, StringConstraints
 
 from services.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
 from shared.decoding import MAX_SAFE_INTEGER
-from shared.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested
+from shared.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested, make_envelope
 
 
 def _matching(annotated: object) -> st.SearchStrategy[str]:
@@ -155,3 +156,82 @@ def scripted_runs(draw: st.DrawFn) -> tuple[ScriptedAgent, dict[str, JsonValue],
             )
         )
     return agent, run_input, history
+
+
+# --- Hostile input: commands the gate must reject, each in a different way ----------------------
+
+
+@dataclass(frozen=True)
+class HostileCommand:
+    """One message an attacker publishes to a command subject, and which rule it breaks."""
+
+    kind: str
+    subject: str
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+def _valid_body(tenant: str, run_id: str, input_literal: bytes = b"{}") -> bytes:
+    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject=run_id, actor="mallory", source="x")
+    return envelope.to_bytes().replace(b'"input":{}', b'"input":' + input_literal, 1)
+
+
+def _nested(depth: int, pair: tuple[bytes, bytes]) -> bytes:
+    opener, closer = pair
+    return b'{"x":' + opener * depth + b"1" + closer * depth + b"}"
+
+
+# Run inputs that break a decoding rule, by the rule they break.
+_POISON_INPUTS: dict[str, st.SearchStrategy[bytes]] = {
+    "deep": st.builds(
+        _nested, st.integers(min_value=65, max_value=20_000), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")])
+    ),
+    "huge_integer": st.integers(min_value=4_301, max_value=20_000).map(lambda digits: b'{"n":-' + b"9" * digits + b"}"),
+    "unsafe_integer": st.integers(min_value=2**53, max_value=10**300).map(lambda value: b'{"n":%d}' % value),
+    "overflowing_float": st.integers(min_value=309, max_value=99_999).map(lambda exponent: b'{"f":1e%d}' % exponent),
+    "nan": st.sampled_from([b'{"f":NaN}', b'{"f":Infinity}', b'{"f":-Infinity}']),
+    "nul": st.just(b'{"s":"a\\u0000b"}'),
+    "invalid_utf8": st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80"]).map(lambda bad: b'{"s":"' + bad + b'"}'),
+    "lone_surrogate": st.integers(min_value=0x800, max_value=0xFFF).map(lambda code: b'{"s":"\\ud%03x"}' % code),
+    "oversized": st.integers(min_value=65_536, max_value=900_000).map(lambda size: b'{"b":"' + b"x" * size + b'"}'),
+}
+
+
+def _lying_header(subject: str, body: bytes) -> st.SearchStrategy[HostileCommand]:
+    # The header names a valid type; the body is an event, or cut short, or no envelope at all.
+    return st.builds(
+        HostileCommand,
+        kind=st.just("lying_header"),
+        subject=st.just(subject),
+        body=st.sampled_from([b'{"type": "decision.made"}', body[:-2], b"{}"]),
+        headers=st.sampled_from(["run.submitted", "tool_call.requested", "decision.made"]).map(
+            lambda type_name: {"Warden-Type": type_name}
+        ),
+    )
+
+
+@st.composite
+def hostile_commands(draw: st.DrawFn, prefix: str, key_scopes: tuple[str, ...] = ("acme", "globex")) -> HostileCommand:
+    """A command that breaks one of the rules: a poison body, a lying header, a wrong subject, a squatted key."""
+    tenant, run_id = draw(tenants()), draw(tokens())
+    subject = f"{prefix}.cmd.{tenant}.run.submitted"
+    body = _valid_body(tenant, run_id)
+    others = ["not_json", "lying_header", "extra_tokens", "other_tenant", "squatted_key", "bad_tenant_token"]
+    kind = draw(st.sampled_from([*_POISON_INPUTS, *others]))
+    if kind in _POISON_INPUTS:
+        return HostileCommand(kind, subject, _valid_body(tenant, run_id, draw(_POISON_INPUTS[kind])))
+    if kind == "not_json":
+        garbage = draw(st.binary(max_size=200))
+        return HostileCommand(kind, subject, b"\xff" + garbage)
+    if kind == "lying_header":
+        return draw(_lying_header(subject, body))
+    if kind == "extra_tokens":
+        return HostileCommand(kind, f"{subject}.{draw(tokens())}", body)
+    if kind == "other_tenant":
+        other = draw(tenants().filter(lambda candidate: candidate != tenant))
+        return HostileCommand(kind, subject, _valid_body(other, run_id))
+    if kind == "squatted_key":
+        victim = draw(st.sampled_from([scope for scope in key_scopes if scope != tenant] or ["acme"]))
+        return HostileCommand(kind, subject, body, {"Nats-Msg-Id": f"{victim}:run.submitted:squat-{draw(tokens())}"})
+    # bad_tenant_token: characters NATS allows in a subject and Warden does not in a tenant.
+    return HostileCommand(kind, f"{prefix}.cmd.{tenant}@corp.run.submitted", body)

@@ -23,6 +23,18 @@ def _closed_port() -> int:
         return port
 
 
+async def stopped_by_sigterm(process: asyncio.subprocess.Process, within: float = 10.0) -> int:
+    """Send SIGTERM and return the exit status, which must come within `within` seconds."""
+    process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), within)
+
+
+async def killed(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
 async def test_projector_waiting_for_postgres_stops_on_sigterm() -> None:
     """FastStream only watches for a signal once the lifespan has started: a projector whose Postgres
     never comes (its supervisor gone with it) used to wait on, an orphan, after SIGTERM."""
@@ -48,13 +60,9 @@ async def test_projector_waiting_for_postgres_stops_on_sigterm() -> None:
             line = await asyncio.wait_for(process.stdout.readline(), 60)
             assert line, f"the projector exited before waiting for Postgres: {output.decode()}"
             output += line
-        process.send_signal(signal.SIGTERM)
-        returncode = await asyncio.wait_for(process.wait(), 10)
+        assert await stopped_by_sigterm(process) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert returncode == 0
+        await killed(process)
 
 
 async def test_a_service_whose_shutdown_hangs_exits_at_its_deadline(servers: Servers) -> None:
@@ -67,13 +75,9 @@ async def test_a_service_whose_shutdown_hangs_exits_at_its_deadline(servers: Ser
     assert process.stdout is not None
     try:
         assert await asyncio.wait_for(process.stdout.readline(), 30) == b"started\n"
-        process.send_signal(signal.SIGTERM)
-        returncode = await asyncio.wait_for(process.wait(), 10)
+        assert await stopped_by_sigterm(process) == SHUTDOWN_OVERRUN_STATUS
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert returncode == SHUTDOWN_OVERRUN_STATUS
+        await killed(process)
 
 
 async def test_closing_a_pool_cuts_connections_that_are_never_given_back(

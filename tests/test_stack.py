@@ -48,8 +48,13 @@ async def stop_stack(process: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(process.wait(), 30)
 
 
+async def _ready(value: object) -> object:
+    return value
+
+
 async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
-    """`warden up` runs a submitted run; SIGTERM stops every child; a second `up` still has all of it."""
+    """`warden up` runs a submitted run, restarts a service that dies; SIGTERM stops every child; a second
+    `up` still has all of it."""
     process, nats_url, database_url = await start_stack(tmp_path / "state")
     try:
         children = psutil.Process(process.pid).children(recursive=True)
@@ -78,6 +83,20 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         await db.close()
         async with await WardenClient.connect(nats_url) as client:
             stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
+
+        # A service that dies (here, killed) is started again by the supervisor.
+        projector = next(child for child in children if "services.audit_projector" in " ".join(child.cmdline()))
+        projector.kill()
+
+        def restarted() -> list[psutil.Process]:
+            return [
+                child
+                for child in psutil.Process(process.pid).children(recursive=True)
+                if "services.audit_projector" in " ".join(child.cmdline()) and child.pid != projector.pid
+            ]
+
+        await eventually(lambda: _ready(restarted()), within=30)
+        children = psutil.Process(process.pid).children(recursive=True)
     finally:
         exit_code = await stop_stack(process)
     assert exit_code == 0

@@ -1,6 +1,7 @@
 """The agent runner: takes dispatched runs from the work queue and executes them, several at once."""
 
 import asyncio
+import contextlib
 import os
 import socket
 from typing import Any
@@ -109,6 +110,10 @@ class Runner:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.decisions.close()
+            # Work delivered and never fetched would otherwise hold the connection's drain, at
+            # shutdown, until nats-py gives up on it (30 s).
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
 
     async def _take_work(self, subscription: Any) -> None:
         """Take as many waiting runs as there are free slots at once: one fetch at a time, under load,
