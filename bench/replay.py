@@ -391,8 +391,10 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
         report = await replay(settings, "replayed")
     finally:
         nc = await nats.connect(nats_url)
-        for stream in vars(StreamNames.for_prefix(prefix)).values():
+        names = StreamNames.for_prefix(prefix)
+        for stream in (names.commands, names.events, names.work):
             await nc.jetstream().delete_stream(stream)
+        await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()
         await admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
         await admin.close()

@@ -1,17 +1,45 @@
 """Publishing envelopes to JetStream: the headers every Warden message carries, in one place."""
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+import nats
 import nats.errors
+import nats.js.errors
+import structlog
+import tenacity
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared.messages import Envelope
 from shared.telemetry import inject_trace_context
 
+log = structlog.get_logger(__name__)
+
 MSG_ID_HEADER = "Nats-Msg-Id"
 TYPE_HEADER = "Warden-Type"
+# How a long-lived service connects: it never gives up reconnecting (a cluster's leader election
+# or a restarted node is waited out, not a reason to exit), and tries again promptly.
+SERVICE_CONNECT_OPTIONS: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers a NATS URL setting names: one URL, or a cluster's seed nodes separated by commas.
+
+    nats-py takes the list and connects to whichever answers, so a client or service starts
+    while one seed node is down.
+    """
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no NATS server in {url!r}")
+    return urls
+
+
+async def connect(url: str, **options: Any) -> NatsClient:
+    """A nats-py connection to the servers `url` names (see `server_urls`)."""
+    return await nats.connect(server_urls(url), **options)
 
 
 def command_key_scope(tenant: str, type_name: str) -> str:
@@ -45,6 +73,58 @@ def envelope_headers(
 _DRAIN_SECONDS = 0.005
 
 
+# Bus failures that pass: no server answering for a stream (a leader election in a cluster, a node
+# restarting), a request timing out, a connection being re-established. Anything else (a stream
+# that does not exist, a refused request) is not retried.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    nats.js.errors.NoStreamResponseError,
+)
+# How long one operation is retried before its caller gets the error: past a cluster's leader
+# election (seen here: 7 to 12 seconds), with room to spare.
+TRANSIENT_DEADLINE_SECONDS = 60.0
+
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a bus error may pass if the same operation is tried again."""
+    return isinstance(exc, _TRANSIENT)
+
+
+async def retry_transient(operation: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None) -> T:
+    """Run `operation`, trying again with backoff while it fails transiently, for up to `deadline` seconds
+    (TRANSIENT_DEADLINE_SECONDS by default).
+
+    For operations that are safe to repeat: keyed publishes (stored once), reads, consumer set-up.
+    """
+
+    def note(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("bus unavailable; trying again", what=what, attempt=state.attempt_number, error=repr(error))
+
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0),
+        stop=tenacity.stop_after_delay(TRANSIENT_DEADLINE_SECONDS if deadline is None else deadline),
+        before_sleep=note,
+        reraise=True,
+    )
+
+    async def attempt() -> T:
+        # A coroutine function of our own: tenacity runs any other callable as a synchronous one.
+        return await operation()
+
+    return await retrying(attempt)
+
+
 async def fetch_batch(subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
     """Up to `batch` messages: block up to `wait` seconds for the first, then take what else is waiting.
 
@@ -70,3 +150,21 @@ async def _fetch(subscription: JetStreamContext.PullSubscription, batch: int, wa
         if task is not None and task.cancelling():
             raise asyncio.CancelledError from None
         return []
+    except nats.errors.Error as exc:
+        if not is_transient(exc):
+            raise
+        # The consumer's stream has no leader for now (an election), or the connection is
+        # being re-established: nothing to fetch yet, and a pause before asking again.
+        log.warning("nothing can be fetched for now", error=repr(exc))
+        await asyncio.sleep(min(wait, 1.0) if wait > 0 else 0.5)
+        return []
+
+
+async def heartbeat(message: Msg, every: float) -> None:
+    """Tell JetStream the message is still being worked on, so it is not delivered again meanwhile."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await message.in_progress()
+        except nats.errors.Error as exc:
+            log.warning("heartbeat failed", error=repr(exc))

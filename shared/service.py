@@ -13,6 +13,7 @@ import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
 
+from shared.bus import SERVICE_CONNECT_OPTIONS, server_urls
 from shared.logging import configure_logging
 from shared.settings import Settings
 from shared.telemetry import configure_tracing
@@ -138,7 +139,7 @@ class BackgroundLoops:
 def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]) -> FastStream:
     """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected."""
     # FastStream's per-message log lines at DEBUG: at INFO they cost more than handling a message.
-    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
+    broker = NatsBroker(server_urls(settings.nats_url), log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

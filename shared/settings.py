@@ -11,9 +11,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WARDEN_", frozen=True)
 
+    # One URL, or a cluster's seed nodes separated by commas: nats://a:4222,nats://b:4222
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/warden"
     subject_prefix: str = Field(default="warden", pattern=r"^[A-Za-z0-9_-]+$")
+    # Replicas of each stream (3 on a three-node cluster). Provisioning never lowers a stream's
+    # replicas below what it has unless forced (`warden provision --force`).
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     state_dir: Path = Path(".warden")
     # Commands over this size are rejected (and recorded). The streams' hard ceiling is larger,
     # so an oversized command is still stored and the rejection can point at it.

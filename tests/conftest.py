@@ -89,8 +89,10 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
     try:
         yield settings
     finally:
-        for stream in vars(StreamNames.for_prefix(prefix)).values():
+        names = StreamNames.for_prefix(prefix)
+        for stream in (names.commands, names.events, names.work):
             await nc.jetstream().delete_stream(stream)
+        await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()

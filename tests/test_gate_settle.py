@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
-from services.policy_gate.app import MAX_DELIVERIES, Gate
+from services.policy_gate.app import MAX_DELIVERIES, Answer, Gate
+from shared import bus
 from shared.settings import Settings
 from tests.conftest import eventually
 
@@ -39,10 +41,30 @@ class StandInCommand:
     async def term(self) -> None:
         self.settled.append("term")
 
+    async def in_progress(self) -> None:
+        self.settled.append("in progress")
 
-async def _settle(outcome: "asyncio.Future[PubAck]", command: StandInCommand) -> list[str]:
-    gate = Gate(Settings(subject_prefix="settle"), cast(Any, None), cast(Any, None))
-    gate.unsettled.put_nowait((cast(Msg, command), outcome))
+
+@dataclass
+class StandInJetStream:
+    """A JetStream whose publishes fail transiently `failures` times, then are stored."""
+
+    failures: int = 0
+    published: int = 0
+
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str], stream: str) -> PubAck:
+        self.published += 1
+        if self.published <= self.failures:
+            raise nats.errors.NoRespondersError
+        return PubAck(stream=stream, seq=self.published)
+
+
+async def _settle(
+    outcome: "asyncio.Future[PubAck]", command: StandInCommand, js: StandInJetStream | None = None
+) -> list[str]:
+    gate = Gate(Settings(subject_prefix="settle"), cast(Any, js or StandInJetStream()), cast(Any, None))
+    answer = Answer(cast(Msg, command), "settle.evt.acme.command.7.command.rejected", b"{}", {})
+    gate.unsettled.put_nowait((answer, outcome))
     settling = asyncio.create_task(gate.settle())
 
     async def settled() -> list[str]:
@@ -71,18 +93,28 @@ async def test_a_refused_publish_naks_the_command_for_a_later_retry() -> None:
     assert await _settle(refused, StandInCommand()) == ["nak"]
 
 
-async def test_a_publish_cancelled_by_the_client_naks_instead_of_stopping_the_gate() -> None:
-    """nats-py cancels pending publishes when its connection closes; that is a failed publish."""
-    cancelled = _future()
-    cancelled.cancel()
-    assert await _settle(cancelled, StandInCommand()) == ["nak"]
-
-
-@pytest.mark.parametrize("failure", ["refused", "cancelled"])
-async def test_the_last_allowed_delivery_is_terminated_not_retried_forever(failure: str) -> None:
+@pytest.mark.parametrize("failure", ["cancelled", "no responders"])
+async def test_a_transient_failure_is_retried_here_without_spending_a_delivery(failure: str) -> None:
+    """nats-py cancels pending publishes when its connection drops, and a stream with no leader has no
+    responders: the gate publishes the answer again until it is stored, then acks; no nak, no redelivery."""
     outcome = _future()
-    if failure == "refused":
-        outcome.set_exception(RuntimeError("stream full"))
-    else:
+    if failure == "cancelled":
         outcome.cancel()
+    else:
+        outcome.set_exception(nats.errors.NoRespondersError())
+    js = StandInJetStream(failures=3)
+    assert await _settle(outcome, StandInCommand(), js) == ["ack"]
+    assert js.published == 4
+
+
+async def test_a_transient_failure_that_outlasts_the_deadline_is_redelivered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus, "TRANSIENT_DEADLINE_SECONDS", 0.3)
+    outcome = _future()
+    outcome.set_exception(nats.errors.NoRespondersError())
+    assert await _settle(outcome, StandInCommand(), StandInJetStream(failures=1_000)) == ["nak"]
+
+
+async def test_the_last_allowed_delivery_is_terminated_not_retried_forever() -> None:
+    outcome = _future()
+    outcome.set_exception(RuntimeError("stream full"))
     assert await _settle(outcome, StandInCommand(num_delivered=MAX_DELIVERIES)) == ["term"]

@@ -48,6 +48,13 @@ async def stop_stack(process: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(process.wait(), 30)
 
 
+def _command_line(child: psutil.Process) -> str:
+    try:
+        return " ".join(child.cmdline())
+    except psutil.Error:
+        return ""  # gone meanwhile
+
+
 async def _ready(value: object) -> object:
     return value
 
@@ -92,7 +99,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             return [
                 child
                 for child in psutil.Process(process.pid).children(recursive=True)
-                if "services.audit_projector" in " ".join(child.cmdline()) and child.pid != projector.pid
+                if child.pid != projector.pid and "services.audit_projector" in _command_line(child)
             ]
 
         await eventually(lambda: _ready(restarted()), within=30)

@@ -10,6 +10,7 @@ from typing import Any
 
 import nats
 
+from shared.bus import connect
 from shared.errors import WardenError
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -20,6 +21,8 @@ from warden.stack import run_stack, settings_for_running_stack
 
 # `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
 REPLAY_FOUND_GAPS = 3
+# `warden provision` exits with this status when it left a change undone that would weaken a stream.
+PROVISION_REFUSED = 4
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -31,8 +34,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _up(args: argparse.Namespace, settings: Settings) -> int:
-    await run_stack(settings, sync=args.sync)
+    await run_stack(_with_replicas(args, settings), sync=args.sync, nats_nodes=args.cluster)
     return 0
+
+
+def _with_replicas(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`--replicas`, else three on a `--cluster 3` of `warden up`, else WARDEN_STREAM_REPLICAS."""
+    replicas = args.replicas or (3 if getattr(args, "cluster", 1) == 3 else None)
+    return settings.model_copy(update={"stream_replicas": replicas}) if replicas else settings
 
 
 async def _demo(_: argparse.Namespace, settings: Settings) -> int:
@@ -77,14 +86,17 @@ async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
     return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir)
 
 
-async def _provision(_: argparse.Namespace, settings: Settings) -> int:
-    nc = await nats.connect(settings.nats_url)
+async def _provision(args: argparse.Namespace, settings: Settings) -> int:
+    settings = _with_replicas(args, settings)
+    nc = await connect(settings.nats_url)
     try:
-        changes = await provision(nc.jetstream(), Subjects(settings.subject_prefix))
+        result = await provision(
+            nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas, force=args.force
+        )
     finally:
         await nc.close()
-    print("\n".join(changes) or "streams already as declared")
-    return 0
+    print("\n".join(result.lines()) or "streams already as declared")
+    return PROVISION_REFUSED if result.refused else 0
 
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -183,13 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
         default="always",
         help="JetStream durability: fsync every write (default) or every 2 minutes",
     )
+    up.add_argument(
+        "--cluster",
+        type=int,
+        choices=[1, 3],
+        default=1,
+        help="NATS nodes to run on loopback: 3 makes a JetStream cluster with R3 streams (default 1)",
+    )
+    up.add_argument(
+        "--replicas", type=int, choices=range(1, 6), help="replicas per stream (default 1, or 3 on a cluster)"
+    )
     up.set_defaults(handler=_up)
 
     demo = commands.add_parser("demo", help="start the embedded stack, run a governed agent, show its audit trail")
     demo.add_argument("--state-dir", help="where the servers keep their data (default .warden)")
     demo.set_defaults(handler=_demo)
 
-    commands.add_parser("provision", help="create or update the JetStream streams").set_defaults(handler=_provision)
+    provisioning = commands.add_parser(
+        "provision",
+        help="create or update the JetStream streams; a change that would weaken one is refused "
+        f"(exit {PROVISION_REFUSED}) unless --force",
+    )
+    provisioning.add_argument("--replicas", type=int, choices=range(1, 6), help="replicas per stream")
+    provisioning.add_argument(
+        "--force", action="store_true", help="apply changes that weaken a stream (fewer replicas, tighter limits)"
+    )
+    provisioning.set_defaults(handler=_provision)
 
     submit = commands.add_parser("submit", help="submit a run")
     submit.add_argument("--tenant", required=True)

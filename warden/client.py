@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import JsonValue
 
-from shared.bus import envelope_headers
+from shared.bus import connect, envelope_headers
 from shared.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from shared.ids import new_id
 from shared.messages import Envelope, RunSubmitted, make_envelope, parse_envelope
@@ -66,7 +66,8 @@ class WardenClient:
 
     @classmethod
     async def connect(cls, url: str, prefix: str = "warden", **options: Any) -> Self:
-        return cls(await nats.connect(url, **options), prefix)
+        """Connect to the servers `url` names: one URL, or several separated by commas (a cluster's seed nodes)."""
+        return cls(await connect(url, **options), prefix)
 
     async def close(self) -> None:
         await self.nc.drain()

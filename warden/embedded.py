@@ -24,6 +24,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 import asyncpg
+import nats
+import nats.errors
 
 with warnings.catch_warnings():
     # importing pgserver evaluates platformdirs' runtime dir, which warns when XDG_RUNTIME_DIR
@@ -110,8 +112,66 @@ def _log_since(log: Path, offset: int) -> str:
         return f.read().decode(errors="replace")[-4000:]
 
 
+class NatsNode:
+    """One nats-server process: started, stopped, killed and started again with the same settings."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, ports_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self.ports_dir = ports_dir
+        self.process: asyncio.subprocess.Process | None = None
+        self.url: str | None = None
+        self.monitor_url: str | None = None
+
+    async def start(self) -> None:
+        """Start the process (not waiting for it: see `wait_ready`)."""
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                nats_server_binary(),
+                *self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )
+
+    async def wait_ready(self) -> None:
+        """Wait until the server reports the ports it listens on."""
+        assert self.process is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                log = self.log_path.read_text(errors="replace")[-4000:]
+                raise RuntimeError(f"nats-server {self.name} exited with {self.process.returncode}:\n{log}")
+            # named <executable>_<pid>.ports; the pid keeps stale files from old runs out
+            for ports_file in self.ports_dir.glob(f"*_{self.process.pid}.ports"):
+                try:
+                    ports: dict[str, Any] = json.loads(ports_file.read_text())
+                except json.JSONDecodeError:  # caught mid-write
+                    continue
+                self.url = ports["nats"][0]
+                self.monitor_url = ports["monitoring"][0]
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"nats-server {self.name} did not report its ports in time")
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await _terminate(self.process, signal.SIGTERM)
+            self.process = None
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crashed machine would stop: no flush, no goodbye to the cluster."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.process = None
+
+
 class EmbeddedServers:
-    """A single-node NATS JetStream plus a PostgreSQL cluster whose data lives under `state_dir`."""
+    """NATS JetStream (one node, or a cluster of three on loopback) plus a PostgreSQL cluster, with
+    their data under `state_dir`."""
 
     def __init__(
         self,
@@ -119,15 +179,15 @@ class EmbeddedServers:
         *,
         database: str = "warden",
         sync: Literal["always", "interval"] = "always",
+        nats_nodes: Literal[1, 3] = 1,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.database = database
         self.sync = sync
-        self._nats: asyncio.subprocess.Process | None = None
+        self.nats_nodes = nats_nodes
+        self.nodes: list[NatsNode] = []
         self._pg: asyncio.subprocess.Process | None = None
         self._pg_port: int | None = None
-        self._nats_url: str | None = None
-        self._monitor_url: str | None = None
         self._temp_socket_dir: Path | None = None
         self._pg_user: pwd.struct_passwd | None = None
 
@@ -144,10 +204,18 @@ class EmbeddedServers:
 
     @property
     def nats_monitor_url(self) -> str:
-        """HTTP monitoring endpoint of nats-server (/varz, /jsz)."""
-        if self._monitor_url is None:
+        """HTTP monitoring endpoint of the (first) nats-server (/varz, /jsz)."""
+        if not self.nodes or self.nodes[0].monitor_url is None:
             raise RuntimeError("embedded servers are not running")
-        return self._monitor_url
+        return self.nodes[0].monitor_url
+
+    @property
+    def nats_url(self) -> str:
+        """Every node's client URL, separated by commas (what WARDEN_NATS_URL takes)."""
+        urls = [node.url for node in self.nodes]
+        if not urls or None in urls:
+            raise RuntimeError("embedded servers are not running")
+        return ",".join(url for url in urls if url)
 
     def admin_database_url(self, database: str = "postgres") -> str:
         """URL of another database on the same Postgres server."""
@@ -157,77 +225,94 @@ class EmbeddedServers:
 
     async def start(self) -> EmbeddedEndpoints:
         """Start both servers (initialising their data dirs on first use) and wait until ready."""
-        if self._nats is not None or self._pg is not None:
+        if self.nodes or self._pg is not None:
             raise RuntimeError("embedded servers already started")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # postgres refuses to run as root, so under root it runs as an unprivileged account
         self._pg_user = ensure_user_exists(_PG_SYSTEM_USER) if os.geteuid() == 0 else None
         try:
-            await self._start_nats()  # not waited for yet: it comes up while Postgres does
+            self.nodes = self._nats_nodes()
+            for node in self.nodes:
+                await node.start()  # not waited for yet: NATS comes up while Postgres does
             await self._start_postgres()
-            await self._wait_nats()
+            for node in self.nodes:
+                await node.wait_ready()
+            await self._wait_jetstream()
         except BaseException:
             await self.stop()
             raise
-        assert self._nats_url is not None
         return EmbeddedEndpoints(
-            nats_url=self._nats_url,
+            nats_url=self.nats_url,
             database_url=self.admin_database_url(self.database),
             state_dir=self.state_dir,
         )
 
     async def stop(self) -> None:
-        """Shut both servers down gracefully, killing whatever is still up after ~10 s."""
+        """Shut every server down gracefully, killing whatever is still up after ~10 s."""
         # SIGINT is Postgres's "fast" shutdown; SIGTERM ("smart") would wait for clients to leave.
-        children = ((self._pg, signal.SIGINT), (self._nats, signal.SIGTERM))
-        await asyncio.gather(*(_terminate(proc, sig) for proc, sig in children if proc is not None))
+        stopping = [node.stop() for node in self.nodes]
+        if self._pg is not None:
+            stopping.append(_terminate(self._pg, signal.SIGINT))
+        await asyncio.gather(*stopping)
         if self._temp_socket_dir is not None:
             shutil.rmtree(self._temp_socket_dir, ignore_errors=True)
-        self._nats = self._pg = None
-        self._pg_port = self._nats_url = self._monitor_url = self._temp_socket_dir = None
+        self.nodes = []
+        self._pg = None
+        self._pg_port = None
+        self._temp_socket_dir = None
 
     # --- NATS -------------------------------------------------------------------------------
 
-    async def _start_nats(self) -> None:
+    def _nats_nodes(self) -> list[NatsNode]:
         config = NATS_CONFIGS[self.sync]
         if not config.exists():
             raise FileNotFoundError(f"NATS config {config} missing (run from a source checkout)")
-        store_dir = self.state_dir / "nats"
         ports_dir = self.state_dir / "run"
-        store_dir.mkdir(exist_ok=True)
         ports_dir.mkdir(exist_ok=True)
-        with (self.state_dir / "nats-server.log").open("ab") as log:
+        if self.nats_nodes == 1:
+            store = self.state_dir / "nats"
+            store.mkdir(exist_ok=True)
             # -p -1: nats-server binds a random port itself and reports it in the ports file,
             # so there is no window in which another process can take the port.
-            args = ["-c", str(config), "-p", "-1", "-sd", str(store_dir), "--ports_file_dir", str(ports_dir)]
-            self._nats = await asyncio.create_subprocess_exec(
-                nats_server_binary(),
-                *args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(signal.SIGTERM),
-            )
+            args = ["-c", str(config), "-p", "-1", "-sd", str(store), "--ports_file_dir", str(ports_dir)]
+            return [NatsNode("nats", args, self.state_dir / "nats-server.log", ports_dir)]
+        # A cluster's nodes must know each other's route ports, and a node started again must be
+        # found where it was: these ports are chosen here, once, and kept for the nodes' lives.
+        client_ports = [_free_port() for _ in range(self.nats_nodes)]
+        route_ports = [_free_port() for _ in range(self.nats_nodes)]
+        nodes = []
+        for index in range(self.nats_nodes):
+            name = f"nats-{index + 1}"
+            store = self.state_dir / name
+            store.mkdir(exist_ok=True)
+            routes = ",".join(f"nats://127.0.0.1:{port}" for other, port in enumerate(route_ports) if other != index)
+            args = [
+                *("-c", str(config), "-p", str(client_ports[index]), "-sd", str(store)),
+                *("--ports_file_dir", str(ports_dir), "--server_name", name, "--cluster_name", "warden"),
+                *("--cluster", f"nats://127.0.0.1:{route_ports[index]}", "--routes", routes),
+            ]
+            nodes.append(NatsNode(name, args, self.state_dir / f"{name}.log", ports_dir))
+        return nodes
 
-    async def _wait_nats(self) -> None:
-        assert self._nats is not None
-        ports_dir = self.state_dir / "run"
+    async def _wait_jetstream(self) -> None:
+        """Wait until JetStream answers (in a cluster: until its nodes have elected a meta leader)."""
         deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._nats.returncode is not None:
-                log = (self.state_dir / "nats-server.log").read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"nats-server exited with {self._nats.returncode}:\n{log}")
-            # named <executable>_<pid>.ports; the pid keeps stale files from old runs out
-            for ports_file in ports_dir.glob(f"*_{self._nats.pid}.ports"):
+        while True:
+            try:
+                nc = await nats.connect(self.nats_url.split(","), connect_timeout=2, allow_reconnect=False)
+            except (OSError, nats.errors.Error):
+                nc = None
+            if nc is not None:
                 try:
-                    ports: dict[str, Any] = json.loads(ports_file.read_text())
-                except json.JSONDecodeError:  # caught mid-write
-                    continue
-                self._nats_url = ports["nats"][0]
-                self._monitor_url = ports["monitoring"][0]
-                return
-            await asyncio.sleep(0.02)
-        raise TimeoutError("nats-server did not report its ports in time")
+                    await nc.jetstream().account_info()
+                    return
+                except (nats.errors.Error, TimeoutError):
+                    pass
+                finally:
+                    await nc.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"JetStream did not answer within {_START_TIMEOUT}s")
+            await asyncio.sleep(0.1)
 
     # --- PostgreSQL -------------------------------------------------------------------------
 

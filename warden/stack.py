@@ -8,9 +8,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
 import structlog
 
+from shared.bus import connect
 from shared.settings import Settings
 from shared.streams import StreamNames, provision
 from shared.subjects import Subjects
@@ -97,12 +97,18 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
         service.process = None
 
 
-async def run_stack(settings: Settings, *, sync: str = "always", ready: asyncio.Event | None = None) -> None:
+async def run_stack(
+    settings: Settings, *, sync: str = "always", nats_nodes: int = 1, ready: asyncio.Event | None = None
+) -> None:
     """Start (or reuse) the servers, provision, run the services until SIGINT or SIGTERM, stop it all."""
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     external = "WARDEN_NATS_URL" in os.environ and "WARDEN_DATABASE_URL" in os.environ
-    servers = None if external else EmbeddedServers(state_dir, sync="interval" if sync == "interval" else "always")
+    servers = None
+    if not external:
+        servers = EmbeddedServers(
+            state_dir, sync="interval" if sync == "interval" else "always", nats_nodes=3 if nats_nodes == 3 else 1
+        )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -115,8 +121,8 @@ async def run_stack(settings: Settings, *, sync: str = "always", ready: asyncio.
             settings = settings.model_copy(
                 update={"nats_url": endpoints.nats_url, "database_url": endpoints.database_url}
             )
-        nc = await nats.connect(settings.nats_url)
-        changes = await provision(nc.jetstream(), Subjects(settings.subject_prefix))
+        nc = await connect(settings.nats_url)
+        provisioned = await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
         await nc.close()
 
         env = {
@@ -135,7 +141,7 @@ async def run_stack(settings: Settings, *, sync: str = "always", ready: asyncio.
         endpoints_path(state_dir).write_text(
             json.dumps({"nats_url": settings.nats_url, "database_url": settings.database_url}, indent=2)
         )
-        _print_summary(settings, state_dir, external, changes, services)
+        _print_summary(settings, state_dir, external, provisioned.lines(), services)
         if ready is not None:
             ready.set()
         await stopping.wait()

@@ -14,8 +14,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from services.agent_runner.agents import AgentCatalogue
-from services.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor, heartbeat
-from shared.bus import envelope_headers, fetch_batch
+from services.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor
+from shared.bus import envelope_headers, fetch_batch, heartbeat, retry_transient
 from shared.errors import InvalidMessage, RejectionCode
 from shared.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from shared.service import consumer_service, run_service
@@ -70,11 +70,13 @@ class Runner:
                 source=SERVICE,
                 caused_by=work,
             )
-            await self.js.publish(
+            subject, headers = (
                 self.subjects.expected_subject(failed),
-                failed.to_bytes(),
-                headers=envelope_headers(failed, f"{work.subject}-finished"),
-                stream=self.streams.events,
+                envelope_headers(failed, f"{work.subject}-finished"),
+            )
+            await retry_transient(
+                lambda: self.js.publish(subject, failed.to_bytes(), headers=headers, stream=self.streams.events),
+                what="run.failed",
             )
             await message.ack()
             return
@@ -82,7 +84,8 @@ class Runner:
         try:
             await self.executor.execute(work, message.headers, attempt)
         except (nats.errors.Error, TimeoutError) as exc:
-            # Transient: leave the work unacknowledged; it comes back and the run resumes.
+            # The bus stayed unavailable past the retries inside (or refused something): leave the
+            # work unacknowledged; it comes back, and the run resumes after its last recorded step.
             log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc), exc_info=True)
             await message.nak(delay=1.0)
             return
@@ -92,16 +95,19 @@ class Runner:
 
     async def run(self) -> None:
         """Take one work item whenever a slot is free, so nothing waits in this process unstarted."""
-        subscription = await self.js.pull_subscribe(
-            self.subjects.all_work,
-            durable=DURABLE_NAME,
-            stream=self.streams.work,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
+        subscription = await retry_transient(
+            lambda: self.js.pull_subscribe(
+                self.subjects.all_work,
+                durable=DURABLE_NAME,
+                stream=self.streams.work,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
+                ),
             ),
+            what="the runner's work consumer",
         )
         # The decision feed is open before any run is taken, so no run asks for a decision it cannot see.
-        await self.decisions.open()
+        await retry_transient(self.decisions.open, what="the decision feed")
         try:
             await self._take_work(subscription)
         finally:

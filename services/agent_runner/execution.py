@@ -29,7 +29,7 @@ from services.agent_runner.agents import (
     UnknownAgent,
 )
 from services.agent_runner.tools import ToolError, run_tool
-from shared.bus import TYPE_HEADER, envelope_headers
+from shared.bus import TYPE_HEADER, envelope_headers, retry_transient
 from shared.decoding import check_value, recordable_text
 from shared.errors import InvalidMessage
 from shared.messages import (
@@ -222,21 +222,25 @@ class RunExecutor:
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
 
     async def _publish(self, envelope: Envelope[Any], key: str) -> None:
+        """Store one event or command; a passing bus failure is waited out here (the key makes retries safe)."""
         stream = self.streams.commands if envelope.data.KIND == "command" else self.streams.events
-        await self.js.publish(
+        subject, body, headers = (
             self.subjects.expected_subject(envelope),
             envelope.to_bytes(),
-            headers=envelope_headers(envelope, key),
-            stream=stream,
+            envelope_headers(envelope, key),
+        )
+        await retry_transient(
+            lambda: self.js.publish(subject, body, headers=headers, stream=stream), what=envelope.type
         )
 
     async def _may_have_started(self, tenant: str, run_id: str, attempt: int) -> bool:
         """A later attempt may have; a first one has only if its run.started is stored (a duplicate work item)."""
         if attempt > 1:
             return True
+        subject = self.subjects.event(tenant, RunStarted, run_id)
         try:
-            await self.js.get_last_msg(
-                self.streams.events, self.subjects.event(tenant, RunStarted, run_id), direct=True
+            await retry_transient(
+                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="the run's start"
             )
         except nats.js.errors.NotFoundError:
             return False
@@ -247,9 +251,10 @@ class RunExecutor:
 
         Tool calls of a run are made one at a time, so the run's last decision is the one asked for.
         """
+        subject = self.subjects.event(tenant, DecisionMade, run_id)
         try:
-            stored = await self.js.get_last_msg(
-                self.streams.events, self.subjects.event(tenant, DecisionMade, run_id), direct=True
+            stored = await retry_transient(
+                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="a decision"
             )
             verdict = parse_envelope(stored.data or b"", type_hint=DecisionMade.TYPE).data
         except (nats.js.errors.NotFoundError, InvalidMessage):
@@ -271,8 +276,11 @@ class RunExecutor:
             )
             history = RunHistory()
             if started:
-                history = await read_history(
-                    self.js, self.subjects, self.streams.events, self.subjects.run_events(tenant, run_id)
+                history = await retry_transient(
+                    lambda: read_history(
+                        self.js, self.subjects, self.streams.events, self.subjects.run_events(tenant, run_id)
+                    ),
+                    what="the run's history",
                 )
             if history.finished:
                 log.info("run already finished; nothing to do")
@@ -291,7 +299,9 @@ class RunExecutor:
         """The run.submitted command the work item names, or why it cannot be that run's submission."""
         seq = work.data.request_seq
         try:
-            stored = await self.js.get_msg(self.streams.commands, seq, direct=True)
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.commands, seq, direct=True), what="the run's submission"
+            )
             submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
         except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
             return f"the run's submission (command {seq}) cannot be read: {exc}"
@@ -446,13 +456,3 @@ class RunExecutor:
             await self._publish(event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)
-
-
-async def heartbeat(message: Msg, every: float) -> None:
-    """Tell JetStream the run is still in progress, so it is not handed to another runner."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await message.in_progress()
-        except nats.errors.Error as exc:
-            log.warning("heartbeat failed", error=repr(exc))

@@ -13,7 +13,7 @@ from faststream.nats import NatsBroker
 from services.audit_projector.handlers import StreamProjection
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
 from shared.admission import CommandRules
-from shared.bus import envelope_headers
+from shared.bus import SERVICE_CONNECT_OPTIONS, envelope_headers, retry_transient, server_urls
 from shared.messages import StreamGapDetected, make_envelope
 from shared.service import BackgroundLoops, interruptible_startup, run_service
 from shared.settings import Settings
@@ -43,7 +43,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    broker = NatsBroker(settings.nats_url, log_level=logging.DEBUG)
+    broker = NatsBroker(server_urls(settings.nats_url), log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager
@@ -61,11 +61,13 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 # The event first: once the position has moved past the gap, nothing would find it again.
                 gap = StreamGapDetected(stream=stream, first_seq=first_seq, last_seq=last_seq)
                 event = make_envelope(gap, tenant=SYSTEM_TENANT, subject=stream, actor=SERVICE, source=SERVICE)
-                await js.publish(
+                subject, headers = (
                     subjects.expected_subject(event),
-                    event.to_bytes(),
-                    headers=envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),
-                    stream=streams.events,
+                    envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),
+                )
+                await retry_transient(
+                    lambda: js.publish(subject, event.to_bytes(), headers=headers, stream=streams.events),
+                    what="stream.gap_detected",
                 )
                 await store.record_gap(stream, first_seq, last_seq)
 

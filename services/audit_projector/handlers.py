@@ -25,7 +25,7 @@ from opentelemetry import propagate, trace
 from services.audit_projector.projection import StoredMessage
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore
 from services.audit_projector.stream_reader import stored_message
-from shared.bus import fetch_batch
+from shared.bus import fetch_batch, retry_transient
 from shared.telemetry import spans_recorded
 
 log = structlog.get_logger(__name__)
@@ -183,10 +183,13 @@ class StreamProjection:
         self.record_gap = record_gap
 
     async def _subscribe(self, position: int) -> JetStreamContext.PullSubscription:
-        await reset_consumer(self.js, self.stream, self.filter_subject, position + 1, self.batch)
-        return await self.js.pull_subscribe_bind(
-            durable=DURABLE_NAME, stream=self.stream, pending_bytes_limit=PENDING_BYTES_LIMIT
-        )
+        async def subscribe() -> JetStreamContext.PullSubscription:
+            await reset_consumer(self.js, self.stream, self.filter_subject, position + 1, self.batch)
+            return await self.js.pull_subscribe_bind(
+                durable=DURABLE_NAME, stream=self.stream, pending_bytes_limit=PENDING_BYTES_LIMIT
+            )
+
+        return await retry_transient(subscribe, what=f"the projector's consumer on {self.stream}")
 
     async def _resubscribe(
         self, subscription: JetStreamContext.PullSubscription, position: int

@@ -42,7 +42,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import nats
 import structlog
 
 from services.audit_projector.projection import (
@@ -67,6 +66,7 @@ from services.audit_projector.store import (
 )
 from services.audit_projector.stream_reader import read_range
 from shared.admission import CommandRules
+from shared.bus import connect
 from shared.decoding import recordable_text
 from shared.settings import Settings
 from shared.streams import StreamNames
@@ -304,7 +304,7 @@ async def replay_segment_async(target: ReplayTarget, segment: Segment) -> Segmen
     rules = target.rules
     result = SegmentResult(segment)
     holes = _HoleFinder(segment.first_seq, segment.last_seq)
-    nc = await nats.connect(target.nats_url)
+    nc = await connect(target.nats_url)
     connection = await connect_for_copy(target.database_url)
     # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
@@ -539,7 +539,7 @@ async def replay(
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
     target = ReplayTarget(settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes)
 
-    nc = await nats.connect(settings.nats_url)
+    nc = await connect(settings.nats_url)
     try:
         js = nc.jetstream()
         last_seqs = {stream: (await js.stream_info(stream)).state.last_seq for stream in filters}

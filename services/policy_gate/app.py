@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from services.policy_gate.decide import decision, policy_input
 from services.policy_gate.engine import PolicyEngine, PolicyEvaluationError
 from shared.admission import CommandRules, rejection
-from shared.bus import envelope_headers
+from shared.bus import envelope_headers, heartbeat, is_transient, retry_transient
 from shared.errors import RejectionCode
 from shared.messages import (
     DecisionMade,
@@ -41,6 +42,7 @@ RETRY_DELAY_SECONDS = 1.0
 # Commands delivered and not yet acknowledged, across all gate instances.
 MAX_IN_FLIGHT = 2048
 PUBLISH_TIMEOUT_SECONDS = 5.0
+COMMAND_ACK_WAIT_SECONDS = 30.0
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
 
@@ -93,6 +95,16 @@ class PolicyDecider:
         )
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The event that answers a command, ready to publish (again, should the first try fail)."""
+
+    command: Msg
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+
+
 class Gate:
     """Decides each command as it arrives; acks it only once its outcome is stored.
 
@@ -109,7 +121,8 @@ class Gate:
         self.subjects = Subjects(settings.subject_prefix)
         self.rules = CommandRules(self.subjects, settings.max_command_bytes)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
-        self.unsettled: asyncio.Queue[tuple[Msg, asyncio.Future[PubAck]]] = asyncio.Queue()
+        self.unsettled: asyncio.Queue[tuple[Answer, asyncio.Future[PubAck]]] = asyncio.Queue()
+        self.retrying: set[asyncio.Task[None]] = set()
 
     def outcome(self, message: Msg) -> tuple[Envelope[Any], str]:
         """The event that answers one command (a rejection or a decision) and its idempotency key.
@@ -158,22 +171,19 @@ class Gate:
 
     async def decide(self, message: Msg) -> None:
         """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""
+        with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
+            event, key = self.outcome(message)
+            answer = Answer(
+                message, self.subjects.expected_subject(event), event.to_bytes(), envelope_headers(event, key)
+            )
         try:
-            with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
-                event, key = self.outcome(message)
-                stored = await self.js.publish_async(
-                    self.subjects.expected_subject(event),
-                    event.to_bytes(),
-                    headers=envelope_headers(event, key),
-                    stream=self.streams.events,
-                )
-        except Exception:
-            # Not the command's fault (bad commands are rejections, above): the connection or a bug.
-            # Redelivered later, and given up on after MAX_DELIVERIES, like a failed publish.
-            log.exception("could not answer command; will retry", subject=message.subject)
-            await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
+            stored = await self.js.publish_async(
+                answer.subject, answer.body, headers=answer.headers, stream=self.streams.events
+            )
+        except nats.errors.Error as exc:
+            self._publish_later(answer, exc)
             return
-        self.unsettled.put_nowait((message, stored))
+        self.unsettled.put_nowait((answer, stored))
 
     async def settle(self) -> None:
         """Ack each command whose outcome JetStream stored; retry (later) or give up on the others."""
@@ -183,47 +193,89 @@ class Gate:
                 backlog.append(self.unsettled.get_nowait())
             # One timer for the whole backlog, not one per publish.
             await asyncio.wait([stored for _, stored in backlog], timeout=PUBLISH_TIMEOUT_SECONDS)
-            for message, stored in backlog:
+            for answer, stored in backlog:
                 if not stored.done():
                     stored.cancel()  # frees its place in nats-py's window of pending publishes
                     result: object = TimeoutError(f"no acknowledgement within {PUBLISH_TIMEOUT_SECONDS}s")
                 elif stored.cancelled():  # nats-py gave up on it (its connection closed)
-                    result = ConnectionError("the publish was cancelled before it was acknowledged")
+                    result = nats.errors.ConnectionReconnectingError()
                 else:
                     result = stored.exception() or stored.result()
-                if not isinstance(result, BaseException):
-                    await message.ack()
-                elif message.metadata.num_delivered >= MAX_DELIVERIES:
-                    log.error(
-                        "giving up on command after repeated publish failures",
-                        subject=message.subject,
-                        stream_seq=message.metadata.sequence.stream,
-                        error=repr(result),
-                    )
-                    await message.term()
+                if isinstance(result, BaseException):
+                    self._publish_later(answer, result)
                 else:
-                    log.warning("could not record outcome; will retry", error=repr(result))
-                    await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
+                    await answer.command.ack()
+
+    def _publish_later(self, answer: "Answer", error: BaseException) -> None:
+        """Keep trying to store an answer the bus did not take, holding its command meanwhile.
+
+        A leader election makes every publish fail for seconds: retrying here, rather than
+        letting JetStream redeliver the command, spends none of the command's deliveries on it.
+        """
+        if is_transient(error):
+            task = asyncio.create_task(self._publish_until_stored(answer))
+        else:
+            task = asyncio.create_task(self._give_up_or_redeliver(answer.command, error))
+        self.retrying.add(task)
+        task.add_done_callback(self._retried)
+
+    def _retried(self, task: "asyncio.Task[None]") -> None:
+        self.retrying.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("could not settle a command; JetStream will deliver it again", error=repr(error))
+
+    async def _publish_until_stored(self, answer: "Answer") -> None:
+        beat = asyncio.create_task(heartbeat(answer.command, COMMAND_ACK_WAIT_SECONDS / 3))
+        try:
+            await retry_transient(
+                lambda: self.js.publish(
+                    answer.subject, answer.body, headers=answer.headers, stream=self.streams.events
+                ),
+                what="the answer to a command",
+            )
+        except nats.errors.Error as exc:
+            await self._give_up_or_redeliver(answer.command, exc)
+            return
+        finally:
+            beat.cancel()
+        await answer.command.ack()
+
+    @staticmethod
+    async def _give_up_or_redeliver(message: Msg, error: BaseException) -> None:
+        if message.metadata.num_delivered >= MAX_DELIVERIES:
+            log.error(
+                "giving up on command after repeated publish failures",
+                subject=message.subject,
+                stream_seq=message.metadata.sequence.stream,
+                error=repr(error),
+            )
+            await message.term()
+        else:
+            log.warning("could not record outcome; will retry", error=repr(error))
+            await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
 
     async def run(self) -> None:
         settling = asyncio.create_task(self.settle())
         # A push consumer shared by every gate instance through the queue group: JetStream spreads
         # commands across them and redelivers what an instance leaves unacknowledged. Push, not
         # pull: an idle gate answers at once, with no fetch round trip in the way.
-        subscription = await self.js.subscribe(
-            self.subjects.all_commands,
-            queue=DURABLE_NAME,
-            durable=DURABLE_NAME,
-            stream=self.streams.commands,
-            cb=self.decide,
-            manual_ack=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                max_deliver=MAX_DELIVERIES,
-                ack_wait=30.0,
-                max_ack_pending=MAX_IN_FLIGHT,
+        subscription = await retry_transient(
+            lambda: self.js.subscribe(
+                self.subjects.all_commands,
+                queue=DURABLE_NAME,
+                durable=DURABLE_NAME,
+                stream=self.streams.commands,
+                cb=self.decide,
+                manual_ack=True,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    max_deliver=MAX_DELIVERIES,
+                    ack_wait=COMMAND_ACK_WAIT_SECONDS,
+                    max_ack_pending=MAX_IN_FLIGHT,
+                ),
             ),
+            what="the gate's consumer",
         )
         try:
             await settling

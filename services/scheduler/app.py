@@ -1,12 +1,20 @@
 """The scheduler: turns allowed runs into work, never more at once per tenant than its limit.
 
-On every start it folds the events stream from sequence 1 (only the event types it needs) and
-acts only once it has caught up, so a restart neither forgets a queued run nor dispatches one
-twice. It must run as a single instance.
+On every start it folds the events stream (only the event types it needs) and acts only once it
+has caught up, so a restart neither forgets a queued run nor dispatches one twice. The fold starts
+at a watermark it keeps in a key-value bucket: the first event of the oldest run still in play
+(allowed, queued or running). Everything before it belongs to finished runs, so a restart takes as
+long as the live runs need, not the whole history; without the bucket (or its key) it folds from
+sequence 1, as it always can. A finished run seen again (a second decision on it) is recognised by
+its run.queued event in the stream, so forgetting finished runs never queues one twice.
+
+A bus failure that outlasts the retries rebuilds the state in place, as a restart would. It must
+run as a single instance.
 """
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,9 +26,10 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.kv import KeyValue
 
-from services.scheduler.core import WATCHED_TYPES, SchedulerState, evolve, next_dispatches
-from shared.bus import TYPE_HEADER, envelope_headers
+from services.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, evolve, next_dispatches
+from shared.bus import TYPE_HEADER, envelope_headers, is_transient, retry_transient
 from shared.errors import InvalidMessage
 from shared.messages import (
     MESSAGE_TYPES,
@@ -43,6 +52,9 @@ FETCH_BATCH = 256
 # With no new events the scheduler still looks for work this often (a run whose queueing failed).
 IDLE_TICK_SECONDS = 0.5
 PUBLISH_TIMEOUT_SECONDS = 5.0
+WATERMARK_KEY = "fold-from"
+# The watermark is written at most this often: it only shortens the next start.
+WATERMARK_EVERY_SECONDS = 1.0
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +68,11 @@ class Scheduler:
         self.state = SchedulerState()
         self.caught_up = False
         self.last_seq = 0
+        self.folded = 0  # events applied since the state was last rebuilt
+        # Where each run still in play was first seen in the stream: the watermark is the least.
+        self.first_seen: dict[RunKey, int] = {}
+        self.watermark_kept = 0
+        self.watermark_written_at = 0.0
 
     @property
     def js(self) -> JetStreamContext:
@@ -84,14 +101,20 @@ class Scheduler:
         )
 
     async def submission(self, tenant: str, run_id: str, request_seq: int) -> Envelope[Any] | None:
-        """The run.submitted command an allow decision points at, or None (logged) if it is not that run's.
+        """The run.submitted command an allow decision points at, or None (logged) if the run must not be queued.
 
         Only the gate writes decisions, and only about commands it read, so a decision that points
         elsewhere is forged or corrupt: acting on it could start another run, and failing on it
-        would stop the scheduler at the same event on every restart.
+        would stop the scheduler at the same event on every restart. A run already queued once
+        (a second decision on a finished run, from before the watermark) is not queued again.
         """
+        if await self.was_queued(tenant, run_id):
+            log.info("a run already queued was allowed again; not queued twice", run_id=run_id, tenant=tenant)
+            return None
         try:
-            stored = await self.js.get_msg(self.streams.commands, request_seq, direct=True)
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.commands, request_seq, direct=True), what="a run's submission"
+            )
             submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
         except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
             problem = f"command {request_seq} cannot be read: {exc}"
@@ -102,6 +125,16 @@ class Scheduler:
             problem = f"command {request_seq} is a {submission.type} of {submission.tenant}/{submission.subject}"
         log.error("an allow decision does not point at its run's submission; ignored", run_id=run_id, problem=problem)
         return None
+
+    async def was_queued(self, tenant: str, run_id: str) -> bool:
+        subject = self.subjects.event(tenant, RunQueued, run_id)
+        try:
+            await retry_transient(
+                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="a run's queueing"
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     async def queue_allowed(self) -> list[asyncio.Future[PubAck]]:
         """Queue every allowed run: read its submission for the agent and priority, record run.queued.
@@ -174,7 +207,8 @@ class Scheduler:
             )
 
     def apply(self, message: Msg) -> None:
-        self.last_seq = message.metadata.sequence.stream
+        seq = self.last_seq = message.metadata.sequence.stream
+        self.folded += 1
         # The consumer's filter delivers only watched types; the header is a hint, never trusted.
         try:
             envelope = parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER))
@@ -184,31 +218,82 @@ class Scheduler:
             return
         headers: Mapping[str, str] = message.headers or {}
         evolve(self.state, envelope, {k: v for k, v in headers.items() if k in {"traceparent", "tracestate"}})
+        key = (envelope.tenant, envelope.subject)
+        if key in self.state.finished:
+            # Finished runs are forgotten: a second decision on one is caught by `was_queued`.
+            self.state.finished.discard(key)
+            self.first_seen.pop(key, None)
+        elif self.state.is_known(key) or key in self.state.allowed:
+            self.first_seen.setdefault(key, seq)
+
+    def watermark(self) -> int:
+        """Where a fold must start to see every event of every run still in play."""
+        return min(self.first_seen.values(), default=self.last_seq + 1)
+
+    async def keep_watermark(self, kv: KeyValue | None) -> None:
+        """Write the watermark, when it moved and at most every WATERMARK_EVERY_SECONDS."""
+        watermark = self.watermark()
+        now = time.monotonic()
+        if kv is None or watermark == self.watermark_kept or now - self.watermark_written_at < WATERMARK_EVERY_SECONDS:
+            return
+        await retry_transient(lambda: kv.put(WATERMARK_KEY, str(watermark).encode()), what="the fold's watermark")
+        self.watermark_kept, self.watermark_written_at = watermark, now
+
+    async def start_of_fold(self) -> tuple[KeyValue | None, int]:
+        try:
+            kv = await retry_transient(lambda: self.js.key_value(self.streams.scheduler), what="the scheduler's bucket")
+        except nats.js.errors.NotFoundError:
+            log.warning("no scheduler bucket (run `warden provision`): every start folds from sequence 1")
+            return None, 1
+        try:
+            entry = await retry_transient(lambda: kv.get(WATERMARK_KEY), what="the fold's watermark")
+        except nats.js.errors.KeyNotFoundError:
+            return kv, 1
+        return kv, max(1, int(entry.value or b"1"))
 
     async def run(self) -> None:
-        """Fold the stream forever; once caught up, act after every batch of events."""
+        """Fold and act until cancelled; a bus failure that outlasts the retries rebuilds the state in place."""
+        while True:
+            try:
+                await self.serve()
+            except (nats.errors.Error, TimeoutError) as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("bus unavailable; rebuilding the state from the stream", error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def serve(self) -> None:
+        """Rebuild the state from the watermark, then fold the stream forever, acting on each batch once caught up."""
+        self.state, self.caught_up, self.folded, self.first_seen = SchedulerState(), False, 0, {}
+        kv, start = await self.start_of_fold()
+        self.last_seq = start - 1
+        self.watermark_kept = start
         inbox: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def enqueue(message: Msg) -> None:
             inbox.put_nowait(message)
 
-        # An ordered consumer from sequence 1: ephemeral (the scheduler's position is its state,
-        # rebuilt on every start), flow-controlled, and re-created by nats-py after any gap.
-        # Push, not pull: nats-py's long-poll fetch waits for a full batch, which made every
+        # An ordered consumer from the watermark: ephemeral (the scheduler's position is its
+        # state, rebuilt on every start), flow-controlled, and re-created by nats-py after any
+        # gap. Push, not pull: nats-py's long-poll fetch waits for a full batch, which made every
         # quiet moment a half-second stall in dispatching.
-        subscription = await self.js.subscribe(
-            self.subjects.all_events,
-            stream=self.streams.events,
-            cb=enqueue,
-            ordered_consumer=True,
-            # Only the types the state is folded from: steps and tool calls (most events) stay away.
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.ALL,
-                filter_subjects=[self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)],
+        subscription = await retry_transient(
+            lambda: self.js.subscribe(
+                self.subjects.all_events,
+                stream=self.streams.events,
+                cb=enqueue,
+                ordered_consumer=True,
+                # Only the types the state is folded from: steps and tool calls (most events) stay away.
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start,
+                    filter_subjects=[
+                        self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)
+                    ],
+                ),
             ),
+            what="the scheduler's fold",
         )
-        if not (await self.js.stream_info(self.streams.events)).state.messages:
-            self.caught_up = True  # an empty stream: nothing to rebuild
         try:
             while True:
                 try:
@@ -219,19 +304,31 @@ class Scheduler:
                     batch.append(inbox.get_nowait())
                 for message in batch:
                     self.apply(message)
-                if batch and batch[-1].metadata.num_pending == 0 and not self.caught_up:
+                if not self.caught_up and await self._caught_up(batch, subscription):
                     self.caught_up = True
                     log.info(
                         "state rebuilt",
+                        folded_from=start,
+                        folded=self.folded,
                         last_seq=self.last_seq,
                         queued=len(self.state.queued),
                         running=sum(len(runs) for runs in self.state.running.values()),
                     )
                 if self.caught_up:
                     await self.act()
+                    await self.keep_watermark(kv)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
+
+    @staticmethod
+    async def _caught_up(batch: list[Msg], subscription: JetStreamContext.PushSubscription) -> bool:
+        if batch:
+            return bool(batch[-1].metadata.num_pending == 0)
+        # Nothing came for a while: either nothing is left, or nothing after the watermark is of
+        # a type the fold reads. The consumer knows which.
+        info = await retry_transient(subscription.consumer_info, what="the fold's progress")
+        return bool(info.num_pending == 0)
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
