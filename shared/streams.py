@@ -5,6 +5,7 @@ bind to them without declaring them, so no service can silently change a stream'
 """
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import structlog
@@ -102,7 +103,11 @@ class Change:
     weakens: bool  # applying it would make the stream less durable
 
     def __str__(self) -> str:
-        return f"{self.stream}: {self.setting} {self.current!r} -> {self.declared!r}"
+        return f"{self.stream}: {self.setting} {_shown(self.current)!r} -> {_shown(self.declared)!r}"
+
+
+def _shown(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
 
 
 @dataclass

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import JsonValue
 
-from shared.bus import connect, envelope_headers
+from shared.bus import connect, envelope_headers, is_transient
 from shared.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from shared.ids import new_id
 from shared.messages import Envelope, RunSubmitted, make_envelope, parse_envelope
@@ -95,8 +95,10 @@ class WardenClient:
                 headers=envelope_headers(envelope, idempotency_key, start_trace=True),
                 stream=self.streams.commands,
             )
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise RetryableError(f"JetStream did not acknowledge the command: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            if is_transient(exc):
+                raise RetryableError(f"JetStream did not acknowledge the command (send it again): {exc!r}") from exc
+            raise
         if ack.duplicate:
             return await self._first_submission(envelope, ack.seq)
         return Receipt(envelope.id, envelope.subject, ack.seq, duplicate=False)

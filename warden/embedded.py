@@ -247,6 +247,23 @@ class EmbeddedServers:
             state_dir=self.state_dir,
         )
 
+    async def start_nats(self) -> str:
+        """Start NATS alone (for a caller with a Postgres of its own); return its URL (a list, for a cluster)."""
+        if self.nodes:
+            raise RuntimeError("embedded NATS already started")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.nodes = self._nats_nodes()
+            for node in self.nodes:
+                await node.start()
+            for node in self.nodes:
+                await node.wait_ready()
+            await self._wait_jetstream()
+        except BaseException:
+            await self.stop()
+            raise
+        return self.nats_url
+
     async def stop(self) -> None:
         """Shut every server down gracefully, killing whatever is still up after ~10 s."""
         # SIGINT is Postgres's "fast" shutdown; SIGTERM ("smart") would wait for clients to leave.

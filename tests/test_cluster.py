@@ -1,0 +1,219 @@
+"""Warden on a real three-node JetStream cluster (R3 streams): a stream leader killed mid-load loses nothing.
+
+The four services run as their own processes, connected to the cluster's seed list. While governed
+runs flow, the leader of the events stream is killed with SIGKILL and started again, then the
+leader of the commands stream. Every acknowledged run must finish as it would have without the
+fault: succeeded, each tool call run once and decided, the projection equal to the stream on every
+node, and every service still the process it started as.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from shared.bus import connect
+from shared.errors import RetryableError
+from shared.settings import Settings
+from shared.streams import StreamNames, provision
+from shared.subjects import Subjects
+from tests.conftest import REPO_ROOT, Servers, database_url_for, eventually
+from warden.client import Receipt, WardenClient
+from warden.embedded import EmbeddedServers, NatsNode
+from warden.stack import SERVICES
+
+
+@dataclass
+class Cluster:
+    servers: EmbeddedServers
+    settings: Settings
+    nc: NatsClient
+
+    def node(self, name: str) -> NatsNode:
+        return next(node for node in self.servers.nodes if node.name == name)
+
+    async def leader(self, stream: str) -> str:
+        async def elected() -> str | None:
+            try:
+                info = await self.nc.jetstream().stream_info(stream)
+            except Exception:
+                return None
+            return info.cluster.leader if info.cluster else None
+
+        leader: str = await eventually(elected, within=60, interval=0.1)
+        return leader
+
+
+@pytest.fixture
+async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
+    """Three NATS nodes on loopback with R3 streams under a private prefix, and a private database."""
+    state = Path(tempfile.mkdtemp(prefix="warden-cluster-"))
+    embedded = EmbeddedServers(state, nats_nodes=3)
+    nats_url = await embedded.start_nats()
+    token = uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
+    await admin.execute(f'CREATE DATABASE "cluster_{token}"')
+    settings = Settings(
+        nats_url=nats_url,
+        database_url=database_url_for(servers.database_url, f"cluster_{token}"),
+        subject_prefix=f"c{token}",
+        stream_replicas=3,
+    )
+    nc = await connect(nats_url)
+    try:
+        await provision(nc.jetstream(), Subjects(settings.subject_prefix), replicas=3)
+        yield Cluster(embedded, settings, nc)
+    finally:
+        await nc.close()
+        await embedded.stop()
+        shutil.rmtree(state, ignore_errors=True)
+        await admin.execute(f'DROP DATABASE IF EXISTS "cluster_{token}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def services(cluster: Cluster) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": cluster.settings.nats_url,
+        "WARDEN_DATABASE_URL": cluster.settings.database_url,
+        "WARDEN_SUBJECT_PREFIX": cluster.settings.subject_prefix,
+        "WARDEN_LOG_LEVEL": "WARNING",
+        "WARDEN_LOG_FORMAT": "json",
+    }
+    logs = Path(tempfile.mkdtemp(prefix="warden-cluster-logs-"))
+    processes = []
+    for name in SERVICES:
+        with (logs / f"{name}.log").open("wb") as log:
+            processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", f"services.{name}", cwd=REPO_ROOT, env=env, stderr=log
+                )
+            )
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        await asyncio.gather(*(process.wait() for process in processes))
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def node_stream_state(monitor_url: str, stream: str) -> dict[str, Any]:
+    """What one node holds of a stream (its own replica), from its monitoring endpoint."""
+    with urllib.request.urlopen(f"{monitor_url}/jsz?accounts=true&streams=true", timeout=5) as response:
+        report = json.loads(response.read())
+    for account in report.get("account_details", []):
+        for detail in account.get("stream_detail", []):
+            if detail["name"] == stream:
+                return dict(detail["state"])
+    return {}
+
+
+async def kill_leader_and_restart(cluster: Cluster, stream: str) -> float:
+    """SIGKILL the node leading `stream`, and start it again once another node leads; the seconds until then."""
+    leader = cluster.node(await cluster.leader(stream))
+    await leader.kill()
+    killed_at = time.monotonic()
+
+    async def new_leader() -> bool:
+        return await cluster.leader(stream) != leader.name
+
+    await eventually(new_leader, within=60, interval=0.1)
+    resumed = time.monotonic() - killed_at
+    await leader.start()
+    await leader.wait_ready()
+    return resumed
+
+
+async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_run(
+    cluster: Cluster, services: list[asyncio.subprocess.Process], servers: Servers
+) -> None:
+    """Sixty governed runs; the events then the commands stream leader killed with SIGKILL mid-load."""
+    client = WardenClient(cluster.nc, cluster.settings.subject_prefix)
+    receipts: list[Receipt] = []
+
+    async def submit(count: int) -> None:
+        # As a careful client does: a submission the bus could not acknowledge is sent again, with
+        # the same run id (and so the same idempotency key) until it is.
+        for index in range(count):
+            tenant, actor = ("acme", "alice") if index % 2 else ("globex", "gina")
+            run_id = f"run-{index}"
+            while True:
+                try:
+                    receipt = await client.submit_run(
+                        tenant=tenant, agent="researcher", actor=actor, input={"topic": f"t{index}"}, run_id=run_id
+                    )
+                    break
+                except RetryableError:
+                    await asyncio.sleep(0.2)
+            receipts.append(receipt)
+            await asyncio.sleep(0.1)
+
+    streams = StreamNames.for_prefix(cluster.settings.subject_prefix)
+    load = asyncio.create_task(submit(60))
+    await asyncio.sleep(2.0)
+    resumed = [await kill_leader_and_restart(cluster, streams.events)]
+    await asyncio.sleep(2.0)
+    resumed.append(await kill_leader_and_restart(cluster, streams.commands))
+    await load
+
+    db = await asyncpg.connect(cluster.settings.database_url)
+    try:
+        run_ids = [receipt.subject_id for receipt in receipts]
+        finished = "SELECT count(*) FROM runs WHERE run_id = ANY($1) AND status IN ('succeeded', 'failed')"
+        await eventually(lambda: _equal(db.fetchval(finished, run_ids), len(run_ids)), within=180, interval=0.5)
+        failed = await db.fetch(
+            "SELECT run_id, error FROM runs WHERE run_id = ANY($1) AND status <> 'succeeded'", run_ids
+        )
+        assert [tuple(row) for row in failed] == []
+        tool_calls = await db.fetch(
+            "SELECT payload->>'tool_call_id', count(*) AS completions, min(payload->>'outcome') AS outcome "
+            "FROM events WHERE type = 'tool_call.completed' GROUP BY 1"
+        )
+        assert len(tool_calls) == 60 * 3
+        assert {row["completions"] for row in tool_calls} == {1}, "no tool ran twice"
+        assert {row["outcome"] for row in tool_calls} == {"ok"}, "every tool call was decided and ran"
+
+        async def projected() -> bool:
+            total = sum([(await cluster.nc.jetstream().stream_info(name)).state.last_seq for name in streams.audited])
+            return bool(await db.fetchval("SELECT sum(last_seq) = $1 FROM projector_positions", total))
+
+        await eventually(projected, within=60)
+        rows = {row["stream"]: row["count"] for row in await db.fetch("SELECT stream, count(*) FROM events GROUP BY 1")}
+        for node in cluster.servers.nodes:
+            assert node.monitor_url is not None
+
+            def replica_matches(monitor_url: str = node.monitor_url) -> bool:
+                return all(
+                    node_stream_state(monitor_url, name).get("messages") == rows[name] for name in streams.audited
+                )
+
+            await eventually(lambda: _ready(replica_matches()), within=30)
+        assert await db.fetchval("SELECT count(*) FROM stream_gaps") == 0
+    finally:
+        await db.close()
+    assert [process.returncode for process in services] == [None] * len(SERVICES), "no service exited"
+    print(f"leader re-elected after SIGKILL in {', '.join(f'{seconds:.1f}' for seconds in resumed)} s")
+
+
+async def _equal(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+async def _ready(value: bool) -> bool:
+    return value
