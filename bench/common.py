@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 import asyncpg
-import nats
 import psutil
 
+from shared.bus import connect
 from shared.settings import Settings
 from shared.streams import provision
 from shared.subjects import Subjects
@@ -65,8 +65,8 @@ class Installation:
             log_level="WARNING",
             **overrides,  # type: ignore[arg-type]
         )
-        nc = await nats.connect(nats_url)
-        await provision(nc.jetstream(), Subjects(settings.subject_prefix))
+        nc = await connect(nats_url)
+        await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
         await nc.close()
         return cls(settings, admin_url)
 

@@ -29,12 +29,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-import nats
 from hypothesis.errors import NonInteractiveExampleWarning
 from nats.aio.client import Client as NatsClient
 
 from bench.common import REPO_ROOT, Installation, ServiceProcesses, embedded
-from shared.bus import envelope_headers
+from shared.bus import connect, envelope_headers
 from shared.messages import RunSubmitted, make_envelope
 from shared.streams import StreamNames
 from shared.subjects import Subjects
@@ -92,7 +91,7 @@ async def run_pass(
     commands = commands_for(settings.subject_prefix)
     services = ServiceProcesses(settings)
     await services.start(*SERVICES)
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     db = await asyncpg.connect(settings.database_url)
     client = WardenClient(nc, settings.subject_prefix)
     try:

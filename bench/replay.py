@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -56,7 +55,7 @@ from services.audit_projector.replay import (
 )
 from services.audit_projector.stream_reader import read_range
 from shared.admission import CommandRules
-from shared.bus import envelope_headers
+from shared.bus import connect, envelope_headers
 from shared.messages import (
     CommandRejected,
     DecisionMade,
@@ -230,7 +229,7 @@ def workload(subjects: Subjects, mix: str, count: int) -> Iterator[Message]:
 async def fill(nats_url: str, prefix: str, count: int, mix: str) -> None:
     """Provision the audited streams under `prefix` and store `count` messages, in atomic batches."""
     subjects = Subjects(prefix)
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         js = nc.jetstream()
         await provision(js, subjects)
@@ -284,7 +283,7 @@ async def _audited(nc: NatsClient, prefix: str) -> list[tuple[str, str, int]]:
 
 async def raw_read(nats_url: str, prefix: str) -> tuple[int, float]:
     """Floor 1: every message of both streams through the replay's bare reader, and nothing else."""
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         streams = await _audited(nc, prefix)
         count, started = 0, time.perf_counter()
@@ -299,7 +298,7 @@ async def raw_read(nats_url: str, prefix: str) -> tuple[int, float]:
 
 async def nats_py_ordered_read(nats_url: str, prefix: str, limit: int) -> tuple[int, float]:
     """Reference: nats-py's ordered push consumer with a callback, on the events stream (up to `limit`)."""
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         stream, _, last_seq = (await _audited(nc, prefix))[1]
         last = min(last_seq, limit)
@@ -328,7 +327,7 @@ async def copy_floor(nats_url: str, database_url: str, prefix: str, connections:
     """Floor 2: COPY the exact `events` rows the projection makes, the way the replay loads them."""
     rules = CommandRules(Subjects(prefix), Settings().max_command_bytes)
     chunks: list[list[tuple[Any, ...]]] = []
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     try:
         with cyclic_gc_paused():
             for stream, subject, last_seq in await _audited(nc, prefix):
@@ -390,7 +389,7 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
         copy_count, copy_seconds = await copy_floor(nats_url, database_url, prefix, workers)
         report = await replay(settings, "replayed")
     finally:
-        nc = await nats.connect(nats_url)
+        nc = await connect(nats_url)
         names = StreamNames.for_prefix(prefix)
         for stream in (names.commands, names.events, names.work):
             await nc.jetstream().delete_stream(stream)

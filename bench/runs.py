@@ -6,10 +6,10 @@ import uuid
 from typing import Any
 
 import asyncpg
-import nats
 from nats.aio.msg import Msg
 
 from bench.common import CpuMeter, Installation, ServiceProcesses, latency_summary
+from shared.bus import connect
 from shared.streams import StreamNames
 from warden.client import WardenClient
 
@@ -20,7 +20,7 @@ TENANTS = {"acme": "alice", "globex": "gina"}
 
 async def _projected(install: Installation) -> None:
     """Wait until the projector has written every stored message of both audited streams."""
-    nc = await nats.connect(install.settings.nats_url)
+    nc = await connect(install.settings.nats_url)
     names = StreamNames.for_prefix(install.settings.subject_prefix)
     stored = sum([(await nc.jetstream().stream_info(name)).state.last_seq for name in names.audited])
     await nc.close()
@@ -44,7 +44,7 @@ async def run_w3(nats_url: str, admin_url: str, runs: int, concurrency: int) -> 
     )
     services = ServiceProcesses(install.settings)
     await services.start(*SERVICES)
-    nc = await nats.connect(nats_url)
+    nc = await connect(nats_url)
     client = WardenClient(nc, install.settings.subject_prefix)
     finished: dict[str, asyncio.Future[str]] = {}
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import nats
 
-from shared.bus import connect
+from shared.bus import connect, retry_transient
 from shared.errors import WardenError
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -88,10 +88,14 @@ async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _provision(args: argparse.Namespace, settings: Settings) -> int:
     settings = _with_replicas(args, settings)
-    nc = await connect(settings.nats_url)
+    # A cluster may still be electing its leaders (or its nodes starting): wait for it a while.
+    nc = await connect(settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
     try:
-        result = await provision(
-            nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas, force=args.force
+        result = await retry_transient(
+            lambda: provision(
+                nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas, force=args.force
+            ),
+            what="provisioning",
         )
     finally:
         await nc.close()
