@@ -10,12 +10,13 @@ from pathlib import Path
 import asyncpg
 import psutil
 
+from shared.streams import provision
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
 from warden.stack import SERVICES
 
 
-async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subprocess.Process, str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WARDEN_")}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -24,6 +25,7 @@ async def start_stack(state_dir: Path) -> tuple[asyncio.subprocess.Process, str,
         "up",
         "--state-dir",
         str(state_dir),
+        *options,
         cwd=REPO_ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -122,3 +124,40 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert receipt.stream_seq == 1
     finally:
         await stop_stack(process)
+
+
+async def test_up_runs_a_three_node_cluster_with_r3_streams(tmp_path: Path) -> None:
+    """`warden up --cluster 3`: three NATS nodes, every stream on all three, a run governed end to end;
+    provisioning again with one replica is refused rather than weakening the streams."""
+    process, nats_url, database_url = await start_stack(tmp_path / "state", "--cluster", "3")
+    try:
+        assert len(nats_url.split(",")) == 3
+        async with await WardenClient.connect(nats_url) as client:
+            await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="clustered")
+            for stream in (client.streams.commands, client.streams.events, client.streams.work):
+                info = await client.js.stream_info(stream)
+                assert info.config.num_replicas == 3
+                assert info.cluster is not None
+                assert len(info.cluster.replicas or []) == 2
+            result = await provision(client.js, client.subjects, replicas=1)
+            assert {change.setting for change in result.refused} == {"num_replicas"}
+            assert not result.changed
+            assert (await client.js.stream_info(client.streams.events)).config.num_replicas == 3
+        db = await asyncpg.connect(database_url)
+        try:
+
+            async def succeeded() -> bool:
+                try:
+                    return bool(
+                        await db.fetchval(
+                            "SELECT count(*) FROM runs WHERE run_id = 'clustered' AND status = 'succeeded'"
+                        )
+                    )
+                except asyncpg.UndefinedTableError:
+                    return False
+
+            await eventually(succeeded, within=60)
+        finally:
+            await db.close()
+    finally:
+        assert await stop_stack(process) == 0
