@@ -125,6 +125,15 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], *, what: str, d
     return await retrying(attempt)
 
 
+async def is_stored(js: JetStreamContext, stream: str, subject: str) -> bool:
+    """Whether `stream` holds a message on `subject` (a run's run.started, say); passing bus failures waited out."""
+    try:
+        await retry_transient(lambda: js.get_last_msg(stream, subject, direct=True), what=f"a message on {subject}")
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
 async def fetch_batch(subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
     """Up to `batch` messages: block up to `wait` seconds for the first, then take what else is waiting.
 

@@ -187,3 +187,43 @@ async def warden_cli(settings: Settings, *args: str) -> str:
     result = await run_warden_cli(settings, *args)
     assert result.status == 0, result.stderr[-2000:]
     return result.stdout
+
+
+async def start_services(settings: Settings, log_dir: Path | None = None) -> list[asyncio.subprocess.Process]:
+    """The four services, each its own process as `warden up` runs them, on `settings`' servers and prefix.
+
+    Their logs go to `log_dir/<service>.log`, or nowhere.
+    """
+    from warden.stack import SERVICES  # noqa: PLC0415
+
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": settings.nats_url,
+        "WARDEN_DATABASE_URL": settings.database_url,
+        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
+        "WARDEN_LOG_LEVEL": "WARNING",
+        "WARDEN_LOG_FORMAT": "json",
+    }
+    processes = []
+    for name in SERVICES:
+        log = (log_dir / f"{name}.log").open("wb") if log_dir else None
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"services.{name}",
+                cwd=REPO_ROOT,
+                env=env,
+                stderr=log or asyncio.subprocess.DEVNULL,
+            )
+        )
+        if log:
+            log.close()
+    return processes
+
+
+async def stop_services(processes: list[asyncio.subprocess.Process]) -> None:
+    for process in processes:
+        if process.returncode is None:
+            process.terminate()
+    await asyncio.gather(*(process.wait() for process in processes))

@@ -9,9 +9,7 @@ node, and every service still the process it started as.
 
 import asyncio
 import json
-import os
 import shutil
-import sys
 import tempfile
 import time
 import urllib.request
@@ -30,7 +28,7 @@ from shared.errors import RetryableError
 from shared.settings import Settings
 from shared.streams import StreamNames, provision
 from shared.subjects import Subjects
-from tests.conftest import REPO_ROOT, Servers, database_url_for, eventually
+from tests.conftest import Servers, database_url_for, eventually, start_services, stop_services
 from warden.client import Receipt, WardenClient
 from warden.embedded import EmbeddedServers, NatsNode
 from warden.stack import SERVICES
@@ -86,31 +84,11 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
 
 @pytest.fixture
 async def services(cluster: Cluster) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": cluster.settings.nats_url,
-        "WARDEN_DATABASE_URL": cluster.settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": cluster.settings.subject_prefix,
-        "WARDEN_LOG_LEVEL": "WARNING",
-        "WARDEN_LOG_FORMAT": "json",
-    }
-    logs = Path(tempfile.mkdtemp(prefix="warden-cluster-logs-"))
-    processes = []
-    for name in SERVICES:
-        with (logs / f"{name}.log").open("wb") as log:
-            processes.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", f"services.{name}", cwd=REPO_ROOT, env=env, stderr=log
-                )
-            )
+    processes = await start_services(cluster.settings)
     try:
         yield processes
     finally:
-        for process in processes:
-            if process.returncode is None:
-                process.terminate()
-        await asyncio.gather(*(process.wait() for process in processes))
-        shutil.rmtree(logs, ignore_errors=True)
+        await stop_services(processes)
 
 
 def node_stream_state(monitor_url: str, stream: str) -> dict[str, Any]:

@@ -6,8 +6,6 @@ for; every valid run submitted in the middle of the flood must complete; no serv
 """
 
 import asyncio
-import os
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -20,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from shared.settings import Settings
 from shared.streams import StreamNames
-from tests.conftest import REPO_ROOT, eventually
+from tests.conftest import eventually, start_services, stop_services
 from tests.strategies import HostileCommand, hostile_commands
 from warden.client import Receipt, WardenClient
 from warden.stack import SERVICES
@@ -48,26 +46,11 @@ EXPECTED_CODES: dict[str, set[str]] = {
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     """The four services, each its own process (as `warden up` runs them), on this test's servers and prefix."""
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_DATABASE_URL": settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-        "WARDEN_LOG_LEVEL": "ERROR",
-    }
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{name}", cwd=REPO_ROOT, env=env, stderr=asyncio.subprocess.DEVNULL
-        )
-        for name in SERVICES
-    ]
+    processes = await start_services(settings)
     try:
         yield processes
     finally:
-        for process in processes:
-            if process.returncode is None:
-                process.terminate()
-        await asyncio.gather(*(process.wait() for process in processes))
+        await stop_services(processes)
 
 
 async def publish_hostile(nc: NatsClient, hostile: HostileCommand) -> tuple[HostileCommand, int | None]:

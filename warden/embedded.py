@@ -230,17 +230,7 @@ class EmbeddedServers:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # postgres refuses to run as root, so under root it runs as an unprivileged account
         self._pg_user = ensure_user_exists(_PG_SYSTEM_USER) if os.geteuid() == 0 else None
-        try:
-            self.nodes = self._nats_nodes()
-            for node in self.nodes:
-                await node.start()  # not waited for yet: NATS comes up while Postgres does
-            await self._start_postgres()
-            for node in self.nodes:
-                await node.wait_ready()
-            await self._wait_jetstream()
-        except BaseException:
-            await self.stop()
-            raise
+        await self._bring_up(with_postgres=True)
         return EmbeddedEndpoints(
             nats_url=self.nats_url,
             database_url=self.admin_database_url(self.database),
@@ -252,17 +242,22 @@ class EmbeddedServers:
         if self.nodes:
             raise RuntimeError("embedded NATS already started")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self._bring_up(with_postgres=False)
+        return self.nats_url
+
+    async def _bring_up(self, *, with_postgres: bool) -> None:
         try:
             self.nodes = self._nats_nodes()
             for node in self.nodes:
-                await node.start()
+                await node.start()  # not waited for yet: NATS comes up while Postgres does
+            if with_postgres:
+                await self._start_postgres()
             for node in self.nodes:
                 await node.wait_ready()
             await self._wait_jetstream()
         except BaseException:
             await self.stop()
             raise
-        return self.nats_url
 
     async def stop(self) -> None:
         """Shut every server down gracefully, killing whatever is still up after ~10 s."""

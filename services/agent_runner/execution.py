@@ -29,7 +29,7 @@ from services.agent_runner.agents import (
     UnknownAgent,
 )
 from services.agent_runner.tools import ToolError, run_tool
-from shared.bus import TYPE_HEADER, envelope_headers, retry_transient
+from shared.bus import TYPE_HEADER, envelope_headers, is_stored, retry_transient
 from shared.decoding import check_value, recordable_text
 from shared.errors import InvalidMessage
 from shared.messages import (
@@ -237,14 +237,7 @@ class RunExecutor:
         """A later attempt may have; a first one has only if its run.started is stored (a duplicate work item)."""
         if attempt > 1:
             return True
-        subject = self.subjects.event(tenant, RunStarted, run_id)
-        try:
-            await retry_transient(
-                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="the run's start"
-            )
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        return await is_stored(self.js, self.streams.events, self.subjects.event(tenant, RunStarted, run_id))
 
     async def _stored_decision(self, tenant: str, run_id: str, tool_call_id: str) -> DecisionMade | None:
         """The decision on a tool call looked up in the stream: for one the live feed did not bring.

@@ -29,7 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
 from services.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, evolve, next_dispatches
-from shared.bus import TYPE_HEADER, envelope_headers, is_transient, retry_transient
+from shared.bus import TYPE_HEADER, envelope_headers, is_stored, is_transient, retry_transient
 from shared.errors import InvalidMessage
 from shared.messages import (
     MESSAGE_TYPES,
@@ -127,14 +127,7 @@ class Scheduler:
         return None
 
     async def was_queued(self, tenant: str, run_id: str) -> bool:
-        subject = self.subjects.event(tenant, RunQueued, run_id)
-        try:
-            await retry_transient(
-                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="a run's queueing"
-            )
-        except nats.js.errors.NotFoundError:
-            return False
-        return True
+        return await is_stored(self.js, self.streams.events, self.subjects.event(tenant, RunQueued, run_id))
 
     async def queue_allowed(self) -> list[asyncio.Future[PubAck]]:
         """Queue every allowed run: read its submission for the agent and priority, record run.queued.
