@@ -25,6 +25,12 @@ TYPE_HEADER = "Warden-Type"
 SERVICE_CONNECT_OPTIONS: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
 
 
+# Idle heartbeats of an ordered consumer, in seconds. nats-py re-creates one that missed two, so
+# this bounds how long a consumer lost with its node (an ephemeral consumer has one replica) goes
+# unnoticed: with nats-py's default of 5 s, a leader kill left the scheduler blind for 10 s or more.
+ORDERED_HEARTBEAT_SECONDS = 1.0
+
+
 def server_urls(url: str) -> list[str]:
     """The servers a NATS URL setting names: one URL, or a cluster's seed nodes separated by commas.
 

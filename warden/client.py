@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import JsonValue
 
-from shared.bus import connect, envelope_headers, is_transient
+from shared.bus import ORDERED_HEARTBEAT_SECONDS, connect, envelope_headers, is_transient
 from shared.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from shared.ids import new_id
 from shared.messages import Envelope, RunSubmitted, make_envelope, parse_envelope
@@ -165,7 +165,10 @@ class WardenClient:
             stream=self.streams.events,
             cb=enqueue,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW),
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+                idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
+            ),
         )
         try:
             while True:

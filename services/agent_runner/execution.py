@@ -29,7 +29,7 @@ from services.agent_runner.agents import (
     UnknownAgent,
 )
 from services.agent_runner.tools import ToolError, run_tool
-from shared.bus import TYPE_HEADER, envelope_headers, is_stored, retry_transient
+from shared.bus import ORDERED_HEARTBEAT_SECONDS, TYPE_HEADER, envelope_headers, is_stored, retry_transient
 from shared.decoding import check_value, recordable_text
 from shared.errors import InvalidMessage
 from shared.messages import (
@@ -127,7 +127,7 @@ async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, su
         stream=stream,
         cb=on_message,
         ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
     )
     try:
         await asyncio.wait_for(caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
@@ -161,7 +161,7 @@ class DecisionFeed:
             stream=self.stream,
             cb=self._on_message,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
         )
 
     async def close(self) -> None:

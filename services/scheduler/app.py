@@ -29,7 +29,14 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
 from services.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, evolve, next_dispatches
-from shared.bus import TYPE_HEADER, envelope_headers, is_stored, is_transient, retry_transient
+from shared.bus import (
+    ORDERED_HEARTBEAT_SECONDS,
+    TYPE_HEADER,
+    envelope_headers,
+    is_stored,
+    is_transient,
+    retry_transient,
+)
 from shared.errors import InvalidMessage
 from shared.messages import (
     MESSAGE_TYPES,
@@ -280,6 +287,7 @@ class Scheduler:
                 config=ConsumerConfig(
                     deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                     opt_start_seq=start,
+                    idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
                     filter_subjects=[
                         self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)
                     ],
