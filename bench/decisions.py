@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from bench.common import REPO_ROOT, CpuMeter, Installation, ServiceProcesses, latency_summary, percentile
-from shared.bus import connect
+from shared.bus import command_key_scope, connect
 from shared.messages import ToolCallRequested, make_envelope
 from shared.streams import StreamNames, stream_configs
 from shared.subjects import Subjects
@@ -72,7 +72,9 @@ class DecisionClient:
         self.pending[run_id] = waiter
         body = self.template.replace(_PLACEHOLDER.encode(), run_id.encode())
         started = time.perf_counter()
-        await self.js.publish(self.subject, body, headers={"Nats-Msg-Id": run_id, "Bench-Run": run_id})
+        # Scoped as every command's key must be (the gate rejects others); the relay carries the same bytes.
+        key = command_key_scope("acme", ToolCallRequested.TYPE) + run_id
+        await self.js.publish(self.subject, body, headers={"Nats-Msg-Id": key, "Bench-Run": run_id})
         await asyncio.wait_for(waiter, 10.0)
         return time.perf_counter() - started
 

