@@ -1,21 +1,29 @@
 # The README's two commands, `make demo` and `make test`, do all the set-up on a fresh machine:
 # install uv if missing (from PyPI, with the machine's pip), create the environment on the
-# machine's Python 3.11 from uv.lock (every dependency group, so the benchmarks are type-checked
-# against their real dependencies), then run. No interpreter is downloaded.
+# machine's Python 3.11 from uv.lock, then run. No interpreter is downloaded. `make demo` and
+# `make up` install only what Warden runs on; `make test` adds every dependency group (the test
+# tools, and the benchmarks' dependencies, so the benchmarks are type-checked against them).
 
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+UV_SYNC := $(UV) sync --frozen --python 3.11 --no-python-downloads
 
-.PHONY: setup demo up test lint schemas
+.PHONY: uv setup setup-runtime demo up test lint schemas
 
-setup:
+uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen --all-groups --python 3.11 --no-python-downloads
 
-demo: setup  ## the embedded stack with a demo: a run, a rejected command, the audit trail
-	$(UV) run warden demo
+setup: uv
+	$(UV_SYNC) --all-groups
 
-up: setup  ## the embedded stack, until Ctrl-C
-	$(UV) run warden up
+# --inexact: what `make test` installed stays; a fresh machine gets Warden's own dependencies only.
+setup-runtime: uv
+	$(UV_SYNC) --no-dev --inexact
+
+demo: setup-runtime  ## the embedded stack with a demo: a governed run, a denied one, their audit trail
+	$(UV) run --no-sync warden demo
+
+up: setup-runtime  ## the embedded stack, until Ctrl-C
+	$(UV) run --no-sync warden up
 
 test: setup  ## lint, types, and the whole suite on real NATS and Postgres
 	$(UV) run ruff check .
@@ -23,5 +31,5 @@ test: setup  ## lint, types, and the whole suite on real NATS and Postgres
 	$(UV) run mypy
 	$(UV) run pytest
 
-schemas: setup  ## regenerate schemas/ and the README subject table after changing a message model
+schemas: setup  ## regenerate schemas/ (JSON Schemas, AsyncAPI) and the README subject table after changing a model
 	$(UV) run python -m shared.contracts

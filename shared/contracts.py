@@ -305,6 +305,22 @@ def write_artefacts(root: Path) -> list[Path]:
     return changed
 
 
+def write_readme_table(root: Path) -> bool:
+    """Put the generated subject table between the README's markers; whether anything changed."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start == -1 or end < start:
+        return False
+    updated = text[: start + len(README_START)] + "\n" + subject_table_markdown() + text[end:]
+    if updated == text:
+        return False
+    readme.write_text(updated, encoding="utf-8")
+    return True
+
+
 def check_artefacts(root: Path, *, diff_lines: int = 12) -> list[str]:
     """Describe every way `root/schemas/` differs from what would be generated; empty if in sync."""
     expected = render_artefacts()
@@ -347,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"contract artefacts are out of date; run `{REGENERATE_COMMAND}`")
         return 1 if problems else 0
     changed = write_artefacts(root)
+    if write_readme_table(root):
+        changed.append(root / "README.md")
     for path in changed:
         print(f"{'wrote' if path.exists() else 'removed'} {path.relative_to(root).as_posix()}")
     if not changed:

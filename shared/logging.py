@@ -18,6 +18,11 @@ def _add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Muta
     return event
 
 
+# The logger FastStream apps and brokers are given: FastStream's own writes coloured text lines
+# to stderr and does not propagate, which broke every JSON log file.
+FASTSTREAM_LOGGER = logging.getLogger("warden.faststream")
+
+
 def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> None:
     """Configure structlog (and route stdlib logging through it) for one service process."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -44,6 +49,8 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "auto") -> N
             foreign_pre_chain=shared_processors,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # A traceback becomes one field of the line, not lines of its own.
+                structlog.processors.format_exc_info,
                 renderer,
             ],
         )

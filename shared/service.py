@@ -14,7 +14,7 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 
 from shared.bus import SERVICE_CONNECT_OPTIONS, server_urls
-from shared.logging import configure_logging
+from shared.logging import FASTSTREAM_LOGGER, configure_logging
 from shared.settings import Settings
 from shared.telemetry import configure_tracing
 
@@ -139,7 +139,9 @@ class BackgroundLoops:
 def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]) -> FastStream:
     """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected."""
     # FastStream's per-message log lines at DEBUG: at INFO they cost more than handling a message.
-    broker = NatsBroker(server_urls(settings.nats_url), log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS)
+    broker = NatsBroker(
+        server_urls(settings.nats_url), logger=FASTSTREAM_LOGGER, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+    )
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -148,6 +150,6 @@ def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[
             loops.start(loop(broker))
         yield
 
-    app = FastStream(broker, lifespan=lifespan)
+    app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
     return app

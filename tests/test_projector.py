@@ -509,7 +509,7 @@ async def test_a_timeline_follows_the_server_not_the_senders_clock(
         "runner w1: started (attempt 1)",
         "step 0: model_turn: ",
         "step 1: model_turn: ",
-        "run SUCCEEDED after 2 steps, 0 tool calls",
+        "run SUCCEEDED after 2 model turns and 0 tool calls",
     ]
     assert "(sent 2020-01-02 03:04:05.678)" in lines[4]
     assert "(sent 2020" not in lines[3] + lines[5]

@@ -2,27 +2,54 @@
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import nats
+from pydantic import ValidationError
 
 from shared.bus import connect, retry_transient
 from shared.errors import WardenError
 from shared.logging import configure_logging
+from shared.messages import describe_validation_error
 from shared.settings import Settings
 from shared.streams import provision
 from shared.subjects import Subjects
 from warden.client import TailedEvent, WardenClient
+from warden.endpoints import NoStack
 from warden.stack import run_stack, settings_for_running_stack
 
 # `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
 REPLAY_FOUND_GAPS = 3
 # `warden provision` exits with this status when it left a change undone that would weaken a stream.
 PROVISION_REFUSED = 4
+# A command line that cannot be carried out as given (bad JSON, an invalid tenant).
+USAGE_ERROR = 2
+# How the CLI connects: a dead or wrong address is a clear error within seconds, not minutes of
+# reconnect attempts (`warden provision`, which waits for a cluster on purpose, excepted).
+CLI_CONNECT_OPTIONS: dict[str, Any] = {"connect_timeout": 2.0, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.5}
+
+
+class UsageError(WardenError):
+    """The command line asks for something that cannot be done as given."""
+
+
+async def _quiet(_: Exception) -> None:
+    """nats-py's error callback: connection errors reach the CLI as exceptions, said once."""
+
+
+async def _client(settings: Settings) -> WardenClient:
+    try:
+        return await WardenClient.connect(
+            settings.nats_url, settings.subject_prefix, error_cb=_quiet, **CLI_CONNECT_OPTIONS
+        )
+    except (OSError, nats.errors.Error) as exc:
+        raise NoStack(f"cannot reach NATS at {settings.nats_url} ({exc}); is the stack running (`warden up`)?") from exc
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -56,11 +83,16 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
 
     from warden.timeline import run_timeline  # noqa: PLC0415
 
-    db = await asyncpg.connect(settings.database_url)
+    try:
+        db = await asyncpg.connect(settings.database_url, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
     try:
         if args.run:
             tenant = await db.fetchval("SELECT tenant FROM runs WHERE run_id = $1", args.run)
-            for line in await run_timeline(db, tenant or "", args.run):
+            if tenant is None:
+                raise UsageError(f"no run {args.run!r} in the audit tables (is it still being projected?)")
+            for line in await run_timeline(db, tenant, args.run):
                 print(line)
             return 0
         rows = await db.fetch(
@@ -69,14 +101,24 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
             args.tenant,
             args.limit,
         )
+        rejected = await db.fetch(
+            "SELECT command_stream_seq, tenant, code, reason, rejected_at FROM rejected_commands "
+            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY command_stream_seq DESC LIMIT $2",
+            args.tenant,
+            args.limit,
+        )
     finally:
         await db.close()
-    print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} steps tools submitted")
+    print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} turns tools submitted")
     for row in rows:
         print(
             f"{row['run_id']:<38} {row['tenant']:<10} {row['agent'] or '-':<12} {row['status']:<11} "
             f"{row['submitted_by'] or '-':<8} {row['steps']:>5} {row['tool_calls']:>5} {row['submitted_at']}"
         )
+    if rejected:
+        print("\nrejected commands (kept in the commands stream, never acted on):")
+        for row in rejected:
+            print(f"  command {row['command_stream_seq']:<6} {row['tenant']:<12} {row['code']}: {row['reason'][:160]}")
     return 0
 
 
@@ -104,30 +146,36 @@ async def _provision(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    run_input = json.loads(args.input) if args.input else {}
+    try:
+        run_input = json.loads(args.input) if args.input else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--input is not JSON: {exc}") from None
     if not isinstance(run_input, dict):
-        raise SystemExit("--input must be a JSON object")
-    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
-        receipt = await client.submit_run(
-            tenant=args.tenant,
-            agent=args.agent,
-            actor=args.actor,
-            input=run_input,
-            run_id=args.run_id,
-            priority=args.priority,
-            idempotency_key=args.idempotency_key,
-        )
-    print(
-        json.dumps(
-            {
-                "run_id": receipt.subject_id,
-                "command_id": receipt.command_id,
-                "stream_seq": receipt.stream_seq,
-                "duplicate": receipt.duplicate,
-            }
-        )
-    )
-    return 0
+        raise UsageError("--input must be a JSON object")
+    async with await _client(settings) as client:
+        try:
+            receipt = await client.submit_run(
+                tenant=args.tenant,
+                agent=args.agent,
+                actor=args.actor,
+                input=run_input,
+                run_id=args.run_id,
+                priority=args.priority,
+                idempotency_key=args.idempotency_key,
+            )
+        except ValidationError as exc:
+            raise UsageError(f"invalid submission: {describe_validation_error(exc)}") from None
+        printed: dict[str, Any] = {
+            "run_id": receipt.subject_id,
+            "command_id": receipt.command_id,
+            "stream_seq": receipt.stream_seq,
+            "duplicate": receipt.duplicate,
+        }
+        if args.wait is not None:
+            outcome = await client.outcome(args.tenant, receipt, args.wait)
+            printed["outcome"] = {"status": outcome.status, "reasons": outcome.reasons}
+    print(json.dumps(printed))
+    return 0 if args.wait is None or printed["outcome"]["status"] == "succeeded" else 1
 
 
 def _tail_line(event: TailedEvent) -> str:
@@ -138,10 +186,14 @@ def _tail_line(event: TailedEvent) -> str:
 
 
 async def _tail(args: argparse.Namespace, settings: Settings) -> int:
-    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
-        async for event in client.tail(
-            args.tenant, args.run, from_start=not args.from_now, idle_timeout=args.idle_timeout
-        ):
+    async with (
+        await _client(settings) as client,
+        # Closed before the client: a reader gone early (`| head`) must not leave a consumer behind.
+        contextlib.aclosing(
+            client.tail(args.tenant, args.run, from_start=not args.from_now, idle_timeout=args.idle_timeout)
+        ) as events,
+    ):
+        async for event in events:
             print(_tail_line(event), flush=True)
     return 0
 
@@ -234,13 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-id")
     submit.add_argument("--priority", type=int, default=5)
     submit.add_argument("--idempotency-key", help="sent as Nats-Msg-Id (default: derived from the run id)")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the outcome (rejected, denied, succeeded, failed) and print it; "
+        "exit 0 only if the run succeeded",
+    )
     submit.set_defaults(handler=_submit)
 
     tail = commands.add_parser("tail", help="print a tenant's (or one run's) events as JSON lines")
     tail.add_argument("--tenant", required=True)
     tail.add_argument("--run", help="only this run's events")
     tail.add_argument("--from-now", action="store_true", help="skip events stored before now")
-    tail.add_argument("--idle-timeout", type=float, help="stop after this many seconds without an event")
+    tail.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this many seconds without an event (default: follow until Ctrl-C)",
+    )
     tail.set_defaults(handler=_tail)
 
     runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
@@ -273,12 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = _settings(args)
-    configure_logging("warden-cli", settings.log_level, settings.log_format)
     try:
+        settings = _settings(args)
+        # The demo speaks to a person: the stack's own log lines (stream created, ...) would drown it.
+        level = "WARNING" if args.command == "demo" else settings.log_level
+        configure_logging("warden-cli", level, settings.log_format)
         return int(asyncio.run(args.handler(args, settings)))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`warden tail | head`): not an error, and nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except UsageError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     except (WardenError, OSError, nats.errors.Error) as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 1

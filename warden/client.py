@@ -1,8 +1,11 @@
 """The Python client for Warden's users: publish commands and tail events, over plain NATS."""
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import os
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -15,9 +18,19 @@ from pydantic import JsonValue
 from shared.bus import ORDERED_HEARTBEAT_SECONDS, connect, envelope_headers, is_transient
 from shared.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from shared.ids import new_id
-from shared.messages import Envelope, RunSubmitted, make_envelope, parse_envelope
+from shared.messages import (
+    CommandRejected,
+    DecisionMade,
+    Envelope,
+    RunFailed,
+    RunSubmitted,
+    RunSucceeded,
+    make_envelope,
+    parse_envelope,
+)
 from shared.streams import StreamNames
 from shared.subjects import Subjects
+from warden.endpoints import read_endpoints
 
 
 class CommandTooLarge(PermanentError):
@@ -44,6 +57,14 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as far as its events tell: its status and the reasons given."""
+
+    status: str  # rejected, denied, awaiting_approval, succeeded, failed, or pending (no outcome yet)
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
 class TailedEvent:
     """An event read from the stream, with where it sits in it."""
 
@@ -63,6 +84,16 @@ class WardenClient:
         self.subjects = Subjects(prefix)
         self.streams = StreamNames.for_prefix(prefix)
         self.max_command_bytes = max_command_bytes
+
+    @classmethod
+    async def connect_to_stack(cls, state_dir: str | Path = ".warden", **options: Any) -> Self:
+        """Connect to the servers WARDEN_NATS_URL names, else to the stack `warden up` runs on `state_dir`.
+
+        The subject prefix is WARDEN_SUBJECT_PREFIX's, else `warden`. Raises `NoStack` at once when
+        neither is there.
+        """
+        url = os.environ.get("WARDEN_NATS_URL") or read_endpoints(Path(state_dir)).nats_url
+        return await cls.connect(url, os.environ.get("WARDEN_SUBJECT_PREFIX", "warden"), **options)
 
     @classmethod
     async def connect(cls, url: str, prefix: str = "warden", **options: Any) -> Self:
@@ -141,6 +172,32 @@ class WardenClient:
         )
         return await self.publish_command(envelope, idempotency_key or run_id)
 
+    async def outcome(self, tenant: str, receipt: Receipt, within: float) -> Outcome:
+        """How a submitted run ended: rejected, denied, succeeded or failed; or `pending` after `within` seconds."""
+        subjects = [
+            self.subjects.run_events(tenant, receipt.subject_id),
+            self.subjects.command_rejections(tenant, str(receipt.stream_seq)),
+        ]
+        try:
+            async with (
+                asyncio.timeout(within),
+                contextlib.aclosing(self._events(subjects, from_start=True, idle_timeout=None)) as events,
+            ):
+                async for event in events:
+                    data = event.envelope.data if event.envelope else None
+                    if isinstance(data, CommandRejected):
+                        return Outcome("rejected", [f"{data.code}: {data.reason}"])
+                    if isinstance(data, DecisionMade) and data.tool_call_id is None and data.effect != "allow":
+                        status = "denied" if data.effect == "deny" else "awaiting_approval"
+                        return Outcome(status, list(data.reasons))
+                    if isinstance(data, RunSucceeded):
+                        return Outcome("succeeded", [])
+                    if isinstance(data, RunFailed):
+                        return Outcome("failed", [data.reason])
+        except TimeoutError:
+            pass
+        return Outcome("pending", [f"no outcome within {within}s"])
+
     async def tail(
         self,
         tenant: str,
@@ -148,12 +205,21 @@ class WardenClient:
         *,
         from_start: bool = True,
         idle_timeout: float | None = None,
-    ) -> AsyncIterator[TailedEvent]:
+    ) -> AsyncGenerator[TailedEvent, None]:
         """Yield a tenant's events (or one run's) in stream order, from the start or from now.
 
         Stops after `idle_timeout` seconds without an event, or runs until cancelled when None.
         """
         filter_subject = self.subjects.run_events(tenant, run_id) if run_id else self.subjects.tenant_events(tenant)
+        async with contextlib.aclosing(
+            self._events([filter_subject], from_start=from_start, idle_timeout=idle_timeout)
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def _events(
+        self, filter_subjects: list[str], *, from_start: bool, idle_timeout: float | None
+    ) -> AsyncGenerator[TailedEvent, None]:
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def enqueue(message: Msg) -> None:
@@ -161,13 +227,14 @@ class WardenClient:
 
         # An ordered consumer: ephemeral, flow-controlled, and re-created by nats-py on any gap.
         subscription = await self.js.subscribe(
-            filter_subject,
+            filter_subjects[0],
             stream=self.streams.events,
             cb=enqueue,
             ordered_consumer=True,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
                 idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
+                filter_subjects=filter_subjects if len(filter_subjects) > 1 else None,
             ),
         )
         try:
@@ -178,7 +245,8 @@ class WardenClient:
                     return
                 yield _tailed(message)
         finally:
-            await subscription.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # the connection may be closing already
+                await subscription.unsubscribe()
 
 
 def _tailed(message: Msg) -> TailedEvent:

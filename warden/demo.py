@@ -48,7 +48,8 @@ async def _show(settings: Settings) -> None:
 
 async def run_demo(settings: Settings) -> None:
     ready = asyncio.Event()
-    stack = asyncio.create_task(run_stack(settings, ready=ready))
+    print("Starting NATS JetStream, PostgreSQL and the four services on free local ports ...", flush=True)
+    stack = asyncio.create_task(run_stack(settings, ready=ready, announce=False))
     waiter = asyncio.create_task(ready.wait())
     await asyncio.wait({stack, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if stack.done():
@@ -58,5 +59,6 @@ async def run_demo(settings: Settings) -> None:
     try:
         await _show(settings_for_running_stack(settings))
     finally:
+        print("\nStopping the stack. `warden up` keeps one running; `warden runs` and `warden tail` read it.")
         os.kill(os.getpid(), signal.SIGTERM)  # run_stack's own signal handler stops everything it started
         await stack

@@ -1,7 +1,6 @@
 """`warden up`: the whole control plane on one machine, with real NATS and Postgres, no Docker."""
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -15,13 +14,15 @@ from shared.settings import Settings
 from shared.streams import StreamNames, provision
 from shared.subjects import Subjects
 from warden.embedded import EmbeddedServers, die_with_parent
+from warden.endpoints import hold_state_dir, read_endpoints, remove_endpoints, write_endpoints
 
 log = structlog.get_logger(__name__)
 
 # Each is `python -m services.<name>`, its own process.
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
-ENDPOINTS_FILE = "endpoints.json"
 RESTART_DELAY_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
+# A service that ran this long before it exited counts as healthy again: its next restart is quick.
+HEALTHY_AFTER_SECONDS = 60.0
 
 
 @dataclass
@@ -58,17 +59,16 @@ class ServiceProcess:
             await self.process.wait()
 
 
-def endpoints_path(state_dir: Path) -> Path:
-    return state_dir / ENDPOINTS_FILE
-
-
 def settings_for_running_stack(settings: Settings) -> Settings:
-    """Point CLI commands at the stack `warden up` started here, unless URLs were given explicitly."""
-    path = endpoints_path(settings.state_dir)
-    if "WARDEN_NATS_URL" in os.environ or not path.exists():
+    """Point CLI commands at the stack `warden up` runs on the state directory, unless URLs were given.
+
+    Raises `NoStack` (one clear line, at once) rather than falling back to default ports, where
+    something else may listen.
+    """
+    if "WARDEN_NATS_URL" in os.environ:
         return settings
-    endpoints = json.loads(path.read_text())
-    return settings.model_copy(update={"nats_url": endpoints["nats_url"], "database_url": endpoints["database_url"]})
+    endpoints = read_endpoints(settings.state_dir)
+    return settings.model_copy(update={"nats_url": endpoints.nats_url, "database_url": endpoints.database_url})
 
 
 async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
@@ -77,6 +77,7 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
         if service.process is None or service.process.returncode is not None:
             await service.start()
         assert service.process is not None
+        started = asyncio.get_running_loop().time()
         wait_exit = asyncio.create_task(service.process.wait())
         wait_stop = asyncio.create_task(stopping.wait())
         await asyncio.wait({wait_exit, wait_stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -84,6 +85,8 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
         if stopping.is_set():
             wait_exit.cancel()
             return
+        if asyncio.get_running_loop().time() - started >= HEALTHY_AFTER_SECONDS:
+            service.restarts = 0  # it was healthy: one crash now is not the fifth in a row
         delay = RESTART_DELAY_SECONDS[min(service.restarts, len(RESTART_DELAY_SECONDS) - 1)]
         service.restarts += 1
         log.error(
@@ -98,11 +101,21 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
 
 
 async def run_stack(
-    settings: Settings, *, sync: str = "always", nats_nodes: int = 1, ready: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    sync: str = "always",
+    nats_nodes: int = 1,
+    ready: asyncio.Event | None = None,
+    announce: bool = True,
 ) -> None:
-    """Start (or reuse) the servers, provision, run the services until SIGINT or SIGTERM, stop it all."""
+    """Start (or reuse) the servers, provision, run the services until SIGINT or SIGTERM, stop it all.
+
+    `announce` prints where everything is and how to use it (not wanted by a caller, like the demo,
+    that runs the stack only for a moment).
+    """
     state_dir = settings.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything else: a second `warden up` here must not touch the running stack's servers or files.
+    lock = hold_state_dir(state_dir)
     external = "WARDEN_NATS_URL" in os.environ and "WARDEN_DATABASE_URL" in os.environ
     servers = None
     if not external:
@@ -138,22 +151,24 @@ async def run_stack(
         for service in services:
             await service.start()
         supervisors = [asyncio.create_task(_supervise(service, stopping)) for service in services]
-        endpoints_path(state_dir).write_text(
-            json.dumps({"nats_url": settings.nats_url, "database_url": settings.database_url}, indent=2)
-        )
-        _print_summary(settings, state_dir, external, provisioned.lines(), services)
+        write_endpoints(state_dir, settings.nats_url, settings.database_url)
+        if announce:
+            _print_summary(settings, state_dir, external, provisioned.lines(), services)
         if ready is not None:
             ready.set()
         await stopping.wait()
     finally:
-        print("warden: stopping ...", file=sys.stderr)
+        if announce:
+            print("warden: stopping ...", file=sys.stderr)
         stopping.set()
         await asyncio.gather(*supervisors, return_exceptions=True)
         await asyncio.gather(*(service.stop() for service in reversed(services)))
-        endpoints_path(state_dir).unlink(missing_ok=True)
+        remove_endpoints(state_dir)
         if servers is not None:
             await servers.stop()
-        print("warden: stopped", file=sys.stderr)
+        lock.close()
+        if announce:
+            print("warden: stopped", file=sys.stderr)
 
 
 def _print_summary(

@@ -67,7 +67,9 @@ def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
         case "step.completed":
             return f"step {data['step']}: {data['kind']}: {data.get('summary', '')}"
         case "run.succeeded":
-            return f"run SUCCEEDED after {data['steps']} steps, {data['tool_calls']} tool calls"
+            # Counted as `warden runs` counts them: model turns and tool calls, apart.
+            turns = data["steps"] - data["tool_calls"]
+            return f"run SUCCEEDED after {turns} model turns and {data['tool_calls']} tool calls"
         case "run.failed":
             return f"run FAILED: {data['reason']}"
     return type_name

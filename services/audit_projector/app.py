@@ -14,6 +14,7 @@ from services.audit_projector.handlers import StreamProjection
 from services.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
 from shared.admission import CommandRules
 from shared.bus import SERVICE_CONNECT_OPTIONS, envelope_headers, retry_transient, server_urls
+from shared.logging import FASTSTREAM_LOGGER
 from shared.messages import StreamGapDetected, make_envelope
 from shared.service import BackgroundLoops, interruptible_startup, run_service
 from shared.settings import Settings
@@ -43,7 +44,9 @@ def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    broker = NatsBroker(server_urls(settings.nats_url), log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS)
+    broker = NatsBroker(
+        server_urls(settings.nats_url), logger=FASTSTREAM_LOGGER, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+    )
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager
@@ -90,7 +93,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
             await store.release()
             await close_pool(pool)
 
-    app = FastStream(broker, lifespan=lifespan)
+    app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
     return app
 
