@@ -10,6 +10,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
+from shared.errors import RetryableError
 from shared.streams import provision
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
@@ -161,3 +162,59 @@ async def test_up_runs_a_three_node_cluster_with_r3_streams(tmp_path: Path) -> N
             await db.close()
     finally:
         assert await stop_stack(process) == 0
+
+
+async def test_up_starts_a_killed_nats_server_or_postgres_again(tmp_path: Path) -> None:
+    """SIGKILL nats-server, then Postgres, under a running stack: each comes back on its port, and runs go on."""
+    process, nats_url, database_url = await start_stack(tmp_path / "state")
+    try:
+        for name in ("nats-server", "postgres"):
+            server = next(
+                child
+                for child in psutil.Process(process.pid).children(recursive=True)
+                if child.name() == name and (name != "postgres" or child.ppid() == process.pid)
+            )
+            server.kill()
+
+            def again(name: str = name, old: int = server.pid) -> bool:
+                children = psutil.Process(process.pid).children(recursive=False)
+                return any(child.pid != old and child.name() == name for child in children)
+
+            await eventually(lambda again=again: _ready(again()), within=60)  # type: ignore[misc]
+            run_id = f"after-{name}"
+            async with await WardenClient.connect(nats_url, error_cb=_ignore) as client:
+                await eventually(lambda run_id=run_id: _submitted(client, run_id), within=60)  # type: ignore[misc]
+            db = await eventually(lambda: _connected(database_url), within=60)
+            try:
+
+                async def succeeded(run_id: str = run_id, db: asyncpg.Connection = db) -> bool:
+                    query = "SELECT count(*) FROM runs WHERE run_id = $1 AND status = 'succeeded'"
+                    try:
+                        return bool(await db.fetchval(query, run_id))
+                    except asyncpg.UndefinedTableError:
+                        return False
+
+                await eventually(succeeded, within=90)
+            finally:
+                await db.close()
+    finally:
+        assert await stop_stack(process) == 0
+
+
+async def _ignore(_: Exception) -> None:
+    """Connection errors while a server restarts are expected here."""
+
+
+async def _submitted(client: WardenClient, run_id: str) -> bool:
+    try:
+        await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id=run_id)
+    except RetryableError:
+        return False
+    return True
+
+
+async def _connected(database_url: str) -> asyncpg.Connection | None:
+    try:
+        return await asyncpg.connect(database_url, timeout=2)
+    except (OSError, asyncpg.PostgresError):
+        return None

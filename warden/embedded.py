@@ -161,6 +161,11 @@ class NatsNode:
             await _terminate(self.process, signal.SIGTERM)
             self.process = None
 
+    def keep_port(self) -> None:
+        """Start again on the port it has now, not a new random one: its clients know this one."""
+        if self.url is not None and "-1" in self.args:
+            self.args[self.args.index("-1")] = self.url.rsplit(":", 1)[1]
+
     async def kill(self) -> None:
         """SIGKILL, as a crashed machine would stop: no flush, no goodbye to the cluster."""
         if self.process is not None and self.process.returncode is None:
@@ -333,7 +338,37 @@ class EmbeddedServers:
             return {}
         return {"user": self._pg_user.pw_uid, "group": self._pg_user.pw_gid, "extra_groups": []}
 
-    async def _start_postgres(self) -> None:
+    async def supervise(self, stopping: asyncio.Event) -> None:
+        """Start again, on the same ports and data, any server that exits before `stopping` is set.
+
+        The services reconnect to them: a nats-server or Postgres killed under a running stack is
+        an outage of seconds, not a stack left talking to a dead port.
+        """
+        while not stopping.is_set():
+            watched: dict[asyncio.Task[int], NatsNode | None] = {
+                asyncio.create_task(node.process.wait()): node for node in self.nodes if node.process is not None
+            }
+            if self._pg is not None:
+                watched[asyncio.create_task(self._pg.wait())] = None
+            stop = asyncio.create_task(stopping.wait())
+            done, pending = await asyncio.wait({*watched, stop}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if stopping.is_set():
+                return
+            for task in done:
+                node = watched[task]
+                name = node.name if node is not None else "postgres"
+                print(f"warden: {name} exited (status {task.result()}); starting it again", file=sys.stderr)
+                if node is not None:
+                    node.keep_port()
+                    await node.start()
+                    await node.wait_ready()
+                else:
+                    await self._start_postgres(port=self._pg_port)
+
+    async def _start_postgres(self, port: int | None = None) -> None:
+        """Start Postgres on a free port, or on `port` (a restart: clients know that one)."""
         pgdata = self.state_dir / "postgres"
         pgdata.mkdir(mode=0o700, exist_ok=True)
         if self._pg_user is not None:
@@ -344,8 +379,9 @@ class EmbeddedServers:
         log = self.state_dir / "postgres.log"
         log.touch()
         postgres = POSTGRES_BIN_PATH / "postgres"
-        for _ in range(5):
-            port = _free_port()
+        wanted = port
+        for _ in range(20 if wanted else 5):
+            port = wanted or _free_port()
             args = ["-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1", "-k", str(socket_dir)]
             offset = log.stat().st_size
             with log.open("ab") as log_file:
@@ -363,9 +399,13 @@ class EmbeddedServers:
                 await self._create_database()
                 return
             output = _log_since(log, offset)
+            if wanted:
+                # A restart: the old server's port or shared memory may not be free for a moment.
+                await asyncio.sleep(0.5)
+                continue
             if "already in use" not in output:  # only a lost race for the port is worth a retry
                 raise RuntimeError(f"postgres exited with {self._pg.returncode}:\n{output}")
-        raise RuntimeError("postgres could not find a free port after 5 attempts")
+        raise RuntimeError("postgres could not start after repeated attempts")
 
     def _grant_pg_user_access(self, pgdata: Path) -> None:
         assert self._pg_user is not None

@@ -151,6 +151,8 @@ async def run_stack(
         for service in services:
             await service.start()
         supervisors = [asyncio.create_task(_supervise(service, stopping)) for service in services]
+        if servers is not None:
+            supervisors.append(asyncio.create_task(servers.supervise(stopping)))
         write_endpoints(state_dir, settings.nats_url, settings.database_url)
         if announce:
             _print_summary(settings, state_dir, external, provisioned.lines(), services)
