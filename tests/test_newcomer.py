@@ -245,3 +245,34 @@ async def test_a_service_healthy_for_a_while_restarts_quickly_after_a_crash(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_every_log_line_of_a_service_is_one_json_object(settings: Settings) -> None:
+    """FastStream's own lines and tracebacks included: a service's log file is JSON lines, nothing else."""
+    env = {
+        **os.environ,
+        "WARDEN_NATS_URL": settings.nats_url,
+        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
+        "WARDEN_LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.policy_gate", cwd=REPO_ROOT, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    await asyncio.sleep(3.0)
+    process.terminate()
+    _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    assert any("FastStream app" in line for line in lines), lines[:5]
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+
+
+def test_make_demo_installs_only_what_warden_runs_on() -> None:
+    """`make demo` syncs without the dev group (test tools) or the bench group (Celery, matplotlib)."""
+    import subprocess  # noqa: PLC0415
+
+    planned = subprocess.run(["make", "-n", "demo"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    sync = next(line for line in planned.splitlines() if " sync " in line)
+    assert "--no-dev" in sync
+    assert "--all-groups" not in sync
+    assert "--group" not in sync
