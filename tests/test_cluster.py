@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -168,7 +169,11 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
         assert {row["outcome"] for row in tool_calls} == {"ok"}, "every tool call was decided and ran"
 
         async def projected() -> bool:
-            total = sum([(await cluster.nc.jetstream().stream_info(name)).state.last_seq for name in streams.audited])
+            try:
+                infos = [await cluster.nc.jetstream().stream_info(name) for name in streams.audited]
+            except (nats.errors.Error, TimeoutError):
+                return False  # the cluster is still settling after the restarts: ask again
+            total = sum(info.state.last_seq for info in infos)
             return bool(await db.fetchval("SELECT sum(last_seq) = $1 FROM projector_positions", total))
 
         await eventually(projected, within=60)
@@ -177,9 +182,11 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
             assert node.monitor_url is not None
 
             def replica_matches(monitor_url: str = node.monitor_url) -> bool:
-                return all(
-                    node_stream_state(monitor_url, name).get("messages") == rows[name] for name in streams.audited
-                )
+                try:
+                    states = {name: node_stream_state(monitor_url, name) for name in streams.audited}
+                except OSError:
+                    return False  # the node is still coming back
+                return all(state.get("messages") == rows[name] for name, state in states.items())
 
             await eventually(lambda: _ready(replica_matches()), within=30)
         assert await db.fetchval("SELECT count(*) FROM stream_gaps") == 0
