@@ -178,22 +178,27 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
 
         await eventually(projected, within=60)
         rows = {row["stream"]: row["count"] for row in await db.fetch("SELECT stream, count(*) FROM events GROUP BY 1")}
-        for node in cluster.servers.nodes:
-            assert node.monitor_url is not None
-
-            def replica_matches(monitor_url: str = node.monitor_url) -> bool:
-                try:
-                    states = {name: node_stream_state(monitor_url, name) for name in streams.audited}
-                except OSError:
-                    return False  # the node is still coming back
-                return all(state.get("messages") == rows[name] for name, state in states.items())
-
-            await eventually(lambda: _ready(replica_matches()), within=30)
+        await every_replica_holds(cluster, rows)
         assert await db.fetchval("SELECT count(*) FROM stream_gaps") == 0
     finally:
         await db.close()
     assert [process.returncode for process in services] == [None] * len(SERVICES), "no service exited"
     print(f"leader re-elected after SIGKILL in {', '.join(f'{seconds:.1f}' for seconds in resumed)} s")
+
+
+async def every_replica_holds(cluster: Cluster, rows: dict[str, int]) -> None:
+    """Wait until every node's replica of each audited stream holds as many messages as Postgres has rows."""
+    for node in cluster.servers.nodes:
+        assert node.monitor_url is not None
+
+        def replica_matches(monitor_url: str = node.monitor_url) -> bool:
+            try:
+                states = {name: node_stream_state(monitor_url, name) for name in rows}
+            except OSError:
+                return False  # the node is still coming back
+            return all(state.get("messages") == rows[name] for name, state in states.items())
+
+        await eventually(lambda: _ready(replica_matches()), within=30)
 
 
 async def _equal(value: Any, expected: Any) -> bool:
