@@ -76,14 +76,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
         db = await asyncpg.connect(database_url)
 
-        async def succeeded() -> bool:
-            try:
-                query = "SELECT count(*) FROM runs WHERE run_id = 'kept-run' AND status = 'succeeded'"
-                return bool(await db.fetchval(query))
-            except asyncpg.UndefinedTableError:
-                return False  # the projector is still creating its tables
-
-        await eventually(succeeded, within=60)
+        await eventually(lambda: run_succeeded(db, "kept-run"), within=60)
         await asyncio.sleep(0.5)  # the run's last events reach the projector's next batch
         rows_before = await db.fetchval("SELECT count(*) FROM events")
         # Services record no spans without an exporter, yet the run's trace id reaches every row.
@@ -146,18 +139,7 @@ async def test_up_runs_a_three_node_cluster_with_r3_streams(tmp_path: Path) -> N
             assert (await client.js.stream_info(client.streams.events)).config.num_replicas == 3
         db = await asyncpg.connect(database_url)
         try:
-
-            async def succeeded() -> bool:
-                try:
-                    return bool(
-                        await db.fetchval(
-                            "SELECT count(*) FROM runs WHERE run_id = 'clustered' AND status = 'succeeded'"
-                        )
-                    )
-                except asyncpg.UndefinedTableError:
-                    return False
-
-            await eventually(succeeded, within=60)
+            await eventually(lambda: run_succeeded(db, "clustered"), within=60)
         finally:
             await db.close()
     finally:
@@ -186,19 +168,18 @@ async def test_up_starts_a_killed_nats_server_or_postgres_again(tmp_path: Path) 
                 await eventually(lambda run_id=run_id: _submitted(client, run_id), within=60)  # type: ignore[misc]
             db = await eventually(lambda: _connected(database_url), within=60)
             try:
-
-                async def succeeded(run_id: str = run_id, db: asyncpg.Connection = db) -> bool:
-                    query = "SELECT count(*) FROM runs WHERE run_id = $1 AND status = 'succeeded'"
-                    try:
-                        return bool(await db.fetchval(query, run_id))
-                    except asyncpg.UndefinedTableError:
-                        return False
-
-                await eventually(succeeded, within=90)
+                await eventually(lambda db=db, run_id=run_id: run_succeeded(db, run_id), within=90)  # type: ignore[misc]
             finally:
                 await db.close()
     finally:
         assert await stop_stack(process) == 0
+
+
+async def run_succeeded(db: asyncpg.Connection, run_id: str) -> bool:
+    try:
+        return bool(await db.fetchval("SELECT count(*) FROM runs WHERE run_id = $1 AND status = 'succeeded'", run_id))
+    except asyncpg.UndefinedTableError:
+        return False  # the projector is still creating its tables
 
 
 async def _ignore(_: Exception) -> None:
