@@ -276,3 +276,12 @@ def test_make_demo_installs_only_what_warden_runs_on() -> None:
     assert "--no-dev" in sync
     assert "--all-groups" not in sync
     assert "--group" not in sync
+
+
+async def test_commands_that_need_no_stack_work_without_one(tmp_path: Path) -> None:
+    """`warden policy test` and `warden schemas --check` read files only: no stack is asked for."""
+    status, stdout, stderr = await warden("policy", "test", str(REPO_ROOT / "policies"), cwd=tmp_path)
+    assert status == 0, stderr
+    assert "passed" in stdout
+    status, stdout, stderr = await warden("schemas", "--check", "--root", str(REPO_ROOT), cwd=tmp_path)
+    assert (status, stdout.strip()) == (0, "schemas are up to date"), stderr

@@ -28,6 +28,8 @@ from warden.stack import run_stack, settings_for_running_stack
 REPLAY_FOUND_GAPS = 3
 # `warden provision` exits with this status when it left a change undone that would weaken a stream.
 PROVISION_REFUSED = 4
+# The commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
+STACK_COMMANDS = frozenset({"provision", "submit", "tail", "runs", "audit"})
 # A command line that cannot be carried out as given (bad JSON, an invalid tenant).
 USAGE_ERROR = 2
 # How the CLI connects: a dead or wrong address is a clear error within seconds, not minutes of
@@ -57,7 +59,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = Path(args.state_dir)
     settings = Settings(**overrides)
-    return settings if args.command in {"up", "demo"} else settings_for_running_stack(settings)
+    # Only the commands that talk to a stack look for one; `policy test` and `schemas` work anywhere.
+    return settings_for_running_stack(settings) if args.command in STACK_COMMANDS else settings
 
 
 async def _up(args: argparse.Namespace, settings: Settings) -> int:
