@@ -13,11 +13,11 @@ uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 
 setup: uv
-	$(UV_SYNC) --all-groups
+	$(UV_SYNC) --all-groups --extra stack
 
 # --inexact: what `make test` installed stays; a fresh machine gets Warden's own dependencies only.
 setup-runtime: uv
-	$(UV_SYNC) --no-dev --inexact
+	$(UV_SYNC) --no-dev --inexact --extra stack
 
 demo: setup-runtime  ## the embedded stack with a demo: a governed run, a denied one, their audit trail
 	$(UV) run --no-sync warden demo
@@ -32,4 +32,4 @@ test: setup  ## lint, types, and the whole suite on real NATS and Postgres
 	$(UV) run pytest
 
 schemas: setup  ## regenerate schemas/ (JSON Schemas, AsyncAPI) and the README subject table after changing a model
-	$(UV) run python -m shared.contracts
+	$(UV) run python -m schemas.generate

@@ -15,11 +15,11 @@ from typing import Literal
 import asyncpg
 import psutil
 
-from shared.bus import connect
-from shared.settings import Settings
-from shared.streams import provision
-from shared.subjects import Subjects
 from warden.embedded import EmbeddedServers, die_with_parent
+from warden.settings import Settings
+from warden.streams import provision
+from warden.subjects import Subjects
+from warden.wire import connect
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 Durability = Literal["always", "interval"]
@@ -106,7 +106,7 @@ class ServiceProcesses:
             self.processes[label] = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                f"services.{name}",
+                f"warden.{name}",
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -132,7 +132,7 @@ class ServiceProcesses:
 class CpuMeter:
     """CPU seconds each role on this machine spends between `start` and `stop`.
 
-    Roles: each Warden service (by its `-m services.<name>` command line; instances of one service
+    Roles: each Warden service (by its `-m warden.<name>` command line; instances of one service
     add up), nats-server, Postgres (every backend) and this process (the load generator). Other
     servers of those names on the machine count too: keep them idle. Processes are read at both
     ends, so stop while the services still run.
@@ -146,8 +146,8 @@ class CpuMeter:
         if process.pid == os.getpid():
             return "load generator"
         command = " ".join(process.cmdline())
-        if "-m services." in command:
-            return command.split("-m services.", 1)[1].split()[0]
+        if "-m warden." in command:
+            return command.split("-m warden.", 1)[1].split()[0]
         if process.name() == "nats-server":
             return "nats-server"
         if process.name().startswith("postgres"):

@@ -14,10 +14,10 @@ from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
 from bench.common import REPO_ROOT, CpuMeter, Installation, ServiceProcesses, latency_summary, percentile
-from shared.bus import command_key_scope, connect
-from shared.messages import ToolCallRequested, make_envelope
-from shared.streams import StreamNames, stream_configs
-from shared.subjects import Subjects
+from warden.messages import ToolCallRequested, make_envelope
+from warden.streams import StreamNames, stream_configs
+from warden.subjects import Subjects
+from warden.wire import command_key_scope, connect
 
 Mode = Literal["warden", "relay"]
 # Each persisted message on the decision path: the request (commands) and the decision (events).

@@ -35,11 +35,11 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from bench.common import REPO_ROOT, Installation, ServiceProcesses
-from shared.bus import connect
-from shared.errors import RetryableError
-from shared.streams import StreamNames
 from warden.client import WardenClient
 from warden.embedded import EmbeddedServers, NatsNode
+from warden.errors import RetryableError
+from warden.streams import StreamNames
+from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 RESULTS = REPO_ROOT / "bench" / "results" / "failover.json"

@@ -33,12 +33,13 @@ from hypothesis.errors import NonInteractiveExampleWarning
 from nats.aio.client import Client as NatsClient
 
 from bench.common import REPO_ROOT, Installation, ServiceProcesses, embedded
-from shared.bus import connect, envelope_headers
-from shared.messages import RunSubmitted, make_envelope
-from shared.streams import StreamNames
-from shared.subjects import Subjects
 from tests.strategies import HostileCommand, hostile_commands
+from warden.bus import envelope_headers
 from warden.client import WardenClient
+from warden.messages import RunSubmitted, make_envelope
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 IN_FLIGHT = 256

@@ -29,7 +29,7 @@ import redis
 from celery import Celery, chain
 from psycopg.types.json import Jsonb
 
-from services.agent_runner.tools import run_tool
+from warden.agent_runner.tools import run_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

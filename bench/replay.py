@@ -44,8 +44,9 @@ import asyncpg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from services.audit_projector.projection import EVENT_COLUMNS, project
-from services.audit_projector.replay import (
+from warden.admission import CommandRules
+from warden.audit_projector.projection import EVENT_COLUMNS, project
+from warden.audit_projector.replay import (
     COPY_CHUNK,
     connect_for_copy,
     cyclic_gc_paused,
@@ -53,10 +54,9 @@ from services.audit_projector.replay import (
     prepare_target,
     replay,
 )
-from services.audit_projector.stream_reader import read_range
-from shared.admission import CommandRules
-from shared.bus import connect, envelope_headers
-from shared.messages import (
+from warden.audit_projector.stream_reader import read_range
+from warden.bus import envelope_headers
+from warden.messages import (
     CommandRejected,
     DecisionMade,
     Envelope,
@@ -71,9 +71,10 @@ from shared.messages import (
     ToolCallRequested,
     make_envelope,
 )
-from shared.settings import Settings
-from shared.streams import StreamNames, provision
-from shared.subjects import Subjects
+from warden.settings import Settings
+from warden.streams import StreamNames, provision
+from warden.subjects import Subjects
+from warden.wire import connect
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 1000  # messages per atomic batch: the server's default ceiling

@@ -9,9 +9,9 @@ import asyncpg
 from nats.aio.msg import Msg
 
 from bench.common import CpuMeter, Installation, ServiceProcesses, latency_summary
-from shared.bus import connect
-from shared.streams import StreamNames
 from warden.client import WardenClient
+from warden.streams import StreamNames
+from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 AGENT = "researcher"

@@ -21,9 +21,9 @@ from typing import Any
 from faststream.nats import NatsBroker
 
 from bench.common import REPO_ROOT, Installation
-from services.scheduler.app import WATERMARK_KEY, Scheduler
-from shared.bus import connect, envelope_headers
-from shared.messages import (
+from warden.bus import envelope_headers
+from warden.embedded import EmbeddedServers
+from warden.messages import (
     DecisionMade,
     Envelope,
     Payload,
@@ -34,9 +34,10 @@ from shared.messages import (
     StepCompleted,
     make_envelope,
 )
-from shared.streams import StreamNames
-from shared.subjects import Subjects
-from warden.embedded import EmbeddedServers
+from warden.scheduler.app import WATERMARK_KEY, Scheduler
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.wire import connect
 
 RESULTS = REPO_ROOT / "bench" / "results" / "scheduler_restart.json"
 

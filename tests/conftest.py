@@ -26,9 +26,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.settings import Settings
-from shared.streams import StreamNames, provision
-from shared.subjects import Subjects
+from warden.settings import Settings
+from warden.streams import StreamNames, provision
+from warden.subjects import Subjects
 
 os.environ.pop("RUST_BACKTRACE", None)  # regorus errors stay readable
 
@@ -211,7 +211,7 @@ async def start_services(settings: Settings, log_dir: Path | None = None) -> lis
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                f"services.{name}",
+                f"warden.{name}",
                 cwd=REPO_ROOT,
                 env=env,
                 stderr=log or asyncio.subprocess.DEVNULL,

@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 from faststream import FastStream
 from faststream.nats import NatsBroker
 
-from shared.service import interruptible_startup, run_service
-from shared.settings import Settings
+from warden.service import interruptible_startup, run_service
+from warden.settings import Settings
 
 
 def build_app(settings: Settings) -> FastStream:

@@ -7,9 +7,9 @@ from typing import Any, get_args
 from hypothesis import strategies as st
 from pydantic import JsonValue, StringConstraints
 
-from services.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
-from shared.decoding import MAX_SAFE_INTEGER
-from shared.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested, make_envelope
+from warden.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
+from warden.decoding import MAX_SAFE_INTEGER
+from warden.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested, make_envelope
 
 
 def _matching(annotated: object) -> st.SearchStrategy[str]:
@@ -41,7 +41,7 @@ def texts(max_size: int | None = None) -> st.SearchStrategy[str]:
 
 
 def json_values() -> st.SearchStrategy[JsonValue]:
-    """Any JSON value Warden accepts: finite numbers, integers every reader holds exactly (shared.decoding)."""
+    """Any JSON value Warden accepts: finite numbers, integers every reader holds exactly (warden.decoding)."""
     scalars: st.SearchStrategy[JsonValue] = (
         st.none()
         | st.booleans()

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from pydantic import JsonValue
 
-from services.agent_runner.agents import (
+from tests.strategies import scripted_runs
+from warden.agent_runner.agents import (
     AgentCatalogue,
     AgentDefinitionError,
     Fail,
@@ -22,9 +23,8 @@ from services.agent_runner.agents import (
     UnknownAgent,
     load_agent,
 )
-from services.agent_runner.tools import BUILTIN_TOOLS, ToolError, UnknownTool, run_tool
-from shared.errors import PermanentError
-from tests.strategies import scripted_runs
+from warden.agent_runner.tools import BUILTIN_TOOLS, ToolError, UnknownTool, run_tool
+from warden.errors import PermanentError
 
 AGENTS_DIR = Path(__file__).resolve().parents[1] / "agents"
 

@@ -6,16 +6,16 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from services.audit_projector.app import build_app as build_projector
-from services.policy_gate.app import DURABLE_NAME
-from services.policy_gate.app import build_app as build_gate
-from shared.errors import RejectionCode
-from shared.messages import CommandRejected, RunSubmitted, make_envelope
-from shared.settings import Settings
-from shared.streams import StreamNames
-from shared.subjects import Subjects
 from tests.conftest import AppRunner, eventually
+from warden.audit_projector.app import build_app as build_projector
 from warden.client import WardenClient
+from warden.errors import RejectionCode
+from warden.messages import CommandRejected, RunSubmitted, make_envelope
+from warden.policy_gate.app import DURABLE_NAME
+from warden.policy_gate.app import build_app as build_gate
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
 
 
 def valid_submission(tenant: str = "acme") -> bytes:

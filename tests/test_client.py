@@ -5,14 +5,14 @@ import json
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from services.policy_gate.app import build_app as build_gate
-from shared.errors import RejectionCode
-from shared.messages import RunStarted, RunSubmitted, make_envelope
-from shared.settings import Settings
-from shared.subjects import Subjects
 from tests.conftest import AppRunner, warden_cli
 from tests.test_projector import publish
 from warden.client import CommandTooLarge, IdempotencyKeyTaken, Receipt, WardenClient
+from warden.errors import RejectionCode
+from warden.messages import RunStarted, RunSubmitted, make_envelope
+from warden.policy_gate.app import build_app as build_gate
+from warden.settings import Settings
+from warden.subjects import Subjects
 
 
 async def test_submit_with_same_key_is_stored_once(settings: Settings, nc: NatsClient) -> None:

@@ -24,15 +24,15 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from shared.bus import connect
-from shared.errors import RetryableError
-from shared.settings import Settings
-from shared.streams import StreamNames, provision
-from shared.subjects import Subjects
 from tests.conftest import Servers, database_url_for, eventually, start_services, stop_services
 from warden.client import Receipt, WardenClient
 from warden.embedded import EmbeddedServers, NatsNode
+from warden.errors import RetryableError
+from warden.settings import Settings
 from warden.stack import SERVICES
+from warden.streams import StreamNames, provision
+from warden.subjects import Subjects
+from warden.wire import connect
 
 
 @dataclass

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from shared.contracts import (
+from schemas.generate import (
     README_END,
     README_START,
     REGENERATE_COMMAND,
@@ -23,8 +23,9 @@ from shared.contracts import (
     subject_table_markdown,
     write_artefacts,
 )
-from shared.errors import InvalidMessage, RejectionCode
-from shared.messages import (
+from tests.strategies import envelope_fields, run_submitted, tool_call_requested
+from warden.errors import InvalidMessage, RejectionCode
+from warden.messages import (
     ENVELOPE_TYPES,
     MESSAGE_TYPES,
     UPCASTERS,
@@ -46,8 +47,7 @@ from shared.messages import (
     make_envelope,
     parse_envelope,
 )
-from shared.subjects import CHANNELS
-from tests.strategies import envelope_fields, run_submitted, tool_call_requested
+from warden.subjects import CHANNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def schema_errors(type_name: str, document: object) -> list[str]:
 
 
 def test_checked_in_artefacts_match_the_registry() -> None:
-    """schemas/ holds exactly what shared/contracts.py generates from the registry and catalogue."""
+    """schemas/ holds exactly what schemas/generate.py generates from the registry and catalogue."""
     problems = check_artefacts(ROOT)
     assert not problems, "contract artefacts are out of date; run `{}`:\n{}".format(
         REGENERATE_COMMAND, "\n".join(problems)

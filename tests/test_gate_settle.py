@@ -14,10 +14,10 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
-from services.policy_gate.app import MAX_DELIVERIES, Answer, Gate
-from shared import bus
-from shared.settings import Settings
 from tests.conftest import eventually
+from warden import bus
+from warden.policy_gate.app import MAX_DELIVERIES, Answer, Gate
+from warden.settings import Settings
 
 
 @dataclass

@@ -13,16 +13,16 @@ import pytest
 from faststream import FastStream
 from nats.aio.client import Client as NatsClient
 
-from services.agent_runner import execution
-from services.agent_runner.app import build_app as build_runner
-from services.agent_runner.tools import run_tool
-from services.audit_projector.app import build_app as build_projector
-from services.policy_gate.app import build_app as build_gate
-from services.scheduler.app import build_app as build_scheduler
-from shared.messages import DecisionMade, Envelope, ToolCallCompleted
-from shared.settings import Settings
 from tests.conftest import REPO_ROOT, SPANS, AppRunner, eventually, warden_cli
+from warden.agent_runner import execution
+from warden.agent_runner.app import build_app as build_runner
+from warden.agent_runner.tools import run_tool
+from warden.audit_projector.app import build_app as build_projector
 from warden.client import WardenClient
+from warden.messages import DecisionMade, Envelope, ToolCallCompleted
+from warden.policy_gate.app import build_app as build_gate
+from warden.scheduler.app import build_app as build_scheduler
+from warden.settings import Settings
 
 BUILDERS: dict[str, Callable[[Settings], FastStream]] = {
     "policy_gate": build_gate,

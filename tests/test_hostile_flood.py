@@ -16,12 +16,12 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 
-from shared.settings import Settings
-from shared.streams import StreamNames
 from tests.conftest import eventually, start_services, stop_services
 from tests.strategies import HostileCommand, hostile_commands
 from warden.client import Receipt, WardenClient
+from warden.settings import Settings
 from warden.stack import SERVICES
+from warden.streams import StreamNames
 
 # The rejection each kind of hostile command must get.
 EXPECTED_CODES: dict[str, set[str]] = {

@@ -5,16 +5,16 @@ import json
 import asyncpg
 from nats.aio.client import Client as NatsClient
 
-from services.audit_projector.replay import replay
-from shared.bus import envelope_headers
-from shared.messages import DecisionMade, RunDispatched, RunSubmitted, make_envelope
-from shared.settings import Settings
-from shared.streams import StreamNames
-from shared.subjects import Subjects
 from tests.conftest import AppRunner, eventually, warden_cli
 from tests.test_governed_run import governed, run_row, start_all
 from tests.test_projector import TABLES, stream_total, table_rows
+from warden.audit_projector.replay import replay
+from warden.bus import envelope_headers
 from warden.client import WardenClient
+from warden.messages import DecisionMade, RunDispatched, RunSubmitted, make_envelope
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
 
 __all__ = ["governed"]  # the fixture, imported to be used here
 

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 
-from services.policy_gate.engine import (
+from warden.policy_cli import policy_test_command
+from warden.policy_gate.engine import (
     PolicyEngine,
     PolicyEvaluationError,
     PolicyLoadError,
     PolicyResult,
     run_policy_tests,
 )
-from warden.policy_cli import policy_test_command
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 # The pack ships this many Rego tests or more; fewer means tests went missing, not that all passed.

@@ -13,15 +13,16 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from services.audit_projector import handlers
-from services.audit_projector.app import build_app
-from services.audit_projector.projection import StoredMessage
-from services.audit_projector.replay import TargetNotEmpty, replay
-from services.audit_projector.store import AuditStore, NotContiguous, create_pool
-from services.audit_projector.stream_reader import stored_message
-from shared.admission import CommandRules
-from shared.bus import envelope_headers
-from shared.messages import (
+from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli
+from warden.admission import CommandRules
+from warden.audit_projector import handlers
+from warden.audit_projector.app import build_app
+from warden.audit_projector.projection import StoredMessage
+from warden.audit_projector.replay import TargetNotEmpty, replay
+from warden.audit_projector.store import AuditStore, NotContiguous, create_pool
+from warden.audit_projector.stream_reader import stored_message
+from warden.bus import envelope_headers
+from warden.messages import (
     Envelope,
     Payload,
     RunFailed,
@@ -34,10 +35,9 @@ from shared.messages import (
     ToolCallRequested,
     make_envelope,
 )
-from shared.settings import Settings
-from shared.streams import StreamNames
-from shared.subjects import Subjects
-from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
 from warden.timeline import run_timeline
 
 NOW = datetime.now(UTC)
@@ -154,7 +154,7 @@ async def test_killed_projector_loses_and_duplicates_nothing(
 
     async def start_projector() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.audit_projector", env=env, cwd=REPO_ROOT, stderr=asyncio.subprocess.DEVNULL
+            sys.executable, "-m", "warden.audit_projector", env=env, cwd=REPO_ROOT, stderr=asyncio.subprocess.DEVNULL
         )
 
     async def projected() -> int:

@@ -9,13 +9,13 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from shared.bus import connect, server_urls
-from shared.settings import Settings
-from shared.streams import StreamNames, _differences, provision
-from shared.subjects import Subjects
 from tests.conftest import AppRunner, eventually, run_warden_cli
 from tests.test_governed_run import run_row, start_all
 from warden.client import WardenClient
+from warden.settings import Settings
+from warden.streams import StreamNames, _differences, provision
+from warden.subjects import Subjects
+from warden.wire import connect, server_urls
 
 
 def _closed_port() -> int:

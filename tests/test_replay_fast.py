@@ -18,14 +18,16 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from services.audit_projector.app import build_app
-from services.audit_projector.projection import StoredMessage
-from services.audit_projector.replay import connect_for_copy, replay
-from services.audit_projector.store import AuditStore, create_pool
-from services.audit_projector.stream_reader import _nats_py_batches, parse_headers, read_range, stored_message
-from shared.admission import CommandRules
-from shared.bus import envelope_headers
-from shared.messages import (
+from tests.conftest import AppRunner, eventually
+from tests.test_projector import TABLES, stream_total, table_rows
+from warden.admission import CommandRules
+from warden.audit_projector.app import build_app
+from warden.audit_projector.projection import StoredMessage
+from warden.audit_projector.replay import connect_for_copy, replay
+from warden.audit_projector.store import AuditStore, create_pool
+from warden.audit_projector.stream_reader import _nats_py_batches, parse_headers, read_range, stored_message
+from warden.bus import envelope_headers
+from warden.messages import (
     CommandRejected,
     DecisionMade,
     Envelope,
@@ -42,11 +44,9 @@ from shared.messages import (
     make_envelope,
     parse_envelope,
 )
-from shared.settings import Settings
-from shared.streams import StreamNames
-from shared.subjects import Subjects
-from tests.conftest import AppRunner, eventually
-from tests.test_projector import TABLES, stream_total, table_rows
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

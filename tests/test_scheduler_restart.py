@@ -8,9 +8,9 @@ import pytest
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NatsClient
 
-from services.scheduler.app import Scheduler
-from shared.bus import envelope_headers
-from shared.messages import (
+from tests.conftest import eventually
+from warden.bus import envelope_headers
+from warden.messages import (
     DecisionMade,
     Envelope,
     Payload,
@@ -20,10 +20,10 @@ from shared.messages import (
     RunSucceeded,
     make_envelope,
 )
-from shared.settings import Settings
-from shared.streams import StreamNames
-from shared.subjects import Subjects
-from tests.conftest import eventually
+from warden.scheduler.app import Scheduler
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
 
 
 @pytest.fixture

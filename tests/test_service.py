@@ -9,10 +9,10 @@ import sys
 import asyncpg
 import pytest
 
-from services.audit_projector import store
-from shared.service import SHUTDOWN_OVERRUN_STATUS
-from shared.settings import Settings
 from tests.conftest import REPO_ROOT, Servers, eventually
+from warden.audit_projector import store
+from warden.service import SHUTDOWN_OVERRUN_STATUS
+from warden.settings import Settings
 
 
 def _closed_port() -> int:
@@ -47,7 +47,7 @@ async def test_projector_waiting_for_postgres_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.audit_projector",
+        "warden.audit_projector",
         cwd=REPO_ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -10,11 +10,11 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from shared.errors import RetryableError
-from shared.streams import provision
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
+from warden.errors import RetryableError
 from warden.stack import SERVICES
+from warden.streams import provision
 
 
 async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subprocess.Process, str, str]:
@@ -51,6 +51,11 @@ async def stop_stack(process: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(process.wait(), 30)
 
 
+def _is_service(child: psutil.Process) -> bool:
+    """Whether a process is one of Warden's services (`python -m warden.<service>`)."""
+    return "-m warden." in _command_line(child)
+
+
 def _command_line(child: psutil.Process) -> str:
     try:
         return " ".join(child.cmdline())
@@ -70,7 +75,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         children = psutil.Process(process.pid).children(recursive=True)
         names = {child.name() for child in children}
         assert {"nats-server", "postgres"} <= names, names
-        assert sum("services." in " ".join(child.cmdline()) for child in children) == len(SERVICES)
+        assert sum(_is_service(child) for child in children) == len(SERVICES)
 
         async with await WardenClient.connect(nats_url) as client:
             receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
@@ -88,14 +93,14 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
 
         # A service that dies (here, killed) is started again by the supervisor.
-        projector = next(child for child in children if "services.audit_projector" in " ".join(child.cmdline()))
+        projector = next(child for child in children if "warden.audit_projector" in " ".join(child.cmdline()))
         projector.kill()
 
         def restarted() -> list[psutil.Process]:
             return [
                 child
                 for child in psutil.Process(process.pid).children(recursive=True)
-                if child.pid != projector.pid and "services.audit_projector" in _command_line(child)
+                if child.pid != projector.pid and "warden.audit_projector" in _command_line(child)
             ]
 
         await eventually(lambda: _ready(restarted()), within=30)

@@ -1,1 +1,0 @@
-"""Warden's services: each sub-package is one FastStream app run as its own process."""

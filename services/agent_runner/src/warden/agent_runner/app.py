@@ -1,0 +1,165 @@
+"""The agent runner: takes dispatched runs from the work queue and executes them, several at once."""
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
+import nats.errors
+import structlog
+from faststream import FastStream
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
+from warden.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor
+from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient
+from warden.errors import InvalidMessage, RejectionCode
+from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
+from warden.service import consumer_service, run_service
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+
+DURABLE_NAME = "agent_runner"
+# A run whose runners keep dying is failed on the record after this many attempts, not retried forever.
+MAX_ATTEMPTS = 3
+
+log = structlog.get_logger(__name__)
+
+
+class Runner:
+    def __init__(self, settings: Settings, js: JetStreamContext) -> None:
+        self.settings = settings
+        self.js = js
+        self.subjects = Subjects(settings.subject_prefix)
+        self.streams = StreamNames.for_prefix(settings.subject_prefix)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.decisions = DecisionFeed(js, self.subjects, self.streams.events)
+        self.executor = RunExecutor(
+            settings, js, AgentCatalogue.load(settings.agents_dir or SHIPPED_AGENTS_DIR), worker, self.decisions
+        )
+        self.slots = asyncio.Semaphore(settings.runner_concurrency)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, message: Msg) -> None:
+        attempt = message.metadata.num_delivered
+        try:
+            work = parse_envelope(message.data, type_hint=RunDispatched.TYPE)
+            if not isinstance(work.data, RunDispatched):
+                raise InvalidMessage(
+                    RejectionCode.UNKNOWN_TYPE, f"a work item must be a run.dispatched, not {work.type}"
+                )
+            if message.subject != self.subjects.work(work.tenant):
+                raise InvalidMessage(
+                    RejectionCode.SUBJECT_MISMATCH, f"a work item of {work.tenant!r} arrived on {message.subject!r}"
+                )
+        except InvalidMessage as exc:
+            # Only the scheduler writes work items; a bad one can never run, so it is dropped loudly.
+            log.error("invalid work item; terminating it", error=str(exc), subject=message.subject)
+            await message.term()
+            return
+        if attempt > MAX_ATTEMPTS:
+            failed = make_envelope(
+                RunFailed(
+                    reason=f"no runner finished the run in {MAX_ATTEMPTS} attempts", error_type="AttemptsExhausted"
+                ),
+                tenant=work.tenant,
+                subject=work.subject,
+                actor=SERVICE,
+                source=SERVICE,
+                caused_by=work,
+            )
+            subject, headers = (
+                self.subjects.expected_subject(failed),
+                envelope_headers(failed, f"{work.subject}-finished"),
+            )
+            await retry_transient(
+                lambda: self.js.publish(subject, failed.to_bytes(), headers=headers, stream=self.streams.events),
+                what="run.failed",
+            )
+            await message.ack()
+            return
+        beat = asyncio.create_task(heartbeat(message, self.settings.runner_ack_wait_seconds / 3))
+        try:
+            await self.executor.execute(work, message.headers, attempt)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # The bus stayed unavailable past the retries inside (or refused something): leave the
+            # work unacknowledged; it comes back, and the run resumes after its last recorded step.
+            log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc), exc_info=True)
+            await message.nak(delay=1.0)
+            return
+        finally:
+            beat.cancel()
+        await message.ack()
+
+    async def run(self) -> None:
+        """Take one work item whenever a slot is free, so nothing waits in this process unstarted."""
+        subscription = await retry_transient(
+            lambda: self.js.pull_subscribe(
+                self.subjects.all_work,
+                durable=DURABLE_NAME,
+                stream=self.streams.work,
+                config=ConsumerConfig(
+                    ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
+                ),
+            ),
+            what="the runner's work consumer",
+        )
+        # The decision feed is open before any run is taken, so no run asks for a decision it cannot see.
+        await retry_transient(self.decisions.open, what="the decision feed")
+        try:
+            await self._take_work(subscription)
+        finally:
+            # Runs cut short stay unacknowledged in the work queue: another runner resumes them.
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.decisions.close()
+            # Work delivered and never fetched would otherwise hold the connection's drain, at
+            # shutdown, until nats-py gives up on it (30 s).
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+
+    async def _take_work(self, subscription: Any) -> None:
+        """Take as many waiting runs as there are free slots at once: one fetch at a time, under load,
+        left a burst of dispatched runs queueing behind each other's round trips."""
+        while True:
+            await self.slots.acquire()
+            free = 1
+            while not self.slots.locked():
+                await self.slots.acquire()
+                free += 1
+            try:
+                messages = await fetch_batch(subscription, free, 1.0)
+            except BaseException:
+                for _ in range(free):
+                    self.slots.release()
+                raise
+            for _ in range(free - len(messages)):
+                self.slots.release()
+            for message in messages:
+                task = asyncio.create_task(self.handle(message))
+                self.tasks.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("run handler failed", error=repr(error))
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or Settings()
+    return consumer_service(settings, lambda broker: Runner(settings, broker.config.connection_state.stream).run())
+
+
+def main() -> None:
+    run_service(SERVICE, build_app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Executing one run: rebuild it from its own events, then step the agent, asking before every tool call.
+
+A run's state is never kept anywhere but in the events stream. A runner that takes over a run
+(after a crash) reads the run's events first and continues after the last recorded step, so a
+recorded step is never repeated. Every publish is keyed, so a repeated one is stored once.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from warden.agent_runner.agents import (
+    AgentCatalogue,
+    Fail,
+    Finish,
+    ModelTurn,
+    Outcome,
+    StepRecord,
+    ToolCall,
+    UnknownAgent,
+)
+from warden.agent_runner.tools import ToolError, run_tool
+from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.decoding import check_value, recordable_text
+from warden.errors import InvalidMessage
+from warden.messages import (
+    DecisionMade,
+    Envelope,
+    Payload,
+    RunDispatched,
+    RunFailed,
+    RunStarted,
+    RunSubmitted,
+    RunSucceeded,
+    RunUsage,
+    StepCompleted,
+    TokenUsage,
+    ToolCallCompleted,
+    ToolCallRequested,
+    make_envelope,
+    parse_envelope,
+)
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.telemetry import consuming
+from warden.wire import ORDERED_HEARTBEAT_SECONDS, TYPE_HEADER
+
+SERVICE = "agent-runner"
+TOOL_TIMEOUT_SECONDS = 60.0
+HISTORY_TIMEOUT_SECONDS = 5.0
+MAX_STEPS = 100
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RunHistory:
+    """What the stream says already happened to a run, and the decisions on its tool calls."""
+
+    steps: dict[int, StepRecord] = field(default_factory=dict)
+    usage: RunUsage = field(default_factory=RunUsage)
+    attempts: int = 0
+    finished: bool = False
+    decisions: dict[str, DecisionMade] = field(default_factory=dict)
+
+    def apply(self, envelope: Envelope[Any]) -> None:
+        data = envelope.data
+        match data:
+            case RunStarted():
+                self.attempts = max(self.attempts, data.attempt)
+            case StepCompleted():
+                self.steps[data.step] = StepRecord(
+                    step=data.step,
+                    action=ModelTurn(
+                        summary=data.summary,
+                        input_tokens=data.usage.input_tokens,
+                        output_tokens=data.usage.output_tokens,
+                    ),
+                )
+            case ToolCallCompleted():
+                # The agent needs the outcome, not the arguments, to go on (see StepRecord).
+                self.steps[data.step] = StepRecord(
+                    step=data.step,
+                    action=ToolCall(tool=data.tool, arguments={}),
+                    outcome=data.outcome,
+                    result=data.result,
+                    error=data.error,
+                )
+            case DecisionMade(tool_call_id=str() as tool_call_id):
+                self.decisions[tool_call_id] = data
+            case RunSucceeded() | RunFailed():
+                self.finished = True
+
+    def ordered_steps(self) -> list[StepRecord]:
+        return [self.steps[step] for step in sorted(self.steps)]
+
+
+async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, subject: str) -> RunHistory:
+    """Everything the stream holds on one run so far, read with an ordered consumer, then closed."""
+    history = RunHistory()
+    stored = (await js.stream_info(stream, subjects_filter=subject)).state.messages
+    if not stored:
+        return history
+    caught_up = asyncio.Event()
+
+    async def on_message(message: Msg) -> None:
+        if message.metadata.num_pending == 0:
+            caught_up.set()
+        try:
+            envelope = parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER))
+            subjects.check_envelope_subject(envelope, message.subject)
+        except InvalidMessage:
+            return  # not ours to judge: the projector records it; the run's history skips it
+        history.apply(envelope)
+
+    subscription = await js.subscribe(
+        subject,
+        stream=stream,
+        cb=on_message,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
+    )
+    try:
+        await asyncio.wait_for(caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
+    finally:
+        await subscription.unsubscribe()
+    return history
+
+
+class DecisionFeed:
+    """Tool-call decisions on the runs this process is executing, as JetStream delivers them.
+
+    One ordered consumer for the whole process, not one per run: a consumer per run cost the
+    server a consumer created and deleted (and the runner two more round trips) for every run.
+    Delivery by JetStream, not a core subscription, because a message reaches core subscribers
+    before it is stored, and a tool may run only on a decision that is stored (promise 1). Every
+    runner process sees every decision and drops those on runs it is not executing.
+    """
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, stream: str) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.stream = stream
+        self.runs: dict[str, dict[str, DecisionMade]] = {}  # run id -> tool call id -> decision
+        self.waiters: dict[str, asyncio.Future[DecisionMade]] = {}
+        self.subscription: Any = None
+
+    async def open(self) -> None:
+        # From now on (NEW): a run that needs earlier decisions reads its history (read_history).
+        self.subscription = await self.js.subscribe(
+            self.subjects.events_of_type(DecisionMade),
+            stream=self.stream,
+            cb=self._on_message,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
+        )
+
+    async def close(self) -> None:
+        if self.subscription is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.subscription.unsubscribe()
+
+    @contextlib.contextmanager
+    def tracking(self, run_id: str) -> Iterator[None]:
+        """Keep the decisions on this run from now until the run ends (before any are asked for)."""
+        self.runs.setdefault(run_id, {})
+        try:
+            yield
+        finally:
+            self.runs.pop(run_id, None)
+
+    async def _on_message(self, message: Msg) -> None:
+        decisions = self.runs.get(self.subjects.entity_of(message.subject))
+        if decisions is None:
+            return  # a run some other runner executes, or a run decision
+        try:
+            envelope = parse_envelope(message.data, type_hint=DecisionMade.TYPE)
+            self.subjects.check_envelope_subject(envelope, message.subject)
+        except InvalidMessage:
+            return
+        verdict = envelope.data
+        if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
+            decisions[verdict.tool_call_id] = verdict
+            waiter = self.waiters.pop(verdict.tool_call_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(verdict)
+
+    async def decision(self, run_id: str, tool_call_id: str, within: float) -> DecisionMade | None:
+        """The stored decision on one tool call, waiting up to `within` seconds for it."""
+        if known := self.runs.get(run_id, {}).get(tool_call_id):
+            return known
+        waiter = self.waiters.setdefault(tool_call_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(waiter, within)
+        except TimeoutError:
+            return None
+        finally:
+            self.waiters.pop(tool_call_id, None)
+
+
+class RunExecutor:
+    """Runs dispatched work to completion (or failure), publishing every step."""
+
+    def __init__(
+        self, settings: Settings, js: JetStreamContext, catalogue: AgentCatalogue, worker: str, decisions: DecisionFeed
+    ) -> None:
+        self.settings = settings
+        self.js = js
+        self.catalogue = catalogue
+        self.worker = worker
+        self.decisions = decisions
+        self.subjects = Subjects(settings.subject_prefix)
+        self.streams = StreamNames.for_prefix(settings.subject_prefix)
+
+    async def _publish(self, envelope: Envelope[Any], key: str) -> None:
+        """Store one event or command; a passing bus failure is waited out here (the key makes retries safe)."""
+        stream = self.streams.commands if envelope.data.KIND == "command" else self.streams.events
+        subject, body, headers = (
+            self.subjects.expected_subject(envelope),
+            envelope.to_bytes(),
+            envelope_headers(envelope, key),
+        )
+        await retry_transient(
+            lambda: self.js.publish(subject, body, headers=headers, stream=stream), what=envelope.type
+        )
+
+    async def _may_have_started(self, tenant: str, run_id: str, attempt: int) -> bool:
+        """A later attempt may have; a first one has only if its run.started is stored (a duplicate work item)."""
+        if attempt > 1:
+            return True
+        return await is_stored(self.js, self.streams.events, self.subjects.event(tenant, RunStarted, run_id))
+
+    async def _stored_decision(self, tenant: str, run_id: str, tool_call_id: str) -> DecisionMade | None:
+        """The decision on a tool call looked up in the stream: for one the live feed did not bring.
+
+        Tool calls of a run are made one at a time, so the run's last decision is the one asked for.
+        """
+        subject = self.subjects.event(tenant, DecisionMade, run_id)
+        try:
+            stored = await retry_transient(
+                lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="a decision"
+            )
+            verdict = parse_envelope(stored.data or b"", type_hint=DecisionMade.TYPE).data
+        except (nats.js.errors.NotFoundError, InvalidMessage):
+            return None
+        return verdict if isinstance(verdict, DecisionMade) and verdict.tool_call_id == tool_call_id else None
+
+    async def execute(self, work: Envelope[RunDispatched], headers: Mapping[str, str] | None, attempt: int) -> None:
+        tenant, run_id = work.tenant, work.subject
+        with (
+            consuming(SERVICE, "agent_runner.run", headers, run_id=run_id, agent=work.data.agent, attempt=attempt),
+            structlog.contextvars.bound_contextvars(run_id=run_id, tenant=tenant),
+            self.decisions.tracking(run_id),
+        ):
+            # A run never started needs no history: its decisions come from the live feed. Any run
+            # that may have started (a retry, or a duplicate work item) is rebuilt from all of its
+            # events, decisions included.
+            started, submission = await asyncio.gather(
+                self._may_have_started(tenant, run_id, attempt), self._submission(work)
+            )
+            history = RunHistory()
+            if started:
+                history = await retry_transient(
+                    lambda: read_history(
+                        self.js, self.subjects, self.streams.events, self.subjects.run_events(tenant, run_id)
+                    ),
+                    what="the run's history",
+                )
+            if history.finished:
+                log.info("run already finished; nothing to do")
+                return
+            if isinstance(submission, str):
+                log.error("the run's submission cannot be used; failing the run", problem=submission)
+                failed = RunFailed(reason=submission, error_type="InvalidSubmission")
+                envelope = make_envelope(
+                    failed, tenant=tenant, subject=run_id, actor=SERVICE, source=SERVICE, caused_by=work
+                )
+                await self._publish(envelope, f"{run_id}-finished")
+                return
+            await self._run(work, submission, history, attempt)
+
+    async def _submission(self, work: Envelope[RunDispatched]) -> Envelope[Any] | str:
+        """The run.submitted command the work item names, or why it cannot be that run's submission."""
+        seq = work.data.request_seq
+        try:
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.commands, seq, direct=True), what="the run's submission"
+            )
+            submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+        except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
+            return f"the run's submission (command {seq}) cannot be read: {exc}"
+        names_the_run = (submission.tenant, submission.subject) == (work.tenant, work.subject)
+        if not isinstance(submission.data, RunSubmitted) or not names_the_run:
+            return f"command {seq} is a {submission.type} of {submission.tenant}/{submission.subject}, not this run's"
+        return submission
+
+    async def _run(
+        self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int
+    ) -> None:
+        tenant, run_id = work.tenant, work.subject
+
+        def event(payload: Payload) -> Envelope[Any]:
+            return make_envelope(payload, tenant=tenant, subject=run_id, actor=SERVICE, source=SERVICE, caused_by=work)
+
+        await self._publish(
+            event(RunStarted(decision_id=work.data.decision_id, worker=self.worker, attempt=attempt)),
+            f"{run_id}-started-{attempt}",
+        )
+        history = recorded.ordered_steps()
+        if history:
+            log.info("resuming run", recorded_steps=len(history), attempt=attempt)
+        usage = RunUsage(steps=len(history), tool_calls=sum(isinstance(s.action, ToolCall) for s in history))
+        try:
+            agent = self.catalogue.get(work.data.agent)
+        except UnknownAgent as exc:
+            await self._publish(event(RunFailed(reason=str(exc), error_type="UnknownAgent")), f"{run_id}-finished")
+            return
+
+        while len(history) < MAX_STEPS:
+            step = len(history)
+            try:
+                action = agent.next_action(submission.data.input, history)
+            except Exception as exc:  # an agent bug must end the run as failed, not kill the runner
+                action = Fail(reason=f"agent {agent.name} raised {type(exc).__name__}: {exc}")
+            match action:
+                case ModelTurn():
+                    await self._publish(
+                        event(
+                            StepCompleted(
+                                step=step,
+                                kind="model_turn",
+                                summary=action.summary,
+                                usage=TokenUsage(input_tokens=action.input_tokens, output_tokens=action.output_tokens),
+                            )
+                        ),
+                        f"{run_id}-step-{step}",
+                    )
+                    record = StepRecord(step=step, action=action)
+                    usage = usage.model_copy(
+                        update={
+                            "steps": usage.steps + 1,
+                            "input_tokens": usage.input_tokens + action.input_tokens,
+                            "output_tokens": usage.output_tokens + action.output_tokens,
+                        }
+                    )
+                case ToolCall():
+                    record = await self._tool_call(
+                        submission, work, recorded, step=step, action=action, usage=usage, event=event
+                    )
+                    usage = usage.model_copy(update={"steps": usage.steps + 1, "tool_calls": usage.tool_calls + 1})
+                case Finish():
+                    await self._publish(
+                        event(RunSucceeded(output=action.output, steps=usage.steps, tool_calls=usage.tool_calls)),
+                        f"{run_id}-finished",
+                    )
+                    log.info("run succeeded", steps=usage.steps, tool_calls=usage.tool_calls)
+                    return
+                case Fail():
+                    await self._publish(
+                        event(RunFailed(reason=action.reason, error_type="AgentFailed", steps=usage.steps)),
+                        f"{run_id}-finished",
+                    )
+                    log.info("run failed", reason=action.reason)
+                    return
+            history.append(record)
+        await self._publish(
+            event(
+                RunFailed(
+                    reason=f"the agent took more than {MAX_STEPS} steps", error_type="StepLimit", steps=usage.steps
+                )
+            ),
+            f"{run_id}-finished",
+        )
+
+    async def _tool_call(
+        self,
+        submission: Envelope[Any],
+        work: Envelope[RunDispatched],
+        recorded: RunHistory,
+        *,
+        step: int,
+        action: ToolCall,
+        usage: RunUsage,
+        event: Any,
+    ) -> StepRecord:
+        """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
+        run_id = work.subject
+        tool_call_id = f"{run_id}-tc{step}"
+        with consuming(SERVICE, "agent_runner.tool_call", None, run_id=run_id, tool=action.tool, step=step):
+            request = make_envelope(
+                ToolCallRequested(
+                    tool_call_id=tool_call_id,
+                    step=step,
+                    agent=work.data.agent,
+                    tool=action.tool,
+                    arguments=dict(action.arguments),
+                    usage=usage,
+                ),
+                # The principal who asked for the run is who asks for its tool calls.
+                tenant=work.tenant,
+                subject=run_id,
+                actor=submission.actor,
+                source=SERVICE,
+                caused_by=work,
+            )
+            await self._publish(request, tool_call_id)
+            verdict = recorded.decisions.get(tool_call_id) or await self.decisions.decision(
+                run_id, tool_call_id, self.settings.decision_timeout_seconds
+            )
+            verdict = verdict or await self._stored_decision(work.tenant, run_id, tool_call_id)
+            result: Any = None
+            error: str | None = None
+            outcome: Outcome
+            if verdict is None:
+                outcome = "refused"
+                error = f"no decision within {self.settings.decision_timeout_seconds}s: refused (fail closed)"
+            elif verdict.effect != "allow":
+                outcome, error = "refused", f"{verdict.effect}: " + "; ".join(verdict.reasons)
+            else:
+                try:
+                    result = await asyncio.wait_for(run_tool(action.tool, action.arguments), TOOL_TIMEOUT_SECONDS)
+                    # What cannot be recorded cannot be the result: every reader would refuse the event.
+                    check_value(result)
+                    outcome = "ok"
+                except ToolError as exc:
+                    outcome, error = "error", recordable_text(str(exc), 2000)
+                except InvalidMessage as exc:
+                    result, outcome, error = None, "error", f"{action.tool} returned what cannot be recorded: {exc}"
+                except TimeoutError:
+                    outcome, error = "error", f"{action.tool} took longer than {TOOL_TIMEOUT_SECONDS}s"
+            completed = ToolCallCompleted(
+                tool_call_id=tool_call_id,
+                step=step,
+                tool=action.tool,
+                decision_id=verdict.decision_id if verdict else None,
+                outcome=outcome,
+                result=result,
+                error=error,
+            )
+            await self._publish(event(completed), f"{tool_call_id}-completed")
+            log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
+            return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)

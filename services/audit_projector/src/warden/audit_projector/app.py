@@ -1,0 +1,107 @@
+"""The audit projector: the only writer to Postgres, projecting every audited stream into tables."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import structlog
+from faststream import FastStream
+from faststream.nats import NatsBroker
+
+from warden.admission import CommandRules
+from warden.audit_projector.handlers import StreamProjection
+from warden.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
+from warden.bus import envelope_headers, retry_transient
+from warden.logging import FASTSTREAM_LOGGER
+from warden.messages import StreamGapDetected, make_envelope
+from warden.service import BackgroundLoops, interruptible_startup, run_service
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import SYSTEM_TENANT, Subjects
+from warden.wire import SERVICE_CONNECT_OPTIONS, server_urls
+
+SERVICE = "audit-projector"
+BATCH_SIZE = 1000
+# How long a partial batch may wait for more messages: the projection's added latency when idle.
+BATCH_WAIT_SECONDS = 0.05
+
+log = structlog.get_logger(__name__)
+
+
+async def _wait_for_postgres(database_url: str) -> asyncpg.Pool:
+    delay = 0.2
+    while True:
+        try:
+            return await create_pool(database_url)
+        except RETRYABLE_DB_ERRORS as exc:
+            log.warning("postgres not reachable yet", retry_in_s=delay, error=repr(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or Settings()
+    subjects = Subjects(settings.subject_prefix)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    broker = NatsBroker(
+        server_urls(settings.nats_url), logger=FASTSTREAM_LOGGER, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+    )
+    filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        async with interruptible_startup(app, settings.shutdown_deadline_seconds):
+            pool = await _wait_for_postgres(settings.database_url)
+            store = AuditStore(pool, CommandRules(subjects, settings.max_command_bytes))
+            await store.ensure_schema(list(filters))
+            await store.become_active(settings.database_url)
+            positions = await store.positions()
+            await broker.connect()
+            js = broker.config.connection_state.stream
+
+            async def record_gap(stream: str, first_seq: int, last_seq: int) -> None:
+                # The event first: once the position has moved past the gap, nothing would find it again.
+                gap = StreamGapDetected(stream=stream, first_seq=first_seq, last_seq=last_seq)
+                event = make_envelope(gap, tenant=SYSTEM_TENANT, subject=stream, actor=SERVICE, source=SERVICE)
+                subject, headers = (
+                    subjects.expected_subject(event),
+                    envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),
+                )
+                await retry_transient(
+                    lambda: js.publish(subject, event.to_bytes(), headers=headers, stream=streams.events),
+                    what="stream.gap_detected",
+                )
+                await store.record_gap(stream, first_seq, last_seq)
+
+            for stream, filter_subject in filters.items():
+                projection = StreamProjection(
+                    js,
+                    store,
+                    stream,
+                    filter_subject,
+                    batch=BATCH_SIZE,
+                    wait=BATCH_WAIT_SECONDS,
+                    record_gap=record_gap,
+                )
+                loops.start(projection.run(positions.get(stream, 0)))
+            log.info("projecting", positions=positions)
+        try:
+            yield
+        finally:
+            await loops.stop()
+            await store.release()
+            await close_pool(pool)
+
+    app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
+    loops = BackgroundLoops(app)
+    return app
+
+
+def main() -> None:
+    run_service(SERVICE, build_app)
+
+
+if __name__ == "__main__":
+    main()

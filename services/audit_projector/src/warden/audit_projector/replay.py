@@ -1,0 +1,687 @@
+"""Rebuild the projections from JetStream sequence 1 into a fresh schema, with the live projector's code.
+
+A replay projects every stored message with `projection.project`, the live projector's own code,
+so it gives the same rows. What differs is how messages arrive and rows leave, because a replay
+of a long history must be fast (and a replay is CPU-bound in Python):
+
+- Reading: a bare NATS connection pulls from an ephemeral, unacknowledged consumer and parses
+  the wire protocol itself, in bulk, with what is in flight bounded in bytes (stream_reader.py).
+- Parallelism: the streams are cut into segments of consecutive sequences, projected by worker
+  processes (`replay_segment`); small replays run in this process.
+- Writing `events`: the target is fresh, so rows cannot conflict: each segment COPYs its rows, in
+  chunks, while it projects the next chunk. Secondary indexes are built once all rows are in,
+  and autovacuum waits until the end.
+- Read models (runs, tool_calls, decisions, rejected_commands): each segment returns its rows
+  merged per key (`projection.Rows`, the live upserts' rules in memory), and this process applies
+  them in stream order, commands stream first, as one sequential replay would
+  (`_ReadModelWriter`).
+
+A row Postgres refuses is handled as the live projector handles it: the message is recorded raw,
+with the database's reason, or as a dead letter if even that is refused (`_settle_refusals`).
+Sequences missing from a stream (deleted or purged messages) are found, written to `stream_gaps`
+as the live projector writes them, and reported (`ReplayReport.gaps`): a replay never passes a
+hole off as a complete history. A replay that fails leaves an incomplete schema behind: drop it
+and replay into a new one.
+
+Worker processes are started with multiprocessing's spawn method, which imports the calling
+program's main module again: call `replay` under `if __name__ == "__main__":` (the `warden` command
+does).
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import multiprocessing
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+
+from warden.admission import CommandRules
+from warden.audit_projector.projection import (
+    DECISION_COLUMNS,
+    EVENT_COLUMNS,
+    REJECTION_COLUMNS,
+    RUN_COLUMNS,
+    TOOL_CALL_COLUMNS,
+    Rows,
+    StoredMessage,
+    project,
+    raw_event_row,
+)
+from warden.audit_projector.store import (
+    CONTENT_REFUSALS,
+    INSERT_DEAD_LETTER,
+    INSERT_GAP,
+    MERGE_RUN_ON_CONFLICT,
+    MERGE_TOOL_CALL_ON_CONFLICT,
+    AuditStore,
+    create_pool,
+)
+from warden.audit_projector.stream_reader import read_range
+from warden.decoding import recordable_text
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.wire import connect
+
+log = structlog.get_logger(__name__)
+
+# Events rows per COPY, and the most bytes of messages one COPY holds: large enough that a COPY's
+# round trip does not matter, small enough that a chunk of 1 MiB messages is not a gigabyte.
+COPY_CHUNK = 10_000
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Below this many messages, worker processes cost more (start-up, imports) than they save.
+PARALLEL_THRESHOLD = 50_000
+
+Gap = tuple[str, int, int]  # (stream, first missing sequence, last missing sequence)
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What a replay did: messages applied (per stream), the sequences it found missing, how long it took."""
+
+    schema: str
+    events_applied: int
+    seconds: float
+    per_stream: dict[str, int]
+    # CPU time spent reading, projecting and COPYing, summed over segments (and worker processes).
+    segment_cpu_seconds: float = 0.0
+    gaps: tuple[Gap, ...] = ()
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events_applied / self.seconds if self.seconds > 0 else 0.0
+
+
+class TargetNotEmpty(RuntimeError):
+    """Replay writes only into an empty schema, so it never mixes with existing rows."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: COPY connections.
+# --------------------------------------------------------------------------------------------
+
+# asyncpg's timestamptz encoder (pgproto/codecs/datetime.pyx) normalises each value with
+# astimezone(), which is slow for pydantic's TzInfo; for aware datetimes, plain arithmetic gives
+# the same eight bytes in half the time, and a row has up to six of them.
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INT64 = struct.Struct("!q")
+_PG_INFINITY, _PG_NEGATIVE_INFINITY = 2**63 - 1, -(2**63)
+# Instants asyncpg writes as infinity: datetime.max and datetime.min, in microseconds since 2000.
+_INFINITY_MICROS, _NEGATIVE_INFINITY_MICROS = 252455615999999999, -63082281600000000
+
+
+def encode_timestamptz(value: datetime) -> bytes:
+    """The bytes asyncpg's binary timestamptz encoder writes for `value`."""
+    try:
+        micros = (value - _PG_EPOCH) // _MICROSECOND
+    except TypeError:  # naive: asyncpg maps the extremes to ±infinity and reads the rest as local time
+        if value == datetime.max:
+            return _INT64.pack(_PG_INFINITY)
+        if value == datetime.min:
+            return _INT64.pack(_PG_NEGATIVE_INFINITY)
+        micros = (value.astimezone(UTC) - _PG_EPOCH) // _MICROSECOND
+    if micros == _INFINITY_MICROS:
+        micros = _PG_INFINITY
+    elif micros == _NEGATIVE_INFINITY_MICROS:
+        micros = _PG_NEGATIVE_INFINITY
+    return _INT64.pack(micros)
+
+
+def decode_timestamptz(data: bytes) -> datetime:
+    micros = _INT64.unpack(data)[0]
+    if micros == _PG_INFINITY:
+        return datetime.max
+    if micros == _PG_NEGATIVE_INFINITY:
+        return datetime.min
+    return _PG_EPOCH + timedelta(microseconds=micros)
+
+
+async def connect_for_copy(url: str) -> asyncpg.Connection:
+    """A connection for COPYing projected rows (asyncpg's default codecs, faster timestamps)."""
+    connection = await asyncpg.connect(url)
+    await connection.set_type_codec(
+        "timestamptz",
+        schema="pg_catalog",
+        encoder=encode_timestamptz,
+        decoder=decode_timestamptz,
+        format="binary",
+    )
+    return connection
+
+
+# --------------------------------------------------------------------------------------------
+# Projecting and writing one segment (in a worker process, or in this one for small replays).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive sequences of one stream, replayed as a unit."""
+
+    index: int
+    stream: str
+    filter_subject: str
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class ReplayTarget:
+    nats_url: str
+    database_url: str
+    schema: str
+    subject_prefix: str
+    max_command_bytes: int
+
+    @property
+    def rules(self) -> CommandRules:
+        return CommandRules(Subjects(self.subject_prefix), self.max_command_bytes)
+
+
+@dataclass
+class SegmentResult:
+    """A segment's `events` rows are committed; its read-model rows are returned, merged, to apply in order."""
+
+    segment: Segment
+    applied: int = 0
+    last_seq: int = 0
+    rows: Rows = field(default_factory=Rows)
+    cpu_seconds: float = 0.0
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
+    dead_letters: list[tuple[str, int, str]] = field(default_factory=list)  # stream, sequence, reason
+
+
+class _DryRun(Exception):
+    """Raised to roll a savepoint back on purpose."""
+
+
+async def _settle_refusals(
+    rules: CommandRules, messages: Sequence[StoredMessage], refusals: asyncpg.Pool, result: SegmentResult
+) -> Rows:
+    """Project messages one by one, the way the live projector does when Postgres refuses a batch.
+
+    Each message's rows are tried with the live projector's own statements, in a savepoint that
+    is always rolled back; a message whose rows are refused becomes a raw `events` row with the
+    database's reason, and one whose raw row is refused too becomes a dead letter, exactly as
+    `AuditStore._write_one_by_one` records them.
+    """
+    rows = Rows()
+    async with refusals.acquire() as connection, connection.transaction():
+        for message in messages:
+            single = project([message], rules)
+            refusal = await _refused(connection, single)
+            if refusal is not None:
+                reason = f"postgres refused the row: {refusal}"
+                single = Rows(events=[raw_event_row(message, rules.subjects, reason)])
+                refused_again = await _refused(connection, single)
+                if refused_again is not None:
+                    text = recordable_text(f"{reason}; stored raw, refused again: {refused_again}", 2000)
+                    result.dead_letters.append((message.stream, message.seq, text))
+                    continue
+            rows.absorb(single)
+    return rows
+
+
+async def _refused(connection: asyncpg.pool.PoolConnectionProxy, rows: Rows) -> BaseException | None:
+    """Why Postgres refuses these rows, or None if it takes them (nothing is kept either way)."""
+    try:
+        async with connection.transaction():
+            await AuditStore._write(connection, rows)
+            raise _DryRun
+    except _DryRun:
+        return None
+    except CONTENT_REFUSALS as exc:
+        return exc
+
+
+async def _write_chunks(
+    connection: asyncpg.Connection,
+    target: ReplayTarget,
+    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
+    result: SegmentResult,
+) -> None:
+    """COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
+    refusals: asyncpg.Pool | None = None
+    try:
+        while (chunk := await chunks.get()) is not None:
+            messages, rows = chunk
+            try:
+                async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
+                    await connection.copy_records_to_table(
+                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                    )
+            except CONTENT_REFUSALS as exc:
+                log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
+                # The live projector's pool settings, so its statements fail (or not) as they do live.
+                refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
+                rows = await _settle_refusals(target.rules, messages, refusals, result)
+                async with connection.transaction():
+                    await connection.copy_records_to_table(
+                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                    )
+            rows.events.clear()
+            result.rows.absorb(rows)
+            result.applied += len(messages)
+            result.last_seq = messages[-1].seq
+    finally:
+        if refusals is not None:
+            await refusals.close()
+
+
+class _HoleFinder:
+    """Notes the sequences of a range that never arrived (messages deleted or purged from the stream)."""
+
+    def __init__(self, first_seq: int, last_seq: int) -> None:
+        self.expected = first_seq
+        self.last_seq = last_seq
+        self.holes: list[tuple[int, int]] = []
+
+    def saw(self, batch: Sequence[StoredMessage]) -> None:
+        for message in batch:
+            if message.seq > self.expected:
+                self.holes.append((self.expected, message.seq - 1))
+            self.expected = message.seq + 1
+
+    def finish(self) -> list[tuple[int, int]]:
+        if self.expected <= self.last_seq:
+            self.holes.append((self.expected, self.last_seq))
+        return self.holes
+
+
+async def replay_segment_async(target: ReplayTarget, segment: Segment) -> SegmentResult:
+    """Read, project and COPY one segment's events; return its merged read-model rows and its holes."""
+    cpu_started = time.process_time()
+    rules = target.rules
+    result = SegmentResult(segment)
+    holes = _HoleFinder(segment.first_seq, segment.last_seq)
+    nc = await connect(target.nats_url)
+    connection = await connect_for_copy(target.database_url)
+    # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
+    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
+    try:
+        async with connection.transaction():
+            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result))
+            try:
+                messages: list[StoredMessage] = []
+                size = 0
+                rows = Rows()
+                async for batch in read_range(
+                    nc, segment.stream, segment.filter_subject, segment.first_seq, segment.last_seq
+                ):
+                    holes.saw(batch)
+                    project(batch, rules, rows)
+                    messages += batch
+                    size += sum(len(message.data) for message in batch)
+                    if len(messages) >= COPY_CHUNK or size >= COPY_CHUNK_BYTES:
+                        await _put(chunks, (messages, rows), writer)
+                        messages, size, rows = [], 0, Rows()
+                if messages:
+                    await _put(chunks, (messages, rows), writer)
+                await _put(chunks, None, writer)
+                await writer
+            finally:
+                writer.cancel()
+    finally:
+        await connection.close()
+        await nc.close()
+    result.gaps = holes.finish()
+    result.cpu_seconds = time.process_time() - cpu_started
+    return result
+
+
+async def _put(
+    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
+    item: tuple[list[StoredMessage], Rows] | None,
+    writer: asyncio.Task[None],
+) -> None:
+    """Queue a chunk for the writer, failing at once if the writer has failed."""
+    put = asyncio.ensure_future(chunks.put(item))
+    await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
+        writer.result()  # raises the writer's error
+        raise RuntimeError("replay writer stopped early")
+
+
+def replay_segment(target: ReplayTarget, segment: Segment) -> SegmentResult:
+    """Entry point of a worker process."""
+    with cyclic_gc_paused():
+        return asyncio.run(replay_segment_async(target, segment))
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector, then collect once.
+
+    A replay allocates millions of short-lived objects (messages, rows, models) that form no
+    reference cycles, so reference counting frees them; the cyclic collector, triggered by the
+    allocations, would keep traversing every live object in the process for nothing (measured:
+    about a sixth of a segment's CPU time).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# The coordinator: segments out, read models applied in order, positions last.
+# --------------------------------------------------------------------------------------------
+
+
+class _ReadModelWriter:
+    """Applies segments' read-model rows in stream order, leaving what the live upserts would leave.
+
+    The target tables start empty, so:
+    - decisions and rejected_commands keep the first row per key (ON CONFLICT DO NOTHING): a row
+      whose key was written before is dropped here, and the rest are COPYed at once;
+    - a runs or tool_calls row merges with every later row of its key, so those are merged in
+      memory (`Rows`) and COPYed once every segment is in. Should they pass MAX_PENDING keys,
+      they are flushed early: COPYed into a staging table and merged in with the live
+      projector's own ON CONFLICT clauses.
+    """
+
+    MAX_PENDING = 500_000
+
+    def __init__(self, connection: asyncpg.Connection, schema: str) -> None:
+        self.connection = connection
+        self.schema = schema
+        self.pending = Rows()
+        self.flushed = False
+        self.decision_keys: set[tuple[str, str]] = set()
+        self.rejection_keys: set[tuple[str, int]] = set()
+
+    async def apply(self, rows: Rows) -> None:
+        decisions = [row for key, row in rows.decisions.items() if key not in self.decision_keys]
+        self.decision_keys.update(rows.decisions)
+        rejections = [row for key, row in rows.rejections.items() if key not in self.rejection_keys]
+        self.rejection_keys.update(rows.rejections)
+        await self._copy("decisions", DECISION_COLUMNS, decisions)
+        await self._copy("rejected_commands", REJECTION_COLUMNS, rejections)
+        for run in rows.runs.values():
+            self.pending.merge_run(tuple(run))
+        for tool_call in rows.tool_calls.values():
+            self.pending.merge_tool_call(tuple(tool_call))
+        if len(self.pending.runs) + len(self.pending.tool_calls) > self.MAX_PENDING:
+            await self.flush()
+
+    async def flush(self) -> None:
+        merges = (
+            ("runs", RUN_COLUMNS, MERGE_RUN_ON_CONFLICT, self.pending.run_rows()),
+            ("tool_calls", TOOL_CALL_COLUMNS, MERGE_TOOL_CALL_ON_CONFLICT, self.pending.tool_call_rows()),
+        )
+        for table, columns, on_conflict, records in merges:
+            if not self.flushed:  # the tables are still empty: nothing to merge with
+                await self._copy(table, columns, records)
+                continue
+            names = ", ".join(columns)
+            await self.connection.execute(
+                f'CREATE TEMP TABLE IF NOT EXISTS "staging_{table}" (LIKE "{self.schema}".{table}) ON COMMIT DROP'
+            )
+            await self.connection.copy_records_to_table(f"staging_{table}", records=records, columns=columns)
+            await self.connection.execute(
+                f'INSERT INTO "{self.schema}".{table} AS {table} ({names}) '
+                f'SELECT {names} FROM "staging_{table}" {on_conflict}; TRUNCATE "staging_{table}"'
+            )
+        self.pending = Rows()
+        self.flushed = True
+
+    async def _copy(self, table: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]) -> None:
+        if records:
+            await self.connection.copy_records_to_table(
+                table, records=records, columns=columns, schema_name=self.schema
+            )
+
+
+def _segments(ranges: Sequence[tuple[str, str, int]], size: int) -> list[Segment]:
+    """Cut each (stream, filter, last_seq) into segments of at most `size` sequences, in stream order."""
+    segments: list[Segment] = []
+    for stream, filter_subject, last_seq in ranges:
+        for first in range(1, last_seq + 1, size):
+            segments.append(Segment(len(segments), stream, filter_subject, first, min(first + size - 1, last_seq)))
+    return segments
+
+
+async def prepare_target(url: str, schema: str, rules: CommandRules, streams: list[str]) -> dict[str, list[str]]:
+    """Create the target's tables; return, per table, the definitions of the indexes left to build.
+
+    Postgres builds an index over a loaded table (one sort) several times faster than it
+    maintains it row by row during the load, so the secondary indexes are dropped now and built
+    again, from their own definitions, once every row is in.
+    """
+    bootstrap = await create_pool(url, size=1)
+    try:
+        await bootstrap.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        has_rows = await bootstrap.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'events'", schema
+        )
+        if has_rows and await bootstrap.fetchval(f'SELECT EXISTS (SELECT 1 FROM "{schema}".events)'):
+            raise TargetNotEmpty(f"schema {schema!r} already has events; replay into a new schema")
+    finally:
+        await bootstrap.close()
+    pool = await create_pool(url, schema=schema, size=1)
+    try:
+        await AuditStore(pool, rules).ensure_schema(streams)
+        indexes = await pool.fetch(
+            "SELECT i.tablename, i.indexname, i.indexdef FROM pg_indexes i JOIN pg_index x ON x.indexrelid = "
+            "format('%I.%I', i.schemaname, i.indexname)::regclass "
+            "WHERE i.schemaname = $1 AND i.tablename = any($2::text[]) AND NOT x.indisprimary",
+            schema,
+            _LOADED_TABLES,
+        )
+        deferred: dict[str, list[str]] = {table: [] for table in _LOADED_TABLES}
+        for index in indexes:
+            await pool.execute(f'DROP INDEX "{schema}"."{index["indexname"]}"')
+            deferred[index["tablename"]].append(index["indexdef"])
+        # Vacuuming the tables while they fill would scan them again and again; it runs afterwards.
+        for table in _LOADED_TABLES:
+            await pool.execute(f'ALTER TABLE "{schema}".{table} SET (autovacuum_enabled = off)')
+    finally:
+        await pool.close()
+    return deferred
+
+
+_LOADED_TABLES = ("events", "runs", "rejected_commands", "decisions", "tool_calls")
+_INDEX_MEMORY = "SET maintenance_work_mem = '256MB'"
+
+
+async def _build_indexes(url: str, definitions: Sequence[str]) -> None:
+    """Build deferred indexes of committed tables, two at a time (one per connection)."""
+
+    async def build(queue: list[str]) -> None:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(_INDEX_MEMORY)
+            while queue:
+                await connection.execute(queue.pop(0))
+        finally:
+            await connection.close()
+
+    queue = list(definitions)
+    await asyncio.gather(*(build(queue) for _ in range(min(2, len(queue)))))
+
+
+def default_workers() -> int:
+    """One worker process per core (up to four): the workers are what keeps the cores busy."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+async def replay(
+    settings: Settings,
+    schema: str,
+    database_url: str | None = None,
+    *,
+    workers: int | None = None,
+    segment_size: int | None = None,
+) -> ReplayReport:
+    """Project every audited stream from sequence 1 into `schema` (created; must be empty).
+
+    `workers` processes project segments of `segment_size` sequences in parallel; by default one
+    per core for replays of at least PARALLEL_THRESHOLD messages, none (this process) below.
+    """
+    subjects = Subjects(settings.subject_prefix)
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    url = database_url or settings.database_url
+    filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
+    target = ReplayTarget(settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes)
+
+    nc = await connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        last_seqs = {stream: (await js.stream_info(stream)).state.last_seq for stream in filters}
+    finally:
+        await nc.close()
+    total = sum(last_seqs.values())
+    if workers is None:
+        workers = default_workers() if total >= PARALLEL_THRESHOLD else 0
+    size = segment_size or max(COPY_CHUNK, -(-total // max(1, workers * 6)))
+    segments = _segments([(stream, filters[stream], last_seqs[stream]) for stream in filters], size)
+
+    started = time.perf_counter()
+    executor = _start_workers(workers) if workers and len(segments) > 1 else None
+    try:
+        with cyclic_gc_paused():
+            deferred_indexes = await prepare_target(url, schema, target.rules, list(filters))
+            results = _run_segments(target, segments, executor)
+            applied = await _apply_in_order(url, schema, list(filters), results, deferred_indexes)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+    seconds = time.perf_counter() - started
+    report = ReplayReport(
+        schema,
+        sum(applied.per_stream.values()),
+        seconds,
+        applied.per_stream,
+        applied.cpu_seconds,
+        tuple(applied.gaps),
+    )
+    for stream, first, last in report.gaps:
+        log.error("messages missing from the stream", stream=stream, first_seq=first, last_seq=last)
+    log.info(
+        "replay finished",
+        schema=schema,
+        events=report.events_applied,
+        seconds=round(seconds, 3),
+        events_per_second=round(report.events_per_second),
+        workers=workers if executor else 0,
+        segments=len(segments),
+    )
+    return report
+
+
+def _start_workers(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    # spawn, not fork: the parent runs an event loop and holds sockets a child must not share.
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for _ in range(workers):
+        executor.submit(int)  # start the processes (and their imports) while the schema is prepared
+    return executor
+
+
+def _run_segments(
+    target: ReplayTarget, segments: Sequence[Segment], executor: concurrent.futures.ProcessPoolExecutor | None
+) -> AsyncIterator[SegmentResult]:
+    """Each segment's result, in segment order (workers may finish them in any order)."""
+    if executor is None:
+        return _sequential(target, segments)
+    loop = asyncio.get_running_loop()
+    futures = [loop.run_in_executor(executor, replay_segment, target, segment) for segment in segments]
+    return _in_order(futures)
+
+
+async def _sequential(target: ReplayTarget, segments: Sequence[Segment]) -> AsyncIterator[SegmentResult]:
+    for segment in segments:
+        yield await replay_segment_async(target, segment)
+
+
+async def _in_order(futures: Sequence[asyncio.Future[SegmentResult]]) -> AsyncIterator[SegmentResult]:
+    try:
+        for future in futures:
+            yield await future
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+@dataclass
+class _Applied:
+    """What the coordinator gathered from every segment, besides the rows it wrote."""
+
+    per_stream: dict[str, int]
+    cpu_seconds: float = 0.0
+    gaps: list[Gap] = field(default_factory=list)
+
+
+def merge_gaps(gaps: Sequence[Gap]) -> list[Gap]:
+    """Join holes that touch (one deleted range can span two segments), in stream and sequence order."""
+    merged: list[Gap] = []
+    for stream, first, last in sorted(gaps):
+        if merged and merged[-1][0] == stream and merged[-1][2] + 1 >= first:
+            merged[-1] = (stream, merged[-1][1], max(merged[-1][2], last))
+        else:
+            merged.append((stream, first, last))
+    return merged
+
+
+async def _apply_in_order(
+    url: str,
+    schema: str,
+    streams: list[str],
+    results: AsyncIterator[SegmentResult],
+    indexes: dict[str, list[str]],
+) -> _Applied:
+    """Apply each segment's read-model rows in order, then record holes, dead letters and positions.
+
+    Once every segment is in, the deferred `events` indexes are built (on other connections:
+    the workers committed those rows) while the last read-model rows are written, and then
+    their own indexes. Each stream's position is the last sequence read, or past a hole at its end.
+    """
+    applied = _Applied(dict.fromkeys(streams, 0))
+    positions: dict[str, int] = {}
+    gaps: list[Gap] = []
+    dead_letters: list[tuple[str, int, str]] = []
+    connection = await connect_for_copy(url)
+    try:
+        async with connection.transaction():
+            writer = _ReadModelWriter(connection, schema)
+            async for result in results:
+                await writer.apply(result.rows)
+                stream = result.segment.stream
+                applied.per_stream[stream] += result.applied
+                applied.cpu_seconds += result.cpu_seconds
+                gaps += [(stream, first, last) for first, last in result.gaps]
+                dead_letters += result.dead_letters
+                reached = max([result.last_seq, *(last for _, last in result.gaps)])
+                if reached:
+                    positions[stream] = max(positions.get(stream, 0), reached)
+            await asyncio.gather(writer.flush(), _build_indexes(url, indexes["events"]))
+            await connection.execute(_INDEX_MEMORY)
+            for table in _LOADED_TABLES:
+                for definition in indexes[table] if table != "events" else ():
+                    await connection.execute(definition)
+                await connection.execute(f'ALTER TABLE "{schema}".{table} RESET (autovacuum_enabled)')
+            applied.gaps = merge_gaps(gaps)
+            await connection.execute(f'SET LOCAL search_path = "{schema}"')
+            await connection.executemany(INSERT_GAP, applied.gaps)
+            await connection.executemany(INSERT_DEAD_LETTER, dead_letters)
+            for stream, last_seq in positions.items():
+                await connection.execute(
+                    "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, last_seq
+                )
+    finally:
+        await connection.close()
+    return applied

@@ -1,0 +1,281 @@
+"""Postgres adapter for the audit projector: schema, stream positions and batched, idempotent writes."""
+
+import asyncio
+from collections.abc import Sequence
+from importlib import resources
+
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+
+from warden.admission import CommandRules
+from warden.audit_projector.projection import (
+    DECISION_COLUMNS,
+    EVENT_COLUMNS,
+    REJECTION_COLUMNS,
+    RUN_COLUMNS,
+    RUN_SET_ONCE_COLUMNS,
+    TOOL_CALL_COLUMNS,
+    TOOL_CALL_MERGED_COLUMNS,
+    Rows,
+    StoredMessage,
+    project,
+    raw_event_row,
+)
+from warden.decoding import recordable_text
+
+log = structlog.get_logger(__name__)
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+# Taken by whichever projector process is active; a second one waits for it (hot standby), so
+# two projectors never interleave batches of the same stream.
+PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, count + 1))
+
+
+INSERT_EVENT = (
+    f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({_placeholders(len(EVENT_COLUMNS))}) "
+    "ON CONFLICT (stream, stream_seq) DO NOTHING"
+)
+# How a run's row merges (projection.Rows.merge_run_values does the same in memory): status only moves up
+# its rank, counters add, every other column keeps its first value that is not NULL.
+MERGE_RUN_ON_CONFLICT = (
+    "ON CONFLICT (tenant, run_id) DO UPDATE SET "
+    "status = CASE WHEN EXCLUDED.status_rank > runs.status_rank THEN EXCLUDED.status ELSE runs.status END, "
+    "status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank), "
+    "steps = runs.steps + EXCLUDED.steps, tool_calls = runs.tool_calls + EXCLUDED.tool_calls, "
+    + ", ".join(f"{column} = COALESCE(runs.{column}, EXCLUDED.{column})" for column in RUN_SET_ONCE_COLUMNS)
+)
+MERGE_RUN = (
+    f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({_placeholders(len(RUN_COLUMNS))}) {MERGE_RUN_ON_CONFLICT}"
+)
+INSERT_REJECTION = (
+    f"INSERT INTO rejected_commands ({', '.join(REJECTION_COLUMNS)}) "
+    f"VALUES ({_placeholders(len(REJECTION_COLUMNS))}) ON CONFLICT DO NOTHING"
+)
+
+INSERT_DECISION = (
+    f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)}) VALUES ({_placeholders(len(DECISION_COLUMNS))}) "
+    "ON CONFLICT DO NOTHING"
+)
+# A tool call's row merges column by column: the first value that is not NULL stays.
+MERGE_TOOL_CALL_ON_CONFLICT = "ON CONFLICT (tenant, tool_call_id) DO UPDATE SET " + ", ".join(
+    f"{column} = COALESCE(tool_calls.{column}, EXCLUDED.{column})" for column in TOOL_CALL_MERGED_COLUMNS
+)
+MERGE_TOOL_CALL = (
+    f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) VALUES ({_placeholders(len(TOOL_CALL_COLUMNS))}) "
+    + MERGE_TOOL_CALL_ON_CONFLICT
+)
+
+INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream, stream_seq, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+INSERT_GAP = "INSERT INTO stream_gaps (stream, first_seq, last_seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+
+# Postgres refusing what a batch holds (a value, a constraint, a size limit), rather than being
+# unable to take anything: the batch is then written message by message (see AuditStore.apply).
+# ValueError is asyncpg refusing to encode an argument, before the statement is sent.
+CONTENT_REFUSALS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+)
+
+# Failures worth waiting out: the server is away or busy, or our transaction lost a race.
+RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+)
+
+
+def schema_sql() -> str:
+    return resources.files("warden.audit_projector").joinpath("schema.sql").read_text()
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    # jsonb travels as text we already serialised (canonical JSON), so no codec round trip.
+    await connection.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog", format="text")
+
+
+async def create_pool(database_url: str, schema: str | None = None, size: int = 4) -> asyncpg.Pool:
+    """A pool whose connections see `schema` first, so replays can build tables beside the live ones."""
+    settings = {"search_path": schema} if schema else {}
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=size, init=_init_connection, server_settings=settings
+    )
+    assert pool is not None
+    return pool
+
+
+# How long closing connections may take at shutdown before they are cut: a connection stuck in a
+# transaction must not keep a stopping projector alive (and its supervisor from restarting it).
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close the pool gracefully if it can be done promptly, else terminate its connections."""
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        log.warning("postgres connections did not close in time; terminating them", after_s=CLOSE_TIMEOUT_SECONDS)
+        pool.terminate()
+
+
+class LeadershipLost(RuntimeError):
+    """Another projector became active: this one must stop writing at once."""
+
+
+class NotContiguous(RuntimeError):
+    """A batch does not start right after the stored position: applying it would leave a hole."""
+
+
+class AuditStore:
+    """Writes projected rows and the stream position in one transaction per batch.
+
+    Locks are always taken in one order: the lease row first (shared by ordinary batches), then
+    the stream's position, then read-model rows in key order, table by table. A batch written
+    message by message cannot keep that order, so it takes the lease exclusively and runs alone.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, rules: CommandRules) -> None:
+        self.pool = pool
+        self.rules = rules
+        self.epoch: int | None = None
+        self._lock_connection: asyncpg.Connection | None = None
+
+    async def become_active(self, database_url: str) -> None:
+        """Wait until no other projector is active, then fence out any that still thinks it is."""
+        self._lock_connection = await asyncpg.connect(database_url)
+        await self._lock_connection.execute("SELECT pg_advisory_lock($1)", PROJECTOR_LOCK_KEY)
+        self.epoch = await self.pool.fetchval("UPDATE projector_lease SET epoch = epoch + 1 RETURNING epoch")
+        log.info("projector active", epoch=self.epoch)
+
+    async def release(self) -> None:
+        if self._lock_connection is not None:
+            try:
+                await self._lock_connection.close(timeout=CLOSE_TIMEOUT_SECONDS)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._lock_connection.terminate()
+            self._lock_connection = None
+
+    async def ensure_schema(self, streams: Sequence[str]) -> None:
+        async with self.pool.acquire() as connection, connection.transaction():
+            # Serialise concurrent start-ups: CREATE ... IF NOT EXISTS is not safe under a race.
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", PROJECTOR_LOCK_KEY + 1)
+            await connection.execute(schema_sql())
+            await connection.executemany(
+                "INSERT INTO projector_positions (stream) VALUES ($1) ON CONFLICT DO NOTHING",
+                [(stream,) for stream in streams],
+            )
+
+    async def positions(self) -> dict[str, int]:
+        records = await self.pool.fetch("SELECT stream, last_seq FROM projector_positions")
+        return {record["stream"]: record["last_seq"] for record in records}
+
+    async def apply(self, stream: str, messages: Sequence[StoredMessage]) -> int:
+        """Project the messages not yet applied; return how many were new. Safe to call again.
+
+        The new messages must continue the stored position without a hole (`NotContiguous`
+        otherwise). When Postgres refuses something in the batch, it is written again message
+        by message: a message whose rows are refused is stored raw with the reason, and one
+        that cannot be stored even raw becomes a dead letter (stream, sequence, reason), so one
+        message never stops the stream.
+        """
+        try:
+            return await self._apply(stream, messages, one_by_one=False)
+        except CONTENT_REFUSALS as exc:
+            log.warning(
+                "batch has a row postgres refuses; writing it message by message", stream=stream, error=str(exc)
+            )
+        return await self._apply(stream, messages, one_by_one=True)
+
+    async def record_gap(self, stream: str, first_seq: int, last_seq: int) -> None:
+        """Write down that `first_seq`..`last_seq` are missing from the stream, and move the position past them."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            position = await self._lock_position(connection, stream, exclusive=False)
+            if position != first_seq - 1:
+                raise NotContiguous(f"{stream}: a gap from {first_seq} does not follow the stored position {position}")
+            await connection.execute(INSERT_GAP, stream, first_seq, last_seq)
+            await connection.execute("UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, last_seq)
+
+    async def _lock_position(self, connection: Connection, stream: str, *, exclusive: bool) -> int:
+        """Take the lease (fencing out a deposed projector) and lock the stream's position; return it.
+
+        The lease is the first lock every transaction takes: shared by ordinary batches, so a
+        takeover's epoch bump waits for this batch and then fences the next; exclusive for a batch
+        written message by message, which then runs alone (see the class's docstring).
+        """
+        lock = "FOR UPDATE" if exclusive else "FOR SHARE"
+        epoch = await connection.fetchval(f"SELECT epoch FROM projector_lease WHERE id = 1 {lock}")
+        if self.epoch is not None and epoch != self.epoch:
+            raise LeadershipLost(f"projector epoch is now {epoch}, this process holds {self.epoch}")
+        last_seq = await connection.fetchval(
+            "SELECT last_seq FROM projector_positions WHERE stream = $1 FOR UPDATE", stream
+        )
+        if last_seq is None:
+            raise RuntimeError(f"no projector position for stream {stream!r}: run ensure_schema first")
+        return int(last_seq)
+
+    async def _apply(self, stream: str, messages: Sequence[StoredMessage], *, one_by_one: bool) -> int:
+        async with self.pool.acquire() as connection, connection.transaction():
+            last_seq = await self._lock_position(connection, stream, exclusive=one_by_one)
+            fresh = [message for message in messages if message.seq > last_seq]
+            if not fresh:
+                return 0
+            expected = range(last_seq + 1, last_seq + 1 + len(fresh))
+            if [message.seq for message in fresh] != list(expected):
+                raise NotContiguous(
+                    f"{stream}: batch {fresh[0].seq}..{fresh[-1].seq} ({len(fresh)} messages) does not continue "
+                    f"the stored position {last_seq} without a hole"
+                )
+            if one_by_one:
+                await self._write_one_by_one(connection, fresh)
+            else:
+                await self._write(connection, project(fresh, self.rules))
+            await connection.execute(
+                "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, fresh[-1].seq
+            )
+            return len(fresh)
+
+    @staticmethod
+    async def _write(connection: Connection, rows: Rows) -> None:
+        if rows.events:
+            await connection.executemany(INSERT_EVENT, rows.events)
+        # The read models arrive merged per key (one upsert each), in key order: one lock order
+        # for every batch, so two streams' batches cannot deadlock on runs or tool_calls rows.
+        if rows.runs:
+            await connection.executemany(MERGE_RUN, rows.run_rows())
+        if rows.rejections:
+            await connection.executemany(INSERT_REJECTION, list(rows.rejections.values()))
+        if rows.decisions:
+            await connection.executemany(INSERT_DECISION, list(rows.decisions.values()))
+        if rows.tool_calls:
+            await connection.executemany(MERGE_TOOL_CALL, rows.tool_call_rows())
+
+    async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
+        for message in messages:
+            try:
+                async with connection.transaction():
+                    await self._write(connection, project([message], self.rules))
+                continue
+            except CONTENT_REFUSALS as exc:
+                refusal = f"postgres refused the row: {exc}"
+            log.warning("storing a message raw", stream=message.stream, stream_seq=message.seq, reason=refusal)
+            try:
+                async with connection.transaction():
+                    await connection.executemany(INSERT_EVENT, [raw_event_row(message, self.rules.subjects, refusal)])
+                continue
+            except CONTENT_REFUSALS as exc:
+                reason = recordable_text(f"{refusal}; stored raw, refused again: {exc}", 2000)
+            log.error("dead-lettering a message", stream=message.stream, stream_seq=message.seq, reason=reason)
+            await connection.execute(INSERT_DEAD_LETTER, message.stream, message.seq, reason)

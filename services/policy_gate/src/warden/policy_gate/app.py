@@ -1,0 +1,305 @@
+"""The policy gate: every command passes here first; bad ones are rejected, the rest decided by Rego."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import structlog
+from faststream import FastStream
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+
+from warden.admission import CommandRules, rejection
+from warden.bus import envelope_headers, heartbeat, retry_transient
+from warden.errors import RejectionCode
+from warden.messages import (
+    DecisionMade,
+    Effect,
+    Envelope,
+    RunSubmitted,
+    ToolCallRequested,
+    make_envelope,
+)
+from warden.policy_gate.decide import decision, policy_input
+from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine, PolicyEvaluationError
+from warden.service import consumer_service, run_service
+from warden.settings import Settings
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.telemetry import consuming
+from warden.wire import is_transient
+
+SERVICE = "policy-gate"
+DURABLE_NAME = "policy_gate"
+# A command whose outcome cannot be published after this many deliveries is left in the stream
+# (the audit trail still has it) rather than retried forever; the server emits a max-deliveries
+# advisory for it.
+MAX_DELIVERIES = 5
+RETRY_DELAY_SECONDS = 1.0
+# Commands delivered and not yet acknowledged, across all gate instances.
+MAX_IN_FLIGHT = 2048
+PUBLISH_TIMEOUT_SECONDS = 5.0
+COMMAND_ACK_WAIT_SECONDS = 30.0
+# A decision that took longer than this is a deny: the gate fails closed.
+POLICY_BUDGET_MS = 1000
+
+log = structlog.get_logger(__name__)
+
+
+class PolicyDecider:
+    """Evaluates policies in line, on the event loop's thread.
+
+    A worker thread would cost a GIL hand-off per decision (milliseconds while the loop is busy)
+    to guard against a slow policy, and Rego evaluation always terminates: so the budget is
+    enforced after the fact instead. A decision that took longer than the budget is a deny.
+    """
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self.engine = engine
+
+    def decide(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
+        started = time.perf_counter()
+        data = envelope.data
+        effect: Effect
+        reasons: list[str]
+        try:
+            if isinstance(data, ToolCallRequested) and not self.engine.knows_tool(data.tool):
+                effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
+            elif isinstance(data, RunSubmitted) and not self.engine.knows_agent(data.agent):
+                effect, reasons = (
+                    "deny",
+                    [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
+                )
+            else:
+                result = self.engine.evaluate(policy_input(envelope))
+                effect, reasons = result.effect, list(result.reasons)
+                if result.evaluation_ms > POLICY_BUDGET_MS:
+                    effect = "deny"
+                    reasons = [
+                        f"policy evaluation took {result.evaluation_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms "
+                        "budget (fail closed)"
+                    ]
+        except PolicyEvaluationError as exc:
+            effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return decision(
+            envelope,
+            request_seq=request_seq,
+            effect=effect,
+            reasons=reasons,
+            policy_revision=self.engine.revision,
+            evaluation_ms=round(elapsed_ms, 3),
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The event that answers a command, ready to publish (again, should the first try fail)."""
+
+    command: Msg
+    subject: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class Gate:
+    """Decides each command as it arrives; acks it only once its outcome is stored.
+
+    The decision is made and published inside the subscription's callback, with nothing queued
+    in between: on an idle gate the outcome is on the wire one step after the command arrives.
+    The publishes are pipelined (`publish_async`), and one task settles them in arrival order,
+    a whole backlog at a time: ack what JetStream stored, nak or term what it did not.
+    """
+
+    def __init__(self, settings: Settings, js: JetStreamContext, decider: PolicyDecider) -> None:
+        self.settings = settings
+        self.js = js
+        self.decider = decider
+        self.subjects = Subjects(settings.subject_prefix)
+        self.rules = CommandRules(self.subjects, settings.max_command_bytes)
+        self.streams = StreamNames.for_prefix(settings.subject_prefix)
+        self.unsettled: asyncio.Queue[tuple[Answer, asyncio.Future[PubAck]]] = asyncio.Queue()
+        self.retrying: set[asyncio.Task[None]] = set()
+
+    def outcome(self, message: Msg) -> tuple[Envelope[Any], str]:
+        """The event that answers one command (a rejection or a decision) and its idempotency key.
+
+        Never raises: the answer depends only on the stored command, so a command that makes the
+        gate fail would fail on every delivery; it is rejected (`unprocessable`) at once instead.
+        """
+        metadata = message.metadata
+        seq = metadata.sequence.stream
+        try:
+            checked = self.rules.judge(message.subject, message.data, message.headers, seq)
+            if isinstance(checked, Envelope):
+                return self._decided(checked, seq), f"decision-{metadata.stream}-{seq}"
+        except Exception as exc:
+            log.exception("the gate failed on a command; rejecting it", subject=message.subject, stream_seq=seq)
+            checked = rejection(
+                message.subject,
+                message.data,
+                message.headers,
+                seq,
+                code=RejectionCode.UNPROCESSABLE,
+                reason=f"the policy gate failed on this command: {type(exc).__name__}: {exc}",
+            )
+        answer = make_envelope(
+            checked, tenant=self.subjects.tenant_of(message.subject), subject=str(seq), actor=SERVICE, source=SERVICE
+        )
+        log.warning(
+            "command rejected", subject=message.subject, stream_seq=seq, code=checked.code, reason=checked.reason
+        )
+        # Keyed by the command's position: a redelivered command is rejected once.
+        return answer, f"rejected-{metadata.stream}-{seq}"
+
+    def _decided(self, command: Envelope[Any], seq: int) -> Envelope[Any]:
+        verdict = self.decider.decide(command, seq)
+        log.info(
+            "decision made",
+            run_id=command.subject,
+            type=command.type,
+            effect=verdict.effect,
+            decision_id=verdict.decision_id,
+            evaluation_ms=verdict.evaluation_ms,
+        )
+        return make_envelope(
+            verdict, tenant=command.tenant, subject=command.subject, actor=SERVICE, source=SERVICE, caused_by=command
+        )
+
+    async def decide(self, message: Msg) -> None:
+        """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""
+        with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
+            event, key = self.outcome(message)
+            answer = Answer(
+                message, self.subjects.expected_subject(event), event.to_bytes(), envelope_headers(event, key)
+            )
+        try:
+            stored = await self.js.publish_async(
+                answer.subject, answer.body, headers=answer.headers, stream=self.streams.events
+            )
+        except nats.errors.Error as exc:
+            self._publish_later(answer, exc)
+            return
+        self.unsettled.put_nowait((answer, stored))
+
+    async def settle(self) -> None:
+        """Ack each command whose outcome JetStream stored; retry (later) or give up on the others."""
+        while True:
+            backlog = [await self.unsettled.get()]
+            while not self.unsettled.empty():
+                backlog.append(self.unsettled.get_nowait())
+            # One timer for the whole backlog, not one per publish.
+            await asyncio.wait([stored for _, stored in backlog], timeout=PUBLISH_TIMEOUT_SECONDS)
+            for answer, stored in backlog:
+                if not stored.done():
+                    stored.cancel()  # frees its place in nats-py's window of pending publishes
+                    result: object = TimeoutError(f"no acknowledgement within {PUBLISH_TIMEOUT_SECONDS}s")
+                elif stored.cancelled():  # nats-py gave up on it (its connection closed)
+                    result = nats.errors.ConnectionReconnectingError()
+                else:
+                    result = stored.exception() or stored.result()
+                if isinstance(result, BaseException):
+                    self._publish_later(answer, result)
+                else:
+                    await answer.command.ack()
+
+    def _publish_later(self, answer: "Answer", error: BaseException) -> None:
+        """Keep trying to store an answer the bus did not take, holding its command meanwhile.
+
+        A leader election makes every publish fail for seconds: retrying here, rather than
+        letting JetStream redeliver the command, spends none of the command's deliveries on it.
+        """
+        if is_transient(error):
+            task = asyncio.create_task(self._publish_until_stored(answer))
+        else:
+            task = asyncio.create_task(self._give_up_or_redeliver(answer.command, error))
+        self.retrying.add(task)
+        task.add_done_callback(self._retried)
+
+    def _retried(self, task: "asyncio.Task[None]") -> None:
+        self.retrying.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("could not settle a command; JetStream will deliver it again", error=repr(error))
+
+    async def _publish_until_stored(self, answer: "Answer") -> None:
+        beat = asyncio.create_task(heartbeat(answer.command, COMMAND_ACK_WAIT_SECONDS / 3))
+        try:
+            await retry_transient(
+                lambda: self.js.publish(
+                    answer.subject, answer.body, headers=answer.headers, stream=self.streams.events
+                ),
+                what="the answer to a command",
+            )
+        except nats.errors.Error as exc:
+            await self._give_up_or_redeliver(answer.command, exc)
+            return
+        finally:
+            beat.cancel()
+        await answer.command.ack()
+
+    @staticmethod
+    async def _give_up_or_redeliver(message: Msg, error: BaseException) -> None:
+        if message.metadata.num_delivered >= MAX_DELIVERIES:
+            log.error(
+                "giving up on command after repeated publish failures",
+                subject=message.subject,
+                stream_seq=message.metadata.sequence.stream,
+                error=repr(error),
+            )
+            await message.term()
+        else:
+            log.warning("could not record outcome; will retry", error=repr(error))
+            await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
+
+    async def run(self) -> None:
+        settling = asyncio.create_task(self.settle())
+        # A push consumer shared by every gate instance through the queue group: JetStream spreads
+        # commands across them and redelivers what an instance leaves unacknowledged. Push, not
+        # pull: an idle gate answers at once, with no fetch round trip in the way.
+        subscription = await retry_transient(
+            lambda: self.js.subscribe(
+                self.subjects.all_commands,
+                queue=DURABLE_NAME,
+                durable=DURABLE_NAME,
+                stream=self.streams.commands,
+                cb=self.decide,
+                manual_ack=True,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    max_deliver=MAX_DELIVERIES,
+                    ack_wait=COMMAND_ACK_WAIT_SECONDS,
+                    max_ack_pending=MAX_IN_FLIGHT,
+                ),
+            ),
+            what="the gate's consumer",
+        )
+        try:
+            await settling
+        finally:
+            try:
+                await subscription.unsubscribe()
+            except nats.errors.Error as exc:
+                log.warning("could not unsubscribe", error=repr(exc))
+            settling.cancel()
+
+
+def build_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or Settings()
+    policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
+    decider = PolicyDecider(PolicyEngine.load(policy_dir))
+    log.info("policies loaded", revision=decider.engine.revision, directory=str(policy_dir))
+    return consumer_service(
+        settings, lambda broker: Gate(settings, broker.config.connection_state.stream, decider).run()
+    )
+
+
+def main() -> None:
+    run_service(SERVICE, build_app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,0 @@
-"""Run the scheduler: `python -m services.scheduler`."""
-
-from services.scheduler.app import main
-
-main()

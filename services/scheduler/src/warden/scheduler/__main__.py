@@ -1,0 +1,5 @@
+"""Run the scheduler: `python -m warden.scheduler`."""
+
+from warden.scheduler.app import main
+
+main()

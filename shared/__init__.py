@@ -1,1 +1,0 @@
-"""Code that every Warden service and client shares: contracts, subjects, streams, settings, logging."""

@@ -1,0 +1,282 @@
+"""The Python client for Warden's users: publish commands and tail events, over plain NATS."""
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import JsonValue
+
+from warden.endpoints import NoStack, read_endpoints
+from warden.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
+from warden.ids import new_id
+from warden.messages import (
+    CommandRejected,
+    DecisionMade,
+    Envelope,
+    RunFailed,
+    RunSubmitted,
+    RunSucceeded,
+    make_envelope,
+    parse_envelope,
+)
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+from warden.wire import ORDERED_HEARTBEAT_SECONDS, connect, is_transient, message_headers, new_traceparent
+
+try:
+    # An application that uses OpenTelemetry gets its current trace carried into the run; the
+    # client itself needs only nats-py and pydantic, so the API is optional.
+    from opentelemetry import propagate
+except ImportError:  # pragma: no cover - depends on what the application installed
+    propagate = None  # type: ignore[assignment]
+
+
+class CommandTooLarge(PermanentError):
+    """The command is over the size limit; it was not sent."""
+
+
+class IdempotencyKeyTaken(PermanentError):
+    """The idempotency key is held by a message that is not this tenant's command of this type.
+
+    Keys are scoped by tenant and type, so only a client that wrote another tenant's scope into
+    its Nats-Msg-Id (which the gate rejects, on the record) can cause this. The command was not
+    stored; retry with another key.
+    """
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What JetStream said when it stored a command: for a duplicate, the command stored first."""
+
+    command_id: str
+    subject_id: str  # the run id, for a run submission
+    stream_seq: int
+    duplicate: bool  # True when this idempotency key was already stored: nothing new was queued
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as far as its events tell: its status and the reasons given."""
+
+    status: str  # rejected, denied, awaiting_approval, succeeded, failed, or pending (no outcome yet)
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
+class TailedEvent:
+    """An event read from the stream, with where it sits in it."""
+
+    stream_seq: int
+    nats_subject: str
+    envelope: Envelope[Any] | None  # None when the stored bytes are not a valid envelope
+    raw: bytes
+    error: str | None = None
+
+
+class WardenClient:
+    """Connects to a Warden installation's NATS and speaks its subjects."""
+
+    def __init__(self, nc: NatsClient, prefix: str = "warden", max_command_bytes: int = 64 * 1024) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subjects = Subjects(prefix)
+        self.streams = StreamNames.for_prefix(prefix)
+        self.max_command_bytes = max_command_bytes
+
+    @classmethod
+    async def connect_to_stack(cls, state_dir: str | Path | None = None, **options: Any) -> Self:
+        """Connect to the servers WARDEN_NATS_URL names, else to the stack `warden up` runs on `state_dir`
+        (default: WARDEN_STATE_DIR, else `.warden`).
+
+        The subject prefix is WARDEN_SUBJECT_PREFIX's, else `warden`. Raises `NoStack` at once when
+        neither is there, or when no server answers there.
+        """
+        state_dir = Path(state_dir or os.environ.get("WARDEN_STATE_DIR") or ".warden")
+        url = os.environ.get("WARDEN_NATS_URL") or read_endpoints(state_dir).nats_url
+        try:
+            client = await cls.connect(url, os.environ.get("WARDEN_SUBJECT_PREFIX", "warden"), **options)
+        except (OSError, nats.errors.Error) as exc:
+            raise NoStack(f"cannot reach NATS at {url} ({exc}); is the stack running (`warden up`)?") from exc
+        if limit := os.environ.get("WARDEN_MAX_COMMAND_BYTES"):
+            client.max_command_bytes = int(limit)
+        return client
+
+    @classmethod
+    async def connect(cls, url: str, prefix: str = "warden", **options: Any) -> Self:
+        """Connect to the servers `url` names: one URL, or several separated by commas (a cluster's seed nodes)."""
+        return cls(await connect(url, **options), prefix)
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def publish_command(self, envelope: Envelope[Any], idempotency_key: str | None = None) -> Receipt:
+        """Store a command in JetStream. Retrying with the same key stores it once (`duplicate`)."""
+        if envelope.data.KIND != "command":
+            raise InvalidMessage(RejectionCode.SUBJECT_MISMATCH, f"{envelope.type} is an event, not a command")
+        body = envelope.to_bytes()
+        if len(body) > self.max_command_bytes:
+            raise CommandTooLarge(f"command is {len(body)} bytes; the limit is {self.max_command_bytes}")
+        try:
+            ack = await self.js.publish(
+                self.subjects.expected_subject(envelope),
+                body,
+                headers=_command_headers(envelope, idempotency_key),
+                stream=self.streams.commands,
+            )
+        except nats.errors.Error as exc:
+            if is_transient(exc):
+                raise RetryableError(f"JetStream did not acknowledge the command (send it again): {exc!r}") from exc
+            raise
+        if ack.duplicate:
+            return await self._first_submission(envelope, ack.seq)
+        return Receipt(envelope.id, envelope.subject, ack.seq, duplicate=False)
+
+    async def _first_submission(self, envelope: Envelope[Any], seq: int) -> Receipt:
+        """The receipt of the command already stored under this key: a retry learns the run it started."""
+        stored = await self.js.get_msg(self.streams.commands, seq, direct=True)
+        expected = self.subjects.expected_subject(envelope)
+        try:
+            first = parse_envelope(stored.data or b"")
+        except InvalidMessage as exc:
+            raise IdempotencyKeyTaken(f"the key is held by command {seq}, which is not valid: {exc}") from exc
+        if stored.subject != expected or (first.tenant, first.type) != (envelope.tenant, envelope.type):
+            raise IdempotencyKeyTaken(f"the key is held by command {seq} on {stored.subject!r}, not {expected!r}")
+        return Receipt(first.id, first.subject, seq, duplicate=True)
+
+    async def submit_run(
+        self,
+        *,
+        tenant: str,
+        agent: str,
+        actor: str,
+        input: dict[str, JsonValue] | None = None,
+        run_id: str | None = None,
+        priority: int = 5,
+        idempotency_key: str | None = None,
+    ) -> Receipt:
+        """Ask for a run. The idempotency key defaults to the run id, so a retried submit runs once.
+
+        Submitting again with the same key (within the commands stream's ten-minute duplicate
+        window) stores nothing and returns the first submission's receipt, naming its run.
+        """
+        run_id = run_id or new_id()
+        envelope = make_envelope(
+            RunSubmitted(agent=agent, input=input or {}, priority=priority),
+            tenant=tenant,
+            subject=run_id,
+            actor=actor,
+            source="warden-client",
+        )
+        return await self.publish_command(envelope, idempotency_key or run_id)
+
+    async def outcome(self, tenant: str, receipt: Receipt, within: float) -> Outcome:
+        """How a submitted run ended: rejected, denied, succeeded or failed; or `pending` after `within` seconds."""
+        subjects = [
+            self.subjects.run_events(tenant, receipt.subject_id),
+            self.subjects.command_rejections(tenant, str(receipt.stream_seq)),
+        ]
+        try:
+            async with (
+                asyncio.timeout(within),
+                contextlib.aclosing(self._events(subjects, from_start=True, idle_timeout=None)) as events,
+            ):
+                async for event in events:
+                    data = event.envelope.data if event.envelope else None
+                    if isinstance(data, CommandRejected):
+                        return Outcome("rejected", [f"{data.code}: {data.reason}"])
+                    if isinstance(data, DecisionMade) and data.tool_call_id is None and data.effect != "allow":
+                        status = "denied" if data.effect == "deny" else "awaiting_approval"
+                        return Outcome(status, list(data.reasons))
+                    if isinstance(data, RunSucceeded):
+                        return Outcome("succeeded", [])
+                    if isinstance(data, RunFailed):
+                        return Outcome("failed", [data.reason])
+        except TimeoutError:
+            pass
+        return Outcome("pending", [f"no outcome within {within}s"])
+
+    async def tail(
+        self,
+        tenant: str,
+        run_id: str | None = None,
+        *,
+        from_start: bool = True,
+        idle_timeout: float | None = None,
+    ) -> AsyncGenerator[TailedEvent, None]:
+        """Yield a tenant's events (or one run's) in stream order, from the start or from now.
+
+        Stops after `idle_timeout` seconds without an event, or runs until cancelled when None.
+        """
+        filter_subject = self.subjects.run_events(tenant, run_id) if run_id else self.subjects.tenant_events(tenant)
+        async with contextlib.aclosing(
+            self._events([filter_subject], from_start=from_start, idle_timeout=idle_timeout)
+        ) as events:
+            async for event in events:
+                yield event
+
+    async def _events(
+        self, filter_subjects: list[str], *, from_start: bool, idle_timeout: float | None
+    ) -> AsyncGenerator[TailedEvent, None]:
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def enqueue(message: Msg) -> None:
+            await queue.put(message)
+
+        # An ordered consumer: ephemeral, flow-controlled, and re-created by nats-py on any gap.
+        subscription = await self.js.subscribe(
+            filter_subjects[0],
+            stream=self.streams.events,
+            cb=enqueue,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
+                idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
+                filter_subjects=filter_subjects if len(filter_subjects) > 1 else None,
+            ),
+        )
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), idle_timeout)
+                except TimeoutError:
+                    return
+                yield _tailed(message)
+        finally:
+            with contextlib.suppress(nats.errors.Error):  # the connection may be closing already
+                await subscription.unsubscribe()
+
+
+def _tailed(message: Msg) -> TailedEvent:
+    try:
+        envelope: Envelope[Any] | None = parse_envelope(message.data)
+        error = None
+    except InvalidMessage as exc:
+        envelope, error = None, str(exc)
+    return TailedEvent(message.metadata.sequence.stream, message.subject, envelope, message.data, error)
+
+
+def _command_headers(envelope: Envelope[Any], idempotency_key: str | None) -> dict[str, str]:
+    """A command's headers: a run's trace begins here, unless the caller is already in a span."""
+    headers = message_headers(envelope, idempotency_key)
+    if propagate is not None:
+        propagate.inject(headers)
+    if "traceparent" not in headers:
+        headers["traceparent"] = new_traceparent()
+    return headers

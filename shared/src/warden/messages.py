@@ -1,0 +1,415 @@
+"""The message contract: one envelope for every command and event, and a typed payload per type.
+
+Each payload class names its wire `TYPE` (never its Python path), whether it is a command or an
+event, and the entity its subject is about. `MESSAGE_TYPES` is the registry that parsing, the
+subject catalogue, the JSON Schemas and the AsyncAPI document are all built from.
+"""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from warden.decoding import MAX_SAFE_INTEGER, check_value, decode_json, may_hold_nul
+from warden.errors import InvalidMessage, RejectionCode
+from warden.ids import new_id
+
+# A NATS subject token: no dots, wildcards or white space, so ids can sit inside subjects.
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# Agent and tool names: readable identifiers that may carry a namespace ("web.fetch").
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
+MessageKind = Literal["command", "event"]
+# Integers stored in `integer` columns are bounded here, so every valid message fits its row; the
+# rest are bounded by what every reader (the policy engine included) holds exactly.
+INT32_MAX = 2**31 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_SAFE_INTEGER)]
+StreamSeq = Annotated[int, Field(ge=1, le=MAX_SAFE_INTEGER)]
+
+
+def _checked(value: Any) -> Any:
+    check_value(value)  # raises InvalidMessage, which validation passes on as it is
+    return value
+
+
+# Free-form JSON (a run's input, a tool's arguments or result, a run's output): the decoding rules'
+# limits on depth and numbers are checked here, on every path a message is validated by.
+FreeJson = Annotated[JsonValue, AfterValidator(_checked)]
+FreeJsonObject = Annotated[dict[str, JsonValue], AfterValidator(_checked)]
+_MODEL_CONFIG = ConfigDict(frozen=True, extra="forbid")
+Effect = Literal["allow", "deny", "require_approval"]
+
+
+class Payload(BaseModel):
+    """Base of every payload: immutable and strict, so a typo is an error, not a silent drop."""
+
+    model_config = _MODEL_CONFIG
+
+    TYPE: ClassVar[str]
+    KIND: ClassVar[MessageKind]
+    ENTITY: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+
+class RunSubmitted(Payload):
+    """A principal asks for a run of an agent. Published by clients; decided by the policy gate."""
+
+    TYPE: ClassVar[str] = "run.submitted"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    agent: Name
+    input: FreeJsonObject = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=9, description="0 is most urgent.")
+    timeout_seconds: float | None = Field(default=None, gt=0, le=86_400, allow_inf_nan=False)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class RunUsage(BaseModel):
+    """What a run has consumed so far, as its runner counts it; policies cap it."""
+
+    model_config = _MODEL_CONFIG
+
+    steps: Count = 0
+    tool_calls: Count = 0
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+
+
+class ToolCallRequested(Payload):
+    """An agent wants to call a tool. Published by the agent runner; decided by the policy gate."""
+
+    TYPE: ClassVar[str] = "tool_call.requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    tool_call_id: Token
+    step: int = Field(ge=0, le=INT32_MAX)
+    agent: Name
+    tool: Name
+    arguments: FreeJsonObject = Field(default_factory=dict)
+    usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
+
+
+class CommandRejected(Payload):
+    """A command was refused before anything acted on it: malformed, unknown, too large, invalid."""
+
+    TYPE: ClassVar[str] = "command.rejected"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "command"
+
+    code: str = Field(description="One of the stable RejectionCode values.")
+    reason: str
+    command_subject: str
+    command_stream_seq: StreamSeq
+    command_type: str | None = None
+    command_id: str | None = None
+    idempotency_key: str | None = None
+    size_bytes: int = Field(ge=0, le=INT32_MAX)
+
+
+class DecisionMade(Payload):
+    """The policy gate's verdict on a run submission or a tool-call request."""
+
+    TYPE: ClassVar[str] = "decision.made"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    request_type: str
+    request_id: str
+    request_seq: StreamSeq = Field(description="Where the request sits in the commands stream.")
+    effect: Effect
+    reasons: list[str] = Field(default_factory=list)
+    policy_revision: str
+    evaluation_ms: float = Field(ge=0, allow_inf_nan=False)
+    tool_call_id: Token | None = None
+
+
+class RunQueued(Payload):
+    """The scheduler accepted an allowed run and holds it until a slot is free."""
+
+    TYPE: ClassVar[str] = "run.queued"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    priority: int = Field(ge=0, le=9)
+    agent: Name
+    request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
+
+
+class RunDispatched(Payload):
+    """The scheduler gave the run a slot and handed it to the runners' work queue.
+
+    The same envelope is both the audit event and the work item on `<prefix>.work.<tenant>`.
+    """
+
+    TYPE: ClassVar[str] = "run.dispatched"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    agent: Name
+    request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
+
+
+class RunStarted(Payload):
+    """An agent runner began executing the run."""
+
+    TYPE: ClassVar[str] = "run.started"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: Token
+    worker: str
+    attempt: int = Field(default=1, ge=1, le=MAX_SAFE_INTEGER)
+
+
+class TokenUsage(BaseModel):
+    """Tokens a model turn consumed."""
+
+    model_config = _MODEL_CONFIG
+
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+
+
+class StepCompleted(Payload):
+    """One step of the agent loop (a model turn or a tool call) finished."""
+
+    TYPE: ClassVar[str] = "step.completed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    step: Count
+    kind: Literal["model_turn", "tool_call"]
+    summary: str = ""
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+
+
+class ToolCallCompleted(Payload):
+    """A tool call ended: executed (ok or error) under an allow, or refused under a deny."""
+
+    TYPE: ClassVar[str] = "tool_call.completed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    tool_call_id: Token
+    step: int = Field(ge=0, le=INT32_MAX)
+    tool: Name
+    decision_id: Token | None = Field(description="The decision that allowed or refused it; None if none came.")
+    outcome: Literal["ok", "error", "refused"]
+    result: FreeJson = None
+    error: str | None = None
+
+
+class RunSucceeded(Payload):
+    """The run finished and produced its output."""
+
+    TYPE: ClassVar[str] = "run.succeeded"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    output: FreeJson = None
+    steps: Count
+    tool_calls: Count
+
+
+class RunFailed(Payload):
+    """The run ended without an output; `reason` says why in words a person can act on."""
+
+    TYPE: ClassVar[str] = "run.failed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    reason: str
+    error_type: str
+    steps: Count = 0
+
+
+class StreamGapDetected(Payload):
+    """Sequences of an audited stream were missing (deleted or purged) when the audit projector reached them.
+
+    The projection moves past them, so this event and the `stream_gaps` table are where the hole
+    in the record is written down. Filed under the reserved tenant `_warden`.
+    """
+
+    TYPE: ClassVar[str] = "stream.gap_detected"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "stream"
+
+    stream: Token
+    first_seq: StreamSeq
+    last_seq: StreamSeq
+
+
+PAYLOAD_TYPES: tuple[type[Payload], ...] = (
+    RunSubmitted,
+    ToolCallRequested,
+    CommandRejected,
+    DecisionMade,
+    RunQueued,
+    RunDispatched,
+    RunStarted,
+    StepCompleted,
+    ToolCallCompleted,
+    RunSucceeded,
+    RunFailed,
+    StreamGapDetected,
+)
+MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
+
+DataT = TypeVar("DataT", bound=Payload)
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    """What travels on the wire, in the spirit of CloudEvents 1.0."""
+
+    model_config = _MODEL_CONFIG
+
+    id: Token = Field(description="Unique and time-sortable (UUIDv7).")
+    type: str
+    source: str = Field(min_length=1, max_length=128, description="The service or client that wrote it.")
+    time: datetime
+    tenant: TenantId
+    subject: Token = Field(description="Id of the entity it is about: a run id, or a command id.")
+    correlation_id: Token
+    causation_id: Token | None = None
+    actor: str = Field(min_length=1, max_length=256, description="Who asked: a principal or a service.")
+    schema_version: int = Field(default=1, ge=1, le=MAX_SAFE_INTEGER)
+    data: DataT
+
+    @model_validator(mode="after")
+    def _type_names_payload(self) -> "Envelope[DataT]":
+        # The type is how readers pick the payload model, so it must never disagree with it.
+        if self.type != self.data.TYPE:
+            raise ValueError(f"type {self.type!r} does not match its {self.data.TYPE!r} payload")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+# One concrete envelope class per type, built once: validation then needs no dispatch at run time.
+ENVELOPE_TYPES: dict[str, type[Envelope[Any]]] = {
+    type_name: Envelope[model]  # type: ignore[valid-type]
+    for type_name, model in MESSAGE_TYPES.items()
+}
+
+
+def make_envelope(
+    data: DataT,
+    *,
+    tenant: str,
+    subject: str,
+    actor: str,
+    source: str,
+    caused_by: Envelope[Any] | None = None,
+) -> Envelope[DataT]:
+    """Wrap a payload, carrying the correlation id forward from the message that caused it."""
+    event_id = new_id()
+    envelope = ENVELOPE_TYPES[data.TYPE](
+        id=event_id,
+        type=data.TYPE,
+        source=source,
+        time=datetime.now(UTC),
+        tenant=tenant,
+        subject=subject,
+        correlation_id=caused_by.correlation_id if caused_by else event_id,
+        causation_id=caused_by.id if caused_by else None,
+        actor=actor,
+        schema_version=data.SCHEMA_VERSION,
+        data=data,
+    )
+    return cast("Envelope[DataT]", envelope)
+
+
+Upcaster = Any  # Callable[[dict[str, Any]], dict[str, Any]]: raw `data` of version v to v + 1.
+# (type, version) -> function lifting that version's raw data one version up. Stored events are
+# never rewritten: old versions are lifted on read, here, before validation.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def _upcast(document: dict[str, Any], model: type[Payload]) -> dict[str, Any]:
+    version = document.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "schema_version must be a positive integer")
+    if version > model.SCHEMA_VERSION:
+        raise InvalidMessage(
+            RejectionCode.SCHEMA_INVALID,
+            f"{model.TYPE} schema_version {version} is newer than this reader's {model.SCHEMA_VERSION}",
+        )
+    while version < model.SCHEMA_VERSION:
+        upcaster = UPCASTERS.get((model.TYPE, version))
+        if upcaster is None:
+            raise InvalidMessage(
+                RejectionCode.SCHEMA_INVALID, f"no upcaster for {model.TYPE} from schema_version {version}"
+            )
+        document = {**document, "data": upcaster(document.get("data")), "schema_version": version + 1}
+        version += 1
+    return document
+
+
+def describe_validation_error(error: ValidationError, limit: int = 5) -> str:
+    """Compress pydantic's report into one line a client can act on: `field.path: message; ...`."""
+    parts = []
+    for item in error.errors()[:limit]:
+        location = ".".join(str(part) for part in item["loc"]) or "(message)"
+        parts.append(f"{location}: {item['msg']}")
+    if error.error_count() > limit:
+        parts.append(f"... and {error.error_count() - limit} more")
+    return "; ".join(parts)
+
+
+def decode_document(raw: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes to a JSON object under Warden's decoding rules (warden.decoding), or `InvalidMessage` saying why not."""
+    document = decode_json(raw, max_bytes=max_bytes)
+    if type(document) is not dict:
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "body must be a JSON object (an envelope)")
+    return document
+
+
+def validate_document(document: dict[str, Any]) -> Envelope[Any]:
+    """A decoded JSON object to a typed envelope (upcast first), or `InvalidMessage` saying why not."""
+    type_name = document.get("type")
+    if not isinstance(type_name, str):
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, "envelope has no string field 'type'")
+    envelope_type = ENVELOPE_TYPES.get(type_name)
+    if envelope_type is None:
+        raise InvalidMessage(RejectionCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}")
+    document = _upcast(document, MESSAGE_TYPES[type_name])
+    try:
+        return envelope_type.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidMessage(RejectionCode.SCHEMA_INVALID, describe_validation_error(exc)) from None
+
+
+def parse_envelope(raw: bytes, *, max_bytes: int | None = None, type_hint: str | None = None) -> Envelope[Any]:
+    """Validate raw bytes into a typed envelope, or raise `InvalidMessage` saying exactly why not.
+
+    `type_hint` (a message's `Warden-Type` header) lets pydantic-core parse and validate the bytes
+    in one pass, about twice as fast. A hint is only a hint: when that pass fails, or the message
+    is of an older schema version that needs upcasting, the bytes take the full path, which finds
+    the type in the body and gives the precise error. So does a message that might hold a NUL,
+    which the one-pass parse does not look for in typed strings.
+    """
+    fast = ENVELOPE_TYPES.get(type_hint) if type_hint is not None else None
+    if fast is not None and (max_bytes is None or len(raw) <= max_bytes) and not may_hold_nul(raw):
+        try:
+            envelope = fast.model_validate_json(raw)
+        except ValidationError:
+            pass
+        else:
+            if envelope.schema_version == envelope.data.SCHEMA_VERSION:
+                return envelope
+    return validate_document(decode_document(raw, max_bytes=max_bytes))

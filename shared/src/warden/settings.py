@@ -1,0 +1,58 @@
+"""Settings every service and client reads from the environment (all prefixed `WARDEN_`)."""
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from warden.endpoints import read_endpoints
+
+
+class Settings(BaseSettings):
+    """Where the servers are and how this installation names its subjects and streams."""
+
+    model_config = SettingsConfigDict(env_prefix="WARDEN_", frozen=True)
+
+    # One URL, or a cluster's seed nodes separated by commas: nats://a:4222,nats://b:4222
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/warden"
+    subject_prefix: str = Field(default="warden", pattern=r"^[A-Za-z0-9_-]+$")
+    # Replicas of each stream (3 on a three-node cluster). Provisioning never lowers a stream's
+    # replicas below what it has unless forced (`warden provision --force`).
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    state_dir: Path = Path(".warden")
+    # Commands over this size are rejected (and recorded). The streams' hard ceiling is larger,
+    # so an oversized command is still stored and the rejection can point at it.
+    max_command_bytes: int = Field(default=64 * 1024, gt=0)
+    # Rego policies and their data, read by the policy gate at start. None: the policy pack that
+    # ships with the policy gate (`policies/` of the repository).
+    policy_dir: Path | None = None
+    # Agent definitions (scripted agents), read by the agent runner. None: the agents that ship
+    # with the runner (`agents/` of the repository).
+    agents_dir: Path | None = None
+    # Runs of one tenant that may be dispatched at once; the scheduler never exceeds it.
+    tenant_concurrency: int = Field(default=4, ge=1)
+    # How many runs one agent runner process executes at once.
+    runner_concurrency: int = Field(default=16, ge=1)
+    # A runner must show progress within this many seconds or its run is handed to another runner.
+    runner_ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # How long a runner waits for the gate's decision on a tool call before treating it as a refusal.
+    decision_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Once its consumer loops have stopped, a service exits after this many seconds even if closing
+    # its connections hangs, so that its supervisor can restart it.
+    shutdown_deadline_seconds: float = Field(default=15.0, gt=0)
+    log_level: str = "INFO"
+    log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")
+
+
+def settings_for_running_stack(settings: Settings) -> Settings:
+    """Point CLI commands at the stack `warden up` runs on the state directory, unless URLs were given.
+
+    Raises `NoStack` (one clear line, at once) rather than falling back to default ports, where
+    something else may listen.
+    """
+    if "WARDEN_NATS_URL" in os.environ:
+        return settings
+    endpoints = read_endpoints(settings.state_dir)
+    return settings.model_copy(update={"nats_url": endpoints.nats_url, "database_url": endpoints.database_url})

@@ -1,0 +1,206 @@
+"""JetStream stream definitions and their provisioning, which one component owns.
+
+Only `provision()` (run by `warden up` or `warden provision`) creates or changes streams. Services
+bind to them without declaring them, so no service can silently change a stream's limits.
+"""
+
+import logging
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from warden.subjects import Subjects
+
+# The standard library's logging: clients import this module and need no structlog; a service's
+# structlog set-up renders these lines as JSON like its own.
+log = logging.getLogger(__name__)
+
+# The hard ceiling JetStream enforces per message; the server's max_payload (deploy/nats) matches.
+STREAM_MAX_MSG_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Stream names derived from the subject prefix, so each installation (and test) has its own."""
+
+    commands: str
+    events: str
+    work: str
+    scheduler: str  # a key-value bucket: where the scheduler's fold starts (see services/scheduler)
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> "StreamNames":
+        stem = prefix.upper().replace("-", "_")
+        return cls(
+            commands=f"{stem}_COMMANDS", events=f"{stem}_EVENTS", work=f"{stem}_WORK", scheduler=f"{stem}_SCHEDULER"
+        )
+
+    @property
+    def audited(self) -> tuple[str, ...]:
+        """The streams the audit trail is made of (work items are copies of audited commands)."""
+        return (self.commands, self.events)
+
+
+def _stream(
+    name: str, *, description: str, subject: str, retention: RetentionPolicy, dedup_s: float, replicas: int
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        description=description,
+        subjects=[subject],
+        retention=retention,
+        duplicate_window=dedup_s,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msg_size=STREAM_MAX_MSG_BYTES,
+        # A full stream refuses new writes rather than silently dropping old audit records.
+        discard=DiscardPolicy.NEW,
+        allow_direct=True,
+    )
+
+
+def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
+    names = StreamNames.for_prefix(subjects.prefix)
+    return [
+        # Client retries within ten minutes are deduplicated by their Nats-Msg-Id.
+        _stream(
+            names.commands,
+            description="Every command as received, valid or not: the audit trail's intake.",
+            subject=subjects.all_commands,
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=600.0,
+            replicas=replicas,
+        ),
+        _stream(
+            names.events,
+            description="Every decision and every step of every run: append-only.",
+            subject=subjects.all_events,
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=120.0,
+            replicas=replicas,
+        ),
+        _stream(
+            names.work,
+            description="Runs waiting for an agent runner; each is removed once a runner acks it.",
+            subject=subjects.all_work,
+            retention=RetentionPolicy.WORK_QUEUE,
+            dedup_s=120.0,
+            replicas=replicas,
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting of one stream that differs from what is declared."""
+
+    stream: str
+    setting: str
+    current: Any
+    declared: Any
+    weakens: bool  # applying it would make the stream less durable
+
+    def __str__(self) -> str:
+        return f"{self.stream}: {self.setting} {_shown(self.current)!r} -> {_shown(self.declared)!r}"
+
+
+def _shown(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+@dataclass
+class Provisioned:
+    """What provisioning did: streams created, settings changed, and weakening changes it refused."""
+
+    created: list[str] = field(default_factory=list)
+    changed: list[Change] = field(default_factory=list)
+    refused: list[Change] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            *(f"created {stream}" for stream in self.created),
+            *(f"updated {change}" for change in self.changed),
+            *(f"refused {change} (it would weaken the stream; --force to apply)" for change in self.refused),
+        ]
+
+
+# Settings compared with the live stream, and how each can weaken durability. Limits count as
+# unlimited when 0 or negative.
+_SETTINGS = ("subjects", "description", "duplicate_window", "max_msg_size", "allow_direct")
+_LIMITS = ("max_msgs", "max_bytes", "max_age", "max_msgs_per_subject")
+
+
+def _unlimited(value: Any) -> bool:
+    return value is None or value <= 0
+
+
+def _weakens(setting: str, current: Any, declared: Any) -> bool:
+    if setting == "num_replicas":
+        return bool(declared < current)
+    if setting == "storage":
+        return bool(current == StorageType.FILE and declared != StorageType.FILE)
+    if setting == "discard":
+        return bool(current == DiscardPolicy.NEW and declared != DiscardPolicy.NEW)
+    if setting == "retention":
+        return True  # every other retention deletes messages that limits retention keeps
+    if setting in _LIMITS:
+        return not _unlimited(declared) and (_unlimited(current) or declared < current)
+    if setting in ("deny_delete", "deny_purge"):
+        return bool(current and not declared)
+    return False
+
+
+def _differences(current: StreamConfig, declared: StreamConfig) -> list[Change]:
+    name = declared.name or ""
+    settings = (*_SETTINGS, "num_replicas", "storage", "discard", "retention", *_LIMITS, "deny_delete", "deny_purge")
+    changes = []
+    for setting in settings:
+        wanted, live = getattr(declared, setting), getattr(current, setting)
+        if wanted is None or wanted == live:
+            continue  # not declared here, or already so
+        changes.append(Change(name, setting, live, wanted, _weakens(setting, live, wanted)))
+    return changes
+
+
+async def provision(js: JetStreamContext, subjects: Subjects, replicas: int = 1, *, force: bool = False) -> Provisioned:
+    """Create each stream, or bring an existing one to the declared settings.
+
+    A change that would weaken a stream's durability (fewer replicas, memory storage, another
+    retention or discard policy, tighter limits) is applied only with `force`; otherwise the
+    stream keeps its current setting and the change is reported as refused. So provisioning an
+    R3 cluster's streams again with the default of one replica leaves them at three.
+    """
+    result = Provisioned()
+    for config in stream_configs(subjects, replicas):
+        assert config.name is not None
+        try:
+            current = (await js.stream_info(config.name)).config
+        except NotFoundError:
+            await js.add_stream(config)
+            result.created.append(config.name)
+            continue
+        changes = _differences(current, config)
+        refused = [] if force else [change for change in changes if change.weakens]
+        if len(refused) < len(changes):
+            kept = {change.setting: change.current for change in refused}
+            await js.update_stream(replace(config, **kept))
+        result.changed += [change for change in changes if change not in refused]
+        result.refused += refused
+    bucket = StreamNames.for_prefix(subjects.prefix).scheduler
+    try:
+        await js.key_value(bucket)
+    except BucketNotFoundError:
+        # One value, rewritten in place: nothing in it is history worth keeping.
+        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
+        result.created.append(f"KV_{bucket}")
+    for stream in result.created:
+        log.info("stream created: %s", stream)
+    for applied in result.changed:
+        log.info("stream updated: %s", applied)
+    for refusal in result.refused:
+        log.warning("stream change refused, it would weaken the stream: %s", refusal)
+    return result

@@ -1,0 +1,171 @@
+"""The subject catalogue: the one place that says which NATS subject carries which message.
+
+Subjects carry the tenant and the entity so that NATS permissions and wildcards do real work:
+
+    <prefix>.cmd.<tenant>.<type>                       commands (type has two tokens: run.submitted)
+    <prefix>.evt.<tenant>.<entity>.<entity_id>.<type>  events
+    <prefix>.work.<tenant>                             runs handed to agent runners
+
+The prefix (default `warden`) lets several installations, or every test, share one NATS server
+without sharing state. The README table and the AsyncAPI document are generated from `CHANNELS`.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from warden.errors import InvalidMessage, RejectionCode
+from warden.messages import MESSAGE_TYPES, Envelope, Payload
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A message whose subject names no valid tenant (characters NATS allows and Warden does not, or
+# a token too long to index) is filed under this tenant rather than lost.
+UNATTRIBUTED_TENANT = "_unattributed"
+# Events about the installation itself (a gap in a stream) rather than any tenant's work.
+SYSTEM_TENANT = "_warden"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A family of subjects: its address pattern, what it carries, and who writes and reads it."""
+
+    name: str
+    pattern: str
+    message_types: tuple[str, ...]
+    published_by: str
+    consumed_by: str
+    description: str
+
+
+def _ensure_token(value: str, what: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid NATS subject token")
+    return value
+
+
+class Subjects:
+    """Builds and parses every Warden subject under one prefix."""
+
+    def __init__(self, prefix: str = "warden") -> None:
+        self.prefix = _ensure_token(prefix, "subject prefix")
+
+    # Commands
+    def command(self, tenant: str, type_name: str) -> str:
+        return f"{self.prefix}.cmd.{_ensure_token(tenant, 'tenant')}.{type_name}"
+
+    @property
+    def command_prefix(self) -> str:
+        """What every command subject starts with."""
+        return f"{self.prefix}.cmd."
+
+    @property
+    def all_commands(self) -> str:
+        return f"{self.prefix}.cmd.>"
+
+    def parse_command(self, subject: str) -> tuple[str, str]:
+        """Split a command subject into (tenant, type); raise ValueError if it is not one."""
+        parts = subject.split(".")
+        if len(parts) < 4 or parts[0] != self.prefix or parts[1] != "cmd":
+            raise ValueError(f"{subject!r} is not a {self.prefix} command subject")
+        return parts[2], ".".join(parts[3:])
+
+    # Events
+    def event(self, tenant: str, payload: type[Payload] | Payload, entity_id: str) -> str:
+        _ensure_token(tenant, "tenant")
+        _ensure_token(entity_id, "entity id")
+        return f"{self.prefix}.evt.{tenant}.{payload.ENTITY}.{entity_id}.{payload.TYPE}"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.evt.>"
+
+    def events_of_type(self, payload: type[Payload]) -> str:
+        """Every tenant's and entity's events of one type, e.g. all `decision.made`."""
+        return f"{self.prefix}.evt.*.{payload.ENTITY}.*.{payload.TYPE}"
+
+    def tenant_events(self, tenant: str) -> str:
+        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.>"
+
+    def run_events(self, tenant: str, run_id: str) -> str:
+        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.run.{_ensure_token(run_id, 'run id')}.>"
+
+    def command_rejections(self, tenant: str, command_id: str) -> str:
+        return (
+            f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.command.{_ensure_token(command_id, 'command id')}.>"
+        )
+
+    def expected_subject(self, envelope: Envelope[Any]) -> str:
+        """The one subject this envelope may travel on."""
+        if envelope.data.KIND == "command":
+            return self.command(envelope.tenant, envelope.type)
+        return self.event(envelope.tenant, envelope.data, envelope.subject)
+
+    def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
+        """Refuse an envelope whose tenant or type disagrees with the subject it arrived on.
+
+        NATS permissions are granted per subject, so a tenant allowed only `warden.cmd.acme.>`
+        must not be able to smuggle another tenant's command inside the body.
+        """
+        expected = self.expected_subject(envelope)
+        if nats_subject != expected:
+            raise InvalidMessage(
+                RejectionCode.SUBJECT_MISMATCH,
+                f"a {envelope.type} envelope for tenant {envelope.tenant!r} must arrive on "
+                f"{expected!r}, not {nats_subject!r}",
+            )
+
+    def tenant_of(self, nats_subject: str) -> str:
+        """The tenant a message on this subject is filed under: its tenant token if that is a valid
+        tenant id (`<prefix>.<channel>.<tenant>...`), else UNATTRIBUTED_TENANT."""
+        parts = nats_subject.split(".", 3)
+        tenant = parts[2] if len(parts) > 2 else ""
+        return tenant if _TENANT.match(tenant) else UNATTRIBUTED_TENANT
+
+    def entity_of(self, nats_subject: str) -> str:
+        """The entity id token of an event subject (`<prefix>.evt.<tenant>.<entity>.<id>.<type>`)."""
+        parts = nats_subject.split(".")
+        return parts[4] if len(parts) > 4 else ""
+
+    # Work handed from the scheduler to agent runners
+    def work(self, tenant: str) -> str:
+        return f"{self.prefix}.work.{_ensure_token(tenant, 'tenant')}"
+
+    @property
+    def all_work(self) -> str:
+        return f"{self.prefix}.work.>"
+
+
+def _types_of(kind: str) -> tuple[str, ...]:
+    return tuple(name for name, model in MESSAGE_TYPES.items() if kind == model.KIND)
+
+
+CHANNELS: tuple[Channel, ...] = (
+    Channel(
+        name="commands",
+        pattern="{prefix}.cmd.{tenant}.{type}",
+        message_types=_types_of("command"),
+        published_by="clients (run.submitted), agent runner (tool_call.requested)",
+        consumed_by="policy gate, audit projector",
+        description="Requests that need a decision. Stored before anything acts on them; "
+        "the idempotency key travels as the Nats-Msg-Id header.",
+    ),
+    Channel(
+        name="events",
+        pattern="{prefix}.evt.{tenant}.{entity}.{entity_id}.{type}",
+        message_types=_types_of("event"),
+        published_by="policy gate, scheduler, agent runner, audit projector (stream.gap_detected)",
+        consumed_by="audit projector, scheduler, agent runner, clients (tail)",
+        description="Facts: decisions, rejections and every step of a run. "
+        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream are "
+        "filed under the tenant _warden.",
+    ),
+    Channel(
+        name="work",
+        pattern="{prefix}.work.{tenant}",
+        message_types=("run.dispatched",),
+        published_by="scheduler",
+        consumed_by="agent runner",
+        description="Allowed runs handed to agent runners; a work queue, each run taken once.",
+    ),
+)

@@ -1,0 +1,383 @@
+"""The `warden` command: run the embedded stack, submit commands, tail events, replay the audit.
+
+`submit` and `tail` need only the client (nats-py and pydantic), so they work on a client-only
+install; every other command imports what it needs when it runs, and says which extra to install
+when that is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nats
+from pydantic import ValidationError
+
+from warden.client import TailedEvent, WardenClient
+from warden.endpoints import NoStack
+from warden.errors import WardenError
+from warden.messages import describe_validation_error
+
+if TYPE_CHECKING:
+    from warden.settings import Settings
+
+# `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
+REPLAY_FOUND_GAPS = 3
+# `warden provision` exits with this status when it left a change undone that would weaken a stream.
+PROVISION_REFUSED = 4
+# The commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
+STACK_COMMANDS = frozenset({"provision", "submit", "tail", "runs", "audit"})
+# The commands a client-only install can run: they need nothing but the client.
+CLIENT_COMMANDS = frozenset({"submit", "tail"})
+# What to install for the other commands, when a client-only install is asked for one.
+STACK_EXTRA = "warden-control-plane[stack]"
+# The top-level modules that extra brings: one missing means the extra is missing, not a bug.
+STACK_MODULES = frozenset(
+    {"structlog", "pydantic_settings", "faststream", "opentelemetry", "tenacity", "asyncpg", "regorus", "pgserver"}
+)
+# The exit status when a command needs what this install lacks.
+MISSING_EXTRA = 5
+# A command line that cannot be carried out as given (bad JSON, an invalid tenant).
+USAGE_ERROR = 2
+# How the CLI connects: a dead or wrong address is a clear error within seconds, not minutes of
+# reconnect attempts (`warden provision`, which waits for a cluster on purpose, excepted).
+CLI_CONNECT_OPTIONS: dict[str, Any] = {"connect_timeout": 2.0, "max_reconnect_attempts": 1, "reconnect_time_wait": 0.5}
+
+
+class UsageError(WardenError):
+    """The command line asks for something that cannot be done as given."""
+
+
+async def _quiet(_: Exception) -> None:
+    """nats-py's error callback: connection errors reach the CLI as exceptions, said once."""
+
+
+async def _client(args: argparse.Namespace) -> WardenClient:
+    return await WardenClient.connect_to_stack(error_cb=_quiet, **CLI_CONNECT_OPTIONS)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from warden.settings import Settings, settings_for_running_stack  # noqa: PLC0415
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = Path(args.state_dir)
+    settings = Settings(**overrides)
+    # Only the commands that talk to a stack look for one; `policy test` and `schemas` work anywhere.
+    return settings_for_running_stack(settings) if args.command in STACK_COMMANDS else settings
+
+
+async def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.stack import run_stack  # noqa: PLC0415
+
+    await run_stack(_with_replicas(args, settings), sync=args.sync, nats_nodes=args.cluster)
+    return 0
+
+
+def _with_replicas(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`--replicas`, else three on a `--cluster 3` of `warden up`, else WARDEN_STREAM_REPLICAS."""
+    replicas = args.replicas or (3 if getattr(args, "cluster", 1) == 3 else None)
+    return settings.model_copy(update={"stream_replicas": replicas}) if replicas else settings
+
+
+async def _demo(_: argparse.Namespace, settings: Settings) -> int:
+    from warden.demo import run_demo  # noqa: PLC0415
+
+    await run_demo(settings)
+    return 0
+
+
+async def _runs(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg  # noqa: PLC0415
+
+    from warden.timeline import run_timeline  # noqa: PLC0415
+
+    try:
+        db = await asyncpg.connect(settings.database_url, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
+    try:
+        if args.run:
+            tenant = await db.fetchval("SELECT tenant FROM runs WHERE run_id = $1", args.run)
+            if tenant is None:
+                raise UsageError(f"no run {args.run!r} in the audit tables (is it still being projected?)")
+            for line in await run_timeline(db, tenant, args.run):
+                print(line)
+            return 0
+        rows = await db.fetch(
+            "SELECT run_id, tenant, agent, status, submitted_by, steps, tool_calls, submitted_at FROM runs "
+            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY submitted_at DESC NULLS LAST LIMIT $2",
+            args.tenant,
+            args.limit,
+        )
+        rejected = await db.fetch(
+            "SELECT command_stream_seq, tenant, code, reason, rejected_at FROM rejected_commands "
+            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY command_stream_seq DESC LIMIT $2",
+            args.tenant,
+            args.limit,
+        )
+    finally:
+        await db.close()
+    print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} turns tools submitted")
+    for row in rows:
+        print(
+            f"{row['run_id']:<38} {row['tenant']:<10} {row['agent'] or '-':<12} {row['status']:<11} "
+            f"{row['submitted_by'] or '-':<8} {row['steps']:>5} {row['tool_calls']:>5} {row['submitted_at']}"
+        )
+    if rejected:
+        print("\nrejected commands (kept in the commands stream, never acted on):")
+        for row in rejected:
+            print(f"  command {row['command_stream_seq']:<6} {row['tenant']:<12} {row['code']}: {row['reason'][:160]}")
+    return 0
+
+
+async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.policy_cli import policy_test_command  # noqa: PLC0415
+    from warden.policy_gate.engine import SHIPPED_POLICY_DIR  # noqa: PLC0415
+
+    return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir or SHIPPED_POLICY_DIR)
+
+
+async def _provision(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.bus import retry_transient  # noqa: PLC0415
+    from warden.streams import provision  # noqa: PLC0415
+    from warden.subjects import Subjects  # noqa: PLC0415
+    from warden.wire import connect  # noqa: PLC0415
+
+    settings = _with_replicas(args, settings)
+    # A cluster may still be electing its leaders (or its nodes starting): wait for it a while.
+    nc = await connect(settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
+    try:
+        result = await retry_transient(
+            lambda: provision(
+                nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas, force=args.force
+            ),
+            what="provisioning",
+        )
+    finally:
+        await nc.close()
+    print("\n".join(result.lines()) or "streams already as declared")
+    return PROVISION_REFUSED if result.refused else 0
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    try:
+        run_input = json.loads(args.input) if args.input else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--input is not JSON: {exc}") from None
+    if not isinstance(run_input, dict):
+        raise UsageError("--input must be a JSON object")
+    async with await _client(args) as client:
+        try:
+            receipt = await client.submit_run(
+                tenant=args.tenant,
+                agent=args.agent,
+                actor=args.actor,
+                input=run_input,
+                run_id=args.run_id,
+                priority=args.priority,
+                idempotency_key=args.idempotency_key,
+            )
+        except ValidationError as exc:
+            raise UsageError(f"invalid submission: {describe_validation_error(exc)}") from None
+        printed: dict[str, Any] = {
+            "run_id": receipt.subject_id,
+            "command_id": receipt.command_id,
+            "stream_seq": receipt.stream_seq,
+            "duplicate": receipt.duplicate,
+        }
+        if args.wait is not None:
+            outcome = await client.outcome(args.tenant, receipt, args.wait)
+            printed["outcome"] = {"status": outcome.status, "reasons": outcome.reasons}
+    print(json.dumps(printed))
+    return 0 if args.wait is None or printed["outcome"]["status"] == "succeeded" else 1
+
+
+def _tail_line(event: TailedEvent) -> str:
+    if event.envelope is None:
+        return json.dumps({"stream_seq": event.stream_seq, "subject": event.nats_subject, "invalid": event.error})
+    document = json.loads(event.envelope.to_bytes())
+    return json.dumps({"stream_seq": event.stream_seq, **document})
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    async with (
+        await _client(args) as client,
+        # Closed before the client: a reader gone early (`| head`) must not leave a consumer behind.
+        contextlib.aclosing(
+            client.tail(args.tenant, args.run, from_start=not args.from_now, idle_timeout=args.idle_timeout)
+        ) as events,
+    ):
+        async for event in events:
+            print(_tail_line(event), flush=True)
+    return 0
+
+
+async def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.audit_projector.replay import replay  # noqa: PLC0415 (keeps asyncpg off the CLI's fast paths)
+
+    schema = args.schema or f"replay_{datetime.now(UTC):%Y%m%d_%H%M%S}"
+    report = await replay(settings, schema, args.database_url)
+    print(
+        json.dumps(
+            {
+                "schema": report.schema,
+                "events_applied": report.events_applied,
+                "per_stream": report.per_stream,
+                "seconds": round(report.seconds, 3),
+                "events_per_second": round(report.events_per_second),
+                "missing": [{"stream": s, "first_seq": first, "last_seq": last} for s, first, last in report.gaps],
+            }
+        )
+    )
+    for stream, first, last in report.gaps:
+        print(f"warden: {stream} is missing sequences {first}..{last} (deleted or purged)", file=sys.stderr)
+    if report.gaps:
+        print(
+            f"warden: the replayed history in {schema!r} has {len(report.gaps)} hole(s); it is not the whole record",
+            file=sys.stderr,
+        )
+        return REPLAY_FOUND_GAPS
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run NATS, Postgres and every service here until Ctrl-C")
+    up.add_argument("--state-dir", help="where the servers keep their data (default .warden, or WARDEN_STATE_DIR)")
+    up.add_argument(
+        "--sync",
+        choices=["always", "interval"],
+        default="always",
+        help="JetStream durability: fsync every write (default) or every 2 minutes",
+    )
+    up.add_argument(
+        "--cluster",
+        type=int,
+        choices=[1, 3],
+        default=1,
+        help="NATS nodes to run on loopback: 3 makes a JetStream cluster with R3 streams (default 1)",
+    )
+    up.add_argument(
+        "--replicas", type=int, choices=range(1, 6), help="replicas per stream (default 1, or 3 on a cluster)"
+    )
+    up.set_defaults(handler=_up)
+
+    demo = commands.add_parser("demo", help="start the embedded stack, run a governed agent, show its audit trail")
+    demo.add_argument("--state-dir", help="where the servers keep their data (default .warden)")
+    demo.set_defaults(handler=_demo)
+
+    provisioning = commands.add_parser(
+        "provision",
+        help="create or update the JetStream streams; a change that would weaken one is refused "
+        f"(exit {PROVISION_REFUSED}) unless --force",
+    )
+    provisioning.add_argument("--replicas", type=int, choices=range(1, 6), help="replicas per stream")
+    provisioning.add_argument(
+        "--force", action="store_true", help="apply changes that weaken a stream (fewer replicas, tighter limits)"
+    )
+    provisioning.set_defaults(handler=_provision)
+
+    submit = commands.add_parser("submit", help="submit a run")
+    submit.add_argument("--tenant", required=True)
+    submit.add_argument("--agent", required=True)
+    submit.add_argument("--actor", required=True, help="the principal asking for the run")
+    submit.add_argument("--input", help="the run's input, a JSON object")
+    submit.add_argument("--run-id")
+    submit.add_argument("--priority", type=int, default=5)
+    submit.add_argument("--idempotency-key", help="sent as Nats-Msg-Id (default: derived from the run id)")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the outcome (rejected, denied, succeeded, failed) and print it; "
+        "exit 0 only if the run succeeded",
+    )
+    submit.set_defaults(handler=_submit)
+
+    tail = commands.add_parser("tail", help="print a tenant's (or one run's) events as JSON lines")
+    tail.add_argument("--tenant", required=True)
+    tail.add_argument("--run", help="only this run's events")
+    tail.add_argument("--from-now", action="store_true", help="skip events stored before now")
+    tail.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this many seconds without an event (default: follow until Ctrl-C)",
+    )
+    tail.set_defaults(handler=_tail)
+
+    runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
+    runs.add_argument("--tenant")
+    runs.add_argument("--run", help="print this run's timeline")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.set_defaults(handler=_runs)
+
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
+    policy_test = policy.add_parser("test", help="run the Rego unit tests (*_test.rego) and report")
+    policy_test.add_argument("directory", nargs="?", help="policy directory (default: WARDEN_POLICY_DIR)")
+    policy_test.set_defaults(handler=_policy_test)
+
+    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
+    replay = audit.add_parser(
+        "replay",
+        help="rebuild the projections from sequence 1 into a fresh schema; "
+        f"exits {REPLAY_FOUND_GAPS} if messages are missing from a stream",
+    )
+    replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
+    replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
+    replay.set_defaults(handler=_replay)
+
+    return parser
+
+
+def _run_with_settings(args: argparse.Namespace) -> int:
+    from warden.logging import configure_logging  # noqa: PLC0415
+
+    settings = _settings(args)
+    # The demo speaks to a person: the stack's own log lines (stream created, ...) would drown it.
+    level = "WARNING" if args.command == "demo" else settings.log_level
+    configure_logging("warden-cli", level, settings.log_format)
+    return int(asyncio.run(args.handler(args, settings)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in CLIENT_COMMANDS:
+            return int(asyncio.run(args.handler(args)))
+        return _run_with_settings(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in STACK_MODULES:
+            raise
+        print(
+            f"warden: `warden {args.command}` needs {exc.name}, which this install lacks: pip install '{STACK_EXTRA}'",
+            file=sys.stderr,
+        )
+        return MISSING_EXTRA
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`warden tail | head`): not an error, and nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except UsageError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except (WardenError, OSError, nats.errors.Error) as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`warden demo`: the embedded stack, one governed run told from the audit trail, one refusal, then stop."""
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import asyncpg
+
+from warden.client import WardenClient
+from warden.settings import Settings, settings_for_running_stack
+from warden.stack import run_stack
+from warden.timeline import run_timeline
+
+TENANT = "acme"
+
+
+async def _wait_for(pool: asyncpg.Pool, query: str, *args: object, within: float = 60.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            if value := await pool.fetchval(query, *args):
+                return value
+        except asyncpg.UndefinedTableError:
+            pass  # the projector has not created its tables yet
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the audit trail did not show the demo's runs within {within}s")
+
+
+async def _show(settings: Settings) -> None:
+    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
+        allowed = await client.submit_run(tenant=TENANT, agent="demo", actor="alice", input={"question": "status?"})
+        denied = await client.submit_run(tenant=TENANT, agent="demo", actor="bob")
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        finished = "SELECT status FROM runs WHERE run_id = $1 AND status IN ('succeeded', 'failed', 'denied')"
+        await _wait_for(pool, finished, allowed.subject_id)
+        await _wait_for(pool, finished, denied.subject_id)
+        await asyncio.sleep(0.3)  # let the projector catch the last events of both runs
+        for title, receipt in (("alice runs the demo agent", allowed), ("bob, a viewer, tries the same", denied)):
+            print(f"\n== {title}: run {receipt.subject_id} (timeline from Postgres) ==")
+            for line in await run_timeline(pool, TENANT, receipt.subject_id):
+                print("  " + line)
+    finally:
+        await pool.close()
+
+
+async def run_demo(settings: Settings) -> None:
+    ready = asyncio.Event()
+    print("Starting NATS JetStream, PostgreSQL and the four services on free local ports ...", flush=True)
+    stack = asyncio.create_task(run_stack(settings, ready=ready, announce=False))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({stack, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if stack.done():
+        waiter.cancel()
+        stack.result()
+        return
+    try:
+        await _show(settings_for_running_stack(settings))
+    finally:
+        print("\nStopping the stack. `warden up` keeps one running; `warden runs` and `warden tail` read it.")
+        os.kill(os.getpid(), signal.SIGTERM)  # run_stack's own signal handler stops everything it started
+        await stack

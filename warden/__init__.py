@@ -1,1 +1,0 @@
-"""Warden: an event-sourced control plane for AI agents on NATS JetStream and Postgres."""
