@@ -45,15 +45,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from warden.admission import CommandRules
+from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import EVENT_COLUMNS, project
-from warden.audit_projector.replay import (
-    COPY_CHUNK,
-    connect_for_copy,
-    cyclic_gc_paused,
-    default_workers,
-    prepare_target,
-    replay,
-)
+from warden.audit_projector.replay import default_workers, prepare_target, replay
+from warden.audit_projector.replay_segment import COPY_CHUNK, cyclic_gc_paused
 from warden.audit_projector.stream_reader import read_range
 from warden.bus import envelope_headers
 from warden.messages import (
@@ -389,6 +384,8 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
         nats_py_count, nats_py_seconds = await nats_py_ordered_read(nats_url, prefix, NATS_PY_SAMPLE)
         copy_count, copy_seconds = await copy_floor(nats_url, database_url, prefix, workers)
         report = await replay(settings, "replayed")
+        # The same replay reading through nats-py alone: what the bare reader is worth.
+        through_nats_py = await replay(settings, "replayed_nats_py", bare_reader=False)
     finally:
         nc = await connect(nats_url)
         names = StreamNames.for_prefix(prefix)
@@ -409,6 +406,8 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
         "copy_rows_per_second": round(copy_rate),
         "replay_events_per_second": round(report.events_per_second),
         "replay_seconds": round(report.seconds, 3),
+        "replay_nats_py_reader_events_per_second": round(through_nats_py.events_per_second),
+        "replay_bare_to_nats_py_reader": round(report.events_per_second / through_nats_py.events_per_second, 2),
         "replay_to_raw_read": round(report.events_per_second / raw_rate, 3),
         "replay_to_copy": round(report.events_per_second / copy_rate, 3),
         # CPU seconds the replay's workers spent per event (reading, projecting, COPYing).
@@ -422,6 +421,7 @@ def table(result: dict[str, Any]) -> str:
         ("nats-py ordered consumer, callback", result["nats_py_ordered_read_events_per_second"], "events/s"),
         ("COPY of the events rows", result["copy_rows_per_second"], "rows/s"),
         ("replay", result["replay_events_per_second"], "events/s"),
+        ("replay, reading through nats-py only", result["replay_nats_py_reader_events_per_second"], "events/s"),
     ]
     lines = [f"W4 replay, {result['events']:,} events ({result['mix']} mix, {result['workers']} workers)"]
     lines += [f"  {label:<36} {value:>10,} {unit}" for label, value, unit in rows]

@@ -8,14 +8,8 @@ from typing import Any
 
 import pytest
 
-from warden.policy_cli import policy_test_command
-from warden.policy_gate.engine import (
-    PolicyEngine,
-    PolicyEvaluationError,
-    PolicyLoadError,
-    PolicyResult,
-    run_policy_tests,
-)
+from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError, PolicyLoadError, PolicyResult
+from warden.policy_gate.policy_tests import policy_test_command, run_policy_tests
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 # The pack ships this many Rego tests or more; fewer means tests went missing, not that all passed.

@@ -22,10 +22,11 @@ from tests.conftest import AppRunner, eventually
 from tests.test_projector import TABLES, stream_total, table_rows
 from warden.admission import CommandRules
 from warden.audit_projector.app import build_app
+from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import StoredMessage
-from warden.audit_projector.replay import connect_for_copy, replay
+from warden.audit_projector.replay import replay
 from warden.audit_projector.store import AuditStore, create_pool
-from warden.audit_projector.stream_reader import _nats_py_batches, parse_headers, read_range, stored_message
+from warden.audit_projector.stream_reader import parse_headers, read_range, stored_message
 from warden.bus import envelope_headers
 from warden.messages import (
     CommandRejected,
@@ -224,7 +225,7 @@ async def test_bare_reader_reads_what_nats_py_reads(settings: Settings, nc: Nats
     for stream, subject in ((streams.commands, subjects.all_commands), (streams.events, subjects.all_events)):
         last = (await nc.jetstream().stream_info(stream)).state.last_seq
         bare = [m async for batch in read_range(nc, stream, subject, 2, last) for m in batch]
-        portable = [m async for batch in _nats_py_batches(nc, stream, subject, 2, last) for m in batch]
+        portable = [m async for batch in read_range(nc, stream, subject, 2, last, bare=False) for m in batch]
         assert [m.seq for m in bare] == list(range(2, last + 1))
 
         def plain(message: StoredMessage) -> tuple[Any, ...]:
@@ -326,6 +327,8 @@ async def test_large_messages_are_read_within_a_bounded_window(
     for table in TABLES:
         assert await table_rows(db, "rebuilt", table) == await table_rows(db, "public", table), table
     portable = [
-        m.seq async for batch in _nats_py_batches(nc, streams.commands, subjects.all_commands, 1, 200) for m in batch
+        m.seq
+        async for batch in read_range(nc, streams.commands, subjects.all_commands, 1, 200, bare=False)
+        for m in batch
     ]
     assert portable == list(range(1, 201))

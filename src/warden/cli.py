@@ -97,6 +97,7 @@ async def _demo(_: argparse.Namespace, settings: Settings) -> int:
 async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     import asyncpg  # noqa: PLC0415
 
+    from warden import read_model  # noqa: PLC0415
     from warden.timeline import run_timeline  # noqa: PLC0415
 
     try:
@@ -105,42 +106,34 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
         raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
     try:
         if args.run:
-            tenant = await db.fetchval("SELECT tenant FROM runs WHERE run_id = $1", args.run)
+            tenant = await read_model.tenant_of_run(db, args.run)
             if tenant is None:
                 raise UsageError(f"no run {args.run!r} in the audit tables (is it still being projected?)")
             for line in await run_timeline(db, tenant, args.run):
                 print(line)
             return 0
-        rows = await db.fetch(
-            "SELECT run_id, tenant, agent, status, submitted_by, steps, tool_calls, submitted_at FROM runs "
-            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY submitted_at DESC NULLS LAST LIMIT $2",
-            args.tenant,
-            args.limit,
-        )
-        rejected = await db.fetch(
-            "SELECT command_stream_seq, tenant, code, reason, rejected_at FROM rejected_commands "
-            "WHERE $1::text IS NULL OR tenant = $1 ORDER BY command_stream_seq DESC LIMIT $2",
-            args.tenant,
-            args.limit,
-        )
+        runs = await read_model.recent_runs(db, args.tenant, args.limit)
+        rejected = await read_model.recent_rejections(db, args.tenant, args.limit)
     finally:
         await db.close()
     print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} turns tools submitted")
-    for row in rows:
+    for run in runs:
         print(
-            f"{row['run_id']:<38} {row['tenant']:<10} {row['agent'] or '-':<12} {row['status']:<11} "
-            f"{row['submitted_by'] or '-':<8} {row['steps']:>5} {row['tool_calls']:>5} {row['submitted_at']}"
+            f"{run.run_id:<38} {run.tenant:<10} {run.agent or '-':<12} {run.status:<11} "
+            f"{run.submitted_by or '-':<8} {run.model_turns:>5} {run.tool_calls:>5} {run.submitted_at}"
         )
     if rejected:
         print("\nrejected commands (kept in the commands stream, never acted on):")
-        for row in rejected:
-            print(f"  command {row['command_stream_seq']:<6} {row['tenant']:<12} {row['code']}: {row['reason'][:160]}")
+        for command in rejected:
+            print(
+                f"  command {command.command_stream_seq:<6} {command.tenant:<12} {command.code}: {command.reason[:160]}"
+            )
     return 0
 
 
 async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
-    from warden.policy_cli import policy_test_command  # noqa: PLC0415
     from warden.policy_gate.engine import SHIPPED_POLICY_DIR  # noqa: PLC0415
+    from warden.policy_gate.policy_tests import policy_test_command  # noqa: PLC0415
 
     return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir or SHIPPED_POLICY_DIR)
 

@@ -3,11 +3,11 @@
 import asyncio
 import os
 import signal
-from typing import Any
 
 import asyncpg
 
 from warden.client import WardenClient
+from warden.read_model import final_status
 from warden.settings import Settings, settings_for_running_stack
 from warden.stack import run_stack
 from warden.timeline import run_timeline
@@ -15,12 +15,12 @@ from warden.timeline import run_timeline
 TENANT = "acme"
 
 
-async def _wait_for(pool: asyncpg.Pool, query: str, *args: object, within: float = 60.0) -> Any:
+async def _until_finished(pool: asyncpg.Pool, run_id: str, within: float = 60.0) -> str:
     deadline = asyncio.get_running_loop().time() + within
     while asyncio.get_running_loop().time() < deadline:
         try:
-            if value := await pool.fetchval(query, *args):
-                return value
+            if status := await final_status(pool, run_id):
+                return status
         except asyncpg.UndefinedTableError:
             pass  # the projector has not created its tables yet
         await asyncio.sleep(0.1)
@@ -34,9 +34,8 @@ async def _show(settings: Settings) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     try:
-        finished = "SELECT status FROM runs WHERE run_id = $1 AND status IN ('succeeded', 'failed', 'denied')"
-        await _wait_for(pool, finished, allowed.subject_id)
-        await _wait_for(pool, finished, denied.subject_id)
+        await _until_finished(pool, allowed.subject_id)
+        await _until_finished(pool, denied.subject_id)
         await asyncio.sleep(0.3)  # let the projector catch the last events of both runs
         for title, receipt in (("alice runs the demo agent", allowed), ("bob, a viewer, tries the same", denied)):
             print(f"\n== {title}: run {receipt.subject_id} (timeline from Postgres) ==")

@@ -1,45 +1,23 @@
-"""Read a run's story back from the audit tables: who asked, each decision, each step, the result."""
+"""A run's story told from the audit tables: who asked, each decision, each step, the result."""
 
-import heapq
-import itertools
 import json
-from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
+from warden.read_model import Database, run_events
 
 
-def server_order(rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
-    """A run's rows in the order the server stored them.
-
-    Within a stream that is stream sequence, the server's own order. A run's rows come from two
-    streams (commands and events), whose sequences cannot be compared, so the streams are
-    merged by the time JetStream stored each message, never reordering either. The envelope's
-    `time` is what the sender claimed, and a sender can backdate it, so it orders nothing.
-    """
-    by_stream = [list(group) for _, group in itertools.groupby(rows, key=lambda row: row["stream"])]
-    return list(heapq.merge(*by_stream, key=lambda row: row["stored_at"]))
-
-
-async def run_timeline(db: asyncpg.Pool | asyncpg.Connection, tenant: str, run_id: str) -> list[str]:
+async def run_timeline(db: Database, tenant: str, run_id: str) -> list[str]:
     """Lines describing the run, in the order the server stored its messages, from the `events` table.
 
     Each line starts with the time the server stored the message, then the time the sender
     claimed (with its date when that is another day).
     """
-    rows = await db.fetch(
-        "SELECT stream, stream_seq, stored_at, type, actor, time, payload FROM events "
-        "WHERE tenant = $1 AND subject = $2 AND type IS NOT NULL ORDER BY stream, stream_seq",
-        tenant,
-        run_id,
-    )
     lines = []
-    for row in server_order(rows):
-        data: dict[str, Any] = json.loads(row["payload"]) if row["payload"] else {}
-        stored, claimed = row["stored_at"], row["time"]
+    for event in await run_events(db, tenant, run_id):
+        stored, claimed = event.stored_at, event.sent_at
         claimed_format = "%H:%M:%S.%f" if claimed.date() == stored.date() else "%Y-%m-%d %H:%M:%S.%f"
         times = f"{stored:%H:%M:%S.%f}"[:-3] + " (sent " + f"{claimed:{claimed_format}}"[:-3] + ")"
-        lines.append(f"{times}  {_describe(row['type'], row['actor'], data)}")
+        lines.append(f"{times}  {_describe(event.type, event.actor, event.data)}")
     return lines
 
 

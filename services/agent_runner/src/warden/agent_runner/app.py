@@ -14,7 +14,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
-from warden.agent_runner.execution import SERVICE, DecisionFeed, RunExecutor
+from warden.agent_runner.decision_feed import DecisionFeed
+from warden.agent_runner.execution import SERVICE, RunExecutor
 from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope

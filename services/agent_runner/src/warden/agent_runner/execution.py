@@ -1,4 +1,4 @@
-"""Executing one run: rebuild it from its own events, then step the agent, asking before every tool call.
+"""Executing one run: rebuild it from its own events (`history`), then step the agent, asking before every tool call.
 
 A run's state is never kept anywhere but in the events stream. A runner that takes over a run
 (after a crash) reads the run's events first and continues after the last recorded step, so a
@@ -6,9 +6,7 @@ recorded step is never repeated. Every publish is keyed, so a repeated one is st
 """
 
 import asyncio
-import contextlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
@@ -28,6 +26,8 @@ from warden.agent_runner.agents import (
     ToolCall,
     UnknownAgent,
 )
+from warden.agent_runner.decision_feed import DecisionFeed
+from warden.agent_runner.history import RunHistory
 from warden.agent_runner.tools import ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
 from warden.decoding import check_value, recordable_text
@@ -63,48 +63,6 @@ MAX_STEPS = 100
 log = structlog.get_logger(__name__)
 
 
-@dataclass
-class RunHistory:
-    """What the stream says already happened to a run, and the decisions on its tool calls."""
-
-    steps: dict[int, StepRecord] = field(default_factory=dict)
-    usage: RunUsage = field(default_factory=RunUsage)
-    attempts: int = 0
-    finished: bool = False
-    decisions: dict[str, DecisionMade] = field(default_factory=dict)
-
-    def apply(self, envelope: Envelope[Any]) -> None:
-        data = envelope.data
-        match data:
-            case RunStarted():
-                self.attempts = max(self.attempts, data.attempt)
-            case StepCompleted():
-                self.steps[data.step] = StepRecord(
-                    step=data.step,
-                    action=ModelTurn(
-                        summary=data.summary,
-                        input_tokens=data.usage.input_tokens,
-                        output_tokens=data.usage.output_tokens,
-                    ),
-                )
-            case ToolCallCompleted():
-                # The agent needs the outcome, not the arguments, to go on (see StepRecord).
-                self.steps[data.step] = StepRecord(
-                    step=data.step,
-                    action=ToolCall(tool=data.tool, arguments={}),
-                    outcome=data.outcome,
-                    result=data.result,
-                    error=data.error,
-                )
-            case DecisionMade(tool_call_id=str() as tool_call_id):
-                self.decisions[tool_call_id] = data
-            case RunSucceeded() | RunFailed():
-                self.finished = True
-
-    def ordered_steps(self) -> list[StepRecord]:
-        return [self.steps[step] for step in sorted(self.steps)]
-
-
 async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, subject: str) -> RunHistory:
     """Everything the stream holds on one run so far, read with an ordered consumer, then closed."""
     history = RunHistory()
@@ -135,77 +93,6 @@ async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, su
     finally:
         await subscription.unsubscribe()
     return history
-
-
-class DecisionFeed:
-    """Tool-call decisions on the runs this process is executing, as JetStream delivers them.
-
-    One ordered consumer for the whole process, not one per run: a consumer per run cost the
-    server a consumer created and deleted (and the runner two more round trips) for every run.
-    Delivery by JetStream, not a core subscription, because a message reaches core subscribers
-    before it is stored, and a tool may run only on a decision that is stored (promise 1). Every
-    runner process sees every decision and drops those on runs it is not executing.
-    """
-
-    def __init__(self, js: JetStreamContext, subjects: Subjects, stream: str) -> None:
-        self.js = js
-        self.subjects = subjects
-        self.stream = stream
-        self.runs: dict[str, dict[str, DecisionMade]] = {}  # run id -> tool call id -> decision
-        self.waiters: dict[str, asyncio.Future[DecisionMade]] = {}
-        self.subscription: Any = None
-
-    async def open(self) -> None:
-        # From now on (NEW): a run that needs earlier decisions reads its history (read_history).
-        self.subscription = await self.js.subscribe(
-            self.subjects.events_of_type(DecisionMade),
-            stream=self.stream,
-            cb=self._on_message,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
-        )
-
-    async def close(self) -> None:
-        if self.subscription is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self.subscription.unsubscribe()
-
-    @contextlib.contextmanager
-    def tracking(self, run_id: str) -> Iterator[None]:
-        """Keep the decisions on this run from now until the run ends (before any are asked for)."""
-        self.runs.setdefault(run_id, {})
-        try:
-            yield
-        finally:
-            self.runs.pop(run_id, None)
-
-    async def _on_message(self, message: Msg) -> None:
-        decisions = self.runs.get(self.subjects.entity_of(message.subject))
-        if decisions is None:
-            return  # a run some other runner executes, or a run decision
-        try:
-            envelope = parse_envelope(message.data, type_hint=DecisionMade.TYPE)
-            self.subjects.check_envelope_subject(envelope, message.subject)
-        except InvalidMessage:
-            return
-        verdict = envelope.data
-        if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
-            decisions[verdict.tool_call_id] = verdict
-            waiter = self.waiters.pop(verdict.tool_call_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(verdict)
-
-    async def decision(self, run_id: str, tool_call_id: str, within: float) -> DecisionMade | None:
-        """The stored decision on one tool call, waiting up to `within` seconds for it."""
-        if known := self.runs.get(run_id, {}).get(tool_call_id):
-            return known
-        waiter = self.waiters.setdefault(tool_call_id, asyncio.get_running_loop().create_future())
-        try:
-            return await asyncio.wait_for(waiter, within)
-        except TimeoutError:
-            return None
-        finally:
-            self.waiters.pop(tool_call_id, None)
 
 
 class RunExecutor:

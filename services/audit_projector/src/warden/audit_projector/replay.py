@@ -7,7 +7,8 @@ of a long history must be fast (and a replay is CPU-bound in Python):
 - Reading: a bare NATS connection pulls from an ephemeral, unacknowledged consumer and parses
   the wire protocol itself, in bulk, with what is in flight bounded in bytes (stream_reader.py).
 - Parallelism: the streams are cut into segments of consecutive sequences, projected by worker
-  processes (`replay_segment`); small replays run in this process.
+  processes (`replay_segment`); small replays run in this process. This module is the
+  coordinator; binary COPY encoding is in `copy_codec`.
 - Writing `events`: the target is fresh, so rows cannot conflict: each segment COPYs its rows, in
   chunks, while it projects the next chunk. Secondary indexes are built once all rows are in,
   and autovacuum waits until the end.
@@ -17,7 +18,7 @@ of a long history must be fast (and a replay is CPU-bound in Python):
   (`_ReadModelWriter`).
 
 A row Postgres refuses is handled as the live projector handles it: the message is recorded raw,
-with the database's reason, or as a dead letter if even that is refused (`_settle_refusals`).
+with the database's reason, or as a dead letter if even that is refused (`replay_segment`).
 Sequences missing from a stream (deleted or purged messages) are found, written to `stream_gaps`
 as the live projector writes them, and reported (`ReplayReport.gaps`): a replay never passes a
 hole off as a complete history. A replay that fails leaves an incomplete schema behind: drop it
@@ -30,34 +31,35 @@ does).
 
 import asyncio
 import concurrent.futures
-import contextlib
-import gc
 import multiprocessing
 import os
-import struct
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import structlog
 
 from warden.admission import CommandRules
+from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
     DECISION_COLUMNS,
-    EVENT_COLUMNS,
     REJECTION_COLUMNS,
     RUN_COLUMNS,
     TOOL_CALL_COLUMNS,
     Rows,
-    StoredMessage,
-    project,
-    raw_event_row,
+)
+from warden.audit_projector.replay_segment import (
+    COPY_CHUNK,
+    ReplayTarget,
+    Segment,
+    SegmentResult,
+    cyclic_gc_paused,
+    replay_segment,
+    replay_segment_async,
 )
 from warden.audit_projector.store import (
-    CONTENT_REFUSALS,
     INSERT_DEAD_LETTER,
     INSERT_GAP,
     MERGE_RUN_ON_CONFLICT,
@@ -65,8 +67,6 @@ from warden.audit_projector.store import (
     AuditStore,
     create_pool,
 )
-from warden.audit_projector.stream_reader import read_range
-from warden.decoding import recordable_text
 from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import Subjects
@@ -74,10 +74,6 @@ from warden.wire import connect
 
 log = structlog.get_logger(__name__)
 
-# Events rows per COPY, and the most bytes of messages one COPY holds: large enough that a COPY's
-# round trip does not matter, small enough that a chunk of 1 MiB messages is not a gigabyte.
-COPY_CHUNK = 10_000
-COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # Below this many messages, worker processes cost more (start-up, imports) than they save.
 PARALLEL_THRESHOLD = 50_000
 
@@ -103,284 +99,6 @@ class ReplayReport:
 
 class TargetNotEmpty(RuntimeError):
     """Replay writes only into an empty schema, so it never mixes with existing rows."""
-
-
-# --------------------------------------------------------------------------------------------
-# Writing: COPY connections.
-# --------------------------------------------------------------------------------------------
-
-# asyncpg's timestamptz encoder (pgproto/codecs/datetime.pyx) normalises each value with
-# astimezone(), which is slow for pydantic's TzInfo; for aware datetimes, plain arithmetic gives
-# the same eight bytes in half the time, and a row has up to six of them.
-_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_INT64 = struct.Struct("!q")
-_PG_INFINITY, _PG_NEGATIVE_INFINITY = 2**63 - 1, -(2**63)
-# Instants asyncpg writes as infinity: datetime.max and datetime.min, in microseconds since 2000.
-_INFINITY_MICROS, _NEGATIVE_INFINITY_MICROS = 252455615999999999, -63082281600000000
-
-
-def encode_timestamptz(value: datetime) -> bytes:
-    """The bytes asyncpg's binary timestamptz encoder writes for `value`."""
-    try:
-        micros = (value - _PG_EPOCH) // _MICROSECOND
-    except TypeError:  # naive: asyncpg maps the extremes to ±infinity and reads the rest as local time
-        if value == datetime.max:
-            return _INT64.pack(_PG_INFINITY)
-        if value == datetime.min:
-            return _INT64.pack(_PG_NEGATIVE_INFINITY)
-        micros = (value.astimezone(UTC) - _PG_EPOCH) // _MICROSECOND
-    if micros == _INFINITY_MICROS:
-        micros = _PG_INFINITY
-    elif micros == _NEGATIVE_INFINITY_MICROS:
-        micros = _PG_NEGATIVE_INFINITY
-    return _INT64.pack(micros)
-
-
-def decode_timestamptz(data: bytes) -> datetime:
-    micros = _INT64.unpack(data)[0]
-    if micros == _PG_INFINITY:
-        return datetime.max
-    if micros == _PG_NEGATIVE_INFINITY:
-        return datetime.min
-    return _PG_EPOCH + timedelta(microseconds=micros)
-
-
-async def connect_for_copy(url: str) -> asyncpg.Connection:
-    """A connection for COPYing projected rows (asyncpg's default codecs, faster timestamps)."""
-    connection = await asyncpg.connect(url)
-    await connection.set_type_codec(
-        "timestamptz",
-        schema="pg_catalog",
-        encoder=encode_timestamptz,
-        decoder=decode_timestamptz,
-        format="binary",
-    )
-    return connection
-
-
-# --------------------------------------------------------------------------------------------
-# Projecting and writing one segment (in a worker process, or in this one for small replays).
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Consecutive sequences of one stream, replayed as a unit."""
-
-    index: int
-    stream: str
-    filter_subject: str
-    first_seq: int
-    last_seq: int
-
-
-@dataclass(frozen=True)
-class ReplayTarget:
-    nats_url: str
-    database_url: str
-    schema: str
-    subject_prefix: str
-    max_command_bytes: int
-
-    @property
-    def rules(self) -> CommandRules:
-        return CommandRules(Subjects(self.subject_prefix), self.max_command_bytes)
-
-
-@dataclass
-class SegmentResult:
-    """A segment's `events` rows are committed; its read-model rows are returned, merged, to apply in order."""
-
-    segment: Segment
-    applied: int = 0
-    last_seq: int = 0
-    rows: Rows = field(default_factory=Rows)
-    cpu_seconds: float = 0.0
-    gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
-    dead_letters: list[tuple[str, int, str]] = field(default_factory=list)  # stream, sequence, reason
-
-
-class _DryRun(Exception):
-    """Raised to roll a savepoint back on purpose."""
-
-
-async def _settle_refusals(
-    rules: CommandRules, messages: Sequence[StoredMessage], refusals: asyncpg.Pool, result: SegmentResult
-) -> Rows:
-    """Project messages one by one, the way the live projector does when Postgres refuses a batch.
-
-    Each message's rows are tried with the live projector's own statements, in a savepoint that
-    is always rolled back; a message whose rows are refused becomes a raw `events` row with the
-    database's reason, and one whose raw row is refused too becomes a dead letter, exactly as
-    `AuditStore._write_one_by_one` records them.
-    """
-    rows = Rows()
-    async with refusals.acquire() as connection, connection.transaction():
-        for message in messages:
-            single = project([message], rules)
-            refusal = await _refused(connection, single)
-            if refusal is not None:
-                reason = f"postgres refused the row: {refusal}"
-                single = Rows(events=[raw_event_row(message, rules.subjects, reason)])
-                refused_again = await _refused(connection, single)
-                if refused_again is not None:
-                    text = recordable_text(f"{reason}; stored raw, refused again: {refused_again}", 2000)
-                    result.dead_letters.append((message.stream, message.seq, text))
-                    continue
-            rows.absorb(single)
-    return rows
-
-
-async def _refused(connection: asyncpg.pool.PoolConnectionProxy, rows: Rows) -> BaseException | None:
-    """Why Postgres refuses these rows, or None if it takes them (nothing is kept either way)."""
-    try:
-        async with connection.transaction():
-            await AuditStore._write(connection, rows)
-            raise _DryRun
-    except _DryRun:
-        return None
-    except CONTENT_REFUSALS as exc:
-        return exc
-
-
-async def _write_chunks(
-    connection: asyncpg.Connection,
-    target: ReplayTarget,
-    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
-    result: SegmentResult,
-) -> None:
-    """COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
-    refusals: asyncpg.Pool | None = None
-    try:
-        while (chunk := await chunks.get()) is not None:
-            messages, rows = chunk
-            try:
-                async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
-                    await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
-                    )
-            except CONTENT_REFUSALS as exc:
-                log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
-                # The live projector's pool settings, so its statements fail (or not) as they do live.
-                refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
-                rows = await _settle_refusals(target.rules, messages, refusals, result)
-                async with connection.transaction():
-                    await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
-                    )
-            rows.events.clear()
-            result.rows.absorb(rows)
-            result.applied += len(messages)
-            result.last_seq = messages[-1].seq
-    finally:
-        if refusals is not None:
-            await refusals.close()
-
-
-class _HoleFinder:
-    """Notes the sequences of a range that never arrived (messages deleted or purged from the stream)."""
-
-    def __init__(self, first_seq: int, last_seq: int) -> None:
-        self.expected = first_seq
-        self.last_seq = last_seq
-        self.holes: list[tuple[int, int]] = []
-
-    def saw(self, batch: Sequence[StoredMessage]) -> None:
-        for message in batch:
-            if message.seq > self.expected:
-                self.holes.append((self.expected, message.seq - 1))
-            self.expected = message.seq + 1
-
-    def finish(self) -> list[tuple[int, int]]:
-        if self.expected <= self.last_seq:
-            self.holes.append((self.expected, self.last_seq))
-        return self.holes
-
-
-async def replay_segment_async(target: ReplayTarget, segment: Segment) -> SegmentResult:
-    """Read, project and COPY one segment's events; return its merged read-model rows and its holes."""
-    cpu_started = time.process_time()
-    rules = target.rules
-    result = SegmentResult(segment)
-    holes = _HoleFinder(segment.first_seq, segment.last_seq)
-    nc = await connect(target.nats_url)
-    connection = await connect_for_copy(target.database_url)
-    # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
-    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
-    try:
-        async with connection.transaction():
-            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result))
-            try:
-                messages: list[StoredMessage] = []
-                size = 0
-                rows = Rows()
-                async for batch in read_range(
-                    nc, segment.stream, segment.filter_subject, segment.first_seq, segment.last_seq
-                ):
-                    holes.saw(batch)
-                    project(batch, rules, rows)
-                    messages += batch
-                    size += sum(len(message.data) for message in batch)
-                    if len(messages) >= COPY_CHUNK or size >= COPY_CHUNK_BYTES:
-                        await _put(chunks, (messages, rows), writer)
-                        messages, size, rows = [], 0, Rows()
-                if messages:
-                    await _put(chunks, (messages, rows), writer)
-                await _put(chunks, None, writer)
-                await writer
-            finally:
-                writer.cancel()
-    finally:
-        await connection.close()
-        await nc.close()
-    result.gaps = holes.finish()
-    result.cpu_seconds = time.process_time() - cpu_started
-    return result
-
-
-async def _put(
-    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
-    item: tuple[list[StoredMessage], Rows] | None,
-    writer: asyncio.Task[None],
-) -> None:
-    """Queue a chunk for the writer, failing at once if the writer has failed."""
-    put = asyncio.ensure_future(chunks.put(item))
-    await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
-    if not put.done():
-        put.cancel()
-        writer.result()  # raises the writer's error
-        raise RuntimeError("replay writer stopped early")
-
-
-def replay_segment(target: ReplayTarget, segment: Segment) -> SegmentResult:
-    """Entry point of a worker process."""
-    with cyclic_gc_paused():
-        return asyncio.run(replay_segment_async(target, segment))
-
-
-@contextlib.contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector, then collect once.
-
-    A replay allocates millions of short-lived objects (messages, rows, models) that form no
-    reference cycles, so reference counting frees them; the cyclic collector, triggered by the
-    allocations, would keep traversing every live object in the process for nothing (measured:
-    about a sixth of a segment's CPU time).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-        gc.collect()
-
-
-# --------------------------------------------------------------------------------------------
-# The coordinator: segments out, read models applied in order, positions last.
-# --------------------------------------------------------------------------------------------
 
 
 class _ReadModelWriter:
@@ -527,17 +245,21 @@ async def replay(
     *,
     workers: int | None = None,
     segment_size: int | None = None,
+    bare_reader: bool = True,
 ) -> ReplayReport:
     """Project every audited stream from sequence 1 into `schema` (created; must be empty).
 
     `workers` processes project segments of `segment_size` sequences in parallel; by default one
     per core for replays of at least PARALLEL_THRESHOLD messages, none (this process) below.
+    `bare_reader=False` reads through nats-py only (see `stream_reader.read_range`): for comparison.
     """
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
     url = database_url or settings.database_url
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
-    target = ReplayTarget(settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes)
+    target = ReplayTarget(
+        settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes, bare_reader
+    )
 
     nc = await connect(settings.nats_url)
     try:

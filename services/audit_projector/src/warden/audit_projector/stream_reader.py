@@ -533,9 +533,10 @@ async def first_stored(nc: NatsClient, stream: str, filter_subject: str, first_s
 
 
 async def read_range(
-    nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int
+    nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int, *, bare: bool = True
 ) -> AsyncIterator[list[StoredMessage]]:
-    """Messages `first_seq`..`last_seq` of a stream, in order, in lists: bare reader if possible.
+    """Messages `first_seq`..`last_seq` of a stream, in order, in lists: bare reader if possible
+    (and `bare`), else nats-py.
 
     A range with no message left in it (every one deleted) yields nothing, at once: a consumer
     would wait for a message that never comes.
@@ -544,6 +545,8 @@ async def read_range(
     if start is None or start > last_seq:
         return
     try:
+        if not bare:
+            raise RawReaderUnsupported("asked to read through nats-py")
         reader = PullReader(nc, stream, filter_subject, start, last_seq)
         async with reader:
             async for batch in reader:

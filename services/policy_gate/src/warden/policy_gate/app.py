@@ -1,7 +1,6 @@
 """The policy gate: every command passes here first; bad ones are rejected, the rest decided by Rego."""
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +15,11 @@ from warden.admission import CommandRules, rejection
 from warden.bus import envelope_headers, heartbeat, retry_transient
 from warden.errors import RejectionCode
 from warden.messages import (
-    DecisionMade,
-    Effect,
     Envelope,
-    RunSubmitted,
-    ToolCallRequested,
     make_envelope,
 )
-from warden.policy_gate.decide import decision, policy_input
-from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine, PolicyEvaluationError
+from warden.policy_gate.decide import PolicyDecider
+from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
 from warden.streams import StreamNames
@@ -43,56 +38,8 @@ RETRY_DELAY_SECONDS = 1.0
 MAX_IN_FLIGHT = 2048
 PUBLISH_TIMEOUT_SECONDS = 5.0
 COMMAND_ACK_WAIT_SECONDS = 30.0
-# A decision that took longer than this is a deny: the gate fails closed.
-POLICY_BUDGET_MS = 1000
 
 log = structlog.get_logger(__name__)
-
-
-class PolicyDecider:
-    """Evaluates policies in line, on the event loop's thread.
-
-    A worker thread would cost a GIL hand-off per decision (milliseconds while the loop is busy)
-    to guard against a slow policy, and Rego evaluation always terminates: so the budget is
-    enforced after the fact instead. A decision that took longer than the budget is a deny.
-    """
-
-    def __init__(self, engine: PolicyEngine) -> None:
-        self.engine = engine
-
-    def decide(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
-        started = time.perf_counter()
-        data = envelope.data
-        effect: Effect
-        reasons: list[str]
-        try:
-            if isinstance(data, ToolCallRequested) and not self.engine.knows_tool(data.tool):
-                effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
-            elif isinstance(data, RunSubmitted) and not self.engine.knows_agent(data.agent):
-                effect, reasons = (
-                    "deny",
-                    [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
-                )
-            else:
-                result = self.engine.evaluate(policy_input(envelope))
-                effect, reasons = result.effect, list(result.reasons)
-                if result.evaluation_ms > POLICY_BUDGET_MS:
-                    effect = "deny"
-                    reasons = [
-                        f"policy evaluation took {result.evaluation_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms "
-                        "budget (fail closed)"
-                    ]
-        except PolicyEvaluationError as exc:
-            effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        return decision(
-            envelope,
-            request_seq=request_seq,
-            effect=effect,
-            reasons=reasons,
-            policy_revision=self.engine.revision,
-            evaluation_ms=round(elapsed_ms, 3),
-        )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,11 @@
-"""The gate's pure decision core: a valid command and a policy verdict in, the event to record out."""
+"""The gate's decision core: a valid command in, the decision to record out.
 
+The rules that do not need Rego live here, beside the call to it: an unknown tool or agent is
+denied before any policy runs, and the gate fails closed (an evaluation error, or one over its
+time budget, is a deny with the reason).
+"""
+
+import time
 from typing import Any
 
 from warden.ids import new_id
@@ -11,7 +17,10 @@ from warden.messages import (
     RunUsage,
     ToolCallRequested,
 )
+from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError
 
+# A decision that took longer than this is a deny: the gate fails closed.
+POLICY_BUDGET_MS = 1000
 RUN_START = "run.start"
 TOOL_CALL = "tool.call"
 
@@ -57,3 +66,49 @@ def decision(
         evaluation_ms=evaluation_ms,
         tool_call_id=tool_call_id,
     )
+
+
+class PolicyDecider:
+    """Evaluates policies in line, on the event loop's thread.
+
+    A worker thread would cost a GIL hand-off per decision (milliseconds while the loop is busy)
+    to guard against a slow policy, and Rego evaluation always terminates: so the budget is
+    enforced after the fact instead. A decision that took longer than the budget is a deny.
+    """
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self.engine = engine
+
+    def decide(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
+        started = time.perf_counter()
+        data = envelope.data
+        effect: Effect
+        reasons: list[str]
+        try:
+            if isinstance(data, ToolCallRequested) and not self.engine.knows_tool(data.tool):
+                effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
+            elif isinstance(data, RunSubmitted) and not self.engine.knows_agent(data.agent):
+                effect, reasons = (
+                    "deny",
+                    [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
+                )
+            else:
+                result = self.engine.evaluate(policy_input(envelope))
+                effect, reasons = result.effect, list(result.reasons)
+                if result.evaluation_ms > POLICY_BUDGET_MS:
+                    effect = "deny"
+                    reasons = [
+                        f"policy evaluation took {result.evaluation_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms "
+                        "budget (fail closed)"
+                    ]
+        except PolicyEvaluationError as exc:
+            effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return decision(
+            envelope,
+            request_seq=request_seq,
+            effect=effect,
+            reasons=reasons,
+            policy_revision=self.engine.revision,
+            evaluation_ms=round(elapsed_ms, 3),
+        )

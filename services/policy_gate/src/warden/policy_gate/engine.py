@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -26,8 +26,6 @@ DECISION_QUERY = "data.warden.authz.decision"
 DECISION_PACKAGE = "warden.authz"
 DATA_FILE = "data.json"
 TEST_SUFFIX = "_test.rego"
-TEST_PACKAGE_SUFFIX = "_test"
-TEST_RULE_PREFIX = "test_"
 
 Effect = Literal["allow", "deny", "require_approval"]
 EFFECTS: frozenset[str] = frozenset({"allow", "deny", "require_approval"})
@@ -85,7 +83,7 @@ class _RegorusFailure:
         return f"{self.file}:{self.line}:{self.column}: {self.message}"
 
 
-def _parse_regorus_error(exc: BaseException) -> _RegorusFailure:
+def parse_regorus_error(exc: BaseException) -> _RegorusFailure:
     text = str(exc).split(_BACKTRACE_MARKER, 1)[0].strip()
     location = _LOCATION.search(text)
     error = _ERROR_TEXT.search(text)
@@ -95,7 +93,7 @@ def _parse_regorus_error(exc: BaseException) -> _RegorusFailure:
     return _RegorusFailure(location.group("file"), int(location.group("line")), int(location.group("column")), message)
 
 
-def _is_engine_failure(exc: BaseException) -> bool:
+def is_engine_failure(exc: BaseException) -> bool:
     # A Rust panic inside regorus surfaces as pyo3's PanicException, which derives from
     # BaseException; it is a failure of this one evaluation, not a reason to stop the process.
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
@@ -133,7 +131,7 @@ class _Pack:
             try:
                 engine.add_policy(source.display_path, source.content.decode())
             except Exception as exc:
-                failure = _parse_regorus_error(exc)
+                failure = parse_regorus_error(exc)
                 raise PolicyLoadError(source.display_path, failure.line, failure.column, failure.message) from exc
         engine.add_data(dict(self.data))
         return engine
@@ -161,7 +159,7 @@ def _read_sources(directory: Path, names: Sequence[Path]) -> tuple[_Source, ...]
     return tuple(sources)
 
 
-def _read_pack(directory: Path, *, include_tests: bool) -> _Pack:
+def read_pack(directory: Path, *, include_tests: bool) -> _Pack:
     if not directory.is_dir():
         raise PolicyLoadError(str(directory), None, None, "not a directory")
     # Only the directory's top level, sorted, so the load order (and so the revision) is stable.
@@ -209,7 +207,7 @@ class PolicyEngine:
 
         Raises PolicyLoadError naming the file (and line and column where known) that is wrong.
         """
-        pack = _read_pack(directory, include_tests=False)
+        pack = read_pack(directory, include_tests=False)
         engine = pack.build_engine()
         # Without this package the decision would be undefined for every input: refuse to start.
         if f"data.{DECISION_PACKAGE}" not in engine.get_packages():
@@ -228,7 +226,7 @@ class PolicyEngine:
             try:
                 vm = self._pack.build_vm()
             except BaseException as exc:
-                if not _is_engine_failure(exc):
+                if not is_engine_failure(exc):
                     raise
                 vm = False  # this pack does not compile for the VM: the interpreter decides alone
             self._local.vm = vm
@@ -251,7 +249,7 @@ class PolicyEngine:
             except (PolicyEvaluationError, ValueError):
                 pass
             except BaseException as exc:
-                if not _is_engine_failure(exc):
+                if not is_engine_failure(exc):
                     raise
             else:
                 return PolicyResult(effect, reasons, (time.perf_counter() - started) * 1000.0)
@@ -277,9 +275,9 @@ class PolicyEngine:
             engine.set_input(dict(input_document))
             value = engine.eval_rule(DECISION_QUERY)
         except BaseException as exc:
-            if not _is_engine_failure(exc):
+            if not is_engine_failure(exc):
                 raise
-            failure = _parse_regorus_error(exc)
+            failure = parse_regorus_error(exc)
             raise PolicyEvaluationError(f"evaluating {DECISION_QUERY} failed: {failure.render()}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         effect, reasons = _check_decision(value)
@@ -320,124 +318,3 @@ def _check_decision(value: object) -> tuple[Effect, tuple[str, ...]]:
     if not isinstance(reasons, list | tuple) or not all(isinstance(r, str) for r in reasons):
         raise PolicyEvaluationError(f"{DECISION_QUERY}.reasons must be a list of strings, got {reasons!r:.200}")
     return cast(Effect, effect), tuple(reasons)
-
-
-# --- Rego unit tests ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PolicyTestResult:
-    """One `test_*` rule's outcome: passed, failed (false or undefined) or errored (engine error)."""
-
-    name: str  # package-qualified, without the "data." prefix: warden.authz_test.test_x
-    file: str
-    outcome: Literal["pass", "fail", "error"]
-    message: str = ""
-    duration_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class PolicyTestReport:
-    """Every policy unit test's outcome, in file and line order."""
-
-    results: tuple[PolicyTestResult, ...] = field(default_factory=tuple)
-
-    @property
-    def passed(self) -> list[PolicyTestResult]:
-        return [r for r in self.results if r.outcome == "pass"]
-
-    @property
-    def failed(self) -> list[PolicyTestResult]:
-        return [r for r in self.results if r.outcome == "fail"]
-
-    @property
-    def errored(self) -> list[PolicyTestResult]:
-        return [r for r in self.results if r.outcome == "error"]
-
-    @property
-    def ok(self) -> bool:
-        """True when at least one test ran and none failed or errored."""
-        return bool(self.results) and not self.failed and not self.errored
-
-    def render(self) -> str:
-        lines = []
-        for result in self.results:
-            line = f"{result.outcome.upper()} {result.name} ({result.file})"
-            lines.append(f"{line}: {result.message}" if result.message else line)
-        summary = f"{len(self.passed)} passed, {len(self.failed)} failed"
-        if self.errored:
-            summary += f", {len(self.errored)} errored"
-        if not self.results:
-            summary += " (no test_* rules found in packages ending in _test)"
-        lines.append(summary)
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class _TestRule:
-    package: str  # without "data."
-    name: str
-    file: str
-    line: int
-
-
-def _ref_path(ref: Mapping[str, Any]) -> list[str] | None:
-    """Flatten a regorus AST reference (`a.b.c`) to its names; None for anything else."""
-    if "Var" in ref:
-        return [str(ref["Var"]["value"])]
-    if "RefDot" in ref:
-        inner = _ref_path(ref["RefDot"]["refr"])
-        return None if inner is None else [*inner, str(ref["RefDot"]["field"][1])]
-    return None
-
-
-def _test_rules(engine: Any) -> list[_TestRule]:
-    # Discovered from regorus's AST rather than by scanning text, so a `test_` inside a string or
-    # comment is never mistaken for a rule.
-    rules: dict[tuple[str, str], _TestRule] = {}
-    for module in json.loads(engine.get_ast_as_json()):
-        ast = module["ast"]
-        package_path = _ref_path(ast["package"]["refr"])
-        if package_path is None:
-            continue
-        package = ".".join(package_path)
-        if not package.endswith(TEST_PACKAGE_SUFFIX):
-            continue
-        for rule in ast["rules"]:
-            spec = rule.get("Spec")
-            head = spec["head"].get("Compr") if spec else None  # `name if ...` / `name := ...`, not functions
-            if head is None:
-                continue
-            path = _ref_path(head["refr"])
-            if path is None or len(path) != 1 or not path[0].startswith(TEST_RULE_PREFIX):
-                continue
-            key = (package, path[0])
-            # A test may be written as several rule bodies; it is one test, reported where it starts.
-            rules.setdefault(key, _TestRule(package, path[0], module["source"]["file"], int(head["span"]["line"])))
-    return sorted(rules.values(), key=lambda r: (r.file, r.line))
-
-
-def run_policy_tests(directory: Path) -> PolicyTestReport:
-    """Load the pack with its `*_test.rego` files and evaluate every `test_*` rule in a `*_test` package.
-
-    A test passes when its rule is defined and not false. Raises PolicyLoadError when any file,
-    tests included, does not parse.
-    """
-    engine = _read_pack(directory, include_tests=True).build_engine()
-    results = []
-    for test in _test_rules(engine):
-        name = f"{test.package}.{test.name}"
-        started = time.perf_counter()
-        try:
-            value = engine.eval_rule(f"data.{name}")
-        except BaseException as exc:
-            if not _is_engine_failure(exc):
-                raise
-            outcome: Literal["pass", "fail", "error"] = "error"
-            message = _parse_regorus_error(exc).render()
-        else:
-            outcome = "fail" if value is None or value is False else "pass"
-            message = "" if outcome == "pass" else ("undefined" if value is None else "false")
-        duration_ms = (time.perf_counter() - started) * 1000.0
-        results.append(PolicyTestResult(name, test.file, outcome, message, duration_ms))
-    return PolicyTestReport(tuple(results))

@@ -1,0 +1,87 @@
+"""The decisions on the tool calls of the runs this process executes, as JetStream stores them."""
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from warden.errors import InvalidMessage
+from warden.messages import DecisionMade, parse_envelope
+from warden.subjects import Subjects
+from warden.wire import ORDERED_HEARTBEAT_SECONDS
+
+
+class DecisionFeed:
+    """Tool-call decisions on the runs this process is executing, as JetStream delivers them.
+
+    One ordered consumer for the whole process, not one per run: a consumer per run cost the
+    server a consumer created and deleted (and the runner two more round trips) for every run.
+    Delivery by JetStream, not a core subscription, because a message reaches core subscribers
+    before it is stored, and a tool may run only on a decision that is stored (promise 1). Every
+    runner process sees every decision and drops those on runs it is not executing.
+    """
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, stream: str) -> None:
+        self.js = js
+        self.subjects = subjects
+        self.stream = stream
+        self.runs: dict[str, dict[str, DecisionMade]] = {}  # run id -> tool call id -> decision
+        self.waiters: dict[str, asyncio.Future[DecisionMade]] = {}
+        self.subscription: Any = None
+
+    async def open(self) -> None:
+        # From now on (NEW): a run that needs earlier decisions reads its history (read_history).
+        self.subscription = await self.js.subscribe(
+            self.subjects.events_of_type(DecisionMade),
+            stream=self.stream,
+            cb=self._on_message,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
+        )
+
+    async def close(self) -> None:
+        if self.subscription is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.subscription.unsubscribe()
+
+    @contextlib.contextmanager
+    def tracking(self, run_id: str) -> Iterator[None]:
+        """Keep the decisions on this run from now until the run ends (before any are asked for)."""
+        self.runs.setdefault(run_id, {})
+        try:
+            yield
+        finally:
+            self.runs.pop(run_id, None)
+
+    async def _on_message(self, message: Msg) -> None:
+        decisions = self.runs.get(self.subjects.entity_of(message.subject))
+        if decisions is None:
+            return  # a run some other runner executes, or a run decision
+        try:
+            envelope = parse_envelope(message.data, type_hint=DecisionMade.TYPE)
+            self.subjects.check_envelope_subject(envelope, message.subject)
+        except InvalidMessage:
+            return
+        verdict = envelope.data
+        if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
+            decisions[verdict.tool_call_id] = verdict
+            waiter = self.waiters.pop(verdict.tool_call_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(verdict)
+
+    async def decision(self, run_id: str, tool_call_id: str, within: float) -> DecisionMade | None:
+        """The stored decision on one tool call, waiting up to `within` seconds for it."""
+        if known := self.runs.get(run_id, {}).get(tool_call_id):
+            return known
+        waiter = self.waiters.setdefault(tool_call_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(waiter, within)
+        except TimeoutError:
+            return None
+        finally:
+            self.waiters.pop(tool_call_id, None)

@@ -1,0 +1,62 @@
+"""A run's history, folded from its own events: the steps already recorded and the decisions on its tool calls.
+
+Pure: no I/O. The executor feeds it the run's events (see `read_history`) when it takes a run up,
+so a runner that takes over after a crash continues after the last recorded step.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from warden.agent_runner.agents import ModelTurn, StepRecord, ToolCall
+from warden.messages import (
+    DecisionMade,
+    Envelope,
+    RunFailed,
+    RunStarted,
+    RunSucceeded,
+    RunUsage,
+    StepCompleted,
+    ToolCallCompleted,
+)
+
+
+@dataclass
+class RunHistory:
+    """What the stream says already happened to a run, and the decisions on its tool calls."""
+
+    steps: dict[int, StepRecord] = field(default_factory=dict)
+    usage: RunUsage = field(default_factory=RunUsage)
+    attempts: int = 0
+    finished: bool = False
+    decisions: dict[str, DecisionMade] = field(default_factory=dict)
+
+    def apply(self, envelope: Envelope[Any]) -> None:
+        data = envelope.data
+        match data:
+            case RunStarted():
+                self.attempts = max(self.attempts, data.attempt)
+            case StepCompleted():
+                self.steps[data.step] = StepRecord(
+                    step=data.step,
+                    action=ModelTurn(
+                        summary=data.summary,
+                        input_tokens=data.usage.input_tokens,
+                        output_tokens=data.usage.output_tokens,
+                    ),
+                )
+            case ToolCallCompleted():
+                # The agent needs the outcome, not the arguments, to go on (see StepRecord).
+                self.steps[data.step] = StepRecord(
+                    step=data.step,
+                    action=ToolCall(tool=data.tool, arguments={}),
+                    outcome=data.outcome,
+                    result=data.result,
+                    error=data.error,
+                )
+            case DecisionMade(tool_call_id=str() as tool_call_id):
+                self.decisions[tool_call_id] = data
+            case RunSucceeded() | RunFailed():
+                self.finished = True
+
+    def ordered_steps(self) -> list[StepRecord]:
+        return [self.steps[step] for step in sorted(self.steps)]
