@@ -36,7 +36,7 @@ def _request_template(prefix: str) -> bytes:
             arguments={"url": "https://example.com/research"},
         ),
         tenant="acme",
-        subject=_PLACEHOLDER,
+        entity_id=_PLACEHOLDER,
         actor="alice",
         source="bench",
     )

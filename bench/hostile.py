@@ -59,7 +59,7 @@ def benign(prefix: str, count: int) -> list[HostileCommand]:
     commands = []
     for index in range(count):
         envelope = make_envelope(
-            RunSubmitted(agent="nosuchagent"), tenant="acme", subject=f"benign-{index}", actor="alice", source="bench"
+            RunSubmitted(agent="nosuchagent"), tenant="acme", entity_id=f"benign-{index}", actor="alice", source="bench"
         )
         body, headers = envelope.to_bytes(), envelope_headers(envelope)
         commands.append(HostileCommand("benign", subjects.expected_subject(envelope), body, headers))
@@ -98,7 +98,7 @@ async def run_pass(
     try:
         # Warm-up: one run through every service, so start-up is not in the measurement.
         warm = await client.submit_run(tenant="acme", agent="researcher", actor="alice")
-        await wait_for(lambda: _run_succeeded(db, warm.subject_id))
+        await wait_for(lambda: _run_succeeded(db, warm.run_id))
         pids = {label: process.pid for label, process in services.processes.items()}
 
         started = time.perf_counter()
@@ -114,7 +114,7 @@ async def run_pass(
         )
         published = time.perf_counter() - started
         seqs = [seq for _, seq in stored]
-        run_ids = [receipt.subject_id for receipt in receipts]
+        run_ids = [receipt.run_id for receipt in receipts]
         await wait_for(lambda: _answered(db, seqs))
         await wait_for(lambda: _runs_succeeded(db, run_ids))
         await wait_for(lambda: _caught_up(nc, db, settings.subject_prefix))

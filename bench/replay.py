@@ -86,11 +86,11 @@ Message = tuple[str, bytes, dict[str, str]]  # subject, body, headers
 
 def steps_run(subjects: Subjects, run: int) -> Iterator[Message]:
     """A run.submitted command, run.started and 98 step.completed events (100 messages)."""
-    cause = make_envelope(RunSubmitted(agent="bench"), tenant="acme", subject=f"run-{run}", actor="a", source="b")
+    cause = make_envelope(RunSubmitted(agent="bench"), tenant="acme", entity_id=f"run-{run}", actor="a", source="b")
     started = make_envelope(
         RunStarted(decision_id="d", worker="w"),
         tenant="acme",
-        subject=f"run-{run}",
+        entity_id=f"run-{run}",
         actor="runner",
         source="b",
         caused_by=cause,
@@ -100,7 +100,7 @@ def steps_run(subjects: Subjects, run: int) -> Iterator[Message]:
         make_envelope(
             StepCompleted(step=i, kind="model_turn"),
             tenant="acme",
-            subject=f"run-{run}",
+            entity_id=f"run-{run}",
             actor="runner",
             source="b",
             caused_by=cause,
@@ -128,7 +128,7 @@ def governed_run(subjects: Subjects, run: int, commands_seq: list[int]) -> Itera
         return subjects.expected_subject(envelope), envelope.to_bytes(), headers
 
     def envelope(data: Payload, caused_by: Envelope[Any] | None, actor: str = "runner") -> Envelope[Any]:
-        return make_envelope(data, tenant=tenant, subject=run_id, actor=actor, source="bench", caused_by=caused_by)
+        return make_envelope(data, tenant=tenant, entity_id=run_id, actor=actor, source="bench", caused_by=caused_by)
 
     submitted = envelope(RunSubmitted(agent="bench", input={"q": f"question {run}"}), None, "alice")
     yield message(submitted)
@@ -199,7 +199,7 @@ def governed_run(subjects: Subjects, run: int, commands_seq: list[int]) -> Itera
             size_bytes=len(garbage),
         )
         rejected = make_envelope(
-            rejection, tenant=tenant, subject=str(commands_seq[0]), actor="policy-gate", source="bench"
+            rejection, tenant=tenant, entity_id=str(commands_seq[0]), actor="policy-gate", source="bench"
         )
         yield message(rejected)
 

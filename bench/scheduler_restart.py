@@ -44,7 +44,7 @@ RESULTS = REPO_ROOT / "bench" / "results" / "scheduler_restart.json"
 
 def history(run: int, finished: bool) -> list[Envelope[Any]]:
     run_id = f"run-{run}"
-    submitted = make_envelope(RunSubmitted(agent="demo"), tenant="acme", subject=run_id, actor="alice", source="b")
+    submitted = make_envelope(RunSubmitted(agent="demo"), tenant="acme", entity_id=run_id, actor="alice", source="b")
     decision = DecisionMade(
         decision_id=f"d{run}",
         request_type=RunSubmitted.TYPE,
@@ -60,7 +60,7 @@ def history(run: int, finished: bool) -> list[Envelope[Any]]:
     if finished:
         payloads.append(RunSucceeded(steps=10, tool_calls=0))
     return [
-        make_envelope(p, tenant="acme", subject=run_id, actor="s", source="b", caused_by=submitted) for p in payloads
+        make_envelope(p, tenant="acme", entity_id=run_id, actor="s", source="b", caused_by=submitted) for p in payloads
     ]
 
 
@@ -97,9 +97,7 @@ async def start(install: Installation, broker: NatsBroker) -> tuple[float, int]:
     seconds = time.perf_counter() - started
     await asyncio.sleep(WATERMARK_SECONDS)
     await scheduler.keep_watermark(
-        await broker.config.connection_state.stream.key_value(
-            StreamNames.for_prefix(install.settings.subject_prefix).scheduler
-        )
+        await broker.connection.jetstream().key_value(StreamNames.for_prefix(install.settings.subject_prefix).scheduler)
     )
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -115,7 +113,7 @@ async def measure(nats_url: str, admin_url: str, runs: int) -> dict[str, Any]:
     broker = NatsBroker(nats_url)
     await broker.connect()
     try:
-        kv = await broker.config.connection_state.stream.key_value(
+        kv = await broker.connection.jetstream().key_value(
             StreamNames.for_prefix(install.settings.subject_prefix).scheduler
         )
         with_no_watermark = await start(install, broker)

@@ -49,13 +49,13 @@ _PARAMETER_DESCRIPTIONS: dict[str, str] = {
     "type": "Message type; equals the envelope's `type`. Spans two subject tokens (e.g. `run.submitted`).",
     "entity": "Kind of entity the event is about.",
     "entity_id": "Id of that entity (a run id, a command id for rejections, a stream name for gaps); "
-    "equals the envelope's `subject`.",
+    "equals the envelope's `entity_id`.",
 }
 # Where a subscriber can cross-check a subject token against the envelope it carries.
 _PARAMETER_LOCATIONS: dict[str, str] = {
     "tenant": "$message.payload#/tenant",
     "type": "$message.payload#/type",
-    "entity_id": "$message.payload#/subject",
+    "entity_id": "$message.payload#/entity_id",
 }
 
 

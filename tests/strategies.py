@@ -90,7 +90,7 @@ def envelope_fields() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
         {
             "tenant": tenants(),
-            "subject": tokens(),
+            "entity_id": tokens(),
             "actor": texts(max_size=256).filter(bool),
             "source": texts(max_size=128).filter(bool),
         }
@@ -172,7 +172,7 @@ class HostileCommand:
 
 
 def _valid_body(tenant: str, run_id: str, input_literal: bytes = b"{}") -> bytes:
-    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject=run_id, actor="mallory", source="x")
+    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, entity_id=run_id, actor="mallory", source="x")
     return envelope.to_bytes().replace(b'"input":{}', b'"input":' + input_literal, 1)
 
 

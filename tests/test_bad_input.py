@@ -19,7 +19,7 @@ from warden.subjects import Subjects
 
 
 def valid_submission(tenant: str = "acme") -> bytes:
-    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject="r1", actor="alice", source="test")
+    envelope = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, entity_id="r1", actor="alice", source="test")
     return envelope.to_bytes()
 
 
@@ -114,7 +114,7 @@ async def test_bad_command_is_rejected_on_the_record(
     assert (rejection.code, rejection.command_stream_seq, rejection.size_bytes) == (code.value, ack.seq, len(body))
     assert reason_part in rejection.reason
     assert rejection.idempotency_key == "client-key-1"
-    assert rejections[0].subject == str(ack.seq)
+    assert rejections[0].entity_id == str(ack.seq)
 
     row = await eventually(lambda: db.fetchrow("SELECT * FROM rejected_commands"))
     assert (row["code"], row["command_stream_seq"], row["tenant"]) == (code.value, ack.seq, "acme")

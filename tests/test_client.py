@@ -37,11 +37,11 @@ async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient
     """Tailing a run yields only its events, in order, as equal envelopes; tailing a tenant yields all of its."""
     sent = []
     for tenant, run_id in [("acme", "r1"), ("acme", "r2"), ("globex", "r1"), ("acme", "r1")]:
-        cause = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, subject=run_id, actor="a", source="t")
+        cause = make_envelope(RunSubmitted(agent="demo"), tenant=tenant, entity_id=run_id, actor="a", source="t")
         started = make_envelope(
             RunStarted(decision_id="d1", worker="w"),
             tenant=tenant,
-            subject=run_id,
+            entity_id=run_id,
             actor="runner",
             source="t",
             caused_by=cause,
@@ -78,7 +78,7 @@ async def test_cli_submit_and_tail(settings: Settings) -> None:
     nc = NatsClient()
     await nc.connect(settings.nats_url)
     started = make_envelope(
-        RunStarted(decision_id="d1", worker="w"), tenant="acme", subject="cli-run", actor="runner", source="t"
+        RunStarted(decision_id="d1", worker="w"), tenant="acme", entity_id="cli-run", actor="runner", source="t"
     )
     await publish(nc, settings, started)
     await nc.close()
@@ -95,7 +95,7 @@ async def test_tenants_using_the_same_key_never_collide(settings: Settings, nc: 
     ours = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-42")
     assert (theirs.duplicate, ours.duplicate) == (False, False)
     assert ours.stream_seq == theirs.stream_seq + 1
-    assert ours.subject_id != theirs.subject_id
+    assert ours.run_id != theirs.run_id
 
 
 async def test_a_repeated_submission_names_the_run_the_first_one_created(settings: Settings, nc: NatsClient) -> None:
@@ -103,7 +103,7 @@ async def test_a_repeated_submission_names_the_run_the_first_one_created(setting
     client = WardenClient(nc, settings.subject_prefix)
     first = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-7")
     again = await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-7")
-    assert again == Receipt(first.command_id, first.subject_id, first.stream_seq, duplicate=True)
+    assert again == Receipt(first.command_id, first.run_id, first.stream_seq, duplicate=True)
 
 
 async def test_a_key_claimed_in_another_tenants_scope_is_refused_on_the_record(
@@ -113,7 +113,7 @@ async def test_a_key_claimed_in_another_tenants_scope_is_refused_on_the_record(
     finding its key held by that command, says so rather than hand back someone else's receipt."""
     await run_app(build_gate(settings))
     subjects = Subjects(settings.subject_prefix)
-    squatter = make_envelope(RunSubmitted(agent="demo"), tenant="globex", subject="r-squat", actor="gina", source="t")
+    squatter = make_envelope(RunSubmitted(agent="demo"), tenant="globex", entity_id="r-squat", actor="gina", source="t")
     await nc.jetstream().publish(
         subjects.expected_subject(squatter), squatter.to_bytes(), headers={"Nats-Msg-Id": "acme:run.submitted:ticket-9"}
     )

@@ -153,7 +153,7 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
 
     db = await asyncpg.connect(cluster.settings.database_url)
     try:
-        run_ids = [receipt.subject_id for receipt in receipts]
+        run_ids = [receipt.run_id for receipt in receipts]
         finished = "SELECT count(*) FROM runs WHERE run_id = ANY($1) AND status IN ('succeeded', 'failed')"
         await eventually(lambda: _equal(db.fetchval(finished, run_ids), len(run_ids)), within=180, interval=0.5)
         failed = await db.fetch(

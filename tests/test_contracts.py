@@ -92,7 +92,7 @@ EXAMPLES: dict[str, Payload] = {
 def envelope_of(payload: Payload, caused_by: Envelope[Any] | None = None, source: str = "tests") -> Envelope[Any]:
     """Wrap an example payload for one fixed tenant, run and actor."""
     return make_envelope(
-        payload, tenant="acme", subject="run-1", actor="user:alice", source=source, caused_by=caused_by
+        payload, tenant="acme", entity_id="run-1", actor="user:alice", source=source, caused_by=caused_by
     )
 
 
@@ -400,6 +400,19 @@ def test_a_hinted_message_of_an_older_schema_version_is_still_upcast(monkeypatch
     envelope = parse_envelope(VALID, type_hint="run.submitted")
     assert envelope.schema_version == 2
     assert envelope.data.labels == {"upcast": "v1-to-v2"}
+
+
+def test_an_envelope_written_before_entity_id_was_named_so_is_still_read() -> None:
+    """A stored envelope with the old `subject` field parses, hinted or not, with that value as its entity_id."""
+    current = json.loads(VALID)
+    old = {("subject" if key == "entity_id" else key): value for key, value in current.items()}
+    raw = json.dumps(old).encode()
+    for hint in (None, "run.submitted"):
+        envelope = parse_envelope(raw, type_hint=hint)
+        assert envelope.entity_id == current["entity_id"]
+    both = json.dumps({**current, "subject": "other"}).encode()
+    with pytest.raises(InvalidMessage):
+        parse_envelope(both)  # a new envelope may not carry the old field as well: unknown fields are refused
 
 
 # --- (f) property: random valid payloads round-trip ---------------------------------------------

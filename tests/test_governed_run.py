@@ -71,10 +71,10 @@ async def test_allowed_run_completes_with_events_in_order(
     await start_all(run_app, governed)
     client = WardenClient(nc, governed.subject_prefix)
     receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", input={"question": "why?"})
-    run = await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "succeeded", run["error"]
 
-    events = await run_events(nc, governed, "acme", receipt.subject_id)
+    events = await run_events(nc, governed, "acme", receipt.run_id)
     types = [(e.type, getattr(e.data, "effect", None) or getattr(e.data, "outcome", None)) for e in events]
     assert types == [
         ("decision.made", "allow"),
@@ -100,7 +100,7 @@ async def test_allowed_run_completes_with_events_in_order(
         ("ok", "https://example.com/answers"),
         ("refused", "https://evil.example.net/exfiltrate"),
     ]
-    assert await db.fetchval("SELECT count(*) FROM decisions WHERE run_id = $1", receipt.subject_id) == 3
+    assert await db.fetchval("SELECT count(*) FROM decisions WHERE run_id = $1", receipt.run_id) == 3
     assert (run["steps"], run["tool_calls"], run["submitted_by"]) == (2, 2, "alice")
     assert run["policy_revision"].startswith("sha256:")
 
@@ -112,11 +112,11 @@ async def test_denied_run_never_starts(
     await start_all(run_app, governed)
     client = WardenClient(nc, governed.subject_prefix)
     receipt = await client.submit_run(tenant="acme", agent="demo", actor="bob")
-    run = await eventually(await run_row(db, receipt.subject_id, ("denied",)), within=30)
-    reasons = await db.fetchval("SELECT reasons FROM decisions WHERE run_id = $1", receipt.subject_id)
+    run = await eventually(await run_row(db, receipt.run_id, ("denied",)), within=30)
+    reasons = await db.fetchval("SELECT reasons FROM decisions WHERE run_id = $1", receipt.run_id)
     assert "bob" in reasons
     await asyncio.sleep(1.0)
-    events = await run_events(nc, governed, "acme", receipt.subject_id)
+    events = await run_events(nc, governed, "acme", receipt.run_id)
     assert [e.type for e in events] == ["decision.made"]
     assert run["started_at"] is None
 
@@ -134,7 +134,7 @@ async def test_denied_tool_call_never_executes(
     monkeypatch.setattr(execution, "run_tool", recording_run_tool)
     await start_all(run_app, governed)
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="demo", actor="alice")
-    await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=30)
+    await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert executed == [("web.fetch", {"url": "https://example.com/answers"})]
 
 
@@ -145,9 +145,9 @@ async def test_unknown_agent_is_denied(
     await start_all(run_app, governed)
     client = WardenClient(nc, governed.subject_prefix)
     receipt = await client.submit_run(tenant="acme", agent="nosuchagent", actor="alice")
-    run = await eventually(await run_row(db, receipt.subject_id, ("denied",)), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("denied",)), within=30)
     assert run["agent"] == "nosuchagent"
-    events = await run_events(nc, governed, "acme", receipt.subject_id)
+    events = await run_events(nc, governed, "acme", receipt.run_id)
     assert [event.type for event in events] == ["decision.made"]
     decision = events[0].data
     assert isinstance(decision, DecisionMade)
@@ -181,16 +181,16 @@ async def test_fifty_runs_never_exceed_the_tenant_limit(
     await eventually(all_finished, within=120, interval=0.25)
     # Walk the audit trail in stream order: a slot is taken at dispatch and freed at the finish.
     rows = await db.fetch(
-        "SELECT tenant, subject, type FROM events WHERE type IN ('run.dispatched', 'run.succeeded', "
+        "SELECT tenant, entity_id, type FROM events WHERE type IN ('run.dispatched', 'run.succeeded', "
         "'run.failed') AND stream LIKE '%EVENTS' ORDER BY stream_seq"
     )
     running: defaultdict[str, set[str]] = defaultdict(set)
     most: defaultdict[str, int] = defaultdict(int)
     for row in rows:
         if row["type"] == "run.dispatched":
-            running[row["tenant"]].add(row["subject"])
+            running[row["tenant"]].add(row["entity_id"])
         else:
-            running[row["tenant"]].discard(row["subject"])
+            running[row["tenant"]].discard(row["entity_id"])
         most[row["tenant"]] = max(most[row["tenant"]], len(running[row["tenant"]]))
     assert dict(most) == {"acme": 3, "globex": 3}, "the limit was reached, and never exceeded"
 
@@ -205,7 +205,7 @@ async def test_restarting_a_service_mid_run_loses_nothing(
     receipts = [await client.submit_run(tenant="acme", agent="slow", actor="alice") for _ in range(3)]
 
     async def started() -> bool:
-        events = await run_events(nc, governed, "acme", receipts[0].subject_id)
+        events = await run_events(nc, governed, "acme", receipts[0].run_id)
         return any(e.type in {"step.completed", "tool_call.completed"} for e in events)
 
     await eventually(started, within=30)
@@ -213,10 +213,10 @@ async def test_restarting_a_service_mid_run_loses_nothing(
     await asyncio.sleep(1.0)
     await run_app(BUILDERS[service](governed))
     for receipt in receipts:
-        run = await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=60)
+        run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=60)
         assert run["status"] == "succeeded", run["error"]
     tool_calls = await db.fetch(
-        "SELECT subject, payload->>'step' AS step, count(*) FROM events WHERE type = 'tool_call.completed' "
+        "SELECT entity_id, payload->>'step' AS step, count(*) FROM events WHERE type = 'tool_call.completed' "
         "GROUP BY 1, 2 HAVING count(*) > 1"
     )
     assert tool_calls == [], "no recorded tool call was executed twice"
@@ -228,16 +228,14 @@ async def test_one_run_is_one_trace_across_all_services(
     """Every event of a run, and its audit rows, carry one trace id, with spans from all four services."""
     await start_all(run_app, governed)
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="demo", actor="alice")
-    await eventually(await run_row(db, receipt.subject_id, ("succeeded",)), within=30)
+    await eventually(await run_row(db, receipt.run_id, ("succeeded",)), within=30)
     await eventually(
-        lambda: db.fetchval(
-            "SELECT count(*) = 0 FROM events WHERE trace_id IS NULL AND subject = $1", receipt.subject_id
-        )
+        lambda: db.fetchval("SELECT count(*) = 0 FROM events WHERE trace_id IS NULL AND entity_id = $1", receipt.run_id)
     )
-    trace_ids = await db.fetch("SELECT DISTINCT trace_id FROM events WHERE subject = $1", receipt.subject_id)
+    trace_ids = await db.fetch("SELECT DISTINCT trace_id FROM events WHERE entity_id = $1", receipt.run_id)
     assert len(trace_ids) == 1
     trace_id = int(trace_ids[0]["trace_id"], 16)
-    assert await db.fetchval("SELECT trace_id FROM runs WHERE run_id = $1", receipt.subject_id) == trace_ids[0][0]
+    assert await db.fetchval("SELECT trace_id FROM runs WHERE run_id = $1", receipt.run_id) == trace_ids[0][0]
 
     async def services_in_trace() -> set[str]:
         spans = [span for span in SPANS.get_finished_spans() if span.context.trace_id == trace_id]
@@ -263,7 +261,7 @@ async def test_gate_fails_closed_on_a_broken_policy(
     )
     await start_all(run_app, governed.model_copy(update={"policy_dir": policies}))
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="demo", actor="alice")
-    run = await eventually(await run_row(db, receipt.subject_id, ("denied",)), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("denied",)), within=30)
     reasons = json.loads(run["decision_reasons"])
     assert any("fail closed" in reason for reason in reasons), reasons
     assert run["started_at"] is None
@@ -286,7 +284,7 @@ async def test_failing_agent_ends_the_run_as_failed(
     )
     await start_all(run_app, governed.model_copy(update={"agents_dir": agents}))
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="slow", actor="alice")
-    run = await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "failed"
     assert "web.fetch is not allowed for agent slow" in run["error"]
 
@@ -297,12 +295,12 @@ async def test_cli_runs_lists_runs_and_prints_a_timeline(
     """`warden runs` lists the tenant's runs, and `--run` prints who asked, each decision and the result."""
     await start_all(run_app, governed)
     receipt = await WardenClient(nc, governed.subject_prefix).submit_run(tenant="acme", agent="demo", actor="alice")
-    await eventually(await run_row(db, receipt.subject_id, ("succeeded",)), within=30)
-    await eventually(lambda: db.fetchval("SELECT count(*) = 14 FROM events WHERE subject = $1", receipt.subject_id))
+    await eventually(await run_row(db, receipt.run_id, ("succeeded",)), within=30)
+    await eventually(lambda: db.fetchval("SELECT count(*) = 14 FROM events WHERE entity_id = $1", receipt.run_id))
     listing = await warden_cli(governed, "runs", "--tenant", "acme")
-    assert receipt.subject_id in listing
+    assert receipt.run_id in listing
     assert "succeeded" in listing
-    timeline = await warden_cli(governed, "runs", "--run", receipt.subject_id)
+    timeline = await warden_cli(governed, "runs", "--run", receipt.run_id)
     assert "alice asked for a run of agent demo" in timeline
     assert "DENY tool call" in timeline
     assert "evil.example.net is not in web.fetch's allowed domains" in timeline

@@ -118,7 +118,7 @@ async def test_a_hostile_flood_is_rejected_once_each_while_valid_runs_complete(
     decided = await db.fetchval("SELECT count(*) FROM decisions WHERE request_seq = ANY($1)", list(stored))
     assert decided == 0, "no hostile command was decided on"
 
-    run_ids = [receipt.subject_id for receipt in receipts]
+    run_ids = [receipt.run_id for receipt in receipts]
     await eventually(
         lambda: db.fetchval(
             "SELECT count(*) = $2 FROM runs WHERE run_id = ANY($1) AND status = 'succeeded'", run_ids, 6

@@ -49,10 +49,10 @@ async def test_hostile_events_and_work_items_stop_no_service(
     # decisions that point at a garbage command, at nothing, and at another run's submission.
     await js.publish(decision_subject, DEEP)
     await js.publish(decision_subject, HUGE)
-    other = make_envelope(allow("r-poison", 1), tenant="globex", subject="r-poison", actor="x", source="x")
+    other = make_envelope(allow("r-poison", 1), tenant="globex", entity_id="r-poison", actor="x", source="x")
     await js.publish(decision_subject, other.to_bytes())
     for run_id, seq in (("r-garbage", garbage_command.seq), ("r-nothing", 999_999)):
-        forged = make_envelope(allow(run_id, seq), tenant="acme", subject=run_id, actor="x", source="x")
+        forged = make_envelope(allow(run_id, seq), tenant="acme", entity_id=run_id, actor="x", source="x")
         await js.publish(subjects.expected_subject(forged), forged.to_bytes(), headers=envelope_headers(forged))
     # The runner takes work items: poison, and a work item of another tenant on acme's subject.
     await js.publish(subjects.work("acme"), DEEP)
@@ -60,7 +60,7 @@ async def test_hostile_events_and_work_items_stop_no_service(
     elsewhere = make_envelope(
         RunDispatched(decision_id="d", agent="demo", request_seq=1),
         tenant="globex",
-        subject="r-x",
+        entity_id="r-x",
         actor="x",
         source="x",
     )
@@ -68,7 +68,7 @@ async def test_hostile_events_and_work_items_stop_no_service(
 
     client = WardenClient(nc, governed.subject_prefix)
     receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice")
-    run = await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "succeeded", run["error"]
     assert await db.fetchval("SELECT count(*) FROM runs WHERE run_id IN ('r-garbage', 'r-nothing')") == 2
     assert await db.fetchval("SELECT count(*) FROM runs WHERE status = 'queued'") == 0, "no forged run was queued"

@@ -55,7 +55,7 @@ async def publish(nc: NatsClient, settings: Settings, envelope: Envelope[Any]) -
 def run_lifecycle(tenant: str, run_id: str, steps: int) -> list[Envelope[Any]]:
     """A run's messages from submission to success, each caused by the one before."""
     submitted = make_envelope(
-        RunSubmitted(agent="demo", input={"q": run_id}), tenant=tenant, subject=run_id, actor="alice", source="test"
+        RunSubmitted(agent="demo", input={"q": run_id}), tenant=tenant, entity_id=run_id, actor="alice", source="test"
     )
     payloads: list[Payload] = [
         RunQueued(decision_id="d-" + run_id, priority=5, agent="demo", request_seq=1),
@@ -66,7 +66,7 @@ def run_lifecycle(tenant: str, run_id: str, steps: int) -> list[Envelope[Any]]:
     envelopes: list[Envelope[Any]] = [submitted]
     for payload in payloads:
         envelopes.append(
-            make_envelope(payload, tenant=tenant, subject=run_id, actor="svc", source="test", caused_by=envelopes[-1])
+            make_envelope(payload, tenant=tenant, entity_id=run_id, actor="svc", source="test", caused_by=envelopes[-1])
         )
     return envelopes
 
@@ -320,6 +320,26 @@ async def fresh_store(settings: Settings, size: int = 2) -> tuple[asyncpg.Pool, 
     return pool, store
 
 
+async def test_an_events_table_from_before_entity_id_is_migrated_in_place(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A table whose column is still `subject` is renamed on start, its rows kept, and projection carries on."""
+    subjects = Subjects(settings.subject_prefix)
+    stream = StreamNames.for_prefix(settings.subject_prefix).events
+    lifecycle = run_lifecycle("acme", "r1", steps=1)
+    messages = [as_stored(stream, seq, envelope, subjects) for seq, envelope in enumerate(lifecycle[1:], start=1)]
+    pool, store = await fresh_store(settings)
+    await store.apply(stream, messages[:2])
+    await db.execute("ALTER TABLE events RENAME COLUMN entity_id TO subject")  # as a table made before the rename
+
+    await store.ensure_schema([stream])
+    assert await store.apply(stream, messages) == len(messages) - 2
+    await pool.close()
+    entities = await db.fetch("SELECT DISTINCT entity_id FROM events")
+    assert [row["entity_id"] for row in entities] == ["r1"]
+    assert await db.fetchval("SELECT count(*) FROM events") == len(messages)
+
+
 async def test_refused_rows_are_kept_raw_and_unstorable_messages_dead_lettered(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
@@ -332,7 +352,7 @@ async def test_refused_rows_are_kept_raw_and_unstorable_messages_dead_lettered(
     await db.execute("ALTER TABLE events ADD CHECK (position('unstorable' in nats_subject) = 0)")
     lifecycle = run_lifecycle("acme", "r1", steps=1)
     refused = make_envelope(
-        RunFailed(reason="refused", error_type="E"), tenant="acme", subject="r2", actor="a", source="t"
+        RunFailed(reason="refused", error_type="E"), tenant="acme", entity_id="r2", actor="a", source="t"
     )
     messages = [as_stored(stream, seq, envelope, subjects) for seq, envelope in enumerate(lifecycle[1:3], start=1)]
     messages.append(as_stored(stream, 3, refused, subjects))
@@ -394,7 +414,7 @@ async def test_writing_one_by_one_never_deadlocks_with_the_other_stream(
     )
 
     def envelope(payload: Payload, run_id: str) -> Envelope[Any]:
-        return make_envelope(payload, tenant="acme", subject=run_id, actor="alice", source="t")
+        return make_envelope(payload, tenant="acme", entity_id=run_id, actor="alice", source="t")
 
     requested = ToolCallRequested(tool_call_id="X", step=0, agent="demo", tool="math.add")
     commands = [

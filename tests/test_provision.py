@@ -99,11 +99,9 @@ async def test_everything_starts_with_a_seed_node_down(
     await start_all(run_app, listed)
     async with await WardenClient.connect(listed.nats_url, listed.subject_prefix) as client:
         receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice")
-    run = await eventually(await run_row(db, receipt.subject_id, ("succeeded", "failed")), within=30)
+    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "succeeded"
-    printed = await run_warden_cli(
-        listed, "tail", "--tenant", "acme", "--run", receipt.subject_id, "--idle-timeout", "1"
-    )
+    printed = await run_warden_cli(listed, "tail", "--tenant", "acme", "--run", receipt.run_id, "--idle-timeout", "1")
     assert printed.status == 0
     assert "run.succeeded" in printed.stdout
     nc = await connect(listed.nats_url)

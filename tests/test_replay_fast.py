@@ -53,7 +53,7 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def envelope_of(data: Payload, tenant: str, run_id: str, caused_by: Envelope[Any] | None = None) -> Envelope[Any]:
-    return make_envelope(data, tenant=tenant, subject=run_id, actor="svc", source="test", caused_by=caused_by)
+    return make_envelope(data, tenant=tenant, entity_id=run_id, actor="svc", source="test", caused_by=caused_by)
 
 
 def stored(envelope: Envelope[Any], **changes: Any) -> bytes:
@@ -144,7 +144,7 @@ async def publish_everything(nc: NatsClient, subjects: Subjects) -> None:
     rejected = CommandRejected(
         code="not_json", reason="body is not JSON", command_subject=command_subject, command_stream_seq=5, size_bytes=9
     )
-    await send(make_envelope(rejected, tenant="acme", subject="5", actor="gate", source="test"))
+    await send(make_envelope(rejected, tenant="acme", entity_id="5", actor="gate", source="test"))
 
     # Envelopes that break the decoding rules: an integer past 2**53 (once alone, once behind an
     # accepted decision with the same id), a lone surrogate, a command over the size limit, a

@@ -46,7 +46,7 @@ async def publish(nc: NatsClient, settings: Settings, envelope: Envelope[Any], k
 
 async def allowed_run(nc: NatsClient, settings: Settings, run_id: str) -> Envelope[Any]:
     """A submission and the gate's allow, as the gate would record them; the decision is returned."""
-    submitted = make_envelope(RunSubmitted(agent="demo"), tenant="acme", subject=run_id, actor="alice", source="t")
+    submitted = make_envelope(RunSubmitted(agent="demo"), tenant="acme", entity_id=run_id, actor="alice", source="t")
     seq = await publish(nc, settings, submitted)
     decision = DecisionMade(
         decision_id=f"d-{run_id}",
@@ -57,7 +57,7 @@ async def allowed_run(nc: NatsClient, settings: Settings, run_id: str) -> Envelo
         policy_revision="p",
         evaluation_ms=0.1,
     )
-    allow = make_envelope(decision, tenant="acme", subject=run_id, actor="gate", source="t", caused_by=submitted)
+    allow = make_envelope(decision, tenant="acme", entity_id=run_id, actor="gate", source="t", caused_by=submitted)
     await publish(nc, settings, allow)
     return allow
 
@@ -72,7 +72,9 @@ async def finished_run(nc: NatsClient, settings: Settings, run_id: str) -> None:
     ]
     for payload in later:
         await publish(
-            nc, settings, make_envelope(payload, tenant="acme", subject=run_id, actor="s", source="t", caused_by=allow)
+            nc,
+            settings,
+            make_envelope(payload, tenant="acme", entity_id=run_id, actor="s", source="t", caused_by=allow),
         )
 
 
@@ -115,7 +117,7 @@ async def test_a_restart_folds_only_from_the_oldest_run_in_play(
     try:
         assert second.folded == 3, "the live run's decision, queueing and dispatch, nothing older"
         assert second.state.running["acme"] == {"live"}
-        assert live.subject == "live"
+        assert live.entity_id == "live"
     finally:
         await stop(task)
 

@@ -85,7 +85,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)  # the run's last events reach the projector's next batch
         rows_before = await db.fetchval("SELECT count(*) FROM events")
         # Services record no spans without an exporter, yet the run's trace id reaches every row.
-        trace_ids = await db.fetch("SELECT DISTINCT trace_id FROM events WHERE subject = 'kept-run'")
+        trace_ids = await db.fetch("SELECT DISTINCT trace_id FROM events WHERE entity_id = 'kept-run'")
         assert len(trace_ids) == 1
         assert trace_ids[0]["trace_id"] is not None
         await db.close()

@@ -181,7 +181,7 @@ async def _submit(args: argparse.Namespace) -> int:
         except ValidationError as exc:
             raise UsageError(f"invalid submission: {describe_validation_error(exc)}") from None
         printed: dict[str, Any] = {
-            "run_id": receipt.subject_id,
+            "run_id": receipt.run_id,
             "command_id": receipt.command_id,
             "stream_seq": receipt.stream_seq,
             "duplicate": receipt.duplicate,

@@ -34,12 +34,12 @@ async def _show(settings: Settings) -> None:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     try:
-        await _until_finished(pool, allowed.subject_id)
-        await _until_finished(pool, denied.subject_id)
+        await _until_finished(pool, allowed.run_id)
+        await _until_finished(pool, denied.run_id)
         await asyncio.sleep(0.3)  # let the projector catch the last events of both runs
         for title, receipt in (("alice runs the demo agent", allowed), ("bob, a viewer, tries the same", denied)):
-            print(f"\n== {title}: run {receipt.subject_id} (timeline from Postgres) ==")
-            for line in await run_timeline(pool, TENANT, receipt.subject_id):
+            print(f"\n== {title}: run {receipt.run_id} (timeline from Postgres) ==")
+            for line in await run_timeline(pool, TENANT, receipt.run_id):
                 print("  " + line)
     finally:
         await pool.close()

@@ -109,7 +109,7 @@ async def run_events(db: Database, tenant: str, run_id: str) -> list[RunEvent]:
     """A run's stored messages (commands and events) in the order the server stored them."""
     rows = await db.fetch(
         "SELECT stream, stream_seq, stored_at, type, actor, time, payload FROM events "
-        "WHERE tenant = $1 AND subject = $2 AND type IS NOT NULL ORDER BY stream, stream_seq",
+        "WHERE tenant = $1 AND entity_id = $2 AND type IS NOT NULL ORDER BY stream, stream_seq",
         tenant,
         run_id,
     )

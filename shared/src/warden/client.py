@@ -58,7 +58,7 @@ class Receipt:
     """What JetStream said when it stored a command: for a duplicate, the command stored first."""
 
     command_id: str
-    subject_id: str  # the run id, for a run submission
+    run_id: str  # the run the command is about
     stream_seq: int
     duplicate: bool  # True when this idempotency key was already stored: nothing new was queued
 
@@ -146,7 +146,7 @@ class WardenClient:
             raise
         if ack.duplicate:
             return await self._first_submission(envelope, ack.seq)
-        return Receipt(envelope.id, envelope.subject, ack.seq, duplicate=False)
+        return Receipt(envelope.id, envelope.entity_id, ack.seq, duplicate=False)
 
     async def _first_submission(self, envelope: Envelope[Any], seq: int) -> Receipt:
         """The receipt of the command already stored under this key: a retry learns the run it started."""
@@ -158,7 +158,7 @@ class WardenClient:
             raise IdempotencyKeyTaken(f"the key is held by command {seq}, which is not valid: {exc}") from exc
         if stored.subject != expected or (first.tenant, first.type) != (envelope.tenant, envelope.type):
             raise IdempotencyKeyTaken(f"the key is held by command {seq} on {stored.subject!r}, not {expected!r}")
-        return Receipt(first.id, first.subject, seq, duplicate=True)
+        return Receipt(first.id, first.entity_id, seq, duplicate=True)
 
     async def submit_run(
         self,
@@ -180,7 +180,7 @@ class WardenClient:
         envelope = make_envelope(
             RunSubmitted(agent=agent, input=input or {}, priority=priority),
             tenant=tenant,
-            subject=run_id,
+            entity_id=run_id,
             actor=actor,
             source="warden-client",
         )
@@ -189,7 +189,7 @@ class WardenClient:
     async def outcome(self, tenant: str, receipt: Receipt, within: float) -> Outcome:
         """How a submitted run ended: rejected, denied, succeeded or failed; or `pending` after `within` seconds."""
         subjects = [
-            self.subjects.run_events(tenant, receipt.subject_id),
+            self.subjects.run_events(tenant, receipt.run_id),
             self.subjects.command_rejections(tenant, str(receipt.stream_seq)),
         ]
         try:

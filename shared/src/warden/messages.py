@@ -1,7 +1,7 @@
 """The message contract: one envelope for every command and event, and a typed payload per type.
 
 Each payload class names its wire `TYPE` (never its Python path), whether it is a command or an
-event, and the entity its subject is about. `MESSAGE_TYPES` is the registry that parsing, the
+event, and the entity it is about. `MESSAGE_TYPES` is the registry that parsing, the
 subject catalogue, the JSON Schemas and the AsyncAPI document are all built from.
 """
 
@@ -282,7 +282,11 @@ class Envelope(BaseModel, Generic[DataT]):
     source: str = Field(min_length=1, max_length=128, description="The service or client that wrote it.")
     time: datetime
     tenant: TenantId
-    subject: Token = Field(description="Id of the entity it is about: a run id, or a command id.")
+    entity_id: Token = Field(
+        description="Id of the entity it is about: a run id for run events and commands, a command's stream "
+        "sequence for a rejection, a stream name for a gap. Envelopes written before it was renamed carry it "
+        "as `subject`; readers accept those."
+    )
     correlation_id: Token
     causation_id: Token | None = None
     actor: str = Field(min_length=1, max_length=256, description="Who asked: a principal or a service.")
@@ -311,7 +315,7 @@ def make_envelope(
     data: DataT,
     *,
     tenant: str,
-    subject: str,
+    entity_id: str,
     actor: str,
     source: str,
     caused_by: Envelope[Any] | None = None,
@@ -324,7 +328,7 @@ def make_envelope(
         source=source,
         time=datetime.now(UTC),
         tenant=tenant,
-        subject=subject,
+        entity_id=entity_id,
         correlation_id=caused_by.correlation_id if caused_by else event_id,
         causation_id=caused_by.id if caused_by else None,
         actor=actor,
@@ -338,6 +342,20 @@ Upcaster = Any  # Callable[[dict[str, Any]], dict[str, Any]]: raw `data` of vers
 # (type, version) -> function lifting that version's raw data one version up. Stored events are
 # never rewritten: old versions are lifted on read, here, before validation.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def _upcast_envelope(document: dict[str, Any]) -> dict[str, Any]:
+    """Lift an envelope written before its `subject` field was renamed `entity_id`.
+
+    The field names the entity a message is about, and beside NATS subjects the old name misled
+    every reader. It is the envelope's own field, so no payload's schema_version moved; stored
+    messages are never rewritten, so old ones are lifted here, on read.
+    """
+    if "subject" not in document or "entity_id" in document:
+        return document
+    lifted = {key: value for key, value in document.items() if key != "subject"}
+    lifted["entity_id"] = document["subject"]
+    return lifted
 
 
 def _upcast(document: dict[str, Any], model: type[Payload]) -> dict[str, Any]:
@@ -387,7 +405,7 @@ def validate_document(document: dict[str, Any]) -> Envelope[Any]:
     envelope_type = ENVELOPE_TYPES.get(type_name)
     if envelope_type is None:
         raise InvalidMessage(RejectionCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}")
-    document = _upcast(document, MESSAGE_TYPES[type_name])
+    document = _upcast(_upcast_envelope(document), MESSAGE_TYPES[type_name])
     try:
         return envelope_type.model_validate(document)
     except ValidationError as exc:

@@ -99,7 +99,7 @@ class Subjects:
         """The one subject this envelope may travel on."""
         if envelope.data.KIND == "command":
             return self.command(envelope.tenant, envelope.type)
-        return self.event(envelope.tenant, envelope.data, envelope.subject)
+        return self.event(envelope.tenant, envelope.data, envelope.entity_id)
 
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
         """Refuse an envelope whose tenant or type disagrees with the subject it arrived on.

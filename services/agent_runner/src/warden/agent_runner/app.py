@@ -68,14 +68,14 @@ class Runner:
                     reason=f"no runner finished the run in {MAX_ATTEMPTS} attempts", error_type="AttemptsExhausted"
                 ),
                 tenant=work.tenant,
-                subject=work.subject,
+                entity_id=work.entity_id,
                 actor=SERVICE,
                 source=SERVICE,
                 caused_by=work,
             )
             subject, headers = (
                 self.subjects.expected_subject(failed),
-                envelope_headers(failed, f"{work.subject}-finished"),
+                envelope_headers(failed, f"{work.entity_id}-finished"),
             )
             await retry_transient(
                 lambda: self.js.publish(subject, failed.to_bytes(), headers=headers, stream=self.streams.events),
@@ -89,7 +89,7 @@ class Runner:
         except (nats.errors.Error, TimeoutError) as exc:
             # The bus stayed unavailable past the retries inside (or refused something): leave the
             # work unacknowledged; it comes back, and the run resumes after its last recorded step.
-            log.warning("run interrupted; it will be resumed", run_id=work.subject, error=repr(exc), exc_info=True)
+            log.warning("run interrupted; it will be resumed", run_id=work.entity_id, error=repr(exc), exc_info=True)
             await message.nak(delay=1.0)
             return
         finally:
@@ -155,7 +155,7 @@ class Runner:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    return consumer_service(settings, lambda broker: Runner(settings, broker.config.connection_state.stream).run())
+    return consumer_service(settings, lambda broker: Runner(settings, broker.connection.jetstream()).run())
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ class RunExecutor:
         return verdict if isinstance(verdict, DecisionMade) and verdict.tool_call_id == tool_call_id else None
 
     async def execute(self, work: Envelope[RunDispatched], headers: Mapping[str, str] | None, attempt: int) -> None:
-        tenant, run_id = work.tenant, work.subject
+        tenant, run_id = work.tenant, work.entity_id
         with (
             consuming(SERVICE, "agent_runner.run", headers, run_id=run_id, agent=work.data.agent, attempt=attempt),
             structlog.contextvars.bound_contextvars(run_id=run_id, tenant=tenant),
@@ -170,7 +170,7 @@ class RunExecutor:
                 log.error("the run's submission cannot be used; failing the run", problem=submission)
                 failed = RunFailed(reason=submission, error_type="InvalidSubmission")
                 envelope = make_envelope(
-                    failed, tenant=tenant, subject=run_id, actor=SERVICE, source=SERVICE, caused_by=work
+                    failed, tenant=tenant, entity_id=run_id, actor=SERVICE, source=SERVICE, caused_by=work
                 )
                 await self._publish(envelope, f"{run_id}-finished")
                 return
@@ -186,18 +186,20 @@ class RunExecutor:
             submission = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
         except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
             return f"the run's submission (command {seq}) cannot be read: {exc}"
-        names_the_run = (submission.tenant, submission.subject) == (work.tenant, work.subject)
+        names_the_run = (submission.tenant, submission.entity_id) == (work.tenant, work.entity_id)
         if not isinstance(submission.data, RunSubmitted) or not names_the_run:
-            return f"command {seq} is a {submission.type} of {submission.tenant}/{submission.subject}, not this run's"
+            return f"command {seq} is a {submission.type} of {submission.tenant}/{submission.entity_id}, not this run's"
         return submission
 
     async def _run(
         self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int
     ) -> None:
-        tenant, run_id = work.tenant, work.subject
+        tenant, run_id = work.tenant, work.entity_id
 
         def event(payload: Payload) -> Envelope[Any]:
-            return make_envelope(payload, tenant=tenant, subject=run_id, actor=SERVICE, source=SERVICE, caused_by=work)
+            return make_envelope(
+                payload, tenant=tenant, entity_id=run_id, actor=SERVICE, source=SERVICE, caused_by=work
+            )
 
         await self._publish(
             event(RunStarted(decision_id=work.data.decision_id, worker=self.worker, attempt=attempt)),
@@ -281,7 +283,7 @@ class RunExecutor:
         event: Any,
     ) -> StepRecord:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
-        run_id = work.subject
+        run_id = work.entity_id
         tool_call_id = f"{run_id}-tc{step}"
         with consuming(SERVICE, "agent_runner.tool_call", None, run_id=run_id, tool=action.tool, step=step):
             request = make_envelope(
@@ -295,7 +297,7 @@ class RunExecutor:
                 ),
                 # The principal who asked for the run is who asks for its tool calls.
                 tenant=work.tenant,
-                subject=run_id,
+                entity_id=run_id,
                 actor=submission.actor,
                 source=SERVICE,
                 caused_by=work,

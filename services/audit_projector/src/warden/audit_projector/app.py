@@ -59,12 +59,12 @@ def build_app(settings: Settings | None = None) -> FastStream:
             await store.become_active(settings.database_url)
             positions = await store.positions()
             await broker.connect()
-            js = broker.config.connection_state.stream
+            js = broker.connection.jetstream()
 
             async def record_gap(stream: str, first_seq: int, last_seq: int) -> None:
                 # The event first: once the position has moved past the gap, nothing would find it again.
                 gap = StreamGapDetected(stream=stream, first_seq=first_seq, last_seq=last_seq)
-                event = make_envelope(gap, tenant=SYSTEM_TENANT, subject=stream, actor=SERVICE, source=SERVICE)
+                event = make_envelope(gap, tenant=SYSTEM_TENANT, entity_id=stream, actor=SERVICE, source=SERVICE)
                 subject, headers = (
                     subjects.expected_subject(event),
                     envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),

@@ -79,7 +79,7 @@ EVENT_COLUMNS = (
     "event_id",
     "type",
     "source",
-    "subject",
+    "entity_id",
     "time",
     "actor",
     "correlation_id",
@@ -349,7 +349,7 @@ def _envelope_event_row(
         envelope.id,
         envelope.type,
         envelope.source,
-        envelope.subject,
+        envelope.entity_id,
         envelope.time,
         envelope.actor,
         envelope.correlation_id,
@@ -377,7 +377,7 @@ def _run_change(
     """Merge what one envelope says about its run into the run's row."""
     values = [(_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id)]
     values += [(_RUN_INDEX[column], value) for column, value in columns.items()]
-    rows.merge_run_values((envelope.tenant, envelope.subject), status, values, steps=steps, tool_calls=tool_calls)
+    rows.merge_run_values((envelope.tenant, envelope.entity_id), status, values, steps=steps, tool_calls=tool_calls)
 
 
 def _rejection_row(envelope: Envelope[Any], data: CommandRejected) -> RejectionRow:
@@ -400,7 +400,7 @@ def _decision_row(envelope: Envelope[Any], data: DecisionMade, trace_id: str | N
     return (
         envelope.tenant,
         data.decision_id,
-        envelope.subject,
+        envelope.entity_id,
         data.request_type,
         data.request_id,
         data.request_seq,
@@ -453,7 +453,7 @@ def _tool_call_requested(rows: Rows, envelope: Envelope[Any], data: ToolCallRequ
         (
             envelope.tenant,
             data.tool_call_id,
-            envelope.subject,
+            envelope.entity_id,
             data.step,
             data.tool,
             _json(data.arguments),
@@ -474,7 +474,7 @@ def _tool_call_completed(rows: Rows, envelope: Envelope[Any], data: ToolCallComp
         (
             envelope.tenant,
             data.tool_call_id,
-            envelope.subject,
+            envelope.entity_id,
             data.step,
             data.tool,
             None,
@@ -506,7 +506,7 @@ def _run_failed(rows: Rows, envelope: Envelope[Any], data: RunFailed, trace_id: 
 def _step_completed(rows: Rows, envelope: Envelope[Any], data: StepCompleted, trace_id: str | None) -> None:
     # The most frequent message by far, so `_run_change` spelt out.
     values = ((_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id))
-    rows.merge_run_values((envelope.tenant, envelope.subject), "unknown", values, steps=1, tool_calls=0)
+    rows.merge_run_values((envelope.tenant, envelope.entity_id), "unknown", values, steps=1, tool_calls=0)
 
 
 ReadModelProjector = Callable[[Rows, Envelope[Any], Any, str | None], None]
@@ -545,7 +545,7 @@ _CHECKED_SUBJECTS_MAX = 10_000
 
 def _check_subject(subjects: Subjects, envelope: Envelope[Any], nats_subject: str) -> None:
     """`subjects.check_envelope_subject`, remembered: the expected subject depends only on the key."""
-    key = (subjects.prefix, envelope.type, envelope.tenant, envelope.subject)
+    key = (subjects.prefix, envelope.type, envelope.tenant, envelope.entity_id)
     if _CHECKED_SUBJECTS.get(key) != nats_subject:
         subjects.check_envelope_subject(envelope, nats_subject)  # raises InvalidMessage on a mismatch
         if len(_CHECKED_SUBJECTS) >= _CHECKED_SUBJECTS_MAX:

@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS events (
     event_id        text,
     type            text,
     source          text,
-    subject         text,
+    entity_id       text,                  -- the run (or other entity) it is about
     time            timestamptz,
     actor           text,
     correlation_id  text,
@@ -30,7 +30,17 @@ CREATE TABLE IF NOT EXISTS events (
     invalid_reason  text,
     PRIMARY KEY (stream, stream_seq)
 );
-CREATE INDEX IF NOT EXISTS events_by_entity ON events (tenant, subject, stream_seq);
+-- Tables made before the envelope's `subject` was renamed `entity_id` have the old column name.
+DO $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'events' AND column_name = 'subject'
+    ) THEN
+        ALTER TABLE events RENAME COLUMN subject TO entity_id;
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS events_by_entity ON events (tenant, entity_id, stream_seq);
 CREATE INDEX IF NOT EXISTS events_by_event_id ON events (event_id);
 CREATE INDEX IF NOT EXISTS events_by_trace ON events (trace_id);
 

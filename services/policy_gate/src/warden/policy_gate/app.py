@@ -94,7 +94,7 @@ class Gate:
                 reason=f"the policy gate failed on this command: {type(exc).__name__}: {exc}",
             )
         answer = make_envelope(
-            checked, tenant=self.subjects.tenant_of(message.subject), subject=str(seq), actor=SERVICE, source=SERVICE
+            checked, tenant=self.subjects.tenant_of(message.subject), entity_id=str(seq), actor=SERVICE, source=SERVICE
         )
         log.warning(
             "command rejected", subject=message.subject, stream_seq=seq, code=checked.code, reason=checked.reason
@@ -106,14 +106,19 @@ class Gate:
         verdict = self.decider.decide(command, seq)
         log.info(
             "decision made",
-            run_id=command.subject,
+            run_id=command.entity_id,
             type=command.type,
             effect=verdict.effect,
             decision_id=verdict.decision_id,
             evaluation_ms=verdict.evaluation_ms,
         )
         return make_envelope(
-            verdict, tenant=command.tenant, subject=command.subject, actor=SERVICE, source=SERVICE, caused_by=command
+            verdict,
+            tenant=command.tenant,
+            entity_id=command.entity_id,
+            actor=SERVICE,
+            source=SERVICE,
+            caused_by=command,
         )
 
     async def decide(self, message: Msg) -> None:
@@ -239,9 +244,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
     decider = PolicyDecider(PolicyEngine.load(policy_dir))
     log.info("policies loaded", revision=decider.engine.revision, directory=str(policy_dir))
-    return consumer_service(
-        settings, lambda broker: Gate(settings, broker.config.connection_state.stream, decider).run()
-    )
+    return consumer_service(settings, lambda broker: Gate(settings, broker.connection.jetstream(), decider).run())
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
         "principal": envelope.actor,
         "agent": data.agent,
         "tool": tool,
-        "run": {"id": envelope.subject, "usage": usage.model_dump()},
+        "run": {"id": envelope.entity_id, "usage": usage.model_dump()},
     }
 
 

@@ -14,6 +14,7 @@ run as a single instance.
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -75,10 +76,10 @@ class Scheduler:
         self.watermark_kept = 0
         self.watermark_written_at = 0.0
 
-    @property
+    @functools.cached_property
     def js(self) -> JetStreamContext:
-        js: JetStreamContext = self.broker.config.connection_state.stream
-        return js
+        # Asked for once the broker is connected (its consumers run after start), then kept.
+        return self.broker.connection.jetstream()
 
     async def publish(self, envelope: Envelope[Any], subject: str, stream: str, key: str) -> asyncio.Future[PubAck]:
         """Send one message pipelined (call inside the span it belongs to); `stored` waits for its ack."""
@@ -98,7 +99,7 @@ class Scheduler:
 
     def emit(self, payload: Payload, cause: Envelope[Any]) -> Envelope[Any]:
         return make_envelope(
-            payload, tenant=cause.tenant, subject=cause.subject, actor=SERVICE, source=SERVICE, caused_by=cause
+            payload, tenant=cause.tenant, entity_id=cause.entity_id, actor=SERVICE, source=SERVICE, caused_by=cause
         )
 
     async def submission(self, tenant: str, run_id: str, request_seq: int) -> Envelope[Any] | None:
@@ -120,10 +121,10 @@ class Scheduler:
         except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
             problem = f"command {request_seq} cannot be read: {exc}"
         else:
-            names_the_run = (submission.tenant, submission.subject) == (tenant, run_id)
+            names_the_run = (submission.tenant, submission.entity_id) == (tenant, run_id)
             if isinstance(submission.data, RunSubmitted) and names_the_run:
                 return submission
-            problem = f"command {request_seq} is a {submission.type} of {submission.tenant}/{submission.subject}"
+            problem = f"command {request_seq} is a {submission.type} of {submission.tenant}/{submission.entity_id}"
         log.error("an allow decision does not point at its run's submission; ignored", run_id=run_id, problem=problem)
         return None
 
@@ -212,7 +213,7 @@ class Scheduler:
             return
         headers: Mapping[str, str] = message.headers or {}
         evolve(self.state, envelope, {k: v for k, v in headers.items() if k in {"traceparent", "tracestate"}})
-        key = (envelope.tenant, envelope.subject)
+        key = (envelope.tenant, envelope.entity_id)
         if key in self.state.finished:
             # Finished runs are forgotten: a second decision on one is caught by `was_queued`.
             self.state.finished.discard(key)

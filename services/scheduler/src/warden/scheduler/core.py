@@ -54,7 +54,7 @@ class SchedulerState:
 def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str, str] | None = None) -> None:
     """Apply one event. Idempotent: the scheduler applies its own events once when it publishes them
     and again when they come back from the stream."""
-    key = (envelope.tenant, envelope.subject)
+    key = (envelope.tenant, envelope.entity_id)
     data = envelope.data
     if isinstance(data, DecisionMade):
         if data.request_type == RunSubmitted.TYPE and data.effect == "allow" and not state.is_known(key):
