@@ -46,7 +46,7 @@ from nats.aio.msg import Msg
 
 from warden.admission import CommandRules
 from warden.audit_projector.copy_codec import connect_for_copy
-from warden.audit_projector.projection import EVENT_COLUMNS, project
+from warden.audit_projector.projection import EVENT_COLUMNS, EventRow, project
 from warden.audit_projector.replay import default_workers, prepare_target, replay
 from warden.audit_projector.replay_segment import COPY_CHUNK, cyclic_gc_paused
 from warden.audit_projector.stream_reader import read_range
@@ -322,7 +322,7 @@ async def nats_py_ordered_read(nats_url: str, prefix: str, limit: int) -> tuple[
 async def copy_floor(nats_url: str, database_url: str, prefix: str, connections: int) -> tuple[int, float]:
     """Floor 2: COPY the exact `events` rows the projection makes, the way the replay loads them."""
     rules = CommandRules(Subjects(prefix), Settings().max_command_bytes)
-    chunks: list[list[tuple[Any, ...]]] = []
+    chunks: list[list[EventRow]] = []
     nc = await connect(nats_url)
     try:
         with cyclic_gc_paused():

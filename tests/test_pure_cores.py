@@ -17,7 +17,7 @@ from tests.strategies import tenants
 from warden.admission import CommandRules
 from warden.agent_runner.agents import ModelTurn, ToolCall
 from warden.agent_runner.history import RunHistory
-from warden.audit_projector.projection import RUN_COLUMNS, TOOL_CALL_COLUMNS, Rows, StoredMessage, project
+from warden.audit_projector.projection import Rows, StoredMessage, project
 from warden.messages import (
     DecisionMade,
     Effect,
@@ -354,20 +354,21 @@ def governed_run(run_id: str) -> list[StoredMessage]:
 RULES = CommandRules(SUBJECTS, 64 * 1024)
 
 
-def table(rows: list[tuple[Any, ...]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, row, strict=True)) for row in rows]
-
-
 def test_a_governed_run_projects_to_one_row_per_table_key() -> None:
     """A whole run: an events row per message; one runs row, succeeded, with its counts; decisions; the tool call."""
     messages = governed_run("r1")
     rows = project(messages, RULES)
     assert len(rows.events) == len(messages)
-    (run,) = table(rows.run_rows(), RUN_COLUMNS)
-    assert (run["status"], run["steps"], run["tool_calls"], run["agent"]) == ("succeeded", 1, 1, "demo")
+    (run,) = rows.run_rows()
+    assert (run.status, run.steps, run.tool_calls, run.agent) == ("succeeded", 1, 1, "demo")
     assert len(rows.decisions) == 2
-    (tool_call,) = table(rows.tool_call_rows(), TOOL_CALL_COLUMNS)
-    assert (tool_call["tool"], tool_call["decision_id"]) == ("math.add", "d2")
+    (tool_call,) = rows.tool_call_rows()
+    assert (tool_call.tool, tool_call.decision_id, tool_call.arguments, tool_call.outcome) == (
+        "math.add",
+        "d2",
+        "{}",
+        "ok",
+    )
 
 
 @given(st.lists(st.integers(0, 10), min_size=1, max_size=6))
@@ -391,5 +392,5 @@ def test_a_status_never_goes_back() -> None:
     late = stored([(STREAMS.events, event(RunStarted(decision_id="d-r1", worker="w2", attempt=2), "r1"))])
     rows = project(messages, RULES)
     rows.absorb(project([late[0]._replace(seq=len(messages) + 1)], RULES))
-    (run,) = table(rows.run_rows(), RUN_COLUMNS)
-    assert run["status"] == "succeeded"
+    (run,) = rows.run_rows()
+    assert run.status == "succeeded"

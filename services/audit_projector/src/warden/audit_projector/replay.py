@@ -130,10 +130,10 @@ class _ReadModelWriter:
         self.rejection_keys.update(rows.rejections)
         await self._copy("decisions", DECISION_COLUMNS, decisions)
         await self._copy("rejected_commands", REJECTION_COLUMNS, rejections)
-        for run in rows.runs.values():
-            self.pending.merge_run(tuple(run))
-        for tool_call in rows.tool_calls.values():
-            self.pending.merge_tool_call(tuple(tool_call))
+        for run in rows.run_rows():
+            self.pending.merge_run(run)
+        for tool_call in rows.tool_call_rows():
+            self.pending.merge_tool_call(tool_call)
         if len(self.pending.runs) + len(self.pending.tool_calls) > self.MAX_PENDING:
             await self.flush()
 

@@ -1,7 +1,7 @@
 """Postgres adapter for the audit projector: schema, stream positions and batched, idempotent writes."""
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 
 import asyncpg
@@ -14,9 +14,10 @@ from warden.audit_projector.projection import (
     EVENT_COLUMNS,
     REJECTION_COLUMNS,
     RUN_COLUMNS,
-    RUN_SET_ONCE_COLUMNS,
+    RUN_MERGE,
     TOOL_CALL_COLUMNS,
-    TOOL_CALL_MERGED_COLUMNS,
+    TOOL_CALL_MERGE,
+    Merge,
     Rows,
     StoredMessage,
     project,
@@ -41,15 +42,29 @@ INSERT_EVENT = (
     f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({_placeholders(len(EVENT_COLUMNS))}) "
     "ON CONFLICT (stream, stream_seq) DO NOTHING"
 )
-# How a run's row merges (projection.Rows.merge_run_values does the same in memory): status only moves up
-# its rank, counters add, every other column keeps its first value that is not NULL.
-MERGE_RUN_ON_CONFLICT = (
-    "ON CONFLICT (tenant, run_id) DO UPDATE SET "
-    "status = CASE WHEN EXCLUDED.status_rank > runs.status_rank THEN EXCLUDED.status ELSE runs.status END, "
-    "status_rank = GREATEST(runs.status_rank, EXCLUDED.status_rank), "
-    "steps = runs.steps + EXCLUDED.steps, tool_calls = runs.tool_calls + EXCLUDED.tool_calls, "
-    + ", ".join(f"{column} = COALESCE(runs.{column}, EXCLUDED.{column})" for column in RUN_SET_ONCE_COLUMNS)
-)
+
+
+def on_conflict_merge(table: str, merge: Mapping[str, Merge]) -> str:
+    """The ON CONFLICT clause that merges a row into `table` by its columns' declared rules
+    (projection.Merge): the same rules `projection.Rows` applies in memory."""
+    key = ", ".join(column for column, kind in merge.items() if kind is Merge.KEY)
+    sets = []
+    for column, kind in merge.items():
+        old, new = f"{table}.{column}", f"EXCLUDED.{column}"
+        match kind:
+            case Merge.RANKED:
+                rank = f"{column}_rank"
+                sets.append(f"{column} = CASE WHEN EXCLUDED.{rank} > {table}.{rank} THEN {new} ELSE {old} END")
+            case Merge.HIGHEST:
+                sets.append(f"{column} = GREATEST({old}, {new})")
+            case Merge.ADD:
+                sets.append(f"{column} = {old} + {new}")
+            case Merge.FIRST:
+                sets.append(f"{column} = COALESCE({old}, {new})")
+    return f"ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(sets)
+
+
+MERGE_RUN_ON_CONFLICT = on_conflict_merge("runs", RUN_MERGE)
 MERGE_RUN = (
     f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({_placeholders(len(RUN_COLUMNS))}) {MERGE_RUN_ON_CONFLICT}"
 )
@@ -62,10 +77,7 @@ INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)}) VALUES ({_placeholders(len(DECISION_COLUMNS))}) "
     "ON CONFLICT DO NOTHING"
 )
-# A tool call's row merges column by column: the first value that is not NULL stays.
-MERGE_TOOL_CALL_ON_CONFLICT = "ON CONFLICT (tenant, tool_call_id) DO UPDATE SET " + ", ".join(
-    f"{column} = COALESCE(tool_calls.{column}, EXCLUDED.{column})" for column in TOOL_CALL_MERGED_COLUMNS
-)
+MERGE_TOOL_CALL_ON_CONFLICT = on_conflict_merge("tool_calls", TOOL_CALL_MERGE)
 MERGE_TOOL_CALL = (
     f"INSERT INTO tool_calls ({', '.join(TOOL_CALL_COLUMNS)}) VALUES ({_placeholders(len(TOOL_CALL_COLUMNS))}) "
     + MERGE_TOOL_CALL_ON_CONFLICT
