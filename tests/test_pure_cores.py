@@ -179,6 +179,8 @@ def test_a_run_history_holds_each_recorded_step_once_in_order() -> None:
     assert (steps[1].outcome, steps[1].result) == ("ok", {"sum": 3})
     assert history.attempts == 2
     assert not history.finished
+    # A runner taking the run over counts on from what was recorded, tokens included.
+    assert history.usage() == RunUsage(steps=2, tool_calls=1, input_tokens=5, output_tokens=7)
 
 
 def test_a_run_history_keeps_tool_call_decisions_and_sees_the_end() -> None:

@@ -208,7 +208,7 @@ class RunExecutor:
         history = recorded.ordered_steps()
         if history:
             log.info("resuming run", recorded_steps=len(history), attempt=attempt)
-        usage = RunUsage(steps=len(history), tool_calls=sum(isinstance(s.action, ToolCall) for s in history))
+        usage = recorded.usage()
         try:
             agent = self.catalogue.get(work.data.agent)
         except UnknownAgent as exc:

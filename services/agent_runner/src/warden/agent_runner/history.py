@@ -25,7 +25,6 @@ class RunHistory:
     """What the stream says already happened to a run, and the decisions on its tool calls."""
 
     steps: dict[int, StepRecord] = field(default_factory=dict)
-    usage: RunUsage = field(default_factory=RunUsage)
     attempts: int = 0
     finished: bool = False
     decisions: dict[str, DecisionMade] = field(default_factory=dict)
@@ -60,3 +59,14 @@ class RunHistory:
 
     def ordered_steps(self) -> list[StepRecord]:
         return [self.steps[step] for step in sorted(self.steps)]
+
+    def usage(self) -> RunUsage:
+        """What the recorded steps consumed: a runner that takes the run over goes on counting from here,
+        so a policy's caps see the whole run, not only this attempt."""
+        turns = [record.action for record in self.steps.values() if isinstance(record.action, ModelTurn)]
+        return RunUsage(
+            steps=len(self.steps),
+            tool_calls=sum(isinstance(record.action, ToolCall) for record in self.steps.values()),
+            input_tokens=sum(turn.input_tokens for turn in turns),
+            output_tokens=sum(turn.output_tokens for turn in turns),
+        )
