@@ -25,6 +25,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import Servers, database_url_for, eventually, start_services, stop_services
+from warden.bus import retry_transient
 from warden.client import Receipt, WardenClient
 from warden.embedded import EmbeddedServers, NatsNode
 from warden.errors import RetryableError
@@ -207,3 +208,27 @@ async def _equal(value: Any, expected: Any) -> bool:
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_provisioning_raises_replicas_everywhere_and_lowers_them_only_when_forced(cluster: Cluster) -> None:
+    """Streams and the scheduler's bucket go from one replica to three; back to one is refused, then forced."""
+    js = cluster.nc.jetstream()
+    subjects = Subjects(f"p{uuid.uuid4().hex[:10]}")
+    names = StreamNames.for_prefix(subjects.prefix)
+    every = [*names.audited, names.work, f"KV_{names.scheduler}"]
+
+    async def replicas() -> dict[str, int | None]:
+        return {stream: (await js.stream_info(stream)).config.num_replicas for stream in every}
+
+    created = await retry_transient(lambda: provision(js, subjects, replicas=1), what="provisioning")
+    assert sorted(created.created) == sorted(every)
+    raised = await retry_transient(lambda: provision(js, subjects, replicas=3), what="provisioning")
+    assert {change.stream for change in raised.changed if change.setting == "num_replicas"} == set(every)
+    assert await retry_transient(replicas, what="stream info") == dict.fromkeys(every, 3)
+
+    kept = await retry_transient(lambda: provision(js, subjects, replicas=1), what="provisioning")
+    assert {change.stream for change in kept.refused} == set(every)
+    assert await retry_transient(replicas, what="stream info") == dict.fromkeys(every, 3)
+    forced = await retry_transient(lambda: provision(js, subjects, replicas=1, force=True), what="provisioning")
+    assert {change.stream for change in forced.changed} == set(every)
+    assert await retry_transient(replicas, what="stream info") == dict.fromkeys(every, 1)

@@ -65,8 +65,11 @@ async def test_provisioning_twice_changes_nothing(settings: Settings, nc: NatsCl
     assert (result.created, result.changed, result.refused) == ([], [], [])
 
 
-async def test_a_weakening_change_is_refused_unless_forced(settings: Settings, nc: NatsClient) -> None:
-    """A stream made stronger by hand (old messages kept) is not weakened back; --force does it, and says so."""
+async def test_provisioning_strengthens_a_stream_and_leaves_limits_set_by_hand(
+    settings: Settings, nc: NatsClient
+) -> None:
+    """A stream made weaker by hand is brought back to the declared settings; a limit nothing declares is left
+    alone. (Refusing to weaken needs replicas to lose: tests/test_cluster.py shows it on three nodes.)"""
     js = nc.jetstream()
     events = StreamNames.for_prefix(settings.subject_prefix).events
     config = (await js.stream_info(events)).config

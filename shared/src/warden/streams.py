@@ -11,7 +11,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from warden.subjects import Subjects
 
@@ -166,6 +166,29 @@ def _differences(current: StreamConfig, declared: StreamConfig) -> list[Change]:
     return changes
 
 
+async def _provision_bucket(js: JetStreamContext, bucket: str, replicas: int, force: bool, result: Provisioned) -> None:
+    """Create the scheduler's key-value bucket, or bring its replicas to the declared number, by the
+    same never-weaken rule as the streams (a bucket is a stream, `KV_<bucket>`)."""
+    stream = f"KV_{bucket}"
+    try:
+        current = (await js.stream_info(stream)).config
+    except NotFoundError:
+        # One value, rewritten in place: nothing in it is history worth keeping.
+        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
+        result.created.append(stream)
+        return
+    if current.num_replicas == replicas:
+        return
+    change = Change(
+        stream, "num_replicas", current.num_replicas, replicas, _weakens("num_replicas", current.num_replicas, replicas)
+    )
+    if change.weakens and not force:
+        result.refused.append(change)
+        return
+    await js.update_stream(replace(current, num_replicas=replicas))
+    result.changed.append(change)
+
+
 async def provision(js: JetStreamContext, subjects: Subjects, replicas: int = 1, *, force: bool = False) -> Provisioned:
     """Create each stream, or bring an existing one to the declared settings.
 
@@ -190,13 +213,7 @@ async def provision(js: JetStreamContext, subjects: Subjects, replicas: int = 1,
             await js.update_stream(replace(config, **kept))
         result.changed += [change for change in changes if change not in refused]
         result.refused += refused
-    bucket = StreamNames.for_prefix(subjects.prefix).scheduler
-    try:
-        await js.key_value(bucket)
-    except BucketNotFoundError:
-        # One value, rewritten in place: nothing in it is history worth keeping.
-        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
-        result.created.append(f"KV_{bucket}")
+    await _provision_bucket(js, StreamNames.for_prefix(subjects.prefix).scheduler, replicas, force, result)
     for stream in result.created:
         log.info("stream created: %s", stream)
     for applied in result.changed:
