@@ -280,50 +280,32 @@ def register(broker: NatsBroker, variant: Variant, target: Target, tally: Tally)
     async def handle_body(body: dict[str, Any]) -> None:
         tally.handled(body)  # FastStream acks once this returns (NACK_ON_ERROR: naks if it raises)
 
-    stream = JStream(name=target.stream, declare=False)
-    config = consumer_config(target.durable)
-    subscriber: Any
-    if variant == "faststream_push":
-        subscriber = broker.subscriber(
-            target.subject,
-            queue=target.durable,
-            stream=stream,
-            durable=target.durable,
-            config=config,
-            ack_policy=AckPolicy.MANUAL,
-        )
-    elif variant == "faststream_push_auto_ack":
-        subscriber = broker.subscriber(
-            target.subject,
-            queue=target.durable,
-            stream=stream,
-            durable=target.durable,
-            config=config,
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-        )
+    # What differs between the variants; everything else is the same subscription.
+    options: dict[str, dict[str, Any]] = {
+        "faststream_push": {"queue": target.durable, "ack_policy": AckPolicy.MANUAL},
+        "faststream_push_auto_ack": {"queue": target.durable, "ack_policy": AckPolicy.NACK_ON_ERROR},
+        "faststream_pull": {
+            "pull_sub": PullSub(batch_size=BATCH, timeout=PULL_TIMEOUT),
+            "ack_policy": AckPolicy.MANUAL,
+        },
+        "faststream_push_workers16": {
+            "queue": target.durable,
+            "ack_policy": AckPolicy.MANUAL,
+            "max_workers": WORKERS,
+        },
+    }
+    if variant not in options:
+        raise ValueError(variant)
+    subscriber: Any = broker.subscriber(
+        target.subject,
+        stream=JStream(name=target.stream, declare=False),
+        durable=target.durable,
+        config=consumer_config(target.durable),
+        **options[variant],
+    )
+    if variant == "faststream_push_auto_ack":
         subscriber(handle_body)
         return subscriber
-    elif variant == "faststream_pull":
-        subscriber = broker.subscriber(
-            target.subject,
-            stream=stream,
-            durable=target.durable,
-            config=config,
-            pull_sub=PullSub(batch_size=BATCH, timeout=PULL_TIMEOUT),
-            ack_policy=AckPolicy.MANUAL,
-        )
-    elif variant == "faststream_push_workers16":
-        subscriber = broker.subscriber(
-            target.subject,
-            queue=target.durable,
-            stream=stream,
-            durable=target.durable,
-            config=config,
-            ack_policy=AckPolicy.MANUAL,
-            max_workers=WORKERS,
-        )
-    else:
-        raise ValueError(variant)
     subscriber(handle)
     return subscriber
 

@@ -66,6 +66,19 @@ def allow(run_id: str, tenant: str = "acme", effect: Effect = "allow", seq: int 
     return event(decision, run_id, tenant)
 
 
+def tool_decision(tool_call_id: str, effect: Effect = "allow") -> DecisionMade:
+    return DecisionMade(
+        decision_id="d2",
+        request_type=ToolCallRequested.TYPE,
+        request_id="c2",
+        request_seq=2,
+        effect=effect,
+        policy_revision="r",
+        evaluation_ms=0.1,
+        tool_call_id=tool_call_id,
+    )
+
+
 def queued(run_id: str, tenant: str = "acme", priority: int = 5, seq: int = 1) -> Envelope[Any]:
     return event(RunQueued(decision_id=f"d-{run_id}", priority=priority, agent="demo", request_seq=seq), run_id, tenant)
 
@@ -186,18 +199,8 @@ def test_a_run_history_holds_each_recorded_step_once_in_order() -> None:
 def test_a_run_history_keeps_tool_call_decisions_and_sees_the_end() -> None:
     """Decisions on tool calls are kept by tool call id; a run decision is not; run.failed ends the run."""
     history = RunHistory()
-    tool_decision = DecisionMade(
-        decision_id="d2",
-        request_type=ToolCallRequested.TYPE,
-        request_id="c2",
-        request_seq=2,
-        effect="deny",
-        policy_revision="r",
-        evaluation_ms=0.1,
-        tool_call_id="r1-tc1",
-    )
     history.apply(allow("r1"))
-    history.apply(event(tool_decision, "r1"))
+    history.apply(event(tool_decision("r1-tc1", "deny"), "r1"))
     history.apply(event(RunFailed(reason="agent failed", error_type="AgentError"), "r1"))
     assert list(history.decisions) == ["r1-tc1"]
     assert history.finished
@@ -324,16 +327,6 @@ def stored(messages: list[tuple[str, Envelope[Any]]]) -> list[StoredMessage]:
 def governed_run(run_id: str) -> list[StoredMessage]:
     submitted = make_envelope(RunSubmitted(agent="demo"), tenant="acme", entity_id=run_id, actor="alice", source="cli")
     request = ToolCallRequested(tool_call_id=f"{run_id}-tc1", step=1, agent="demo", tool="math.add", arguments={})
-    tool_decision = DecisionMade(
-        decision_id="d2",
-        request_type=ToolCallRequested.TYPE,
-        request_id="c2",
-        request_seq=2,
-        effect="allow",
-        policy_revision="r",
-        evaluation_ms=0.1,
-        tool_call_id=f"{run_id}-tc1",
-    )
     completed = ToolCallCompleted(
         tool_call_id=f"{run_id}-tc1", step=1, tool="math.add", decision_id="d2", outcome="ok", result=3
     )
@@ -346,7 +339,7 @@ def governed_run(run_id: str) -> list[StoredMessage]:
             (STREAMS.events, event(RunStarted(decision_id=f"d-{run_id}", worker="w"), run_id)),
             (STREAMS.events, event(StepCompleted(step=0, kind="model_turn"), run_id)),
             (STREAMS.commands, event(request, run_id)),
-            (STREAMS.events, event(tool_decision, run_id)),
+            (STREAMS.events, event(tool_decision(f"{run_id}-tc1"), run_id)),
             (STREAMS.events, event(completed, run_id)),
             (STREAMS.events, event(RunSucceeded(steps=2, tool_calls=1), run_id)),
         ]
