@@ -96,10 +96,15 @@ class Subjects:
         )
 
     def expected_subject(self, envelope: Envelope[Any]) -> str:
-        """The one subject this envelope may travel on."""
-        if envelope.data.KIND == "command":
-            return self.command(envelope.tenant, envelope.type)
-        return self.event(envelope.tenant, envelope.data, envelope.entity_id)
+        """The one subject this envelope may travel on.
+
+        Built without checking the tokens again: the envelope's model already holds its tenant and
+        entity id to the token rules, and this runs once per message the projector reads.
+        """
+        data = envelope.data
+        if data.KIND == "command":
+            return f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}"
+        return f"{self.prefix}.evt.{envelope.tenant}.{data.ENTITY}.{envelope.entity_id}.{data.TYPE}"
 
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
         """Refuse an envelope whose tenant or type disagrees with the subject it arrived on.

@@ -577,22 +577,6 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 
 
-# Subjects already checked: the one subject an envelope of (prefix, type, tenant, entity id) may
-# arrive on. The messages of one run share all but the type, so most checks are a look-up here.
-_CHECKED_SUBJECTS: dict[tuple[str, str, str, str], str] = {}
-_CHECKED_SUBJECTS_MAX = 10_000
-
-
-def _check_subject(subjects: Subjects, envelope: Envelope[Any], nats_subject: str) -> None:
-    """`subjects.check_envelope_subject`, remembered: the expected subject depends only on the key."""
-    key = (subjects.prefix, envelope.type, envelope.tenant, envelope.entity_id)
-    if _CHECKED_SUBJECTS.get(key) != nats_subject:
-        subjects.check_envelope_subject(envelope, nats_subject)  # raises InvalidMessage on a mismatch
-        if len(_CHECKED_SUBJECTS) >= _CHECKED_SUBJECTS_MAX:
-            _CHECKED_SUBJECTS.clear()
-        _CHECKED_SUBJECTS[key] = nats_subject
-
-
 def read_stored(message: StoredMessage, rules: CommandRules) -> tuple[dict[str, Any], Envelope[Any]]:
     """A stored message's document and envelope, or `InvalidMessage` saying why it is not a valid one.
 
@@ -604,7 +588,7 @@ def read_stored(message: StoredMessage, rules: CommandRules) -> tuple[dict[str, 
         check_size(message.data, rules.max_bytes)
     document = decode_document(message.data)
     envelope = _validate(document)
-    _check_subject(rules.subjects, envelope, message.subject)
+    rules.subjects.check_envelope_subject(envelope, message.subject)
     if is_command:
         check_key_scope(envelope, message.headers)
     return document, envelope

@@ -5,9 +5,9 @@ through its own connection: it subscribes to an inbox, asks an ephemeral, unackn
 consumer for batches, and parses the protocol's frames itself. nats-py (the caller's client)
 creates and deletes the consumer; servers the bare connection cannot talk to (TLS) are read
 through nats-py instead (`read_range` chooses). Measured by W4 (`python -m bench.replay`, one
-million events, two workers): the whole replay ran at 46,228 events/s through this reader and at
-18,232 through nats-py alone (2.54 times slower), so without it a replay stays far below the
-50,000 events/s it is held to.
+million events, two workers; bench/results/replay.json): the whole replay ran at 55,460 events/s
+through this reader and at 21,474 through nats-py alone (2.58 times slower), so without it a
+replay stays far below the 50,000 events/s it is held to.
 
 What is in flight is bounded in bytes as well as in messages: each pull request asks for at
 most `REQUEST_BYTES` (the server ends it early, with a 409 status, rather than exceed that), and
