@@ -12,7 +12,7 @@ from typing import Any, Self
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from pydantic import JsonValue
 
 from warden.endpoints import NoStack, read_endpoints
@@ -30,7 +30,13 @@ from warden.messages import (
 )
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-from warden.wire import ORDERED_HEARTBEAT_SECONDS, connect, is_transient, message_headers, new_traceparent
+from warden.wire import (
+    connect,
+    is_transient,
+    message_headers,
+    new_traceparent,
+    ordered_subscription,
+)
 
 try:
     # An application that uses OpenTelemetry gets its current trace carried into the run; the
@@ -239,17 +245,12 @@ class WardenClient:
         async def enqueue(message: Msg) -> None:
             await queue.put(message)
 
-        # An ordered consumer: ephemeral, flow-controlled, and re-created by nats-py on any gap.
-        subscription = await self.js.subscribe(
-            filter_subjects[0],
-            stream=self.streams.events,
-            cb=enqueue,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
-                idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
-                filter_subjects=filter_subjects if len(filter_subjects) > 1 else None,
-            ),
+        subscription = await ordered_subscription(
+            self.js,
+            filter_subjects,
+            self.streams.events,
+            enqueue,
+            deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
         )
         try:
             while True:

@@ -5,12 +5,16 @@ retries, fetching, heartbeats, trace propagation).
 """
 
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from warden.messages import Envelope
 
@@ -88,3 +92,29 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 def is_transient(exc: BaseException) -> bool:
     """Whether a bus error may pass if the same operation is tried again."""
     return isinstance(exc, _TRANSIENT)
+
+
+async def ordered_subscription(
+    js: JetStreamContext,
+    filter_subjects: Sequence[str],
+    stream: str,
+    callback: Callable[[Msg], Awaitable[None]],
+    *,
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+    start_seq: int | None = None,
+) -> JetStreamContext.PushSubscription:
+    """An ordered consumer on `stream`: ephemeral, flow-controlled, re-created by nats-py after any
+    gap, and noticed lost within two heartbeats (ORDERED_HEARTBEAT_SECONDS). How Warden reads a
+    stream in order: the client's tail, the scheduler's fold, a run's history, the decision feed."""
+    return await js.subscribe(
+        filter_subjects[0],
+        stream=stream,
+        cb=callback,
+        ordered_consumer=True,
+        config=ConsumerConfig(
+            deliver_policy=deliver_policy,
+            opt_start_seq=start_seq,
+            idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
+            filter_subjects=list(filter_subjects) if len(filter_subjects) > 1 else None,
+        ),
+    )

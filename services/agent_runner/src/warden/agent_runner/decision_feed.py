@@ -8,12 +8,12 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from warden.errors import InvalidMessage
 from warden.messages import DecisionMade, parse_envelope
 from warden.subjects import Subjects
-from warden.wire import ORDERED_HEARTBEAT_SECONDS
+from warden.wire import ordered_subscription
 
 
 class DecisionFeed:
@@ -36,12 +36,12 @@ class DecisionFeed:
 
     async def open(self) -> None:
         # From now on (NEW): a run that needs earlier decisions reads its history (read_history).
-        self.subscription = await self.js.subscribe(
-            self.subjects.events_of_type(DecisionMade),
-            stream=self.stream,
-            cb=self._on_message,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
+        self.subscription = await ordered_subscription(
+            self.js,
+            [self.subjects.events_of_type(DecisionMade)],
+            self.stream,
+            self._on_message,
+            deliver_policy=DeliverPolicy.NEW,
         )
 
     async def close(self) -> None:

@@ -14,7 +14,6 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from warden.agent_runner.agents import (
     AgentCatalogue,
@@ -53,7 +52,7 @@ from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
-from warden.wire import ORDERED_HEARTBEAT_SECONDS, TYPE_HEADER
+from warden.wire import TYPE_HEADER, ordered_subscription
 
 SERVICE = "agent-runner"
 TOOL_TIMEOUT_SECONDS = 60.0
@@ -81,13 +80,7 @@ async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, su
             return  # not ours to judge: the projector records it; the run's history skips it
         history.apply(envelope)
 
-    subscription = await js.subscribe(
-        subject,
-        stream=stream,
-        cb=on_message,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, idle_heartbeat=ORDERED_HEARTBEAT_SECONDS),
-    )
+    subscription = await ordered_subscription(js, [subject], stream, on_message)
     try:
         await asyncio.wait_for(caught_up.wait(), HISTORY_TIMEOUT_SECONDS)
     finally:

@@ -26,7 +26,7 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
 from warden.bus import envelope_headers, is_stored, retry_transient
@@ -47,7 +47,7 @@ from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
-from warden.wire import ORDERED_HEARTBEAT_SECONDS, TYPE_HEADER, is_transient
+from warden.wire import TYPE_HEADER, is_transient, ordered_subscription
 
 SERVICE = "scheduler"
 FETCH_BATCH = 256
@@ -272,21 +272,16 @@ class Scheduler:
         # state, rebuilt on every start), flow-controlled, and re-created by nats-py after any
         # gap. Push, not pull: nats-py's long-poll fetch waits for a full batch, which made every
         # quiet moment a half-second stall in dispatching.
+        # Only the types the state is folded from: steps and tool calls (most events) stay away.
+        watched = [self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)]
         subscription = await retry_transient(
-            lambda: self.js.subscribe(
-                self.subjects.all_events,
-                stream=self.streams.events,
-                cb=enqueue,
-                ordered_consumer=True,
-                # Only the types the state is folded from: steps and tool calls (most events) stay away.
-                config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
-                    idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
-                    filter_subjects=[
-                        self.subjects.events_of_type(MESSAGE_TYPES[name]) for name in sorted(WATCHED_TYPES)
-                    ],
-                ),
+            lambda: ordered_subscription(
+                self.js,
+                watched,
+                self.streams.events,
+                enqueue,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                start_seq=start,
             ),
             what="the scheduler's fold",
         )
