@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     # A runner must show progress within this many seconds or its run is handed to another runner.
     runner_ack_wait_seconds: float = Field(default=30.0, gt=0)
     # How long a runner waits for the gate's decision on a tool call before treating it as a refusal.
-    decision_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Longer than a JetStream cluster's leader election (seen here: 7 to 12 seconds), during which
+    # the gate cannot store its decision: a failover must not refuse tool calls the policy allows.
+    decision_timeout_seconds: float = Field(default=30.0, gt=0)
     # Once its consumer loops have stopped, a service exits after this many seconds even if closing
     # its connections hangs, so that its supervisor can restart it.
     shutdown_deadline_seconds: float = Field(default=15.0, gt=0)
