@@ -32,16 +32,13 @@ if TYPE_CHECKING:
 REPLAY_FOUND_GAPS = 3
 # `warden provision` exits with this status when it left a change undone that would weaken a stream.
 PROVISION_REFUSED = 4
-# The commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
-STACK_COMMANDS = frozenset({"provision", "submit", "tail", "runs", "audit"})
-# The commands a client-only install can run: they need nothing but the client.
+# The commands a client-only install can run: they need nothing but the client, which finds the
+# stack itself (WardenClient.connect_to_stack).
 CLIENT_COMMANDS = frozenset({"submit", "tail"})
+# The other commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
+STACK_COMMANDS = frozenset({"provision", "runs", "audit"})
 # What to install for the other commands, when a client-only install is asked for one.
 STACK_EXTRA = "warden-control-plane[stack]"
-# The top-level modules that extra brings: one missing means the extra is missing, not a bug.
-STACK_MODULES = frozenset(
-    {"structlog", "pydantic_settings", "faststream", "opentelemetry", "tenacity", "asyncpg", "regorus", "pgserver"}
-)
 # The exit status when a command needs what this install lacks.
 MISSING_EXTRA = 5
 # A command line that cannot be carried out as given (bad JSON, an invalid tenant).
@@ -350,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(asyncio.run(args.handler(args)))
         return _run_with_settings(args)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in STACK_MODULES:
-            raise
+        if (exc.name or "warden").split(".")[0] == "warden":
+            raise  # one of Warden's own modules: a broken install or a bug, not a missing extra
         print(
             f"warden: `warden {args.command}` needs {exc.name}, which this install lacks: pip install '{STACK_EXTRA}'",
             file=sys.stderr,
