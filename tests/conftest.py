@@ -1,7 +1,14 @@
 """Test fixtures: real NATS JetStream and Postgres, with a private prefix, streams and database per test.
 
-By default one embedded nats-server and one embedded PostgreSQL serve the whole session; with
-WARDEN_NATS_URL and WARDEN_DATABASE_URL set, those servers are used instead.
+By default one embedded nats-server and one embedded PostgreSQL serve the whole session, with
+authentication on: each test's installation gets identities of its own (one per role, admitted to
+the server for the test's length), and its services connect as them, held to their permissions.
+The fixtures themselves (creating and deleting each test's streams, reading them back) connect as
+a superuser that only the test session has.
+
+With WARDEN_NATS_URL and WARDEN_DATABASE_URL set, those servers are used instead; a NATS server
+with authentication then needs WARDEN_NATS_SEED_FILE, a seed allowed everything, which every
+process of the tests connects as (the per-role permission tests need the embedded server).
 """
 
 import asyncio
@@ -26,6 +33,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from warden.credentials import CredentialStore
+from warden.embedded import EmbeddedServers
+from warden.identity import connect_options, public_key, read_seed
+from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames, provision
 from warden.subjects import Subjects
@@ -44,6 +55,25 @@ trace.set_tracer_provider(_provider)
 class Servers:
     nats_url: str
     database_url: str  # any database on the server; tests derive their own from it
+    superuser_seed: Path | None  # allowed everything: for the fixtures, never for the services
+    embedded: "EmbeddedServers | None" = None  # None: external servers
+
+    def superuser(self) -> dict[str, Any]:
+        """nats-py options to connect as the session's superuser."""
+        return connect_options(self.superuser_seed)
+
+    def superuser_entry(self) -> dict[str, object]:
+        """The superuser as a server's `users` entry, for servers a test starts itself."""
+        assert self.superuser_seed is not None
+        return {"nkey": public_key(read_seed(self.superuser_seed))}
+
+
+def new_superuser(directory: Path) -> tuple[Path, dict[str, object]]:
+    """A seed allowed every subject, and its entry for the server's users (no permissions: all)."""
+    store = CredentialStore(directory, "superuser")
+    seed_file = store.seed_file(Role.OPERATOR)
+    store.ensure_installation()
+    return seed_file, {"nkey": public_key(read_seed(seed_file))}
 
 
 def database_url_for(url: str, database: str) -> str:
@@ -55,17 +85,17 @@ def database_url_for(url: str, database: str) -> str:
 async def servers() -> AsyncIterator[Servers]:
     nats_url, database_url = os.environ.get("WARDEN_NATS_URL"), os.environ.get("WARDEN_DATABASE_URL")
     if nats_url and database_url:
-        yield Servers(nats_url, database_url)
+        seed = os.environ.get("WARDEN_NATS_SEED_FILE")
+        yield Servers(nats_url, database_url, Path(seed) if seed else None)
         return
-    from warden.embedded import EmbeddedServers  # noqa: PLC0415
-
     # Not under pytest's basetemp: pytest deletes old basetemps, even while another session
     # (a concurrent pytest) still has servers writing there.
     state_dir = Path(tempfile.mkdtemp(prefix="warden-tests-"))
-    embedded = EmbeddedServers(state_dir)
+    superuser_seed, superuser = new_superuser(state_dir / "superuser")
+    embedded = EmbeddedServers(state_dir, extra_users=[superuser])
     endpoints = await embedded.start()
     try:
-        yield Servers(endpoints.nats_url, endpoints.database_url)
+        yield Servers(endpoints.nats_url, endpoints.database_url, superuser_seed, embedded)
     finally:
         await embedded.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -78,13 +108,21 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
     prefix, database = f"t{token}", f"test_{token}"
     admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
     await admin.execute(f'CREATE DATABASE "{database}"')
-    nc = await nats.connect(servers.nats_url)
+    credentials: CredentialStore | None = None
+    identity: dict[str, Any] = {"nats_seed_file": servers.superuser_seed}
+    if servers.embedded is not None:
+        credentials = CredentialStore(Path(tempfile.mkdtemp(prefix="warden-credentials-")), prefix)
+        credentials.ensure_installation()
+        await servers.embedded.authorize(admit=credentials)
+        identity = {"nats_credentials_dir": credentials.directory}
+    nc = await nats.connect(servers.nats_url, **servers.superuser())
     await provision(nc.jetstream(), Subjects(prefix))
     settings = Settings(
         nats_url=servers.nats_url,
         database_url=database_url_for(servers.database_url, database),
         subject_prefix=prefix,
         log_format="console",
+        **identity,
     )
     try:
         yield settings
@@ -94,13 +132,18 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
             await nc.jetstream().delete_stream(stream)
         await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()
+        if credentials is not None:
+            assert servers.embedded is not None
+            await servers.embedded.authorize(dismiss=credentials)
+            shutil.rmtree(credentials.directory, ignore_errors=True)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
 
 
 @pytest.fixture
-async def nc(settings: Settings) -> AsyncIterator[NatsClient]:
-    client = await nats.connect(settings.nats_url)
+async def nc(servers: Servers, settings: Settings) -> AsyncIterator[NatsClient]:
+    """A connection allowed everything (the session's superuser): what a test inspects or attacks with."""
+    client = await nats.connect(settings.nats_url, **servers.superuser())
     yield client
     await client.close()
 
@@ -159,14 +202,24 @@ class CliResult:
     stderr: str
 
 
-async def run_warden_cli(settings: Settings, *args: str) -> CliResult:
-    """Run the `warden` command against this test's servers and prefix; its exit status and output."""
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that points a `warden` process at this test's servers, prefix and identities."""
     env = {
         **os.environ,
         "WARDEN_NATS_URL": settings.nats_url,
         "WARDEN_DATABASE_URL": settings.database_url,
         "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
     }
+    if settings.nats_credentials_dir is not None:
+        env["WARDEN_NATS_CREDENTIALS_DIR"] = str(settings.nats_credentials_dir)
+    if settings.nats_seed_file is not None:
+        env["WARDEN_NATS_SEED_FILE"] = str(settings.nats_seed_file)
+    return env
+
+
+async def run_warden_cli(settings: Settings, *args: str) -> CliResult:
+    """Run the `warden` command against this test's servers and prefix; its exit status and output."""
+    env = settings_env(settings)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -196,14 +249,7 @@ async def start_services(settings: Settings, log_dir: Path | None = None) -> lis
     """
     from warden.stack import SERVICES  # noqa: PLC0415
 
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_DATABASE_URL": settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-        "WARDEN_LOG_LEVEL": "WARNING",
-        "WARDEN_LOG_FORMAT": "json",
-    }
+    env = {**settings_env(settings), "WARDEN_LOG_LEVEL": "WARNING", "WARDEN_LOG_FORMAT": "json"}
     processes = []
     for name in SERVICES:
         log = (log_dir / f"{name}.log").open("wb") if log_dir else None

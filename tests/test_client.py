@@ -56,7 +56,7 @@ async def test_tail_one_run_or_a_whole_tenant(settings: Settings, nc: NatsClient
     assert len(tenant_events) == 3
 
 
-async def test_cli_submit_and_tail(settings: Settings) -> None:
+async def test_cli_submit_and_tail(settings: Settings, nc: NatsClient) -> None:
     """`warden submit` prints a receipt and `warden tail` prints the tenant's events as JSON lines."""
     receipt = json.loads(
         await warden_cli(
@@ -75,13 +75,10 @@ async def test_cli_submit_and_tail(settings: Settings) -> None:
         )
     )
     assert receipt == {"run_id": "cli-run", "command_id": receipt["command_id"], "stream_seq": 1, "duplicate": False}
-    nc = NatsClient()
-    await nc.connect(settings.nats_url)
     started = make_envelope(
         RunStarted(decision_id="d1", worker="w"), tenant="acme", entity_id="cli-run", actor="runner", source="t"
     )
     await publish(nc, settings, started)
-    await nc.close()
     lines = (
         await warden_cli(settings, "tail", "--tenant", "acme", "--run", "cli-run", "--idle-timeout", "1")
     ).splitlines()
@@ -110,7 +107,8 @@ async def test_a_key_claimed_in_another_tenants_scope_is_refused_on_the_record(
     settings: Settings, nc: NatsClient, run_app: AppRunner
 ) -> None:
     """A globex client that writes acme's scope into its Nats-Msg-Id is rejected by the gate, and acme's client,
-    finding its key held by that command, says so rather than hand back someone else's receipt."""
+    finding its key held by a command not on its own subject (which it does not read), says so rather than
+    hand back someone else's receipt."""
     await run_app(build_gate(settings))
     subjects = Subjects(settings.subject_prefix)
     squatter = make_envelope(RunSubmitted(agent="demo"), tenant="globex", entity_id="r-squat", actor="gina", source="t")
@@ -118,7 +116,7 @@ async def test_a_key_claimed_in_another_tenants_scope_is_refused_on_the_record(
         subjects.expected_subject(squatter), squatter.to_bytes(), headers={"Nats-Msg-Id": "acme:run.submitted:ticket-9"}
     )
     client = WardenClient(nc, settings.subject_prefix)
-    with pytest.raises(IdempotencyKeyTaken, match="globex"):
+    with pytest.raises(IdempotencyKeyTaken, match=r"held by command 1, which is not on .*\.cmd\.acme\."):
         await client.submit_run(tenant="acme", agent="demo", actor="alice", idempotency_key="ticket-9")
     rejections = [event.envelope async for event in client.tail("globex", idle_timeout=2.0) if event.envelope]
     assert [rejection.data.code for rejection in rejections] == [RejectionCode.IDEMPOTENCY_KEY_OUT_OF_SCOPE.value]

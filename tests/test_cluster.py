@@ -61,9 +61,9 @@ class Cluster:
 async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
     """Three NATS nodes on loopback with R3 streams under a private prefix, and a private database."""
     state = Path(tempfile.mkdtemp(prefix="warden-cluster-"))
-    embedded = EmbeddedServers(state, nats_nodes=3)
-    nats_url = await embedded.start_nats()
     token = uuid.uuid4().hex[:12]
+    embedded = EmbeddedServers(state, nats_nodes=3, subject_prefix=f"c{token}", extra_users=[servers.superuser_entry()])
+    nats_url = await embedded.start_nats()
     admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
     await admin.execute(f'CREATE DATABASE "cluster_{token}"')
     settings = Settings(
@@ -71,8 +71,9 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
         database_url=database_url_for(servers.database_url, f"cluster_{token}"),
         subject_prefix=f"c{token}",
         stream_replicas=3,
+        nats_credentials_dir=embedded.credentials.directory,
     )
-    nc = await connect(nats_url)
+    nc = await connect(nats_url, **servers.superuser())
     try:
         await provision(nc.jetstream(), Subjects(settings.subject_prefix), replicas=3)
         yield Cluster(embedded, settings, nc)

@@ -20,8 +20,11 @@ import nats
 import psutil
 import pytest
 
+from tests.conftest import Servers
 from warden import embedded
 from warden.embedded import NATS_CONFIGS, EmbeddedServers, nats_server_binary
+from warden.identity import connect_options
+from warden.permissions import Role
 
 
 def _varz(servers: EmbeddedServers) -> dict[str, Any]:
@@ -41,7 +44,7 @@ async def test_start_serves_jetstream_and_postgres(tmp_path: Path) -> None:
         assert (tmp_path / "state" / "postgres" / "PG_VERSION").exists()
         assert (tmp_path / "state" / "nats" / "jetstream").is_dir()
 
-        nc = await nats.connect(endpoints.nats_url)
+        nc = await nats.connect(endpoints.nats_url, **connect_options(servers.credentials.seed_file(Role.PROVISIONER)))
         try:
             info = await nc.jetstream().account_info()
             assert info.api.errors == 0
@@ -63,12 +66,13 @@ async def test_start_serves_jetstream_and_postgres(tmp_path: Path) -> None:
     await servers.stop()  # a second stop is a no-op
 
 
-async def test_restart_reuses_stored_data(tmp_path: Path) -> None:
+async def test_restart_reuses_stored_data(tmp_path: Path, servers: Servers) -> None:
     """A second start on the same state dir sees the streams, messages and tables of the first."""
-    servers = EmbeddedServers(tmp_path)
-    endpoints = await servers.start()
+    superuser = servers.superuser_entry()
+    embedded = EmbeddedServers(tmp_path, extra_users=[superuser])
+    endpoints = await embedded.start()
     try:
-        nc = await nats.connect(endpoints.nats_url)
+        nc = await nats.connect(endpoints.nats_url, **servers.superuser())
         js = nc.jetstream()
         await js.add_stream(name="EMBEDDED_TEST", subjects=["embedded.test"])
         await js.publish("embedded.test", b"kept")
@@ -77,10 +81,10 @@ async def test_restart_reuses_stored_data(tmp_path: Path) -> None:
         await conn.execute("create table kept (v text); insert into kept values ('row')")
         await conn.close()
     finally:
-        await servers.stop()
+        await embedded.stop()
 
-    async with EmbeddedServers(tmp_path) as endpoints:
-        nc = await nats.connect(endpoints.nats_url)
+    async with EmbeddedServers(tmp_path, extra_users=[superuser]) as endpoints:
+        nc = await nats.connect(endpoints.nats_url, **servers.superuser())
         try:
             stream = await nc.jetstream().stream_info("EMBEDDED_TEST")
             assert stream.state.messages == 1

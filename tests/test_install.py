@@ -22,8 +22,9 @@ from tests.conftest import REPO_ROOT
 
 DISTRIBUTION = "warden-control-plane"
 # All a client-only install may hold: nats-py and pydantic, and what those two need.
+# nats-py and pydantic, and nkeys (with PyNaCl) to authenticate to NATS.
 CLIENT_DISTRIBUTIONS = {DISTRIBUTION, "nats-py", "pydantic", "pydantic-core", "annotated-types", "typing-extensions",
-                        "typing-inspection"}  # fmt: skip
+                        "typing-inspection", "nkeys", "pynacl", "cffi", "pycparser"}  # fmt: skip
 UV = find_uv_bin()
 
 pytestmark = pytest.mark.timeout(600)
@@ -142,7 +143,8 @@ def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Pat
 def test_a_client_only_install_needs_nats_and_pydantic_and_talks_to_a_running_stack(
     built: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """A client install holds nats-py and pydantic only; it submits a run and tails it from a stack it did not start."""
+    """A client install holds nats-py, pydantic and nkeys only; it submits a run and tails it from a stack it did
+    not start (as the operator, whose credential the stack keeps in its state directory)."""
     wheel, pins = built
     client_bin = _venv(tmp_path / "client", wheel, pins, None)
     assert _installed(client_bin) == CLIENT_DISTRIBUTIONS

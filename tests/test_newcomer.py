@@ -13,7 +13,15 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli, start_services, stop_services
+from tests.conftest import (
+    REPO_ROOT,
+    AppRunner,
+    eventually,
+    run_warden_cli,
+    settings_env,
+    start_services,
+    stop_services,
+)
 from tests.test_governed_run import start_all
 from tests.test_service import _closed_port
 from tests.test_stack import start_stack, stop_stack
@@ -176,12 +184,7 @@ async def test_tail_into_a_closed_pipe_ends_quietly(settings: Settings, run_app:
     """`warden tail | head -1`: the pipe closes early; no traceback, no error."""
     await start_all(run_app, settings)
     await run_warden_cli(settings, "submit", "--tenant", "acme", "--agent", "demo", "--actor", "alice", "--wait", "30")
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_DATABASE_URL": settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-    }
+    env = settings_env(settings)
     process = await asyncio.create_subprocess_shell(
         f"{sys.executable} -m warden.cli tail --tenant acme --idle-timeout 5 | head -1",
         cwd=REPO_ROOT,
@@ -202,12 +205,7 @@ async def test_the_readme_snippet_runs_as_a_file(settings: Settings, tmp_path: P
     (tmp_path / "example.py").write_text(snippet.group(1))
     processes = await start_services(settings)
     try:
-        env = {
-            **os.environ,
-            "WARDEN_NATS_URL": settings.nats_url,
-            "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-            "PYTHONPATH": str(REPO_ROOT),
-        }
+        env = {**settings_env(settings), "PYTHONPATH": str(REPO_ROOT)}
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "example.py",
@@ -249,12 +247,7 @@ async def _ready(value: bool) -> bool:
 
 async def test_every_log_line_of_a_service_is_one_json_object(settings: Settings) -> None:
     """FastStream's own lines and tracebacks included: a service's log file is JSON lines, nothing else."""
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-        "WARDEN_LOG_FORMAT": "json",
-    }
+    env = {**settings_env(settings), "WARDEN_LOG_FORMAT": "json"}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "warden.policy_gate", cwd=REPO_ROOT, env=env, stderr=asyncio.subprocess.PIPE
     )

@@ -2,10 +2,10 @@
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli
+from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli, settings_env
 from warden.admission import CommandRules
 from warden.audit_projector import handlers
 from warden.audit_projector.app import build_app
@@ -144,13 +144,7 @@ async def test_killed_projector_loses_and_duplicates_nothing(
         for envelope in run_lifecycle("acme", f"run-{i}", steps=steps):
             await publish(nc, settings, envelope)
     total = await stream_total(nc, settings)
-    env = {
-        **os.environ,
-        "WARDEN_NATS_URL": settings.nats_url,
-        "WARDEN_DATABASE_URL": settings.database_url,
-        "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
-        "WARDEN_LOG_LEVEL": "WARNING",
-    }
+    env = {**settings_env(settings), "WARDEN_LOG_LEVEL": "WARNING"}
 
     async def start_projector() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -444,12 +438,20 @@ async def test_deleted_messages_are_recorded_as_gaps_live_and_in_replay(
     settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
 ) -> None:
     """Messages deleted before projection: the projector records each hole (event and row) and goes on;
-    a replay finds the same holes and says so, and `warden audit replay` exits non-zero."""
+    a replay finds the same holes and says so, and `warden audit replay` exits non-zero.
+
+    Warden's audited streams refuse deletes; holes still come from streams made before they did,
+    or restored from a damaged backup: such streams are made here.
+    """
+    js = nc.jetstream()
+    for stream in StreamNames.for_prefix(settings.subject_prefix).audited:
+        config = (await js.stream_info(stream)).config
+        await js.delete_stream(stream)
+        await js.add_stream(replace(config, deny_delete=False, deny_purge=False))
     for i in range(4):
         for envelope in run_lifecycle("acme", f"run-{i}", steps=2):
             await publish(nc, settings, envelope)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    js = nc.jetstream()
     for seq in (1, 2, 7, 12, 13, 14):  # the first messages, one alone, a run of three
         await js.delete_msg(streams.events, seq)
     await js.delete_msg(streams.commands, 2)

@@ -12,6 +12,8 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from tests.conftest import AppRunner, eventually, run_warden_cli
 from tests.test_governed_run import run_row, start_all
 from warden.client import WardenClient
+from warden.identity import connect_options
+from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames, _differences, provision
 from warden.subjects import Subjects
@@ -100,12 +102,13 @@ async def test_everything_starts_with_a_seed_node_down(
     """WARDEN_NATS_URL names a node that is down first: the services, the client and the CLI use the next."""
     listed = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{_closed_port()},{settings.nats_url}"})
     await start_all(run_app, listed)
-    async with await WardenClient.connect(listed.nats_url, listed.subject_prefix) as client:
+    operator = settings.seed_file_for(Role.OPERATOR)
+    async with await WardenClient.connect(listed.nats_url, listed.subject_prefix, seed_file=operator) as client:
         receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice")
     run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "succeeded"
     printed = await run_warden_cli(listed, "tail", "--tenant", "acme", "--run", receipt.run_id, "--idle-timeout", "1")
     assert printed.status == 0
     assert "run.succeeded" in printed.stdout
-    nc = await connect(listed.nats_url)
+    nc = await connect(listed.nats_url, **connect_options(operator))
     await nc.close()

@@ -7,18 +7,21 @@ pieces the fast path replaces: header parsing (nats-py's parser) and timestamp e
 """
 
 import asyncio
+import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from tests.conftest import AppRunner, eventually
+from tests.conftest import AppRunner, Servers, eventually
 from tests.test_projector import TABLES, stream_total, table_rows
 from warden.admission import CommandRules
 from warden.audit_projector.app import build_app
@@ -28,6 +31,7 @@ from warden.audit_projector.replay import replay
 from warden.audit_projector.store import AuditStore, create_pool
 from warden.audit_projector.stream_reader import parse_headers, read_range, stored_message
 from warden.bus import envelope_headers
+from warden.identity import read_seed
 from warden.messages import (
     CommandRejected,
     DecisionMade,
@@ -218,13 +222,17 @@ async def test_fast_replay_equals_live_and_one_by_one(
     assert (tool_call["outcome"], tool_call["arguments"]) == ("refused", '{"u": 1.5}')
 
 
-async def test_bare_reader_reads_what_nats_py_reads(settings: Settings, nc: NatsClient) -> None:
+async def test_bare_reader_reads_what_nats_py_reads(settings: Settings, nc: NatsClient, servers: Servers) -> None:
     """Subject, sequence, stored time, headers and bytes: the bare reader's messages equal nats-py's."""
     await publish_everything(nc, Subjects(settings.subject_prefix))
     subjects, streams = Subjects(settings.subject_prefix), StreamNames.for_prefix(settings.subject_prefix)
     for stream, subject in ((streams.commands, subjects.all_commands), (streams.events, subjects.all_events)):
         last = (await nc.jetstream().stream_info(stream)).state.last_seq
-        bare = [m async for batch in read_range(nc, stream, subject, 2, last) for m in batch]
+        bare = [
+            m
+            async for batch in read_range(nc, stream, subject, 2, last, seed_file=servers.superuser_seed)
+            for m in batch
+        ]
         portable = [m async for batch in read_range(nc, stream, subject, 2, last, bare=False) for m in batch]
         assert [m.seq for m in bare] == list(range(2, last + 1))
 
@@ -246,7 +254,7 @@ BLOCKS = [
 ]
 
 
-async def delivered_headers(nc: NatsClient, block: bytes) -> dict[str, str] | None:
+async def delivered_headers(nc: NatsClient, block: bytes, seed_file: Path | None) -> dict[str, str] | None:
     """The headers nats-py delivers for a message published with exactly this header block."""
     subject = f"headers.{uuid.uuid4().hex}"
     received: asyncio.Queue[Msg] = asyncio.Queue()
@@ -259,9 +267,13 @@ async def delivered_headers(nc: NatsClient, block: bytes) -> dict[str, str] | No
     url = nc.connected_url
     assert url is not None
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    await reader.readline()  # INFO
+    info = json.loads((await reader.readline())[5:])
+    options: dict[str, Any] = {"headers": True, "verbose": False, "pedantic": False}
+    if seed_file is not None:  # authenticate as nats-py does: sign the server's nonce
+        key = nkeys.from_seed(read_seed(seed_file))
+        options.update(nkey=key.public_key.decode(), sig=base64.b64encode(key.sign(info["nonce"].encode())).decode())
     frame = b"HPUB %s %d %d\r\n%s\r\n" % (subject.encode(), len(block), len(block), block)
-    writer.write(b'CONNECT {"headers":true,"verbose":false,"pedantic":false}\r\n' + frame + b"PING\r\n")
+    writer.write(b"CONNECT %s\r\n" % json.dumps(options).encode() + frame + b"PING\r\n")
     assert await reader.readline() == b"PONG\r\n"
     writer.close()
     message = await asyncio.wait_for(received.get(), 5)
@@ -269,9 +281,9 @@ async def delivered_headers(nc: NatsClient, block: bytes) -> dict[str, str] | No
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-async def test_headers_are_read_as_nats_py_reads_them(nc: NatsClient, block: bytes) -> None:
+async def test_headers_are_read_as_nats_py_reads_them(nc: NatsClient, block: bytes, servers: Servers) -> None:
     """Every header block, plain or odd, reads as nats-py delivers it from a real server."""
-    expected = await delivered_headers(nc, block)
+    expected = await delivered_headers(nc, block, servers.superuser_seed)
     headers = parse_headers(block)
     assert (dict(headers) if headers is not None else None) == expected
     for name in ("Nats-Msg-Id", "traceparent", "Empty", "missing"):

@@ -20,7 +20,9 @@ from warden.messages import (
     RunSucceeded,
     make_envelope,
 )
+from warden.permissions import Role
 from warden.scheduler.app import Scheduler
+from warden.service import service_broker
 from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import Subjects
@@ -28,7 +30,7 @@ from warden.subjects import Subjects
 
 @pytest.fixture
 async def broker(settings: Settings) -> AsyncIterator[NatsBroker]:
-    broker = NatsBroker(settings.nats_url)
+    broker = service_broker(settings, Role.SCHEDULER)
     await broker.connect()
     yield broker
     await broker.stop()

@@ -13,6 +13,7 @@ import psutil
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
 from warden.errors import RetryableError
+from warden.permissions import Role
 from warden.stack import SERVICES
 from warden.streams import provision
 
@@ -43,6 +44,11 @@ async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subproces
     assert nats_url, output
     assert database_url, output
     return process, nats_url.group(1), database_url.group(1)
+
+
+def operator(tmp_path: Path, role: Role = Role.OPERATOR) -> Path:
+    """The credential `warden up --state-dir tmp_path/state` made for `role` (the operator: the CLI's)."""
+    return tmp_path / "state" / "credentials" / f"{role.value}.nk"
 
 
 async def stop_stack(process: asyncio.subprocess.Process) -> int:
@@ -77,7 +83,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert {"nats-server", "postgres"} <= names, names
         assert sum(_is_service(child) for child in children) == len(SERVICES)
 
-        async with await WardenClient.connect(nats_url) as client:
+        async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path)) as client:
             receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")
         db = await asyncpg.connect(database_url)
 
@@ -89,7 +95,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert len(trace_ids) == 1
         assert trace_ids[0]["trace_id"] is not None
         await db.close()
-        async with await WardenClient.connect(nats_url) as client:
+        async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path)) as client:
             stored_before = (await client.js.stream_info(client.streams.commands)).state.messages
 
         # A service that dies (here, killed) is started again by the supervisor.
@@ -117,7 +123,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert await db.fetchval("SELECT count(*) FROM events") == rows_before
         assert await db.fetchval("SELECT status FROM runs WHERE run_id = 'kept-run'") == "succeeded"
         await db.close()
-        async with await WardenClient.connect(nats_url) as client:
+        async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path)) as client:
             stored = (await client.js.stream_info(client.streams.commands)).state.messages
         assert stored == stored_before
         assert receipt.stream_seq == 1
@@ -131,8 +137,9 @@ async def test_up_runs_a_three_node_cluster_with_r3_streams(tmp_path: Path) -> N
     process, nats_url, database_url = await start_stack(tmp_path / "state", "--cluster", "3")
     try:
         assert len(nats_url.split(",")) == 3
-        async with await WardenClient.connect(nats_url) as client:
+        async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path)) as client:
             await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="clustered")
+        async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path, Role.PROVISIONER)) as client:
             for stream in (client.streams.commands, client.streams.events, client.streams.work):
                 info = await client.js.stream_info(stream)
                 assert info.config.num_replicas == 3
@@ -169,7 +176,7 @@ async def test_up_starts_a_killed_nats_server_or_postgres_again(tmp_path: Path) 
 
             await eventually(lambda again=again: _ready(again()), within=60)  # type: ignore[misc]
             run_id = f"after-{name}"
-            async with await WardenClient.connect(nats_url, error_cb=_ignore) as client:
+            async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path), error_cb=_ignore) as client:
                 await eventually(lambda run_id=run_id: _submitted(client, run_id), within=60)  # type: ignore[misc]
             db = await eventually(lambda: _connected(database_url), within=60)
             try:

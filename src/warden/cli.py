@@ -128,6 +128,47 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization  # noqa: PLC0415
+
+    state_dir = settings.state_dir.resolve()
+    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or state_dir / "credentials"
+    store = CredentialStore(directory.resolve(), settings.subject_prefix)
+    match args.credentials_command:
+        case "list":
+            for identity in store.identities():
+                print(f"{identity.description:<32} {identity.public_key}  {identity.seed_file}")
+            return 0
+        case "init":
+            for identity in store.ensure_installation():
+                print(f"{identity.description:<32} {identity.seed_file}")
+        case "issue":
+            identity = store.issue(args.tenant, args.actor)
+            print(f"issued: {identity.description}")
+            print(f"credential: {identity.seed_file}")
+            print("It is a secret: whoever holds it acts for this actor of this tenant, and no one else's.")
+            print(f"Use it: WARDEN_NATS_SEED_FILE={identity.seed_file} warden submit --tenant {args.tenant} ...")
+        case "revoke":
+            identity = store.revoke(args.tenant, args.actor)
+            print(f"revoked: {identity.description} ({identity.public_key})")
+    # The server's list of identities: the embedded stack's, when these are its credentials (and
+    # a running one reloads it now); otherwise a file for whoever runs the NATS server.
+    embedded_config = state_dir / "nats-config"
+    if embedded_config.is_dir() and store.directory == state_dir / "credentials":
+        from warden.embedded import reload_nats  # noqa: PLC0415
+
+        write_authorization(embedded_config / AUTHORIZATION_FILE, [store])
+        if reloaded := await reload_nats(state_dir / "run"):
+            print(f"NATS: the running stack's server(s) ({reloaded}) now accept exactly these identities")
+        else:
+            print("NATS: the stack is not running; it will accept these identities when `warden up` starts it")
+    else:
+        target = store.directory / AUTHORIZATION_FILE
+        write_authorization(target, [store])
+        print(f"NATS: include {target} in the server's configuration, then reload it (nats-server --signal reload)")
+    return 0
+
+
 async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from warden.policy_gate.engine import SHIPPED_POLICY_DIR  # noqa: PLC0415
     from warden.policy_gate.policy_tests import policy_test_command  # noqa: PLC0415
@@ -137,13 +178,20 @@ async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _provision(args: argparse.Namespace, settings: Settings) -> int:
     from warden.bus import retry_transient  # noqa: PLC0415
+    from warden.identity import connect_options  # noqa: PLC0415
+    from warden.permissions import Role  # noqa: PLC0415
     from warden.streams import provision  # noqa: PLC0415
     from warden.subjects import Subjects  # noqa: PLC0415
     from warden.wire import connect  # noqa: PLC0415
 
     settings = _with_replicas(args, settings)
     # A cluster may still be electing its leaders (or its nodes starting): wait for it a while.
-    nc = await connect(settings.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=1.0)
+    nc = await connect(
+        settings.nats_url,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1.0,
+        **connect_options(settings.seed_file_for(Role.PROVISIONER)),
+    )
     try:
         result = await retry_transient(
             lambda: provision(
@@ -238,6 +286,26 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _add_credentials_parser(commands: Any) -> None:
+    credentials = commands.add_parser(
+        "credentials", help="NATS identities: the installation's own, and tenants' client credentials"
+    ).add_subparsers(dest="credentials_command", required=True)
+    directory_help = "credentials directory (default: WARDEN_NATS_CREDENTIALS_DIR, else <state dir>/credentials)"
+    for name, help_text in (
+        ("init", "create the installation's identities (provisioner, services, operator) where missing"),
+        ("issue", "issue a tenant's client credential for one actor"),
+        ("revoke", "revoke a tenant's client credential; NATS refuses it from its next reload"),
+        ("list", "list the identities and where their seeds are"),
+    ):
+        command = credentials.add_parser(name, help=help_text)
+        command.add_argument("--dir", help=directory_help)
+        command.add_argument("--state-dir", help="the stack's state directory (default .warden, or WARDEN_STATE_DIR)")
+        if name in ("issue", "revoke"):
+            command.add_argument("--tenant", required=True)
+            command.add_argument("--actor", required=True)
+        command.set_defaults(handler=_credentials)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many seconds without an event (default: follow until Ctrl-C)",
     )
     tail.set_defaults(handler=_tail)
+
+    _add_credentials_parser(commands)
 
     runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
     runs.add_argument("--tenant")

@@ -7,6 +7,7 @@ import signal
 import asyncpg
 
 from warden.client import WardenClient
+from warden.permissions import Role
 from warden.read_model import final_status
 from warden.settings import Settings, settings_for_running_stack
 from warden.stack import run_stack
@@ -28,7 +29,8 @@ async def _until_finished(pool: asyncpg.Pool, run_id: str, within: float = 60.0)
 
 
 async def _show(settings: Settings) -> None:
-    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix) as client:
+    seed_file = settings.seed_file_for(Role.OPERATOR)
+    async with await WardenClient.connect(settings.nats_url, settings.subject_prefix, seed_file=seed_file) as client:
         allowed = await client.submit_run(tenant=TENANT, agent="demo", actor="alice", input={"question": "status?"})
         denied = await client.submit_run(tenant=TENANT, agent="demo", actor="bob")
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ with warnings.catch_warnings():
     from pgserver._commands import POSTGRES_BIN_PATH
     from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
+from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization
+from warden.identity import connect_options
+from warden.permissions import Role
+
 # Package data in an install; in a source checkout, a link to the repository's deploy/nats.
 NATS_CONFIG_DIR = Path(__file__).with_name("nats_config")
 NATS_CONFIGS: dict[str, Path] = {
@@ -46,6 +51,55 @@ _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the trailing NUL
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
+
+
+PID_SUFFIX = ".pid"
+_RELOAD_TIMEOUT = 10.0
+
+
+def _varz(monitor_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{monitor_url}/varz", timeout=2) as response:
+        varz: dict[str, Any] = json.load(response)
+    return varz
+
+
+def _running_nats_servers(run_dir: Path) -> list[tuple[int, str]]:
+    """(pid, monitoring URL) of every nats-server a stack on this state directory runs.
+
+    A pid file left by a server that is gone (or whose pid is now another program's) is skipped.
+    """
+    running = []
+    for pid_file in sorted(run_dir.glob(f"*{PID_SUFFIX}")):
+        try:
+            pid = int(pid_file.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        ports_files = list(run_dir.glob(f"*_{pid}.ports"))
+        if b"nats-server" not in command or not ports_files:
+            continue
+        ports: dict[str, Any] = json.loads(ports_files[0].read_text())
+        running.append((pid, ports["monitoring"][0]))
+    return running
+
+
+async def reload_nats(run_dir: Path) -> int:
+    """Make every nats-server of the stack whose run directory this is read its configuration again.
+
+    Waits until each has done so (its /varz `config_load_time` moves), so that a credential just
+    issued works at once; returns how many servers reloaded. A configuration a server refuses
+    leaves it on the old one, and this raises, pointing at the server's log.
+    """
+    servers = _running_nats_servers(run_dir)
+    for pid, monitor_url in servers:
+        loaded = (await asyncio.to_thread(_varz, monitor_url))["config_load_time"]
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + _RELOAD_TIMEOUT
+        while (await asyncio.to_thread(_varz, monitor_url))["config_load_time"] == loaded:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {pid} did not reload its configuration; see its log")
+            await asyncio.sleep(0.02)
+    return len(servers)
 
 
 @dataclass(frozen=True)
@@ -125,12 +179,18 @@ class NatsNode:
         self.url: str | None = None
         self.monitor_url: str | None = None
 
+    @property
+    def pid_file(self) -> Path:
+        """Where the running process's pid is (what a reload of its configuration signals)."""
+        return self.ports_dir / f"{self.name}{PID_SUFFIX}"
+
     async def start(self) -> None:
         """Start the process (not waiting for it: see `wait_ready`)."""
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 nats_server_binary(),
                 *self.args,
+                *("--pid", str(self.pid_file)),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -186,11 +246,18 @@ class EmbeddedServers:
         database: str = "warden",
         sync: Literal["always", "interval"] = "always",
         nats_nodes: Literal[1, 3] = 1,
+        subject_prefix: str = "warden",
+        extra_users: list[dict[str, object]] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.database = database
         self.sync = sync
         self.nats_nodes = nats_nodes
+        # NATS accepts only the identities listed here: this installation's own (created on first
+        # start, kept after), those of installations admitted later, and `extra_users`.
+        self.credentials = CredentialStore(self.state_dir / "credentials", subject_prefix)
+        self.installations: list[CredentialStore] = [self.credentials]
+        self.extra_users = list(extra_users or [])
         self.nodes: list[NatsNode] = []
         self._pg: asyncio.subprocess.Process | None = None
         self._pg_port: int | None = None
@@ -281,10 +348,43 @@ class EmbeddedServers:
 
     # --- NATS -------------------------------------------------------------------------------
 
+    @property
+    def config_dir(self) -> Path:
+        return self.state_dir / "nats-config"
+
+    def _write_config(self) -> Path:
+        """The server configuration: the shipped settings, plus who may connect (rewritten on reload)."""
+        shipped = NATS_CONFIGS[self.sync]
+        if not shipped.exists():
+            raise FileNotFoundError(f"NATS config {shipped} missing (run from a source checkout)")
+        self.config_dir.mkdir(mode=0o700, exist_ok=True)
+        # nats-server resolves `include` beside the including file, so the shipped files are copied.
+        for source in NATS_CONFIGS.values():
+            shutil.copyfile(source, self.config_dir / source.name)
+        self._write_authorization()
+        main = self.config_dir / "warden.conf"
+        main.write_text(f'include "./{shipped.name}"\ninclude "./{AUTHORIZATION_FILE}"\n', encoding="utf-8")
+        return main
+
+    def _write_authorization(self) -> None:
+        self.credentials.ensure_installation()
+        write_authorization(self.config_dir / AUTHORIZATION_FILE, self.installations, self.extra_users)
+
+    async def authorize(self, admit: CredentialStore | None = None, dismiss: CredentialStore | None = None) -> None:
+        """Let another installation's identities in (or out), and make the running servers apply it.
+
+        Returns once every node has reloaded its configuration: connections of identities still
+        listed are untouched; those of removed ones are closed by the server.
+        """
+        if admit is not None:
+            self.installations.append(admit)
+        if dismiss is not None:
+            self.installations.remove(dismiss)
+        self._write_authorization()
+        await reload_nats(self.state_dir / "run")
+
     def _nats_nodes(self) -> list[NatsNode]:
-        config = NATS_CONFIGS[self.sync]
-        if not config.exists():
-            raise FileNotFoundError(f"NATS config {config} missing (run from a source checkout)")
+        config = self._write_config()
         ports_dir = self.state_dir / "run"
         ports_dir.mkdir(exist_ok=True)
         if self.nats_nodes == 1:
@@ -317,7 +417,12 @@ class EmbeddedServers:
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             try:
-                nc = await nats.connect(self.nats_url.split(","), connect_timeout=2, allow_reconnect=False)
+                nc = await nats.connect(
+                    self.nats_url.split(","),
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    **connect_options(self.credentials.seed_file(Role.PROVISIONER)),
+                )
             except (OSError, nats.errors.Error):
                 nc = None
             if nc is not None:

@@ -11,6 +11,8 @@ import structlog
 
 from warden.embedded import EmbeddedServers, die_with_parent
 from warden.endpoints import hold_state_dir, remove_endpoints, write_endpoints
+from warden.identity import connect_options
+from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames, provision
 from warden.subjects import Subjects
@@ -108,7 +110,10 @@ async def run_stack(
     servers = None
     if not external:
         servers = EmbeddedServers(
-            state_dir, sync="interval" if sync == "interval" else "always", nats_nodes=3 if nats_nodes == 3 else 1
+            state_dir,
+            sync="interval" if sync == "interval" else "always",
+            nats_nodes=3 if nats_nodes == 3 else 1,
+            subject_prefix=settings.subject_prefix,
         )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -120,9 +125,13 @@ async def run_stack(
         if servers is not None:
             endpoints = await servers.start()
             settings = settings.model_copy(
-                update={"nats_url": endpoints.nats_url, "database_url": endpoints.database_url}
+                update={
+                    "nats_url": endpoints.nats_url,
+                    "database_url": endpoints.database_url,
+                    "nats_credentials_dir": servers.credentials.directory,
+                }
             )
-        nc = await connect(settings.nats_url)
+        nc = await connect(settings.nats_url, **connect_options(settings.seed_file_for(Role.PROVISIONER)))
         provisioned = await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
         await nc.close()
 
@@ -133,6 +142,9 @@ async def run_stack(
             "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
             "WARDEN_LOG_FORMAT": "json",
         }
+        # Each service finds its own identity (`<role>.nk`) here; none is handed another's.
+        if settings.nats_credentials_dir is not None:
+            env["WARDEN_NATS_CREDENTIALS_DIR"] = str(settings.nats_credentials_dir)
         logs = state_dir / "logs"
         logs.mkdir(exist_ok=True)
         services = [ServiceProcess(name, env, logs / f"{name}.log") for name in SERVICES]

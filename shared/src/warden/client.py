@@ -17,6 +17,7 @@ from pydantic import JsonValue
 
 from warden.endpoints import NoStack, read_endpoints
 from warden.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
+from warden.identity import SEED_SUFFIX, CredentialError, connect_options
 from warden.ids import new_id
 from warden.messages import (
     CommandRejected,
@@ -28,6 +29,8 @@ from warden.messages import (
     make_envelope,
     parse_envelope,
 )
+from warden.permissions import Role
+from warden.reader import FilteredReader
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.wire import (
@@ -35,7 +38,6 @@ from warden.wire import (
     is_transient,
     message_headers,
     new_traceparent,
-    ordered_subscription,
 )
 
 try:
@@ -88,6 +90,19 @@ class TailedEvent:
     error: str | None = None
 
 
+# How long reading one stored command back may take (a duplicate submission's receipt).
+READ_TIMEOUT_SECONDS = 5.0
+
+def _stack_seed_file(state_dir: Path) -> Path | None:
+    """The identity a client started without one uses: WARDEN_NATS_SEED_FILE, else the operator's
+    credential among WARDEN_NATS_CREDENTIALS_DIR's or the stack's (the same as the CLI's)."""
+    if named := os.environ.get("WARDEN_NATS_SEED_FILE"):
+        return Path(named)
+    directory = Path(os.environ.get("WARDEN_NATS_CREDENTIALS_DIR") or state_dir / "credentials")
+    operator = directory / f"{Role.OPERATOR.value}{SEED_SUFFIX}"
+    return operator if operator.exists() else None
+
+
 class WardenClient:
     """Connects to a Warden installation's NATS and speaks its subjects."""
 
@@ -103,23 +118,35 @@ class WardenClient:
         """Connect to the servers WARDEN_NATS_URL names, else to the stack `warden up` runs on `state_dir`
         (default: WARDEN_STATE_DIR, else `.warden`).
 
-        The subject prefix is WARDEN_SUBJECT_PREFIX's, else `warden`. Raises `NoStack` at once when
-        neither is there, or when no server answers there.
+        The identity is the seed file WARDEN_NATS_SEED_FILE names; else, on the stack's own host,
+        its operator credential. The subject prefix is WARDEN_SUBJECT_PREFIX's, else `warden`.
+        Raises `NoStack` at once when neither is there, or when no server answers there.
         """
         state_dir = Path(state_dir or os.environ.get("WARDEN_STATE_DIR") or ".warden")
         url = os.environ.get("WARDEN_NATS_URL") or read_endpoints(state_dir).nats_url
+        seed_file = _stack_seed_file(state_dir)
         try:
-            client = await cls.connect(url, os.environ.get("WARDEN_SUBJECT_PREFIX", "warden"), **options)
-        except (OSError, nats.errors.Error) as exc:
+            client = await cls.connect(
+                url, os.environ.get("WARDEN_SUBJECT_PREFIX", "warden"), seed_file=seed_file, **options
+            )
+        except nats.errors.Error as exc:
+            if "authorization violation" in str(exc).lower():
+                raise CredentialError(
+                    f"NATS at {url} refused the credential {seed_file or '(none)'}: "
+                    "set WARDEN_NATS_SEED_FILE to one `warden credentials issue` made"
+                ) from exc
+            raise NoStack(f"cannot reach NATS at {url} ({exc}); is the stack running (`warden up`)?") from exc
+        except OSError as exc:
             raise NoStack(f"cannot reach NATS at {url} ({exc}); is the stack running (`warden up`)?") from exc
         if limit := os.environ.get("WARDEN_MAX_COMMAND_BYTES"):
             client.max_command_bytes = int(limit)
         return client
 
     @classmethod
-    async def connect(cls, url: str, prefix: str = "warden", **options: Any) -> Self:
-        """Connect to the servers `url` names: one URL, or several separated by commas (a cluster's seed nodes)."""
-        return cls(await connect(url, **options), prefix)
+    async def connect(cls, url: str, prefix: str = "warden", *, seed_file: Path | None = None, **options: Any) -> Self:
+        """Connect to the servers `url` names (one URL, or several separated by commas: a cluster's
+        seed nodes) as the identity whose NKey seed is in `seed_file`."""
+        return cls(await connect(url, **connect_options(seed_file), **options), prefix)
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -155,9 +182,24 @@ class WardenClient:
         return Receipt(envelope.id, envelope.entity_id, ack.seq, duplicate=False)
 
     async def _first_submission(self, envelope: Envelope[Any], seq: int) -> Receipt:
-        """The receipt of the command already stored under this key: a retry learns the run it started."""
-        stored = await self.js.get_msg(self.streams.commands, seq, direct=True)
+        """The receipt of the command already stored under this key: a retry learns the run it started.
+
+        Read through a consumer filtered to this command's own subject, which a tenant's
+        credential may do; the key is scoped by tenant and type, so the command it names is
+        on that subject (if it is not, the first one found after it is, and is refused below).
+        """
         expected = self.subjects.expected_subject(envelope)
+        found: asyncio.Queue[Msg] = asyncio.Queue()
+        reader = FilteredReader(self.nc, self.streams.commands, expected, found.put, start_seq=seq)
+        await reader.start()
+        try:
+            stored = await asyncio.wait_for(found.get(), READ_TIMEOUT_SECONDS)
+        except TimeoutError as exc:
+            raise IdempotencyKeyTaken(f"the key is held by command {seq}, which is not on {expected!r}") from exc
+        finally:
+            await reader.stop()
+        if stored.metadata.sequence.stream != seq:
+            raise IdempotencyKeyTaken(f"the key is held by command {seq}, which is not on {expected!r}")
         try:
             first = parse_envelope(stored.data or b"")
         except InvalidMessage as exc:
@@ -240,19 +282,20 @@ class WardenClient:
     async def _events(
         self, filter_subjects: list[str], *, from_start: bool, idle_timeout: float | None
     ) -> AsyncGenerator[TailedEvent, None]:
+        """Events on any of `filter_subjects`, each subject's in stream order.
+
+        One filtered reader per subject (see `warden.reader`): what a tenant's credential
+        allows, where a single consumer with several filters would not be.
+        """
         queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-        async def enqueue(message: Msg) -> None:
-            await queue.put(message)
-
-        subscription = await ordered_subscription(
-            self.js,
-            filter_subjects,
-            self.streams.events,
-            enqueue,
-            deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW,
-        )
+        policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
+        readers = [
+            FilteredReader(self.nc, self.streams.events, subject, queue.put, deliver_policy=policy)
+            for subject in filter_subjects
+        ]
         try:
+            for reader in readers:
+                await reader.start()
             while True:
                 try:
                     message = await asyncio.wait_for(queue.get(), idle_timeout)
@@ -260,8 +303,9 @@ class WardenClient:
                     return
                 yield _tailed(message)
         finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection may be closing already
-                await subscription.unsubscribe()
+            for reader in readers:
+                with contextlib.suppress(nats.errors.Error):  # the connection may be closing already
+                    await reader.stop()
 
 
 def _tailed(message: Msg) -> TailedEvent:

@@ -12,7 +12,9 @@ from typing import Any
 import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from faststream.nats.security import NatsNKey
 
+from warden.identity import connect_options
 from warden.logging import FASTSTREAM_LOGGER, configure_logging
 from warden.settings import Settings
 from warden.telemetry import configure_tracing
@@ -136,12 +138,32 @@ class BackgroundLoops:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def consumer_service(settings: Settings, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]) -> FastStream:
-    """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected."""
+def service_broker(settings: Settings, role: str) -> NatsBroker:
+    """The broker a service connects with: as its own identity, reconnecting for ever."""
+    identity: dict[str, Any] = {}
+    if (seed_file := settings.seed_file_for(role)) is not None:
+        # Read (and its file's mode checked) here, so a bad credential stops the service at once.
+        inbox = connect_options(seed_file)["inbox_prefix"]
+        identity = {"security": NatsNKey(seed_file), "inbox_prefix": inbox}
     # FastStream's per-message log lines at DEBUG: at INFO they cost more than handling a message.
-    broker = NatsBroker(
-        server_urls(settings.nats_url), logger=FASTSTREAM_LOGGER, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+    return NatsBroker(
+        server_urls(settings.nats_url),
+        logger=FASTSTREAM_LOGGER,
+        log_level=logging.DEBUG,
+        **SERVICE_CONNECT_OPTIONS,
+        **identity,
     )
+
+
+def consumer_service(
+    settings: Settings, role: str, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]
+) -> FastStream:
+    """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected.
+
+    It connects as `role`'s identity (`Settings.seed_file_for`), so the server holds it to that
+    role's permissions.
+    """
+    broker = service_broker(settings, role)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

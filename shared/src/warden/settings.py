@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/warden"
     subject_prefix: str = Field(default="warden", pattern=r"^[A-Za-z0-9_-]+$")
+    # Who this process is on NATS: the NKey seed file it authenticates with. Unset: its role's
+    # seed in `nats_credentials_dir` (`<role>.nk`, as `warden up` and `warden credentials init`
+    # write them). Neither: it connects anonymously, which a Warden NATS server refuses.
+    nats_seed_file: Path | None = None
+    nats_credentials_dir: Path | None = None
     # Replicas of each stream (3 on a three-node cluster). Provisioning never lowers a stream's
     # replicas below what it has unless forced (`warden provision --force`).
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -47,6 +52,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")
 
+    def seed_file_for(self, role: str) -> Path | None:
+        """The seed a process in `role` (a `warden.permissions.Role` value) connects with."""
+        if self.nats_seed_file is not None:
+            return self.nats_seed_file
+        if self.nats_credentials_dir is not None:
+            return self.nats_credentials_dir / f"{role}.nk"
+        return None
+
 
 def settings_for_running_stack(settings: Settings) -> Settings:
     """Point CLI commands at the stack `warden up` runs on the state directory, unless URLs were given.
@@ -57,4 +70,7 @@ def settings_for_running_stack(settings: Settings) -> Settings:
     if "WARDEN_NATS_URL" in os.environ:
         return settings
     endpoints = read_endpoints(settings.state_dir)
-    return settings.model_copy(update={"nats_url": endpoints.nats_url, "database_url": endpoints.database_url})
+    update: dict[str, object] = {"nats_url": endpoints.nats_url, "database_url": endpoints.database_url}
+    if settings.nats_credentials_dir is None:
+        update["nats_credentials_dir"] = settings.state_dir / "credentials"
+    return settings.model_copy(update=update)

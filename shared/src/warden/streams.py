@@ -46,7 +46,14 @@ class StreamNames:
 
 
 def _stream(
-    name: str, *, description: str, subject: str, retention: RetentionPolicy, dedup_s: float, replicas: int
+    name: str,
+    *,
+    description: str,
+    subject: str,
+    retention: RetentionPolicy,
+    dedup_s: float,
+    replicas: int,
+    audited: bool = True,
 ) -> StreamConfig:
     return StreamConfig(
         name=name,
@@ -60,6 +67,10 @@ def _stream(
         # A full stream refuses new writes rather than silently dropping old audit records.
         discard=DiscardPolicy.NEW,
         allow_direct=True,
+        # The audit trail loses no message, whoever asks: the server refuses to delete or purge.
+        # (The work queue deletes each item once a runner acks it, so it cannot deny deletes.)
+        deny_delete=audited,
+        deny_purge=audited,
     )
 
 
@@ -90,6 +101,7 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE,
             dedup_s=120.0,
             replicas=replicas,
+            audited=False,
         ),
     ]
 

@@ -155,7 +155,7 @@ class Runner:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    return consumer_service(settings, lambda broker: Runner(settings, broker.connection.jetstream()).run())
+    return consumer_service(settings, SERVICE, lambda broker: Runner(settings, broker.connection.jetstream()).run())
 
 
 def main() -> None:

@@ -1,14 +1,12 @@
 """The audit projector: the only writer to Postgres, projecting every audited stream into tables."""
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsBroker
 
 from warden.admission import CommandRules
 from warden.audit_projector.handlers import StreamProjection
@@ -16,11 +14,10 @@ from warden.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_
 from warden.bus import envelope_headers, retry_transient
 from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import StreamGapDetected, make_envelope
-from warden.service import BackgroundLoops, interruptible_startup, run_service
+from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
 from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import SYSTEM_TENANT, Subjects
-from warden.wire import SERVICE_CONNECT_OPTIONS, server_urls
 
 SERVICE = "audit-projector"
 BATCH_SIZE = 1000
@@ -45,9 +42,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    broker = NatsBroker(
-        server_urls(settings.nats_url), logger=FASTSTREAM_LOGGER, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
-    )
+    broker = service_broker(settings, SERVICE)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager

@@ -67,6 +67,8 @@ from warden.audit_projector.store import (
     AuditStore,
     create_pool,
 )
+from warden.identity import connect_options
+from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import Subjects
@@ -257,11 +259,12 @@ async def replay(
     streams = StreamNames.for_prefix(settings.subject_prefix)
     url = database_url or settings.database_url
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
+    seed_file = settings.seed_file_for(Role.AUDIT_PROJECTOR)
     target = ReplayTarget(
-        settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes, bare_reader
+        settings.nats_url, url, schema, settings.subject_prefix, settings.max_command_bytes, bare_reader, seed_file
     )
 
-    nc = await connect(settings.nats_url)
+    nc = await connect(settings.nats_url, **connect_options(seed_file))
     try:
         js = nc.jetstream()
         last_seqs = {stream: (await js.stream_info(stream)).state.last_seq for stream in filters}

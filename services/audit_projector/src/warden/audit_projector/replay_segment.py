@@ -12,6 +12,7 @@ import gc
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import structlog
@@ -32,6 +33,7 @@ from warden.audit_projector.store import (
 )
 from warden.audit_projector.stream_reader import read_range
 from warden.decoding import recordable_text
+from warden.identity import connect_options
 from warden.subjects import Subjects
 from warden.wire import connect
 
@@ -62,6 +64,8 @@ class ReplayTarget:
     subject_prefix: str
     max_command_bytes: int
     bare_reader: bool = True
+    # The identity the segment workers read the streams as (the projector's).
+    seed_file: Path | None = None
 
     @property
     def rules(self) -> CommandRules:
@@ -184,7 +188,7 @@ async def replay_segment_async(target: ReplayTarget, segment: Segment) -> Segmen
     rules = target.rules
     result = SegmentResult(segment)
     holes = _HoleFinder(segment.first_seq, segment.last_seq)
-    nc = await connect(target.nats_url)
+    nc = await connect(target.nats_url, **connect_options(target.seed_file))
     connection = await connect_for_copy(target.database_url)
     # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
@@ -202,6 +206,7 @@ async def replay_segment_async(target: ReplayTarget, segment: Segment) -> Segmen
                     segment.first_seq,
                     segment.last_seq,
                     bare=target.bare_reader,
+                    seed_file=target.seed_file,
                 ):
                     holes.saw(batch)
                     project(batch, rules, rows)

@@ -21,16 +21,19 @@ connection than a slow reader can take.
 """
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import ParseResult
 
+import nkeys
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -38,6 +41,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from warden.audit_projector.projection import StoredMessage
+from warden.identity import public_key, read_seed
+from warden.permissions import inbox_prefix
 from warden.wire import MSG_ID_HEADER
 
 log = structlog.get_logger(__name__)
@@ -183,6 +188,8 @@ class _PullProtocol(asyncio.Protocol):
         self.last_seq = last_seq
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The server's INFO, which opens every connection (its nonce is what an NKey signs).
+        self.greeted: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.server_info: dict[str, Any] = {}
         self.batches: asyncio.Queue[list[StoredMessage] | BaseException | None] = asyncio.Queue()
         self.finished = False  # the last message of the range has arrived (or the connection failed)
@@ -207,8 +214,9 @@ class _PullProtocol(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self.finished = True
-        if not self.ready.done():
-            self.ready.set_exception(exc)
+        for future in (self.ready, self.greeted):
+            if not future.done():
+                future.set_exception(exc)
         self.batches.put_nowait(exc)
 
     def _served(self, sid: bytes) -> None:
@@ -309,6 +317,8 @@ class _PullProtocol(asyncio.Protocol):
                 self.server_info = json.loads(line[5:])
                 if self.server_info.get("tls_required"):
                     self._fail(RawReaderUnsupported("the NATS server requires TLS"))
+                elif not self.greeted.done():
+                    self.greeted.set_result(self.server_info)
             elif line.startswith(b"-ERR"):
                 self._fail(ConnectionError(f"NATS refused the replay's reader: {line.decode(errors='replace')}"))
             return end + 2, None, False
@@ -364,7 +374,17 @@ class PullReader:
     range (deleted messages) are simply not delivered; the caller sees the holes.
     """
 
-    def __init__(self, nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        stream: str,
+        filter_subject: str,
+        first_seq: int,
+        last_seq: int,
+        *,
+        seed_file: Path | None = None,
+    ) -> None:
+        self.seed_file = seed_file
         self.nc = nc
         self.stream = stream
         self.filter_subject = filter_subject
@@ -415,11 +435,21 @@ class PullReader:
             "version": "warden-replay",
             "name": "warden-audit-replay",
         }
-        if url.username and url.password:
+        inbox = "_INBOX"
+        if self.seed_file is not None:
+            # NKey authentication as nats-py does it: sign the nonce the server's INFO carries.
+            info = await asyncio.wait_for(protocol.greeted, READ_TIMEOUT_SECONDS)
+            seed = read_seed(self.seed_file)
+            key = nkeys.from_seed(seed)
+            options.update(
+                nkey=key.public_key.decode(), sig=base64.b64encode(key.sign(info["nonce"].encode())).decode()
+            )
+            inbox = inbox_prefix(public_key(seed))
+        elif url.username and url.password:
             options.update(user=url.username, **{"pass": url.password})
         elif url.username:
             options["auth_token"] = url.username
-        self._inbox_stem = f"_INBOX.{uuid.uuid4().hex}".encode()
+        self._inbox_stem = f"{inbox}.{uuid.uuid4().hex}".encode()
         self._write(b"CONNECT %s\r\nPING\r\n" % json.dumps(options).encode())
         await asyncio.wait_for(protocol.ready, READ_TIMEOUT_SECONDS)
         # A request must be able to hold the largest message the server accepts, or it would
@@ -536,7 +566,14 @@ async def first_stored(nc: NatsClient, stream: str, filter_subject: str, first_s
 
 
 async def read_range(
-    nc: NatsClient, stream: str, filter_subject: str, first_seq: int, last_seq: int, *, bare: bool = True
+    nc: NatsClient,
+    stream: str,
+    filter_subject: str,
+    first_seq: int,
+    last_seq: int,
+    *,
+    bare: bool = True,
+    seed_file: Path | None = None,
 ) -> AsyncIterator[list[StoredMessage]]:
     """Messages `first_seq`..`last_seq` of a stream, in order, in lists: bare reader if possible
     (and `bare`), else nats-py.
@@ -550,7 +587,7 @@ async def read_range(
     try:
         if not bare:
             raise RawReaderUnsupported("asked to read through nats-py")
-        reader = PullReader(nc, stream, filter_subject, start, last_seq)
+        reader = PullReader(nc, stream, filter_subject, start, last_seq, seed_file=seed_file)
         async with reader:
             async for batch in reader:
                 yield batch

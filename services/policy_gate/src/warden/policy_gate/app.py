@@ -244,7 +244,9 @@ def build_app(settings: Settings | None = None) -> FastStream:
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
     decider = PolicyDecider(PolicyEngine.load(policy_dir))
     log.info("policies loaded", revision=decider.engine.revision, directory=str(policy_dir))
-    return consumer_service(settings, lambda broker: Gate(settings, broker.connection.jetstream(), decider).run())
+    return consumer_service(
+        settings, SERVICE, lambda broker: Gate(settings, broker.connection.jetstream(), decider).run()
+    )
 
 
 def main() -> None:

@@ -324,7 +324,7 @@ class Scheduler:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    return consumer_service(settings, lambda broker: Scheduler(settings, broker).run())
+    return consumer_service(settings, SERVICE, lambda broker: Scheduler(settings, broker).run())
 
 
 def main() -> None:
