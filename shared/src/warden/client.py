@@ -93,6 +93,7 @@ class TailedEvent:
 # How long reading one stored command back may take (a duplicate submission's receipt).
 READ_TIMEOUT_SECONDS = 5.0
 
+
 def _stack_seed_file(state_dir: Path) -> Path | None:
     """The identity a client started without one uses: WARDEN_NATS_SEED_FILE, else the operator's
     credential among WARDEN_NATS_CREDENTIALS_DIR's or the stack's (the same as the CLI's)."""
