@@ -10,12 +10,15 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 import psutil
+from nats.aio.client import Client as NatsClient
 
+from warden.credentials import CredentialStore, superuser
 from warden.embedded import EmbeddedServers, die_with_parent
+from warden.identity import connect_options
 from warden.settings import Settings
 from warden.streams import provision
 from warden.subjects import Subjects
@@ -44,6 +47,36 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
+class BenchServers(EmbeddedServers):
+    """Embedded servers with a superuser for the benchmark's own set-up and inspection (the
+    services under measurement connect as their own identities, as in production)."""
+
+    def __init__(self, state_dir: Path, **options: Any) -> None:
+        self.superuser_seed, entry = superuser(Path(state_dir) / "superuser")
+        super().__init__(state_dir, extra_users=[entry], **options)
+
+    async def _bring_up(self, *, with_postgres: bool) -> None:
+        await super()._bring_up(with_postgres=with_postgres)
+        _RUNNING[self.nats_url] = self
+
+
+_RUNNING: dict[str, BenchServers] = {}
+
+
+def superuser_seed(nats_url: str) -> Path | None:
+    """A seed allowed everything on the servers at `nats_url`: the bench servers' superuser, or on
+    external servers WARDEN_NATS_SEED_FILE (None: connect anonymously)."""
+    if nats_url in _RUNNING:
+        return _RUNNING[nats_url].superuser_seed
+    named = os.environ.get("WARDEN_NATS_SEED_FILE")
+    return Path(named) if named else None
+
+
+async def admin_connect(nats_url: str, **options: Any) -> NatsClient:
+    """A connection allowed everything, to the servers at `nats_url` (see `superuser_seed`)."""
+    return await connect(nats_url, **connect_options(superuser_seed(nats_url)), **options)
+
+
 @dataclass
 class Installation:
     """A fresh subject prefix, its streams and its database on running servers."""
@@ -55,6 +88,9 @@ class Installation:
     async def create(cls, nats_url: str, admin_url: str, **overrides: object) -> "Installation":
         token = uuid.uuid4().hex[:8]
         database = f"bench_{token}"
+        credentials = CredentialStore(Path(tempfile.mkdtemp(prefix="warden-bench-credentials-")), f"bench{token}")
+        credentials.ensure_installation()
+        await _RUNNING[nats_url].authorize(admit=credentials)
         admin = await asyncpg.connect(admin_url)
         await admin.execute(f"CREATE DATABASE {database}")
         await admin.close()
@@ -63,9 +99,10 @@ class Installation:
             database_url=admin_url.rsplit("/", 1)[0] + f"/{database}",
             subject_prefix=f"bench{token}",
             log_level="WARNING",
+            nats_credentials_dir=credentials.directory,
             **overrides,  # type: ignore[arg-type]
         )
-        nc = await connect(nats_url)
+        nc = await admin_connect(nats_url)
         await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
         await nc.close()
         return cls(settings, admin_url)
@@ -75,7 +112,7 @@ class Installation:
 async def embedded(durability: Durability) -> AsyncIterator[tuple[str, str]]:
     """NATS (with the given fsync setting) and Postgres, in a temporary directory, for one benchmark pass."""
     state = Path(tempfile.mkdtemp(prefix=f"warden-bench-{durability}-"))
-    servers = EmbeddedServers(state, sync=durability)
+    servers = BenchServers(state, sync=durability)
     endpoints = await servers.start()
     try:
         yield endpoints.nats_url, servers.admin_database_url("postgres")
@@ -96,11 +133,13 @@ class ServiceProcesses:
             "WARDEN_NATS_URL": self.settings.nats_url,
             "WARDEN_DATABASE_URL": self.settings.database_url,
             "WARDEN_SUBJECT_PREFIX": self.settings.subject_prefix,
+            "WARDEN_NATS_CREDENTIALS_DIR": str(self.settings.nats_credentials_dir),
             "WARDEN_LOG_LEVEL": "WARNING",
             "WARDEN_TENANT_CONCURRENCY": str(self.settings.tenant_concurrency),
             "WARDEN_RUNNER_CONCURRENCY": str(self.settings.runner_concurrency),
         }
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+        env.pop("WARDEN_NATS_SEED_FILE", None)  # each service connects as its own identity
         for name in names:
             label = name if name not in self.processes else f"{name}#{len(self.processes)}"
             self.processes[label] = await asyncio.create_subprocess_exec(

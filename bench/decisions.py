@@ -13,11 +13,20 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import PubAck
 
-from bench.common import REPO_ROOT, CpuMeter, Installation, ServiceProcesses, latency_summary, percentile
+from bench.common import (
+    REPO_ROOT,
+    CpuMeter,
+    Installation,
+    ServiceProcesses,
+    admin_connect,
+    latency_summary,
+    percentile,
+    superuser_seed,
+)
 from warden.messages import ToolCallRequested, make_envelope
 from warden.streams import StreamNames, stream_configs
 from warden.subjects import Subjects
-from warden.wire import command_key_scope, connect
+from warden.wire import command_key_scope
 
 Mode = Literal["warden", "relay"]
 # Each persisted message on the decision path: the request (commands) and the decision (events).
@@ -163,6 +172,7 @@ async def _start_relay(install: Installation) -> asyncio.subprocess.Process:
         "bench.relay",
         install.settings.nats_url,
         install.settings.subject_prefix,
+        str(superuser_seed(install.settings.nats_url) or ""),
         cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -177,7 +187,7 @@ async def run_w1(nats_url: str, admin_url: str, samples: int) -> dict[str, Any]:
     for mode in ("relay", "warden"):
         install = await Installation.create(nats_url, admin_url)
         prefix = install.settings.subject_prefix
-        nc = await connect(nats_url)
+        nc = await admin_connect(nats_url)
         await _relay_stream(nc, prefix)
         services = ServiceProcesses(install.settings)
         relay = None
@@ -201,7 +211,7 @@ async def run_w1(nats_url: str, admin_url: str, samples: int) -> dict[str, Any]:
 
 async def _projection_lag(install: Installation, stop: asyncio.Event) -> dict[str, float]:
     """Sample how many stored messages the projector has not yet written, and how stale its newest row is."""
-    nc = await connect(install.settings.nats_url)
+    nc = await admin_connect(install.settings.nats_url)
     js = nc.jetstream()
     names = StreamNames.for_prefix(install.settings.subject_prefix)
     db = await asyncpg.connect(install.settings.database_url)
@@ -232,7 +242,7 @@ async def run_w2(nats_url: str, admin_url: str, seconds: float, concurrency: int
     results: dict[str, Any] = {}
     for gates in (1, 2):
         install = await Installation.create(nats_url, admin_url)
-        nc = await connect(nats_url)
+        nc = await admin_connect(nats_url)
         services = ServiceProcesses(install.settings)
         await services.start(*["policy_gate"] * gates)
         client = DecisionClient(nc, install.settings.subject_prefix, "warden")
@@ -256,7 +266,7 @@ async def run_w2(nats_url: str, admin_url: str, seconds: float, concurrency: int
 
     # Projection lag: one gate at saturation with the projector writing everything to Postgres.
     install = await Installation.create(nats_url, admin_url)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     await _relay_stream(nc, install.settings.subject_prefix)
     # The floor at the workload's own depth: 128 requesters keep at most 128 requests and 128
     # decisions unacknowledged, so 256 publishes in flight. With fsync on every write, nats-server

@@ -34,12 +34,11 @@ import asyncpg
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from bench.common import REPO_ROOT, Installation, ServiceProcesses
+from bench.common import REPO_ROOT, BenchServers, Installation, ServiceProcesses, admin_connect
 from warden.client import WardenClient
 from warden.embedded import EmbeddedServers, NatsNode
 from warden.errors import RetryableError
 from warden.streams import StreamNames
-from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 RESULTS = REPO_ROOT / "bench" / "results" / "failover.json"
@@ -172,7 +171,7 @@ class Failover:
 
 async def run_failover(rounds: int) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="warden-failover-"))
-    servers = EmbeddedServers(state, nats_nodes=3)
+    servers = BenchServers(state, nats_nodes=3)
     endpoints = await servers.start()
     try:
         install = await Installation.create(
@@ -180,7 +179,7 @@ async def run_failover(rounds: int) -> dict[str, Any]:
         )
         services = ServiceProcesses(install.settings)
         await services.start(*SERVICES)
-        nc = await connect(endpoints.nats_url)
+        nc = await admin_connect(endpoints.nats_url)
         db = await asyncpg.connect(install.settings.database_url)
         failover = Failover(servers, install, nc)
         try:

@@ -72,9 +72,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as ConsumerAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StorageType, StreamConfig
 
+from bench.common import BenchServers, admin_connect
 from warden.bus import fetch_batch
-from warden.embedded import EmbeddedServers
-from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, connect, server_urls
+from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, server_urls
 
 RESULTS = Path(__file__).parent / "results"
 Variant = Literal[
@@ -338,7 +338,7 @@ class Consumer:
     async def prepare(self) -> None:
         """Open the connection and declare the subscriber (not timed)."""
         if self.variant == "hand_written":
-            self.nc = await connect(self.nats_url, **SERVICE_CONNECT_OPTIONS)
+            self.nc = await admin_connect(self.nats_url, **SERVICE_CONNECT_OPTIONS)
             return
         # As warden.service.consumer_service builds a service's broker.
         self.broker = NatsBroker(
@@ -511,7 +511,7 @@ def exception_name(error: BaseException) -> str:
 async def probe_nats_py_fetch(nats_url: str, admin: NatsClient) -> dict[str, Any]:
     """nats-py alone: what `fetch(256, timeout=1.0)` (FastStream's call) raises on an empty stream."""
     target = await Target.create(admin)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     result: dict[str, Any] = {}
     try:
         subscription = await nc.jetstream().pull_subscribe(
@@ -608,7 +608,7 @@ async def idle_checks(nats_url: str, admin: NatsClient) -> dict[str, dict[str, A
 
 
 async def run(nats_url: str, messages: int, rounds: int, server_pid: int | None) -> dict[str, Any]:
-    admin = await connect(nats_url)
+    admin = await admin_connect(nats_url)
     logger = logging.getLogger("bench.faststream_consumers")
     logger.propagate = False
     logger.setLevel(logging.WARNING)
@@ -694,7 +694,7 @@ async def with_servers(body: Callable[[str, int | None], Awaitable[dict[str, Any
         result = await body(external, None)
         result["servers"] = "external NATS"
         return result
-    servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="warden-bench-faststream-")), sync="always")
+    servers = BenchServers(Path(tempfile.mkdtemp(prefix="warden-bench-faststream-")), sync="always")
     nats_url = await servers.start_nats()
     try:
         process = servers.nodes[0].process

@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 from faststream.nats import JStream, NatsBroker
 
+from bench.common import admin_connect
 from bench.faststream_consumers import RESULTS, Target, message_body, process_cpu, with_servers
-from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, connect, server_urls
+from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, server_urls
 
 Variant = Literal["nats_py", "faststream_broker", "faststream_publisher"]
 VARIANTS: tuple[Variant, ...] = ("nats_py", "faststream_broker", "faststream_publisher")
@@ -45,7 +46,7 @@ def headers(seq: int) -> dict[str, str]:
 
 async def measure(nats_url: str, variant: Variant, messages: int, server_pid: int | None) -> dict[str, Any]:
     """One variant, once, into a fresh stream; connections are open before the clock starts."""
-    admin = await connect(nats_url)
+    admin = await admin_connect(nats_url)
     target = await Target.create(admin)
     bodies = [message_body(seq) for seq in range(messages)]
     broker = NatsBroker(
@@ -54,7 +55,7 @@ async def measure(nats_url: str, variant: Variant, messages: int, server_pid: in
     nc = None
     try:
         if variant == "nats_py":
-            nc = await connect(nats_url, **SERVICE_CONNECT_OPTIONS)
+            nc = await admin_connect(nats_url, **SERVICE_CONNECT_OPTIONS)
             js = nc.jetstream()
         else:
             publisher = broker.publisher(target.subject, stream=JStream(name=target.stream, declare=False))

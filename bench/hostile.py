@@ -32,14 +32,13 @@ import asyncpg
 from hypothesis.errors import NonInteractiveExampleWarning
 from nats.aio.client import Client as NatsClient
 
-from bench.common import REPO_ROOT, Installation, ServiceProcesses, embedded
+from bench.common import REPO_ROOT, Installation, ServiceProcesses, admin_connect, embedded
 from tests.strategies import HostileCommand, hostile_commands
 from warden.bus import envelope_headers
 from warden.client import WardenClient
 from warden.messages import RunSubmitted, make_envelope
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 IN_FLIGHT = 256
@@ -92,7 +91,7 @@ async def run_pass(
     commands = commands_for(settings.subject_prefix)
     services = ServiceProcesses(settings)
     await services.start(*SERVICES)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     db = await asyncpg.connect(settings.database_url)
     client = WardenClient(nc, settings.subject_prefix)
     try:

@@ -1,6 +1,6 @@
 """The W1 floor: a relay that stores each command, reads it back and stores it again, with no Warden code.
 
-    python -m bench.relay NATS_URL PREFIX
+    python -m bench.relay NATS_URL PREFIX SEED_FILE
 
 It makes the same two persisted hops as the policy gate (client -> commands stream, relay ->
 a stream configured like the events stream) using plain nats-py, so the difference between the
@@ -15,8 +15,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 
-async def relay(nats_url: str, prefix: str) -> None:
-    nc = await nats.connect(nats_url)
+async def relay(nats_url: str, prefix: str, seed_file: str) -> None:
+    nc = await nats.connect(nats_url, nkeys_seed=seed_file or None)
     js = nc.jetstream()
 
     async def forward(message: Msg) -> None:
@@ -36,4 +36,4 @@ async def relay(nats_url: str, prefix: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(relay(sys.argv[1], sys.argv[2]))
+    asyncio.run(relay(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -44,6 +44,7 @@ import asyncpg
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from bench.common import BenchServers, admin_connect, superuser_seed
 from warden.admission import CommandRules
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import EVENT_COLUMNS, EventRow, project
@@ -69,7 +70,6 @@ from warden.messages import (
 from warden.settings import Settings
 from warden.streams import StreamNames, provision
 from warden.subjects import Subjects
-from warden.wire import connect
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 1000  # messages per atomic batch: the server's default ceiling
@@ -225,7 +225,7 @@ def workload(subjects: Subjects, mix: str, count: int) -> Iterator[Message]:
 async def fill(nats_url: str, prefix: str, count: int, mix: str) -> None:
     """Provision the audited streams under `prefix` and store `count` messages, in atomic batches."""
     subjects = Subjects(prefix)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     try:
         js = nc.jetstream()
         await provision(js, subjects)
@@ -279,13 +279,13 @@ async def _audited(nc: NatsClient, prefix: str) -> list[tuple[str, str, int]]:
 
 async def raw_read(nats_url: str, prefix: str) -> tuple[int, float]:
     """Floor 1: every message of both streams through the replay's bare reader, and nothing else."""
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     try:
         streams = await _audited(nc, prefix)
         count, started = 0, time.perf_counter()
         with cyclic_gc_paused():
             for stream, subject, last_seq in streams:
-                async for batch in read_range(nc, stream, subject, 1, last_seq):
+                async for batch in read_range(nc, stream, subject, 1, last_seq, seed_file=superuser_seed(nats_url)):
                     count += len(batch)
         return count, time.perf_counter() - started
     finally:
@@ -294,7 +294,7 @@ async def raw_read(nats_url: str, prefix: str) -> tuple[int, float]:
 
 async def nats_py_ordered_read(nats_url: str, prefix: str, limit: int) -> tuple[int, float]:
     """Reference: nats-py's ordered push consumer with a callback, on the events stream (up to `limit`)."""
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     try:
         stream, _, last_seq = (await _audited(nc, prefix))[1]
         last = min(last_seq, limit)
@@ -323,11 +323,11 @@ async def copy_floor(nats_url: str, database_url: str, prefix: str, connections:
     """Floor 2: COPY the exact `events` rows the projection makes, the way the replay loads them."""
     rules = CommandRules(Subjects(prefix), Settings().max_command_bytes)
     chunks: list[list[EventRow]] = []
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     try:
         with cyclic_gc_paused():
             for stream, subject, last_seq in await _audited(nc, prefix):
-                async for batch in read_range(nc, stream, subject, 1, last_seq):
+                async for batch in read_range(nc, stream, subject, 1, last_seq, seed_file=superuser_seed(nats_url)):
                     rows = project(batch, rules).events
                     if chunks and len(chunks[-1]) < COPY_CHUNK:
                         chunks[-1] += rows
@@ -374,7 +374,14 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
     admin = await asyncpg.connect(admin_database_url)
     await admin.execute(f"CREATE DATABASE {database}")
     database_url = admin_database_url.rsplit("/", 1)[0] + f"/{database}"
-    settings = Settings(nats_url=nats_url, database_url=database_url, subject_prefix=prefix, log_level="WARNING")
+    # The replay reads as a superuser here (not the projector's identity, which belongs to one installation).
+    settings = Settings(
+        nats_url=nats_url,
+        database_url=database_url,
+        subject_prefix=prefix,
+        log_level="WARNING",
+        nats_seed_file=superuser_seed(nats_url),
+    )
     workers = default_workers()
     try:
         fill_started = time.perf_counter()
@@ -387,7 +394,7 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
         # The same replay reading through nats-py alone: what the bare reader is worth.
         through_nats_py = await replay(settings, "replayed_nats_py", bare_reader=False)
     finally:
-        nc = await connect(nats_url)
+        nc = await admin_connect(nats_url)
         names = StreamNames.for_prefix(prefix)
         for stream in (names.commands, names.events, names.work):
             await nc.jetstream().delete_stream(stream)
@@ -437,9 +444,7 @@ async def main(events: int, mix: str) -> None:
         result = await run_w4(os.environ["WARDEN_NATS_URL"], os.environ["WARDEN_DATABASE_URL"], events, mix)
         result["servers"] = "external"
     else:
-        from warden.embedded import EmbeddedServers  # noqa: PLC0415
-
-        servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="warden-bench-")), sync="always")
+        servers = BenchServers(Path(tempfile.mkdtemp(prefix="warden-bench-")), sync="always")
         endpoints = await servers.start()
         try:
             result = await run_w4(endpoints.nats_url, endpoints.database_url, events, mix)

@@ -8,10 +8,9 @@ from typing import Any
 import asyncpg
 from nats.aio.msg import Msg
 
-from bench.common import CpuMeter, Installation, ServiceProcesses, latency_summary
+from bench.common import CpuMeter, Installation, ServiceProcesses, admin_connect, latency_summary
 from warden.client import WardenClient
 from warden.streams import StreamNames
-from warden.wire import connect
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 AGENT = "researcher"
@@ -20,7 +19,7 @@ TENANTS = {"acme": "alice", "globex": "gina"}
 
 async def _projected(install: Installation) -> None:
     """Wait until the projector has written every stored message of both audited streams."""
-    nc = await connect(install.settings.nats_url)
+    nc = await admin_connect(install.settings.nats_url)
     names = StreamNames.for_prefix(install.settings.subject_prefix)
     stored = sum([(await nc.jetstream().stream_info(name)).state.last_seq for name in names.audited])
     await nc.close()
@@ -44,7 +43,7 @@ async def run_w3(nats_url: str, admin_url: str, runs: int, concurrency: int) -> 
     )
     services = ServiceProcesses(install.settings)
     await services.start(*SERVICES)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     client = WardenClient(nc, install.settings.subject_prefix)
     finished: dict[str, asyncio.Future[str]] = {}
 

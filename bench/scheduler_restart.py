@@ -20,9 +20,8 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 
-from bench.common import REPO_ROOT, Installation
+from bench.common import REPO_ROOT, BenchServers, Installation, admin_connect
 from warden.bus import envelope_headers
-from warden.embedded import EmbeddedServers
 from warden.messages import (
     DecisionMade,
     Envelope,
@@ -37,7 +36,6 @@ from warden.messages import (
 from warden.scheduler.app import WATERMARK_KEY, Scheduler
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-from warden.wire import connect
 
 RESULTS = REPO_ROOT / "bench" / "results" / "scheduler_restart.json"
 
@@ -66,7 +64,7 @@ def history(run: int, finished: bool) -> list[Envelope[Any]]:
 
 async def fill(nats_url: str, prefix: str, runs: int) -> int:
     subjects = Subjects(prefix)
-    nc = await connect(nats_url)
+    nc = await admin_connect(nats_url)
     js = nc.jetstream()
     pending = []
     for run in range(runs + 20):
@@ -129,7 +127,7 @@ async def measure(nats_url: str, admin_url: str, runs: int) -> dict[str, Any]:
 
 
 async def main(sizes: list[int]) -> None:
-    servers = EmbeddedServers(Path(tempfile.mkdtemp(prefix="warden-bench-")), sync="always")
+    servers = BenchServers(Path(tempfile.mkdtemp(prefix="warden-bench-")), sync="always")
     endpoints = await servers.start()
     try:
         results = {

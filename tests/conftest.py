@@ -33,10 +33,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from warden.credentials import CredentialStore
+from warden.credentials import CredentialStore, superuser
 from warden.embedded import EmbeddedServers
 from warden.identity import connect_options, public_key, read_seed
-from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames, provision
 from warden.subjects import Subjects
@@ -68,12 +67,6 @@ class Servers:
         return {"nkey": public_key(read_seed(self.superuser_seed))}
 
 
-def new_superuser(directory: Path) -> tuple[Path, dict[str, object]]:
-    """A seed allowed every subject, and its entry for the server's users (no permissions: all)."""
-    store = CredentialStore(directory, "superuser")
-    seed_file = store.seed_file(Role.OPERATOR)
-    store.ensure_installation()
-    return seed_file, {"nkey": public_key(read_seed(seed_file))}
 
 
 def database_url_for(url: str, database: str) -> str:
@@ -91,8 +84,8 @@ async def servers() -> AsyncIterator[Servers]:
     # Not under pytest's basetemp: pytest deletes old basetemps, even while another session
     # (a concurrent pytest) still has servers writing there.
     state_dir = Path(tempfile.mkdtemp(prefix="warden-tests-"))
-    superuser_seed, superuser = new_superuser(state_dir / "superuser")
-    embedded = EmbeddedServers(state_dir, extra_users=[superuser])
+    superuser_seed, superuser_entry = superuser(state_dir / "superuser")
+    embedded = EmbeddedServers(state_dir, extra_users=[superuser_entry])
     endpoints = await embedded.start()
     try:
         yield Servers(endpoints.nats_url, endpoints.database_url, superuser_seed, embedded)

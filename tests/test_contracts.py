@@ -31,6 +31,7 @@ from warden.messages import (
     UPCASTERS,
     CommandRejected,
     DecisionMade,
+    DecisionRefused,
     Envelope,
     Payload,
     RunDispatched,
@@ -75,7 +76,22 @@ EXAMPLES: dict[str, Payload] = {
         evaluation_ms=0.42,
     ),
     "run.queued": RunQueued(decision_id="d-1", priority=3, agent="demo", request_seq=1),
-    "run.dispatched": RunDispatched(decision_id="d-1", agent="demo", request_seq=3),
+    "run.dispatched": RunDispatched(
+        decision_id="d-1",
+        agent="demo",
+        request_seq=3,
+        decision=DecisionMade(
+            decision_id="d-1",
+            request_type="run.submitted",
+            request_id="01890a5d-ac96-774b-bcce-b302099a8057",
+            request_seq=3,
+            effect="allow",
+            policy_revision="rev-7",
+            evaluation_ms=0.3,
+            signing_key="MCowBQYDK2VwAyEA3o8cS0zI4tGHlmXVNzm2ZIFKhKBwhmOD3u7vXOh3Fyw=",
+            signature="c2lnbmF0dXJl",
+        ),
+    ),
     "run.started": RunStarted(decision_id="d-1", worker="runner-a", attempt=2),
     "step.completed": StepCompleted(
         step=1, kind="model_turn", summary="planned", usage=TokenUsage(input_tokens=120, output_tokens=40)
@@ -86,6 +102,9 @@ EXAMPLES: dict[str, Payload] = {
     "run.succeeded": RunSucceeded(output={"answer": 42}, steps=3, tool_calls=1),
     "run.failed": RunFailed(reason="the tool web.fetch was refused", error_type="PolicyDenied", steps=2),
     "stream.gap_detected": StreamGapDetected(stream="WARDEN_EVENTS", first_seq=120, last_seq=133),
+    "decision.refused": DecisionRefused(
+        decision_id="d-forged", tool_call_id="tc-1", reason="bad signature (forged or altered)", decision_seq=41
+    ),
 }
 
 

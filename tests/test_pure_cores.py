@@ -9,6 +9,7 @@ import itertools
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import nacl.signing
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -39,6 +40,7 @@ from warden.messages import (
 from warden.policy_gate.decide import POLICY_BUDGET_MS, PolicyDecider, policy_input
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError, PolicyResult
 from warden.scheduler.core import SchedulerState, evolve, next_dispatches
+from warden.signing import DecisionBinding, DecisionSigner, DecisionVerifier, arguments_hash
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.wire import message_headers
@@ -269,8 +271,70 @@ class ScriptedEngine:
 def decide_with(answer: PolicyResult | PolicyEvaluationError, data: Payload) -> tuple[DecisionMade, int]:
     engine = ScriptedEngine(answer)
     envelope = make_envelope(data, tenant="acme", entity_id="r1", actor="alice", source="test")
-    made = PolicyDecider(cast(PolicyEngine, engine)).decide(envelope, request_seq=7)
+    made = PolicyDecider(cast(PolicyEngine, engine), GATE_KEY).decide(envelope, request_seq=7)
+    assert TRUSTING_RUNNER.refusal(made, "acme", "r1") is None  # every decision is signed, deny included
     return made, engine.evaluated
+
+
+GATE_KEY = DecisionSigner(nacl.signing.SigningKey.generate())
+TRUSTING_RUNNER = DecisionVerifier([GATE_KEY.public_key])
+
+
+def signed_tool_decision(**changes: Any) -> DecisionMade:
+    envelope = make_envelope(
+        ToolCallRequested(tool_call_id="t1", step=1, agent="researcher", tool="math.add", arguments={"a": 1, "b": 2}),
+        tenant="acme",
+        entity_id="r1",
+        actor="alice",
+        source="test",
+    )
+    return PolicyDecider(cast(PolicyEngine, ScriptedEngine(ALLOWED)), GATE_KEY).decide(envelope, request_seq=7)
+
+
+def test_a_signed_decision_binds_its_request() -> None:
+    made = signed_tool_decision()
+    assert made.arguments_hash == arguments_hash({"b": 2, "a": 1})  # key order does not matter
+    assert made.arguments_hash != arguments_hash({"a": 1, "b": 3})
+    assert TRUSTING_RUNNER.refusal(made, "acme", "r1") is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"effect": "deny"},
+        {"tool_call_id": "t2"},
+        {"request_seq": 8},
+        {"request_id": "another"},
+        {"arguments_hash": arguments_hash({"a": 1, "b": 3})},
+        {"policy_revision": "sha256:other"},
+        {"decision_id": "borrowed"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_an_altered_decision_fails_its_signature(change: dict[str, Any]) -> None:
+    altered = signed_tool_decision().model_copy(update=change)
+    assert TRUSTING_RUNNER.refusal(altered, "acme", "r1") == "bad signature (forged or altered)"
+
+
+def test_a_decision_moved_to_another_run_or_tenant_fails_its_signature() -> None:
+    made = signed_tool_decision()
+    assert TRUSTING_RUNNER.refusal(made, "acme", "r2") == "bad signature (forged or altered)"
+    assert TRUSTING_RUNNER.refusal(made, "globex", "r1") == "bad signature (forged or altered)"
+
+
+def test_unsigned_or_foreign_decisions_are_refused() -> None:
+    made = signed_tool_decision()
+    assert TRUSTING_RUNNER.refusal(made.model_copy(update={"signature": None}), "acme", "r1") == "unsigned"
+    forger = DecisionSigner(nacl.signing.SigningKey.generate())
+    forged = made.model_copy(
+        update={
+            "signing_key": forger.public_key,
+            "signature": forger.sign(DecisionBinding.of(made, "acme", "r1")),
+        }
+    )
+    assert TRUSTING_RUNNER.refusal(forged, "acme", "r1") == "signed with a key this runner does not trust"
+    # Rotation: a runner that trusts both keys accepts either.
+    assert DecisionVerifier([GATE_KEY.public_key, forger.public_key]).refusal(forged, "acme", "r1") is None
 
 
 ALLOWED = PolicyResult(effect="allow", reasons=("ok",), evaluation_ms=0.2)

@@ -25,6 +25,7 @@ import nkeys
 from warden.errors import WardenError
 from warden.identity import SEED_SUFFIX, public_key, read_seed
 from warden.permissions import INSTALLATION_ROLES, Role, service_permissions, tenant_permissions
+from warden.signing import create_signing_key
 from warden.subjects import Subjects
 
 INSTALLATION_FILE = "installation.json"
@@ -105,6 +106,7 @@ class CredentialStore:
         for role in INSTALLATION_ROLES:
             if not self.seed_file(role).exists():
                 _write_new_seed(self.seed_file(role))
+        create_signing_key(self.directory)
         return self.identities()
 
     def issue(self, tenant: str, actor: str) -> Identity:
@@ -171,3 +173,15 @@ def write_authorization(
     staged = target.with_suffix(".tmp")
     staged.write_text(authorization_config(stores, extra_users), encoding="utf-8")
     staged.replace(target)
+
+
+def superuser(directory: Path) -> tuple[Path, dict[str, object]]:
+    """An identity allowed everything, and its entry for a server's `users`.
+
+    For test suites and benchmarks, which create and delete installations (streams, consumers)
+    on one server; `warden up` never makes one.
+    """
+    store = CredentialStore(directory, "superuser")
+    store.ensure_installation()
+    seed_file = store.seed_file(Role.OPERATOR)
+    return seed_file, {"nkey": public_key(read_seed(seed_file))}

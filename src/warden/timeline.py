@@ -50,4 +50,10 @@ def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
             return f"run SUCCEEDED after {turns} model turns and {data['tool_calls']} tool calls"
         case "run.failed":
             return f"run FAILED: {data['reason']}"
+        case "decision.refused":
+            what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+            return (
+                f"SECURITY: runner refused decision {data['decision_id']} on {what}: {data['reason']} "
+                f"(nothing ran on it)"
+            )
     return type_name

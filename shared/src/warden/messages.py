@@ -133,6 +133,20 @@ class DecisionMade(Payload):
     policy_revision: str
     evaluation_ms: float = Field(ge=0, allow_inf_nan=False)
     tool_call_id: Token | None = None
+    arguments_hash: str | None = Field(
+        default=None,
+        max_length=128,
+        description="For a tool call: the hash of its arguments (warden.signing.arguments_hash) this decision is on.",
+    )
+    expires_at: datetime | None = Field(default=None, description="After this, the decision may not be acted on.")
+    signing_key: str | None = Field(
+        default=None, max_length=128, description="The gate's public key (Ed25519, base64) that signed it."
+    )
+    signature: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Ed25519 signature over what binds the decision to its request (warden.signing.DecisionBinding).",
+    )
 
 
 class RunQueued(Payload):
@@ -146,6 +160,9 @@ class RunQueued(Payload):
     priority: int = Field(ge=0, le=9)
     agent: Name
     request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
+    decision: DecisionMade | None = Field(
+        default=None, description="The gate's signed decision that allowed the run, carried on to the runner."
+    )
 
 
 class RunDispatched(Payload):
@@ -161,6 +178,11 @@ class RunDispatched(Payload):
     decision_id: Token
     agent: Name
     request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
+    decision: DecisionMade | None = Field(
+        default=None,
+        description="The gate's signed decision that allowed the run: a runner starts no run without one that "
+        "checks out.",
+    )
 
 
 class RunStarted(Payload):
@@ -253,6 +275,25 @@ class StreamGapDetected(Payload):
     last_seq: StreamSeq
 
 
+class DecisionRefused(Payload):
+    """A runner refused to act on a decision: a security event.
+
+    The decision was unsigned, signed with a key the runner does not trust, altered or forged, or
+    answers another request than the one the runner made. Nothing ran on it.
+    """
+
+    TYPE: ClassVar[str] = "decision.refused"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    decision_id: str = Field(max_length=256, description="As the refused decision claims it.")
+    tool_call_id: Token | None = None
+    reason: str = Field(max_length=2000)
+    decision_seq: StreamSeq | None = Field(
+        default=None, description="Where the refused decision is in the events stream, if it came from there."
+    )
+
+
 PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunSubmitted,
     ToolCallRequested,
@@ -266,6 +307,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunSucceeded,
     RunFailed,
     StreamGapDetected,
+    DecisionRefused,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

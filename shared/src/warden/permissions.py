@@ -21,6 +21,7 @@ from enum import StrEnum
 from warden.messages import (
     CommandRejected,
     DecisionMade,
+    DecisionRefused,
     Payload,
     RunDispatched,
     RunFailed,
@@ -66,7 +67,15 @@ INSTALLATION_ROLES: tuple[Role, ...] = (
 PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
     Role.POLICY_GATE: (DecisionMade, CommandRejected),
     Role.SCHEDULER: (RunQueued, RunDispatched),
-    Role.AGENT_RUNNER: (RunStarted, StepCompleted, ToolCallRequested, ToolCallCompleted, RunSucceeded, RunFailed),
+    Role.AGENT_RUNNER: (
+        RunStarted,
+        StepCompleted,
+        ToolCallRequested,
+        ToolCallCompleted,
+        RunSucceeded,
+        RunFailed,
+        DecisionRefused,
+    ),
     Role.AUDIT_PROJECTOR: (StreamGapDetected,),
     Role.OPERATOR: (RunSubmitted,),
     Role.TENANT: (RunSubmitted,),

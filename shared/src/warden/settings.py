@@ -7,6 +7,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from warden.endpoints import read_endpoints
+from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, SigningKeyError
 
 
 class Settings(BaseSettings):
@@ -23,6 +24,10 @@ class Settings(BaseSettings):
     # write them). Neither: it connects anonymously, which a Warden NATS server refuses.
     nats_seed_file: Path | None = None
     nats_credentials_dir: Path | None = None
+    # The policy gate's decision signing key, and the public keys runners trust decisions from.
+    # Unset: `decision-signing.key` and `decision-keys.pub` in `nats_credentials_dir`.
+    decision_signing_key_file: Path | None = None
+    decision_keys_file: Path | None = None
     # Replicas of each stream (3 on a three-node cluster). Provisioning never lowers a stream's
     # replicas below what it has unless forced (`warden provision --force`).
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -59,6 +64,21 @@ class Settings(BaseSettings):
         if self.nats_credentials_dir is not None:
             return self.nats_credentials_dir / f"{role}.nk"
         return None
+
+    def signing_key_path(self) -> Path:
+        return self._credential_file(self.decision_signing_key_file, SIGNING_KEY_FILE, "DECISION_SIGNING_KEY_FILE")
+
+    def trusted_keys_path(self) -> Path:
+        return self._credential_file(self.decision_keys_file, TRUSTED_KEYS_FILE, "DECISION_KEYS_FILE")
+
+    def _credential_file(self, explicit: Path | None, name: str, variable: str) -> Path:
+        if explicit is not None:
+            return explicit
+        if self.nats_credentials_dir is not None:
+            return self.nats_credentials_dir / name
+        raise SigningKeyError(
+            f"no {name}: set WARDEN_{variable}, or WARDEN_NATS_CREDENTIALS_DIR to a directory holding it"
+        )
 
 
 def settings_for_running_stack(settings: Settings) -> Settings:

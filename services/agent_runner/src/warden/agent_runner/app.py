@@ -21,6 +21,7 @@ from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
+from warden.signing import DecisionVerifier
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 
@@ -40,7 +41,12 @@ class Runner:
         worker = f"{socket.gethostname()}:{os.getpid()}"
         self.decisions = DecisionFeed(js, self.subjects, self.streams.events)
         self.executor = RunExecutor(
-            settings, js, AgentCatalogue.load(settings.agents_dir or SHIPPED_AGENTS_DIR), worker, self.decisions
+            settings,
+            js,
+            catalogue=AgentCatalogue.load(settings.agents_dir or SHIPPED_AGENTS_DIR),
+            worker=worker,
+            decisions=self.decisions,
+            verifier=DecisionVerifier.from_file(settings.trusted_keys_path()),
         )
         self.slots = asyncio.Semaphore(settings.runner_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()

@@ -2,7 +2,7 @@
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import nats.errors
@@ -30,8 +30,10 @@ class DecisionFeed:
         self.js = js
         self.subjects = subjects
         self.stream = stream
-        self.runs: dict[str, dict[str, DecisionMade]] = {}  # run id -> tool call id -> decision
-        self.waiters: dict[str, asyncio.Future[DecisionMade]] = {}
+        # run id -> tool call id -> every decision that came for it, with its stream sequence: a
+        # forged one may come first, so none replaces another (see `decision`).
+        self.runs: dict[str, dict[str, list[tuple[DecisionMade, int]]]] = {}
+        self.arrivals: dict[str, asyncio.Event] = {}
         self.subscription: Any = None
 
     async def open(self) -> None:
@@ -69,19 +71,38 @@ class DecisionFeed:
             return
         verdict = envelope.data
         if isinstance(verdict, DecisionMade) and verdict.tool_call_id:
-            decisions[verdict.tool_call_id] = verdict
-            waiter = self.waiters.pop(verdict.tool_call_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(verdict)
+            decisions.setdefault(verdict.tool_call_id, []).append((verdict, message.metadata.sequence.stream))
+            if arrived := self.arrivals.get(verdict.tool_call_id):
+                arrived.set()
 
-    async def decision(self, run_id: str, tool_call_id: str, within: float) -> DecisionMade | None:
-        """The stored decision on one tool call, waiting up to `within` seconds for it."""
-        if known := self.runs.get(run_id, {}).get(tool_call_id):
-            return known
-        waiter = self.waiters.setdefault(tool_call_id, asyncio.get_running_loop().create_future())
+    async def decision(
+        self,
+        run_id: str,
+        tool_call_id: str,
+        within: float,
+        accept: Callable[[DecisionMade, int | None], Awaitable[bool]],
+    ) -> DecisionMade | None:
+        """The first stored decision on one tool call that `accept` takes, waiting up to `within` seconds.
+
+        Every decision that comes is put to `accept` in arrival order; one it refuses (a forgery,
+        or an answer to another request) does not end the wait for the genuine one.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        arrived = self.arrivals.setdefault(tool_call_id, asyncio.Event())
+        seen = 0
         try:
-            return await asyncio.wait_for(waiter, within)
-        except TimeoutError:
-            return None
+            while True:
+                arrived.clear()
+                candidates = self.runs.get(run_id, {}).get(tool_call_id, [])
+                for verdict, seq in candidates[seen:]:
+                    seen += 1
+                    if await accept(verdict, seq):
+                        return verdict
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), remaining)
         finally:
-            self.waiters.pop(tool_call_id, None)
+            self.arrivals.pop(tool_call_id, None)

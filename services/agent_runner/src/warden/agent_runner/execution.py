@@ -6,7 +6,12 @@ recorded step is never repeated. Every publish is keyed, so a repeated one is st
 """
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
@@ -14,6 +19,7 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 from warden.agent_runner.agents import (
     AgentCatalogue,
@@ -31,8 +37,10 @@ from warden.agent_runner.tools import ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
 from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
+from warden.identity import read_seed
 from warden.messages import (
     DecisionMade,
+    DecisionRefused,
     Envelope,
     Payload,
     RunDispatched,
@@ -49,6 +57,7 @@ from warden.messages import (
     parse_envelope,
 )
 from warden.settings import Settings
+from warden.signing import DecisionVerifier, arguments_hash
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
@@ -88,21 +97,78 @@ async def read_history(js: JetStreamContext, subjects: Subjects, stream: str, su
     return history
 
 
+@dataclass(frozen=True)
+class ExpectedDecision:
+    """What a decision on the tool call this runner requested must name to be acted on."""
+
+    tool_call_id: str
+    request_seq: int
+    request_id: str | None  # None: our publish was a duplicate of an earlier attempt's request
+    arguments_hash: str
+
+    def mismatch(self, verdict: DecisionMade) -> str | None:
+        """Why a (correctly signed) decision does not answer this request, or None if it does."""
+        if verdict.tool_call_id != self.tool_call_id:
+            return f"it answers tool call {verdict.tool_call_id!r}, not {self.tool_call_id!r}"
+        if verdict.request_seq != self.request_seq:
+            return f"it answers request {verdict.request_seq}, not this one ({self.request_seq}): borrowed"
+        if self.request_id is not None and verdict.request_id != self.request_id:
+            return f"it answers request id {verdict.request_id!r}, not {self.request_id!r}"
+        if verdict.arguments_hash != self.arguments_hash:
+            return "it was made on other arguments than this call's"
+        return _expired(verdict)
+
+
+def _expired(verdict: DecisionMade) -> str | None:
+    if verdict.expires_at is not None and verdict.expires_at <= datetime.now(UTC):
+        return f"it expired at {verdict.expires_at.isoformat()}"
+    return None
+
+
+def run_decision_mismatch(work: Envelope[RunDispatched], submission: Envelope[Any]) -> str | None:
+    """Why the decision a work item carries does not allow this run (None: it does). Signature apart."""
+    verdict = work.data.decision
+    if verdict is None:
+        return "the work item carries no decision"
+    if verdict.request_type != RunSubmitted.TYPE or verdict.tool_call_id is not None:
+        return f"it is a decision on a {verdict.request_type}, not on the run's submission"
+    if verdict.effect != "allow":
+        return f"its effect is {verdict.effect}, not allow"
+    if verdict.decision_id != work.data.decision_id:
+        return f"it is decision {verdict.decision_id!r}, not the work item's {work.data.decision_id!r}"
+    if (verdict.request_seq, verdict.request_id) != (work.data.request_seq, submission.id):
+        return f"it answers request {verdict.request_seq} ({verdict.request_id}), not the run's submission"
+    return _expired(verdict)
+
+
 class RunExecutor:
     """Runs dispatched work to completion (or failure), publishing every step."""
 
     def __init__(
-        self, settings: Settings, js: JetStreamContext, catalogue: AgentCatalogue, worker: str, decisions: DecisionFeed
+        self,
+        settings: Settings,
+        js: JetStreamContext,
+        *,
+        catalogue: AgentCatalogue,
+        worker: str,
+        decisions: DecisionFeed,
+        verifier: DecisionVerifier,
     ) -> None:
         self.settings = settings
         self.js = js
         self.catalogue = catalogue
         self.worker = worker
+        self.verifier = verifier
+        # Tool-call ids no one else can predict, the same in every runner (so a runner that takes
+        # a run over asks again under the same id, and its request is deduplicated): keyed by a
+        # secret every runner holds and no one else does, its NATS seed.
+        seed_file = settings.seed_file_for(SERVICE)
+        self.tool_call_secret = read_seed(seed_file) if seed_file is not None else secrets.token_bytes(32)
         self.decisions = decisions
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
 
-    async def _publish(self, envelope: Envelope[Any], key: str) -> None:
+    async def _publish(self, envelope: Envelope[Any], key: str) -> PubAck:
         """Store one event or command; a passing bus failure is waited out here (the key makes retries safe)."""
         stream = self.streams.commands if envelope.data.KIND == "command" else self.streams.events
         subject, body, headers = (
@@ -110,9 +176,47 @@ class RunExecutor:
             envelope.to_bytes(),
             envelope_headers(envelope, key),
         )
-        await retry_transient(
+        return await retry_transient(
             lambda: self.js.publish(subject, body, headers=headers, stream=stream), what=envelope.type
         )
+
+    def tool_call_id(self, tenant: str, run_id: str, step: int) -> str:
+        digest = hmac.new(self.tool_call_secret, f"{tenant}/{run_id}/{step}".encode(), hashlib.sha256).hexdigest()
+        return f"tc{step}-{digest[:32]}"
+
+    async def _refuse(
+        self,
+        work: Envelope[RunDispatched],
+        decision_id: str,
+        reason: str,
+        *,
+        tool_call_id: str | None = None,
+        decision_seq: int | None = None,
+    ) -> None:
+        """Record, as a security event, a decision this runner will not act on."""
+        log.warning(
+            "decision refused", decision_id=decision_id, tool_call_id=tool_call_id, reason=reason, seq=decision_seq
+        )
+        refused = make_envelope(
+            DecisionRefused(
+                decision_id=decision_id[:256], tool_call_id=tool_call_id, reason=reason, decision_seq=decision_seq
+            ),
+            tenant=work.tenant,
+            entity_id=work.entity_id,
+            actor=SERVICE,
+            source=SERVICE,
+            caused_by=work,
+        )
+        await self._publish(refused, f"{work.entity_id}-refused-{decision_seq or decision_id}")
+
+    async def _acceptable(
+        self, work: Envelope[RunDispatched], expected: ExpectedDecision, verdict: DecisionMade, seq: int | None
+    ) -> bool:
+        reason = self.verifier.refusal(verdict, work.tenant, work.entity_id) or expected.mismatch(verdict)
+        if reason is None:
+            return True
+        await self._refuse(work, verdict.decision_id, reason, tool_call_id=expected.tool_call_id, decision_seq=seq)
+        return False
 
     async def _may_have_started(self, tenant: str, run_id: str, attempt: int) -> bool:
         """A later attempt may have; a first one has only if its run.started is stored (a duplicate work item)."""
@@ -120,12 +224,12 @@ class RunExecutor:
             return True
         return await is_stored(self.js, self.streams.events, self.subjects.event(tenant, RunStarted, run_id))
 
-    async def _stored_decision(self, tenant: str, run_id: str, tool_call_id: str) -> DecisionMade | None:
+    async def _stored_decision(self, work: Envelope[RunDispatched], expected: ExpectedDecision) -> DecisionMade | None:
         """The decision on a tool call looked up in the stream: for one the live feed did not bring.
 
         Tool calls of a run are made one at a time, so the run's last decision is the one asked for.
         """
-        subject = self.subjects.event(tenant, DecisionMade, run_id)
+        subject = self.subjects.event(work.tenant, DecisionMade, work.entity_id)
         try:
             stored = await retry_transient(
                 lambda: self.js.get_last_msg(self.streams.events, subject, direct=True), what="a decision"
@@ -133,7 +237,25 @@ class RunExecutor:
             verdict = parse_envelope(stored.data or b"", type_hint=DecisionMade.TYPE).data
         except (nats.js.errors.NotFoundError, InvalidMessage):
             return None
-        return verdict if isinstance(verdict, DecisionMade) and verdict.tool_call_id == tool_call_id else None
+        if not isinstance(verdict, DecisionMade) or verdict.tool_call_id != expected.tool_call_id:
+            return None
+        return verdict if await self._acceptable(work, expected, verdict, stored.seq) else None
+
+    async def _decision(
+        self, work: Envelope[RunDispatched], recorded: RunHistory, expected: ExpectedDecision
+    ) -> DecisionMade | None:
+        """The gate's decision on this request: one that is signed by a trusted key and names it."""
+        for verdict in recorded.decisions.get(expected.tool_call_id, []):
+            if await self._acceptable(work, expected, verdict, None):
+                return verdict
+
+        async def accept(verdict: DecisionMade, seq: int | None) -> bool:
+            return await self._acceptable(work, expected, verdict, seq)
+
+        live = await self.decisions.decision(
+            work.entity_id, expected.tool_call_id, self.settings.decision_timeout_seconds, accept
+        )
+        return live or await self._stored_decision(work, expected)
 
     async def execute(self, work: Envelope[RunDispatched], headers: Mapping[str, str] | None, attempt: int) -> None:
         tenant, run_id = work.tenant, work.entity_id
@@ -166,6 +288,15 @@ class RunExecutor:
                     failed, tenant=tenant, entity_id=run_id, actor=SERVICE, source=SERVICE, caused_by=work
                 )
                 await self._publish(envelope, f"{run_id}-finished")
+                return
+            # A run starts only on the gate's signed allow of this very submission: a work item
+            # that carries none (forged, or altered on the way) starts nothing, on the record.
+            verdict = work.data.decision
+            refusal = (
+                self.verifier.refusal(verdict, tenant, run_id) if verdict is not None else None
+            ) or run_decision_mismatch(work, submission)
+            if refusal is not None:
+                await self._refuse(work, verdict.decision_id if verdict else work.data.decision_id, refusal)
                 return
             await self._run(work, submission, history, attempt)
 
@@ -277,7 +408,7 @@ class RunExecutor:
     ) -> StepRecord:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
         run_id = work.entity_id
-        tool_call_id = f"{run_id}-tc{step}"
+        tool_call_id = self.tool_call_id(work.tenant, run_id, step)
         with consuming(SERVICE, "agent_runner.tool_call", None, run_id=run_id, tool=action.tool, step=step):
             request = make_envelope(
                 ToolCallRequested(
@@ -295,11 +426,14 @@ class RunExecutor:
                 source=SERVICE,
                 caused_by=work,
             )
-            await self._publish(request, tool_call_id)
-            verdict = recorded.decisions.get(tool_call_id) or await self.decisions.decision(
-                run_id, tool_call_id, self.settings.decision_timeout_seconds
+            stored = await self._publish(request, tool_call_id)
+            expected = ExpectedDecision(
+                tool_call_id=tool_call_id,
+                request_seq=stored.seq,
+                request_id=None if stored.duplicate else request.id,
+                arguments_hash=arguments_hash(action.arguments),
             )
-            verdict = verdict or await self._stored_decision(work.tenant, run_id, tool_call_id)
+            verdict = await self._decision(work, recorded, expected)
             result: Any = None
             error: str | None = None
             outcome: Outcome

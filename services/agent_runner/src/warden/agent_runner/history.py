@@ -27,7 +27,8 @@ class RunHistory:
     steps: dict[int, StepRecord] = field(default_factory=dict)
     attempts: int = 0
     finished: bool = False
-    decisions: dict[str, DecisionMade] = field(default_factory=dict)
+    # Every decision recorded on each tool call: the runner takes the first that checks out.
+    decisions: dict[str, list[DecisionMade]] = field(default_factory=dict)
 
     def apply(self, envelope: Envelope[Any]) -> None:
         data = envelope.data
@@ -53,7 +54,7 @@ class RunHistory:
                     error=data.error,
                 )
             case DecisionMade(tool_call_id=str() as tool_call_id):
-                self.decisions[tool_call_id] = data
+                self.decisions.setdefault(tool_call_id, []).append(data)
             case RunSucceeded() | RunFailed():
                 self.finished = True
 

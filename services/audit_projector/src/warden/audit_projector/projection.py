@@ -30,6 +30,7 @@ from warden.messages import (
     PAYLOAD_TYPES,
     CommandRejected,
     DecisionMade,
+    DecisionRefused,
     Envelope,
     Payload,
     RunDispatched,
@@ -573,6 +574,8 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     RunFailed: _run_failed,
     # Gaps are written to stream_gaps where they are found (store.py, replay.py), not from this event.
     StreamGapDetected: lambda rows, envelope, data, trace_id: None,
+    # A security event: kept in `events` (and shown by the timeline), changes no run.
+    DecisionRefused: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

@@ -22,6 +22,7 @@ from warden.policy_gate.decide import PolicyDecider
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
+from warden.signing import DecisionSigner
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
@@ -242,8 +243,13 @@ class Gate:
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
-    decider = PolicyDecider(PolicyEngine.load(policy_dir))
-    log.info("policies loaded", revision=decider.engine.revision, directory=str(policy_dir))
+    decider = PolicyDecider(PolicyEngine.load(policy_dir), DecisionSigner.from_file(settings.signing_key_path()))
+    log.info(
+        "policies loaded",
+        revision=decider.engine.revision,
+        directory=str(policy_dir),
+        decision_key=decider.signer.public_key,
+    )
     return consumer_service(
         settings, SERVICE, lambda broker: Gate(settings, broker.connection.jetstream(), decider).run()
     )

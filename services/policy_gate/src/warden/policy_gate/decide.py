@@ -18,6 +18,7 @@ from warden.messages import (
     ToolCallRequested,
 )
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError
+from warden.signing import DecisionBinding, DecisionSigner, arguments_hash
 
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
@@ -47,6 +48,7 @@ def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
 
 def decision(
     envelope: Envelope[Any],
+    signer: DecisionSigner,
     *,
     request_seq: int,
     effect: Effect,
@@ -54,8 +56,10 @@ def decision(
     policy_revision: str,
     evaluation_ms: float,
 ) -> DecisionMade:
-    tool_call_id = envelope.data.tool_call_id if isinstance(envelope.data, ToolCallRequested) else None
-    return DecisionMade(
+    """The decision on one request, signed over what binds it to that request (see warden.signing)."""
+    data = envelope.data
+    is_tool_call = isinstance(data, ToolCallRequested)
+    unsigned = DecisionMade(
         decision_id=new_id(),
         request_type=envelope.type,
         request_id=envelope.id,
@@ -64,8 +68,11 @@ def decision(
         reasons=reasons,
         policy_revision=policy_revision,
         evaluation_ms=evaluation_ms,
-        tool_call_id=tool_call_id,
+        tool_call_id=data.tool_call_id if is_tool_call else None,
+        arguments_hash=arguments_hash(data.arguments) if is_tool_call else None,
     )
+    signature = signer.sign(DecisionBinding.of(unsigned, envelope.tenant, envelope.entity_id))
+    return unsigned.model_copy(update={"signing_key": signer.public_key, "signature": signature})
 
 
 class PolicyDecider:
@@ -76,8 +83,9 @@ class PolicyDecider:
     enforced after the fact instead. A decision that took longer than the budget is a deny.
     """
 
-    def __init__(self, engine: PolicyEngine) -> None:
+    def __init__(self, engine: PolicyEngine, signer: DecisionSigner) -> None:
         self.engine = engine
+        self.signer = signer
 
     def decide(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
         started = time.perf_counter()
@@ -106,6 +114,7 @@ class PolicyDecider:
         elapsed_ms = (time.perf_counter() - started) * 1000
         return decision(
             envelope,
+            self.signer,
             request_seq=request_seq,
             effect=effect,
             reasons=reasons,

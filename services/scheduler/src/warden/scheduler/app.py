@@ -153,6 +153,7 @@ class Scheduler:
                         priority=submission.data.priority,
                         agent=submission.data.agent,
                         request_seq=run.request_seq,
+                        decision=run.decision,
                     ),
                     run.cause,
                 )
@@ -178,7 +179,10 @@ class Scheduler:
         for run in next_dispatches(self.state, self.settings.tenant_concurrency):
             with consuming(SERVICE, "scheduler.dispatch", run.trace_headers, run_id=run.run_id):
                 dispatched = self.emit(
-                    RunDispatched(decision_id=run.decision_id, agent=run.agent, request_seq=run.request_seq), run.cause
+                    RunDispatched(
+                        decision_id=run.decision_id, agent=run.agent, request_seq=run.request_seq, decision=run.decision
+                    ),
+                    run.cause,
                 )
                 key = f"dispatched-{run.tenant}-{run.run_id}"
                 acks.append(await self.publish(dispatched, self.subjects.work(run.tenant), self.streams.work, key))

@@ -27,6 +27,7 @@ class QueuedRun:
     order: int  # arrival order: first come, first served within a priority
     cause: Envelope[Any]  # the run.queued event: what a dispatch is caused by
     trace_headers: Mapping[str, str] = field(default_factory=dict)
+    decision: DecisionMade | None = None  # the gate's signed allow, handed on to the runner
 
 
 @dataclass
@@ -37,6 +38,7 @@ class AllowedRun:
     request_seq: int
     cause: Envelope[Any]  # the decision: what queueing the run is caused by
     trace_headers: Mapping[str, str]
+    decision: DecisionMade | None = None
 
 
 @dataclass
@@ -58,7 +60,7 @@ def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str,
     data = envelope.data
     if isinstance(data, DecisionMade):
         if data.request_type == RunSubmitted.TYPE and data.effect == "allow" and not state.is_known(key):
-            state.allowed[key] = AllowedRun(data.decision_id, data.request_seq, envelope, dict(headers or {}))
+            state.allowed[key] = AllowedRun(data.decision_id, data.request_seq, envelope, dict(headers or {}), data)
     elif isinstance(data, RunQueued):
         state.allowed.pop(key, None)
         if not state.is_known(key):
@@ -73,6 +75,7 @@ def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str,
                 state.arrivals,
                 envelope,
                 dict(headers or {}),
+                data.decision,
             )
     elif isinstance(data, RunDispatched):
         state.allowed.pop(key, None)

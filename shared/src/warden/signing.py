@@ -1,0 +1,156 @@
+"""Signed decisions: what the policy gate signs (Ed25519), and how a runner checks a decision before acting on it.
+
+A decision binds itself to the one request it answers: its id, tenant, run, tool call, the
+request's own id and stream sequence, a hash of the tool's arguments, the effect, the policy
+revision and the expiry (if any). The gate signs those fields; a runner acts only on a decision
+whose signature checks out against a key it trusts *and* whose fields name the very request it
+published. A decision forged by anyone who can write the events stream, altered on the way, or
+borrowed from another request (same tool call id, other arguments) is refused.
+
+Keys are files: the gate's signing key (32 random bytes, base64, mode 600) and the list of public
+keys runners trust (one base64 key per line; `#` starts a comment). Rotation: add the new public
+key to the trusted list, restart the gates with the new signing key, and drop the old public key
+once no decision signed with it is still awaited (see docs/security.md).
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from warden.errors import WardenError
+from warden.identity import read_seed
+from warden.messages import DecisionMade
+
+SIGNING_KEY_FILE = "decision-signing.key"
+TRUSTED_KEYS_FILE = "decision-keys.pub"
+
+
+class SigningKeyError(WardenError):
+    """A signing key or trusted-keys file that is missing or malformed."""
+
+
+def arguments_hash(arguments: Mapping[str, Any]) -> str:
+    """A tool call's arguments, hashed in one canonical form (sorted keys, no spaces, UTF-8)."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DecisionBinding:
+    """Every field a decision's signature covers."""
+
+    decision_id: str
+    tenant: str
+    run_id: str
+    tool_call_id: str | None
+    request_id: str
+    request_seq: int
+    arguments_hash: str | None
+    effect: str
+    policy_revision: str
+    expires_at: str | None
+
+    @classmethod
+    def of(cls, decision: DecisionMade, tenant: str, run_id: str) -> "DecisionBinding":
+        expires = decision.expires_at.isoformat() if isinstance(decision.expires_at, datetime) else None
+        return cls(
+            decision_id=decision.decision_id,
+            tenant=tenant,
+            run_id=run_id,
+            tool_call_id=decision.tool_call_id,
+            request_id=decision.request_id,
+            request_seq=decision.request_seq,
+            arguments_hash=decision.arguments_hash,
+            effect=decision.effect,
+            policy_revision=decision.policy_revision,
+            expires_at=expires,
+        )
+
+    def signed_bytes(self) -> bytes:
+        """What is signed: the fields as canonical JSON, prefixed so no other Warden signature can be
+        mistaken for a decision's."""
+        # vars(), not dataclasses.asdict(): the fields are flat, and asdict's deep copy cost more
+        # than the JSON itself.
+        return b"warden-decision-v1\n" + json.dumps(vars(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _public_key_text(key: nacl.signing.VerifyKey) -> str:
+    return base64.b64encode(bytes(key)).decode()
+
+
+class DecisionSigner:
+    """The gate's key: signs each decision's binding."""
+
+    def __init__(self, key: nacl.signing.SigningKey) -> None:
+        self.key = key
+        self.public_key = _public_key_text(key.verify_key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DecisionSigner":
+        try:
+            return cls(nacl.signing.SigningKey(base64.b64decode(read_seed(path), validate=True)))
+        except (binascii.Error, ValueError, nacl.exceptions.CryptoError) as exc:
+            raise SigningKeyError(f"{path} does not hold a decision signing key: {exc}") from exc
+
+    def sign(self, binding: DecisionBinding) -> str:
+        return base64.b64encode(self.key.sign(binding.signed_bytes()).signature).decode()
+
+
+class DecisionVerifier:
+    """The keys a runner trusts decisions from, and the check of one decision's signature."""
+
+    def __init__(self, public_keys: Iterable[str]) -> None:
+        self.keys: dict[str, nacl.signing.VerifyKey] = {}
+        for text in public_keys:
+            try:
+                self.keys[text] = nacl.signing.VerifyKey(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError, nacl.exceptions.CryptoError) as exc:
+                raise SigningKeyError(f"not an Ed25519 public key: {text!r}") from exc
+        if not self.keys:
+            raise SigningKeyError("no trusted decision key: every decision would be refused")
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DecisionVerifier":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SigningKeyError(f"cannot read the trusted decision keys {path}: {exc.strerror}") from exc
+        return cls(line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip())
+
+    def refusal(self, decision: DecisionMade, tenant: str, run_id: str) -> str | None:
+        """Why this decision's signature does not hold (None: it does)."""
+        if decision.signature is None or decision.signing_key is None:
+            return "unsigned"
+        key = self.keys.get(decision.signing_key)
+        if key is None:
+            return "signed with a key this runner does not trust"
+        signed = DecisionBinding.of(decision, tenant, run_id).signed_bytes()
+        try:
+            key.verify(signed, base64.b64decode(decision.signature))
+        except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
+            return "bad signature (forged or altered)"
+        return None
+
+
+def create_signing_key(directory: Path) -> bool:
+    """Create the gate's signing key and the trusted-keys file beside it, unless one exists; True if made."""
+    key_file, trusted = directory / SIGNING_KEY_FILE, directory / TRUSTED_KEYS_FILE
+    if key_file.exists():
+        return False
+    key = nacl.signing.SigningKey.generate()
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(base64.b64encode(bytes(key)) + b"\n")
+    with trusted.open("a", encoding="utf-8") as file:
+        file.write(f"{_public_key_text(key.verify_key)}  # the policy gate's decision key\n")
+    return True
