@@ -67,8 +67,6 @@ class Servers:
         return {"nkey": public_key(read_seed(self.superuser_seed))}
 
 
-
-
 def database_url_for(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))
