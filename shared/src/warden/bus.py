@@ -132,3 +132,44 @@ async def heartbeat(message: Msg, every: float) -> None:
             await message.in_progress()
         except nats.errors.Error as exc:
             log.warning("heartbeat failed", error=repr(exc))
+
+
+# How often a service checks that the consumer (and stream) it reads from still exist, and how
+# many checks in a row must find it gone: a cluster electing a stream's leader (7 to 12 s here)
+# can answer "not found" for a while, and that is no reason to exit.
+GROUND_CHECK_SECONDS = 5.0
+GROUND_LOST_AFTER_CHECKS = 4
+
+
+class GroundLost(Exception):
+    """The consumer, or the stream, a service reads from is gone."""
+
+
+async def watch_ground(
+    check: Callable[[], Awaitable[object]],
+    what: str,
+    every: float = GROUND_CHECK_SECONDS,
+    lost_after: int = GROUND_LOST_AFTER_CHECKS,
+) -> None:
+    """Return never; raise `GroundLost` once `check` (a consumer or stream lookup) finds `what` gone
+    `lost_after` times in a row.
+
+    A consumer deleted under a push subscription just stops delivering, and nothing in nats-py
+    says so: a service runs this beside its loop, and on `GroundLost` exits for its supervisor to
+    start it again, which re-creates its consumer (or says loudly that its stream is missing).
+    A bus that does not answer for now is not a lost consumer: the check is tried again.
+    """
+    missing = 0
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await check()
+            missing = 0
+        except nats.js.errors.NotFoundError as exc:
+            missing += 1
+            if missing >= lost_after:
+                log.error("what this service reads from is gone; exiting to be restarted", lost=what, error=repr(exc))
+                raise GroundLost(f"{what} is gone: {exc}") from exc
+            log.warning("what this service reads from is not found", what=what, checks=missing)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("could not check what this service reads from", what=what, error=repr(exc))

@@ -194,8 +194,10 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *_publishes(subjects, role),
                 f"{subjects.prefix}.work.*",
                 *_reads_in_order(streams.events),
-                # How far its fold's consumer has got (the consumer's name is random).
+                # How far its fold's consumer has got (the consumer's name is random), and
+                # whether the stream is still there.
                 f"{JS_API}.CONSUMER.INFO.{streams.events}.*",
+                f"{JS_API}.STREAM.INFO.{streams.events}",
                 *_direct_get(streams.commands),
                 *_direct_get(streams.events),
                 # Its key-value bucket: where its fold starts.

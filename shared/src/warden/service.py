@@ -13,6 +13,7 @@ import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.nats.security import NatsNKey
+from nats.js import JetStreamContext
 
 from warden.identity import connect_options
 from warden.logging import FASTSTREAM_LOGGER, configure_logging
@@ -156,12 +157,16 @@ def service_broker(settings: Settings, role: str) -> NatsBroker:
 
 
 def consumer_service(
-    settings: Settings, role: str, loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]]
+    settings: Settings,
+    role: str,
+    loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]],
+    ground: Callable[[JetStreamContext], Coroutine[Any, Any, Any]],
 ) -> FastStream:
     """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected.
 
     It connects as `role`'s identity (`Settings.seed_file_for`), so the server holds it to that
-    role's permissions.
+    role's permissions. Beside the loop runs `ground` (see `warden.bus.watch_ground`): once what
+    the loop reads from is gone, the process exits to be restarted rather than sit deaf.
     """
     broker = service_broker(settings, role)
 
@@ -170,6 +175,7 @@ def consumer_service(
         async with interruptible_startup(app, settings.shutdown_deadline_seconds):
             await broker.connect()
             loops.start(loop(broker))
+            loops.start(ground(broker.connection.jetstream()))
         yield
 
     app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)

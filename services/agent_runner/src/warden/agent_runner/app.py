@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
-from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient
+from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient, watch_ground
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from warden.service import consumer_service, run_service
@@ -161,7 +161,13 @@ class Runner:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    return consumer_service(settings, SERVICE, lambda broker: Runner(settings, broker.connection.jetstream()).run())
+    work = StreamNames.for_prefix(settings.subject_prefix).work
+    return consumer_service(
+        settings,
+        SERVICE,
+        lambda broker: Runner(settings, broker.connection.jetstream()).run(),
+        lambda js: watch_ground(lambda: js.consumer_info(work, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {work}"),
+    )
 
 
 def main() -> None:

@@ -1,17 +1,18 @@
 """The audit projector: the only writer to Postgres, projecting every audited stream into tables."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
 import structlog
 from faststream import FastStream
+from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
-from warden.audit_projector.handlers import StreamProjection
+from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
 from warden.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
-from warden.bus import envelope_headers, retry_transient
+from warden.bus import envelope_headers, retry_transient, watch_ground
 from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import StreamGapDetected, make_envelope
 from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
@@ -81,6 +82,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
                     record_gap=record_gap,
                 )
                 loops.start(projection.run(positions.get(stream, 0)))
+                loops.start(watch_ground(_consumer_check(js, stream), f"the consumer {DURABLE_NAME} on {stream}"))
             log.info("projecting", positions=positions)
         try:
             yield
@@ -92,6 +94,10 @@ def build_app(settings: Settings | None = None) -> FastStream:
     app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
     return app
+
+
+def _consumer_check(js: JetStreamContext, stream: str) -> Callable[[], Awaitable[object]]:
+    return lambda: js.consumer_info(stream, DURABLE_NAME)
 
 
 def main() -> None:

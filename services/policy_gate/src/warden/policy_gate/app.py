@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
-from warden.bus import envelope_headers, heartbeat, retry_transient
+from warden.bus import envelope_headers, heartbeat, retry_transient, watch_ground
 from warden.errors import RejectionCode
 from warden.messages import (
     Envelope,
@@ -250,8 +250,14 @@ def build_app(settings: Settings | None = None) -> FastStream:
         directory=str(policy_dir),
         decision_key=decider.signer.public_key,
     )
+    commands = StreamNames.for_prefix(settings.subject_prefix).commands
     return consumer_service(
-        settings, SERVICE, lambda broker: Gate(settings, broker.connection.jetstream(), decider).run()
+        settings,
+        SERVICE,
+        lambda broker: Gate(settings, broker.connection.jetstream(), decider).run(),
+        lambda js: watch_ground(
+            lambda: js.consumer_info(commands, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {commands}"
+        ),
     )
 
 

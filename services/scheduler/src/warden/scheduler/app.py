@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
-from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.bus import envelope_headers, is_stored, retry_transient, watch_ground
 from warden.errors import InvalidMessage
 from warden.messages import (
     MESSAGE_TYPES,
@@ -328,7 +328,14 @@ class Scheduler:
 
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
-    return consumer_service(settings, SERVICE, lambda broker: Scheduler(settings, broker).run())
+    # Its ordered consumer is re-created by nats-py when lost; the stream is what must be there.
+    events = StreamNames.for_prefix(settings.subject_prefix).events
+    return consumer_service(
+        settings,
+        SERVICE,
+        lambda broker: Scheduler(settings, broker).run(),
+        lambda js: watch_ground(lambda: js.stream_info(events), f"the stream {events}"),
+    )
 
 
 def main() -> None:
