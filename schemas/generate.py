@@ -46,6 +46,8 @@ _PARAMETER_DESCRIPTIONS: dict[str, str] = {
     "prefix": "Installation prefix (setting `WARDEN_SUBJECT_PREFIX`), so several installations "
     "or test runs can share one NATS server.",
     "tenant": "Tenant id; equals the envelope's `tenant`.",
+    "actor": "Who sends the command; equals the envelope's `actor` (else the gate rejects it, "
+    "`actor_mismatch`). A tenant's credential may publish only on its own actor's subject.",
     "type": "Message type; equals the envelope's `type`. Spans two subject tokens (e.g. `run.submitted`).",
     "entity": "Kind of entity the event is about.",
     "entity_id": "Id of that entity (a run id, a command id for rejections, a stream name for gaps); "
@@ -54,6 +56,7 @@ _PARAMETER_DESCRIPTIONS: dict[str, str] = {
 # Where a subscriber can cross-check a subject token against the envelope it carries.
 _PARAMETER_LOCATIONS: dict[str, str] = {
     "tenant": "$message.payload#/tenant",
+    "actor": "$message.payload#/actor",
     "type": "$message.payload#/type",
     "entity_id": "$message.payload#/entity_id",
 }

@@ -12,12 +12,21 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, StreamConfig
 
-from tests.conftest import Servers, eventually
-from warden.client import WardenClient
+from tests.conftest import AppRunner, Servers, eventually
+from warden.client import Receipt, WardenClient
 from warden.credentials import CredentialStore
 from warden.identity import CredentialError, connect_options, public_key, read_seed
-from warden.messages import CommandRejected, DecisionMade, RunDispatched, RunStarted, StreamGapDetected, make_envelope
+from warden.messages import (
+    CommandRejected,
+    DecisionMade,
+    RunDispatched,
+    RunStarted,
+    RunSubmitted,
+    StreamGapDetected,
+    make_envelope,
+)
 from warden.permissions import INSTALLATION_ROLES, PROJECTOR_CONSUMER, Role, inbox_prefix
+from warden.policy_gate.app import build_app as build_gate
 from warden.reader import FilteredReader
 from warden.settings import Settings
 from warden.streams import StreamNames
@@ -293,10 +302,40 @@ async def test_a_tenant_cannot_reach_another_tenants_events_by_any_path(
         f"$js.api.stream.msg.get.{names.events}",
         f"$js.api.stream.info.{names.events}",
         f"$js.api.direct.get.{names.commands}",
-        f"{subjects.prefix}.cmd.acme.run.submitted",
+        f"{subjects.prefix}.cmd.acme.gina.run.submitted",
     ):
         assert request.lower() in refusals, request
 
 
 async def _ignore(_: object) -> None:
     pass
+
+
+async def test_a_tenant_credential_cannot_submit_as_another_actor(
+    settings: Settings, tenants: Tenants, connect_as: Connect
+) -> None:
+    """alice's credential may publish on alice's subject only: submitting as bob is refused by the server."""
+    alice = await connect_as(tenants.acme)
+    client = WardenClient(alice.nc, settings.subject_prefix)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.submit_run(tenant="acme", agent="demo", actor="bob"), 3)
+    assert f"{settings.subject_prefix}.cmd.acme.bob.run.submitted".lower() in " ".join(alice.refusals())
+
+
+async def test_a_command_claiming_another_actor_is_rejected_on_the_record(
+    settings: Settings, nc: NatsClient, tenants: Tenants, connect_as: Connect, run_app: AppRunner
+) -> None:
+    """On alice's own subject, a command whose envelope claims bob: stored (the audit keeps it, and the
+    subject that proves who sent it), rejected by the gate as `actor_mismatch`, never decided."""
+    await run_app(build_gate(settings))
+    alice = await connect_as(tenants.acme)
+    claimed = make_envelope(RunSubmitted(agent="demo"), tenant="acme", entity_id="r-claim", actor="bob", source="t")
+    subject = Subjects(settings.subject_prefix).command("acme", RunSubmitted.TYPE, "alice")
+    stored = await alice.nc.jetstream().publish(
+        subject, claimed.to_bytes(), headers={"Nats-Msg-Id": "acme:run.submitted:k"}
+    )
+
+    client = WardenClient(nc, settings.subject_prefix)
+    outcome = await client.outcome("acme", Receipt(claimed.id, "r-claim", stored.seq, duplicate=False), within=10)
+    assert outcome.status == "rejected"
+    assert outcome.reasons[0].startswith("actor_mismatch: the command claims actor 'bob', but was sent by 'alice'")

@@ -147,7 +147,8 @@ class CredentialStore:
         for identity in self.identities():
             if identity.role is Role.TENANT:
                 assert identity.tenant is not None
-                permissions = tenant_permissions(identity.tenant, self.subjects, identity.public_key)
+                assert identity.actor is not None
+                permissions = tenant_permissions(identity.tenant, identity.actor, self.subjects, identity.public_key)
             else:
                 permissions = service_permissions(identity.role, self.subjects, identity.public_key)
             users.append({"nkey": identity.public_key, "permissions": permissions.as_nats()})

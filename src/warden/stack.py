@@ -185,7 +185,7 @@ def _print_summary(
         f"  Postgres:  {settings.database_url}",
         f"  streams:   {streams.commands}, {streams.events}, {streams.work}"
         + (f"  ({'; '.join(changes)})" if changes else ""),
-        f"  subjects:  {settings.subject_prefix}.cmd.<tenant>.<type>, {settings.subject_prefix}.evt.<tenant>.>",
+        f"  subjects:  {settings.subject_prefix}.cmd.<tenant>.<actor>.<type>, {settings.subject_prefix}.evt.<tenant>.>",
         *(f"  service:   {s.name} (pid {s.process.pid if s.process else '?'}), log {s.log_path}" for s in services),
         "Try: uv run warden submit --tenant acme --agent demo --actor alice ; uv run warden tail --tenant acme",
         "Press Ctrl-C to stop everything.",

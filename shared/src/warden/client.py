@@ -168,8 +168,13 @@ class WardenClient:
         if len(body) > self.max_command_bytes:
             raise CommandTooLarge(f"command is {len(body)} bytes; the limit is {self.max_command_bytes}")
         try:
+            # The actor is named in the subject, where the server holds each credential to its own.
+            subject = self.subjects.command(envelope.tenant, envelope.type, envelope.actor)
+        except ValueError as exc:
+            raise InvalidMessage(RejectionCode.SCHEMA_INVALID, str(exc)) from exc
+        try:
             ack = await self.js.publish(
-                self.subjects.expected_subject(envelope),
+                subject,
                 body,
                 headers=_command_headers(envelope, idempotency_key),
                 stream=self.streams.commands,

@@ -26,6 +26,8 @@ class RejectionCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     SCHEMA_INVALID = "schema_invalid"
     SUBJECT_MISMATCH = "subject_mismatch"
+    # The command names another actor than the one whose credential sent it (the subject says).
+    ACTOR_MISMATCH = "actor_mismatch"
     IDEMPOTENCY_KEY_OUT_OF_SCOPE = "idempotency_key_out_of_scope"
     # The gate failed on the command itself (a bug it exposed): refused at once, never retried.
     UNPROCESSABLE = "unprocessable"

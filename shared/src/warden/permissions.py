@@ -114,11 +114,11 @@ def inbox_prefix(public_key: str) -> str:
     return f"_INBOX_{public_key}"
 
 
-def _publishes(subjects: Subjects, role: Role, tenant: str = "*") -> list[str]:
+def _publishes(subjects: Subjects, role: Role, tenant: str = "*", actor: str = "*") -> list[str]:
     allowed = []
     for payload in PUBLISHES.get(role, ()):
         if payload.KIND == "command":
-            allowed.append(f"{subjects.prefix}.cmd.{tenant}.{payload.TYPE}")
+            allowed.append(f"{subjects.prefix}.cmd.{tenant}.{actor}.{payload.TYPE}")
         else:
             allowed.append(f"{subjects.prefix}.evt.{tenant}.{payload.ENTITY}.*.{payload.TYPE}")
     return allowed
@@ -208,6 +208,9 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
         case Role.AGENT_RUNNER:
             publish = [
                 *_publishes(subjects, role),
+                # A run submitted before actors were bound to subjects (or by an actor no subject
+                # token can name) has its tool calls asked for on the form without an actor.
+                f"{subjects.prefix}.cmd.*.{ToolCallRequested.TYPE}",
                 *_durable(streams.work, RUNNER_CONSUMER),
                 *_reads_in_order(streams.events),
                 f"{JS_API}.STREAM.INFO.{streams.events}",
@@ -247,8 +250,9 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
     )
 
 
-def tenant_permissions(tenant: str, subjects: Subjects, public_key: str) -> Permissions:
-    """A tenant's client: submits for its tenant, reads its tenant's commands and events, nothing else.
+def tenant_permissions(tenant: str, actor: str, subjects: Subjects, public_key: str) -> Permissions:
+    """A tenant's client: submits for its tenant as its actor, reads its tenant's commands and events,
+    nothing else.
 
     Reading goes through consumers whose filter is named in the request's subject
     (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, see `warden.reader`): the server refuses
@@ -262,7 +266,7 @@ def tenant_permissions(tenant: str, subjects: Subjects, public_key: str) -> Perm
     own_commands = f"{subjects.prefix}.cmd.{tenant}.>"
     return Permissions(
         publish=(
-            *_publishes(subjects, Role.TENANT, tenant),
+            *_publishes(subjects, Role.TENANT, tenant, actor),
             f"{JS_API}.CONSUMER.CREATE.{streams.events}.*.{own_events}",
             f"{JS_API}.CONSUMER.CREATE.{streams.commands}.*.{own_commands}",
             *(f"$JS.FC.{stream}.>" for stream in streams.audited),

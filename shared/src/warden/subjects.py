@@ -2,7 +2,7 @@
 
 Subjects carry the tenant and the entity so that NATS permissions and wildcards do real work:
 
-    <prefix>.cmd.<tenant>.<type>                       commands (type has two tokens: run.submitted)
+    <prefix>.cmd.<tenant>.<actor>.<type>               commands (type has two tokens: run.submitted)
     <prefix>.evt.<tenant>.<entity>.<entity_id>.<type>  events
     <prefix>.work.<tenant>                             runs handed to agent runners
 
@@ -51,8 +51,14 @@ class Subjects:
         self.prefix = _ensure_token(prefix, "subject prefix")
 
     # Commands
-    def command(self, tenant: str, type_name: str) -> str:
-        return f"{self.prefix}.cmd.{_ensure_token(tenant, 'tenant')}.{type_name}"
+    def command(self, tenant: str, type_name: str, actor: str | None = None) -> str:
+        """Where `actor` of `tenant` sends a command: the server lets only that actor's credential
+        publish there, so the subject proves who sent it. Without an actor, the form written before
+        actors were bound to subjects, which only an identity allowed everything can still write."""
+        tenant = _ensure_token(tenant, "tenant")
+        if actor is None:
+            return f"{self.prefix}.cmd.{tenant}.{type_name}"
+        return f"{self.prefix}.cmd.{tenant}.{_ensure_token(actor, 'actor')}.{type_name}"
 
     @property
     def command_prefix(self) -> str:
@@ -103,16 +109,34 @@ class Subjects:
         """
         data = envelope.data
         if data.KIND == "command":
-            return f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}"
+            if _TOKEN.match(envelope.actor):
+                return f"{self.prefix}.cmd.{envelope.tenant}.{envelope.actor}.{data.TYPE}"
+            return f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}"  # no subject can name this actor
         return f"{self.prefix}.evt.{envelope.tenant}.{data.ENTITY}.{envelope.entity_id}.{data.TYPE}"
 
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
-        """Refuse an envelope whose tenant or type disagrees with the subject it arrived on.
+        """Refuse an envelope whose tenant, actor or type disagrees with the subject it arrived on.
 
         NATS permissions are granted per subject, so a tenant allowed only `warden.cmd.acme.>`
-        must not be able to smuggle another tenant's command inside the body.
+        must not be able to smuggle another tenant's command inside the body, and alice's
+        credential (allowed `warden.cmd.acme.alice.run.submitted`) must not be able to claim bob
+        as the actor (`actor_mismatch`). A command on the form without an actor is accepted as it
+        was before actors were bound to subjects: only an identity allowed everything can write it.
         """
         expected = self.expected_subject(envelope)
+        if nats_subject == expected:
+            return
+        data = envelope.data
+        if data.KIND == "command":
+            if nats_subject == f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}":
+                return
+            head, tail = f"{self.prefix}.cmd.{envelope.tenant}.", f".{data.TYPE}"
+            sender = nats_subject[len(head) : -len(tail)]
+            if nats_subject.startswith(head) and nats_subject.endswith(tail) and _TOKEN.match(sender):
+                raise InvalidMessage(
+                    RejectionCode.ACTOR_MISMATCH,
+                    f"the command claims actor {envelope.actor!r}, but was sent by {sender!r} (on {nats_subject!r})",
+                )
         if nats_subject != expected:
             raise InvalidMessage(
                 RejectionCode.SUBJECT_MISMATCH,
@@ -148,7 +172,7 @@ def _types_of(kind: str) -> tuple[str, ...]:
 CHANNELS: tuple[Channel, ...] = (
     Channel(
         name="commands",
-        pattern="{prefix}.cmd.{tenant}.{type}",
+        pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
         published_by="clients (run.submitted), agent runner (tool_call.requested)",
         consumed_by="policy gate, audit projector",
