@@ -8,6 +8,7 @@ forged message can be put in front of the genuine one, deterministically.
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -153,6 +154,29 @@ async def start_services_but_the_gate(run_app: AppRunner, settings: Settings) ->
         await run_app(build(settings))
 
 
+@dataclass(frozen=True)
+class AtTheForbiddenFetch:
+    """A demo run allowed, its first fetch allowed, the runner now waiting on its forbidden fetch."""
+
+    gate: PlayedGate
+    run_id: str
+    allowed: Envelope[Any]  # the first fetch's request
+    request: Envelope[Any]  # the forbidden fetch's request
+    seq: int  # where that request is in the commands stream
+
+
+async def up_to_the_forbidden_fetch(
+    settings: Settings, nc: NatsClient, run_app: AppRunner, commands: asyncio.Queue[tuple[Envelope[Any], int]]
+) -> AtTheForbiddenFetch:
+    await start_services_but_the_gate(run_app, settings)
+    gate = PlayedGate(nc, settings)
+    run_id = await submitted_and_allowed(nc, settings, gate, commands)
+    allowed, seq = await next_request(commands, is_tool_call("https://example.com/answers"))
+    await gate.answer(allowed, seq, gate.verdict(allowed, seq, "allow"))
+    request, seq = await next_request(commands, is_tool_call(EVIL_URL))
+    return AtTheForbiddenFetch(gate, run_id, allowed, request, seq)
+
+
 async def test_a_forged_allow_is_refused_and_recorded(
     quick: Settings,
     nc: NatsClient,
@@ -163,14 +187,8 @@ async def test_a_forged_allow_is_refused_and_recorded(
     """Allows on the forbidden fetch, unsigned and signed by a key of the attacker's own, each naming the
     runner's request exactly, reach the runner before the gate's deny: neither is acted on, both are
     recorded, and the gate's deny is what the runner applies."""
-    await start_services_but_the_gate(run_app, quick)
-    gate = PlayedGate(nc, quick)
-    run_id = await submitted_and_allowed(nc, quick, gate, commands)
-
-    allowed, seq = await next_request(commands, is_tool_call("https://example.com/answers"))
-    await gate.answer(allowed, seq, gate.verdict(allowed, seq, "allow"))
-
-    request, seq = await next_request(commands, is_tool_call(EVIL_URL))
+    at = await up_to_the_forbidden_fetch(quick, nc, run_app, commands)
+    gate, run_id, request, seq = at.gate, at.run_id, at.request, at.seq
     honest_deny = gate.verdict(request, seq, "deny")
     attacker = DecisionSigner(nacl.signing.SigningKey.generate())
     unsigned = gate.verdict(request, seq, "allow").model_copy(update={"signature": None, "signing_key": None})
@@ -184,7 +202,7 @@ async def test_a_forged_allow_is_refused_and_recorded(
     assert run["status"] == "succeeded"
     outcomes = await tool_outcomes(nc, quick, run_id)
     assert outcomes[request.data.tool_call_id] == "refused"
-    assert outcomes[allowed.data.tool_call_id] == "ok"
+    assert outcomes[at.allowed.data.tool_call_id] == "ok"
     reasons = sorted(refused.reason for refused in await refusals(nc, quick, run_id))
     assert reasons == [
         "bad signature (forged or altered)",
@@ -203,13 +221,8 @@ async def test_a_borrowed_allow_is_refused(
     """A request of the attacker's for the same tool call id, with harmless arguments, gets a genuine
     allow before the runner's own request is decided: the runner refuses it as an answer to another
     request, and applies the deny of its own."""
-    await start_services_but_the_gate(run_app, quick)
-    gate = PlayedGate(nc, quick)
-    run_id = await submitted_and_allowed(nc, quick, gate, commands)
-    first, seq = await next_request(commands, is_tool_call("https://example.com/answers"))
-    await gate.answer(first, seq, gate.verdict(first, seq, "allow"))
-
-    request, seq = await next_request(commands, is_tool_call(EVIL_URL))
+    at = await up_to_the_forbidden_fetch(quick, nc, run_app, commands)
+    gate, run_id, request, seq = at.gate, at.run_id, at.request, at.seq
     harmless = make_envelope(
         request.data.model_copy(update={"arguments": {"url": "https://example.com/harmless"}}),
         tenant="acme",

@@ -187,7 +187,11 @@ def _print_summary(
         + (f"  ({'; '.join(changes)})" if changes else ""),
         f"  subjects:  {settings.subject_prefix}.cmd.<tenant>.<actor>.<type>, {settings.subject_prefix}.evt.<tenant>.>",
         *(f"  service:   {s.name} (pid {s.process.pid if s.process else '?'}), log {s.log_path}" for s in services),
+        f"  identities: {settings.nats_credentials_dir} (NATS refuses any other; this machine's CLI is the operator)"
+        if settings.nats_credentials_dir
+        else "  identities: given by WARDEN_NATS_CREDENTIALS_DIR / WARDEN_NATS_SEED_FILE",
         "Try: uv run warden submit --tenant acme --agent demo --actor alice ; uv run warden tail --tenant acme",
+        "A tenant's own credential: uv run warden credentials issue --tenant acme --actor alice",
         "Press Ctrl-C to stop everything.",
     ]
     print("\n".join(lines), flush=True)
