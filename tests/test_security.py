@@ -339,3 +339,34 @@ async def test_a_command_claiming_another_actor_is_rejected_on_the_record(
     outcome = await client.outcome("acme", Receipt(claimed.id, "r-claim", stored.seq, duplicate=False), within=10)
     assert outcome.status == "rejected"
     assert outcome.reasons[0].startswith("actor_mismatch: the command claims actor 'bob', but was sent by 'alice'")
+
+
+async def test_a_revoked_credential_is_refused_from_the_reload_on(
+    servers: Servers, settings: Settings, tenants: Tenants
+) -> None:
+    """Revoked: a new connection is refused, and the server closes the one already open."""
+    assert settings.nats_credentials_dir is not None
+    assert servers.embedded is not None
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    async def quiet(_: Exception) -> None:
+        pass
+
+    alice = await nats.connect(
+        settings.nats_url,
+        allow_reconnect=False,
+        closed_cb=on_closed,
+        error_cb=quiet,
+        **connect_options(tenants.acme),
+    )
+    store = CredentialStore(settings.nats_credentials_dir, settings.subject_prefix)
+    revoked = store.revoke("acme", "alice").public_key
+    await servers.embedded.authorize()
+    await asyncio.wait_for(closed.wait(), 10)
+    assert alice.is_closed
+    with pytest.raises(CredentialError, match="cannot read"):
+        connect_options(tenants.acme)  # the seed file is gone
+    assert revoked not in (servers.embedded.config_dir / "authorization.conf").read_text()
