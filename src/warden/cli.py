@@ -155,10 +155,9 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
     # a running one reloads it now); otherwise a file for whoever runs the NATS server.
     embedded_config = state_dir / "nats-config"
     if embedded_config.is_dir() and store.directory == state_dir / "credentials":
-        from warden.embedded import reload_nats  # noqa: PLC0415
+        from warden.embedded import apply_credentials  # noqa: PLC0415
 
-        write_authorization(embedded_config / AUTHORIZATION_FILE, [store])
-        if reloaded := await reload_nats(state_dir / "run"):
+        if reloaded := await apply_credentials(state_dir, store):
             print(f"NATS: the running stack's server(s) ({reloaded}) now accept exactly these identities")
         else:
             print("NATS: the stack is not running; it will accept these identities when `warden up` starts it")

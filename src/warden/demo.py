@@ -3,11 +3,14 @@
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import asyncpg
+from pydantic import JsonValue
 
-from warden.client import WardenClient
-from warden.permissions import Role
+from warden.client import Receipt, WardenClient
+from warden.credentials import CredentialStore
+from warden.embedded import apply_credentials
 from warden.read_model import final_status
 from warden.settings import Settings, settings_for_running_stack
 from warden.stack import run_stack
@@ -28,11 +31,26 @@ async def _until_finished(pool: asyncpg.Pool, run_id: str, within: float = 60.0)
     raise TimeoutError(f"the audit trail did not show the demo's runs within {within}s")
 
 
-async def _show(settings: Settings) -> None:
-    seed_file = settings.seed_file_for(Role.OPERATOR)
+def _credential(store: CredentialStore, actor: str) -> Path:
+    """The actor's own client credential in tenant acme (issued on the first demo, kept after)."""
+    seed_file = store.tenant_seed_file(TENANT, actor)
+    return seed_file if seed_file.exists() else store.issue(TENANT, actor).seed_file
+
+
+async def _submit_as(settings: Settings, seed_file: Path, actor: str, run_input: dict[str, JsonValue]) -> Receipt:
     async with await WardenClient.connect(settings.nats_url, settings.subject_prefix, seed_file=seed_file) as client:
-        allowed = await client.submit_run(tenant=TENANT, agent="demo", actor="alice", input={"question": "status?"})
-        denied = await client.submit_run(tenant=TENANT, agent="demo", actor="bob")
+        return await client.submit_run(tenant=TENANT, agent="demo", actor=actor, input=run_input)
+
+
+async def _show(settings: Settings) -> None:
+    # alice and bob each submit with a credential of their own, which NATS lets publish only as
+    # themselves: the principal the policy sees is who sent the run.
+    assert settings.nats_credentials_dir is not None
+    store = CredentialStore(settings.nats_credentials_dir, settings.subject_prefix)
+    seeds = {actor: _credential(store, actor) for actor in ("alice", "bob")}
+    await apply_credentials(settings.state_dir.resolve(), store)
+    allowed = await _submit_as(settings, seeds["alice"], "alice", {"question": "status?"})
+    denied = await _submit_as(settings, seeds["bob"], "bob", {})
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     try:

@@ -102,6 +102,13 @@ async def reload_nats(run_dir: Path) -> int:
     return len(servers)
 
 
+async def apply_credentials(state_dir: Path, store: CredentialStore) -> int:
+    """Make the NATS of the stack on `state_dir` accept exactly `store`'s identities: rewrite its
+    list and, if it runs, have it reload; how many servers reloaded (0: not running)."""
+    write_authorization(state_dir / "nats-config" / AUTHORIZATION_FILE, [store])
+    return await reload_nats(state_dir / "run")
+
+
 @dataclass(frozen=True)
 class EmbeddedEndpoints:
     """Where the embedded servers listen."""
