@@ -7,7 +7,6 @@ pieces the fast path replaces: header parsing (nats-py's parser) and timestamp e
 """
 
 import asyncio
-import base64
 import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nkeys
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -31,7 +29,7 @@ from warden.audit_projector.replay import replay
 from warden.audit_projector.store import AuditStore, create_pool
 from warden.audit_projector.stream_reader import parse_headers, read_range, stored_message
 from warden.bus import envelope_headers
-from warden.identity import read_seed
+from warden.identity import nkey_connect_fields
 from warden.messages import (
     CommandRejected,
     DecisionMade,
@@ -270,8 +268,7 @@ async def delivered_headers(nc: NatsClient, block: bytes, seed_file: Path | None
     info = json.loads((await reader.readline())[5:])
     options: dict[str, Any] = {"headers": True, "verbose": False, "pedantic": False}
     if seed_file is not None:  # authenticate as nats-py does: sign the server's nonce
-        key = nkeys.from_seed(read_seed(seed_file))
-        options.update(nkey=key.public_key.decode(), sig=base64.b64encode(key.sign(info["nonce"].encode())).decode())
+        options.update(nkey_connect_fields(seed_file, info["nonce"]))
     frame = b"HPUB %s %d %d\r\n%s\r\n" % (subject.encode(), len(block), len(block), block)
     writer.write(b"CONNECT %s\r\n" % json.dumps(options).encode() + frame + b"PING\r\n")
     assert await reader.readline() == b"PONG\r\n"

@@ -12,6 +12,7 @@ import psutil
 
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
+from warden.endpoints import credentials_dir
 from warden.errors import RetryableError
 from warden.permissions import Role
 from warden.stack import SERVICES
@@ -48,7 +49,7 @@ async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subproces
 
 def operator(tmp_path: Path, role: Role = Role.OPERATOR) -> Path:
     """The credential `warden up --state-dir tmp_path/state` made for `role` (the operator: the CLI's)."""
-    return tmp_path / "state" / "credentials" / f"{role.value}.nk"
+    return credentials_dir(tmp_path / "state") / f"{role.value}.nk"
 
 
 async def stop_stack(process: asyncio.subprocess.Process) -> int:

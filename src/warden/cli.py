@@ -130,9 +130,10 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
     from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization  # noqa: PLC0415
+    from warden.endpoints import credentials_dir  # noqa: PLC0415
 
     state_dir = settings.state_dir.resolve()
-    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or state_dir / "credentials"
+    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(state_dir)
     store = CredentialStore(directory.resolve(), settings.subject_prefix)
     match args.credentials_command:
         case "list":
@@ -154,7 +155,7 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
     # The server's list of identities: the embedded stack's, when these are its credentials (and
     # a running one reloads it now); otherwise a file for whoever runs the NATS server.
     embedded_config = state_dir / "nats-config"
-    if embedded_config.is_dir() and store.directory == state_dir / "credentials":
+    if embedded_config.is_dir() and store.directory == credentials_dir(state_dir):
         from warden.embedded import apply_credentials  # noqa: PLC0415
 
         if reloaded := await apply_credentials(state_dir, store):

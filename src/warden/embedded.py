@@ -36,6 +36,7 @@ with warnings.catch_warnings():
     from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
 from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization
+from warden.endpoints import credentials_dir
 from warden.identity import connect_options
 from warden.permissions import Role
 
@@ -262,7 +263,7 @@ class EmbeddedServers:
         self.nats_nodes = nats_nodes
         # NATS accepts only the identities listed here: this installation's own (created on first
         # start, kept after), those of installations admitted later, and `extra_users`.
-        self.credentials = CredentialStore(self.state_dir / "credentials", subject_prefix)
+        self.credentials = CredentialStore(credentials_dir(self.state_dir), subject_prefix)
         self.installations: list[CredentialStore] = [self.credentials]
         self.extra_users = list(extra_users or [])
         self.nodes: list[NatsNode] = []

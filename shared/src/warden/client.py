@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import JsonValue
 
-from warden.endpoints import NoStack, read_endpoints
+from warden.endpoints import NoStack, credentials_dir, read_endpoints
 from warden.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from warden.identity import SEED_SUFFIX, CredentialError, connect_options
 from warden.ids import new_id
@@ -99,7 +99,7 @@ def _stack_seed_file(state_dir: Path) -> Path | None:
     credential among WARDEN_NATS_CREDENTIALS_DIR's or the stack's (the same as the CLI's)."""
     if named := os.environ.get("WARDEN_NATS_SEED_FILE"):
         return Path(named)
-    directory = Path(os.environ.get("WARDEN_NATS_CREDENTIALS_DIR") or state_dir / "credentials")
+    directory = Path(os.environ.get("WARDEN_NATS_CREDENTIALS_DIR") or credentials_dir(state_dir))
     operator = directory / f"{Role.OPERATOR.value}{SEED_SUFFIX}"
     return operator if operator.exists() else None
 

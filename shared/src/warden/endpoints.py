@@ -33,6 +33,11 @@ class Endpoints:
     pid: int  # of the `warden up` that wrote them
 
 
+def credentials_dir(state_dir: Path) -> Path:
+    """Where the stack `warden up` runs on `state_dir` keeps its NATS identities and decision keys."""
+    return state_dir / "credentials"
+
+
 def endpoints_path(state_dir: Path) -> Path:
     return Path(state_dir) / ENDPOINTS_FILE
 

@@ -5,6 +5,7 @@ the seed never leaves the client. nats-py does the signing; this module only rea
 names the inbox the identity's permissions allow (see `warden.permissions.inbox_prefix`).
 """
 
+import base64
 import stat
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,10 @@ def connect_options(seed_file: Path | None) -> dict[str, Any]:
         return {}
     seed = read_seed(seed_file)
     return {"nkeys_seed_str": seed.decode(), "inbox_prefix": inbox_prefix(public_key(seed))}
+
+
+def nkey_connect_fields(seed_file: Path, nonce: str) -> dict[str, str]:
+    """The CONNECT fields that answer a server's nonce as nats-py does (public key and signature),
+    for the rare client that speaks the NATS protocol itself (the replay's bare reader)."""
+    key = nkeys.from_seed(read_seed(seed_file))
+    return {"nkey": key.public_key.decode(), "sig": base64.b64encode(key.sign(nonce.encode())).decode()}

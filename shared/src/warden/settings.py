@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from warden.endpoints import read_endpoints
+from warden.endpoints import credentials_dir, read_endpoints
 from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, SigningKeyError
 
 
@@ -92,5 +92,5 @@ def settings_for_running_stack(settings: Settings) -> Settings:
     endpoints = read_endpoints(settings.state_dir)
     update: dict[str, object] = {"nats_url": endpoints.nats_url, "database_url": endpoints.database_url}
     if settings.nats_credentials_dir is None:
-        update["nats_credentials_dir"] = settings.state_dir / "credentials"
+        update["nats_credentials_dir"] = credentials_dir(settings.state_dir)
     return settings.model_copy(update=update)

@@ -21,7 +21,6 @@ connection than a slow reader can take.
 """
 
 import asyncio
-import base64
 import contextlib
 import json
 import re
@@ -33,7 +32,6 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import ParseResult
 
-import nkeys
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -41,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from warden.audit_projector.projection import StoredMessage
-from warden.identity import public_key, read_seed
+from warden.identity import nkey_connect_fields
 from warden.permissions import inbox_prefix
 from warden.wire import MSG_ID_HEADER
 
@@ -439,12 +437,9 @@ class PullReader:
         if self.seed_file is not None:
             # NKey authentication as nats-py does it: sign the nonce the server's INFO carries.
             info = await asyncio.wait_for(protocol.greeted, READ_TIMEOUT_SECONDS)
-            seed = read_seed(self.seed_file)
-            key = nkeys.from_seed(seed)
-            options.update(
-                nkey=key.public_key.decode(), sig=base64.b64encode(key.sign(info["nonce"].encode())).decode()
-            )
-            inbox = inbox_prefix(public_key(seed))
+            fields = nkey_connect_fields(self.seed_file, info["nonce"])
+            options.update(fields)
+            inbox = inbox_prefix(fields["nkey"])
         elif url.username and url.password:
             options.update(user=url.username, **{"pass": url.password})
         elif url.username:
