@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import asyncpg
 import psutil
 from nats.aio.client import Client as NatsClient
 
+from warden.audit_projector.install import install_database
 from warden.credentials import CredentialStore, superuser
+from warden.database import without_login
 from warden.embedded import EmbeddedServers, die_with_parent
 from warden.identity import connect_options
 from warden.settings import Settings
@@ -91,12 +92,12 @@ class Installation:
         credentials = CredentialStore(Path(tempfile.mkdtemp(prefix="warden-bench-credentials-")), f"bench{token}")
         credentials.ensure_installation()
         await _RUNNING[nats_url].authorize(admit=credentials)
-        admin = await asyncpg.connect(admin_url)
-        await admin.execute(f"CREATE DATABASE {database}")
-        await admin.close()
+        # The services log in as the installation's roles, as in production (warden.database).
+        database_url = without_login(admin_url.rsplit("/", 1)[0] + f"/{database}")
+        await install_database(admin_url, database_url, credentials.directory, f"bench{token}")
         settings = Settings(
             nats_url=nats_url,
-            database_url=admin_url.rsplit("/", 1)[0] + f"/{database}",
+            database_url=database_url,
             subject_prefix=f"bench{token}",
             log_level="WARNING",
             nats_credentials_dir=credentials.directory,

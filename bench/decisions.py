@@ -23,6 +23,7 @@ from bench.common import (
     percentile,
     superuser_seed,
 )
+from warden.database import DatabaseRole
 from warden.messages import ToolCallRequested, make_envelope
 from warden.streams import StreamNames, stream_configs
 from warden.subjects import Subjects
@@ -214,7 +215,7 @@ async def _projection_lag(install: Installation, stop: asyncio.Event) -> dict[st
     nc = await admin_connect(install.settings.nats_url)
     js = nc.jetstream()
     names = StreamNames.for_prefix(install.settings.subject_prefix)
-    db = await asyncpg.connect(install.settings.database_url)
+    db = await asyncpg.connect(install.settings.database_url_for(DatabaseRole.READER))
     behind: list[float] = []
     stale: list[float] = []
     while not stop.is_set():

@@ -36,6 +36,7 @@ from nats.aio.client import Client as NatsClient
 
 from bench.common import REPO_ROOT, BenchServers, Installation, ServiceProcesses, admin_connect
 from warden.client import WardenClient
+from warden.database import DatabaseRole
 from warden.embedded import EmbeddedServers, NatsNode
 from warden.errors import RetryableError
 from warden.streams import StreamNames
@@ -180,7 +181,7 @@ async def run_failover(rounds: int) -> dict[str, Any]:
         services = ServiceProcesses(install.settings)
         await services.start(*SERVICES)
         nc = await admin_connect(endpoints.nats_url)
-        db = await asyncpg.connect(install.settings.database_url)
+        db = await asyncpg.connect(install.settings.database_url_for(DatabaseRole.READER))
         failover = Failover(servers, install, nc)
         try:
             warm = [await failover.submit(-1 - index) for index in range(3)]

@@ -36,6 +36,7 @@ from bench.common import REPO_ROOT, Installation, ServiceProcesses, admin_connec
 from tests.strategies import HostileCommand, hostile_commands
 from warden.bus import envelope_headers
 from warden.client import WardenClient
+from warden.database import DatabaseRole
 from warden.messages import RunSubmitted, make_envelope
 from warden.streams import StreamNames
 from warden.subjects import Subjects
@@ -92,7 +93,7 @@ async def run_pass(
     services = ServiceProcesses(settings)
     await services.start(*SERVICES)
     nc = await admin_connect(nats_url)
-    db = await asyncpg.connect(settings.database_url)
+    db = await asyncpg.connect(settings.database_url_for(DatabaseRole.READER))
     client = WardenClient(nc, settings.subject_prefix)
     try:
         # Warm-up: one run through every service, so start-up is not in the measurement.

@@ -447,7 +447,7 @@ async def main(events: int, mix: str) -> None:
         servers = BenchServers(Path(tempfile.mkdtemp(prefix="warden-bench-")), sync="always")
         endpoints = await servers.start()
         try:
-            result = await run_w4(endpoints.nats_url, endpoints.database_url, events, mix)
+            result = await run_w4(endpoints.nats_url, endpoints.admin_database_url, events, mix)
         finally:
             await servers.stop()
         result["servers"] = "embedded (fsync always)"

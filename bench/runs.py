@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 
 from bench.common import CpuMeter, Installation, ServiceProcesses, admin_connect, latency_summary
 from warden.client import WardenClient
+from warden.database import DatabaseRole
 from warden.streams import StreamNames
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
@@ -23,7 +24,7 @@ async def _projected(install: Installation) -> None:
     names = StreamNames.for_prefix(install.settings.subject_prefix)
     stored = sum([(await nc.jetstream().stream_info(name)).state.last_seq for name in names.audited])
     await nc.close()
-    db = await asyncpg.connect(install.settings.database_url)
+    db = await asyncpg.connect(install.settings.database_url_for(DatabaseRole.READER))
     try:
         # Polling: the position lives in another process's Postgres rows, no event to wait on.
         while (await db.fetchval("SELECT coalesce(sum(last_seq), 0) FROM projector_positions")) < stored:  # noqa: ASYNC110

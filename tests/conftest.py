@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import nats
@@ -33,7 +32,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from warden.audit_projector.install import drop_roles, install_database
 from warden.credentials import CredentialStore, superuser
+from warden.database import database_name, with_database, without_login
 from warden.embedded import EmbeddedServers
 from warden.identity import connect_options, public_key, read_seed
 from warden.settings import Settings
@@ -53,7 +54,7 @@ trace.set_tracer_provider(_provider)
 @dataclass(frozen=True)
 class Servers:
     nats_url: str
-    database_url: str  # any database on the server; tests derive their own from it
+    database_url: str  # an administrator's login to any database on the server: for fixtures only
     superuser_seed: Path | None  # allowed everything: for the fixtures, never for the services
     embedded: "EmbeddedServers | None" = None  # None: external servers
 
@@ -65,11 +66,6 @@ class Servers:
         """The superuser as a server's `users` entry, for servers a test starts itself."""
         assert self.superuser_seed is not None
         return {"nkey": public_key(read_seed(self.superuser_seed))}
-
-
-def database_url_for(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +82,7 @@ async def servers() -> AsyncIterator[Servers]:
     embedded = EmbeddedServers(state_dir, extra_users=[superuser_entry])
     endpoints = await embedded.start()
     try:
-        yield Servers(endpoints.nats_url, endpoints.database_url, superuser_seed, embedded)
+        yield Servers(endpoints.nats_url, endpoints.admin_database_url, superuser_seed, embedded)
     finally:
         await embedded.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -97,20 +93,21 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
     """Settings private to this test: its own subject prefix, streams and database."""
     token = uuid.uuid4().hex[:12]
     prefix, database = f"t{token}", f"test_{token}"
-    admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    credentials: CredentialStore | None = None
-    identity: dict[str, Any] = {"nats_seed_file": servers.superuser_seed}
+    # The installation's identities: NATS seeds, signing keys and its database roles' passwords.
+    credentials = CredentialStore(Path(tempfile.mkdtemp(prefix="warden-credentials-")), prefix)
+    credentials.ensure_installation()
+    identity: dict[str, Any] = {"nats_credentials_dir": credentials.directory}
     if servers.embedded is not None:
-        credentials = CredentialStore(Path(tempfile.mkdtemp(prefix="warden-credentials-")), prefix)
-        credentials.ensure_installation()
         await servers.embedded.authorize(admit=credentials)
-        identity = {"nats_credentials_dir": credentials.directory}
+    else:
+        identity["nats_seed_file"] = servers.superuser_seed
+    database_url = without_login(with_database(servers.database_url, database))
+    await install_database(servers.database_url, database_url, credentials.directory, prefix)
     nc = await nats.connect(servers.nats_url, **servers.superuser())
     await provision(nc.jetstream(), Subjects(prefix))
     settings = Settings(
         nats_url=servers.nats_url,
-        database_url=database_url_for(servers.database_url, database),
+        database_url=database_url,
         subject_prefix=prefix,
         log_format="console",
         **identity,
@@ -123,12 +120,15 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
             await nc.jetstream().delete_stream(stream)
         await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()
-        if credentials is not None:
-            assert servers.embedded is not None
+        if servers.embedded is not None:
             await servers.embedded.authorize(dismiss=credentials)
-            shutil.rmtree(credentials.directory, ignore_errors=True)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+        shutil.rmtree(credentials.directory, ignore_errors=True)
+        admin = await asyncpg.connect(with_database(servers.database_url, "postgres"))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await admin.close()
+        await drop_roles(servers.database_url, database)
 
 
 @pytest.fixture
@@ -140,8 +140,9 @@ async def nc(servers: Servers, settings: Settings) -> AsyncIterator[NatsClient]:
 
 
 @pytest.fixture
-async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(settings.database_url)
+async def db(servers: Servers, settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """The test's database as its administrator: what a test inspects (or attacks) the tables with."""
+    connection = await asyncpg.connect(with_database(servers.database_url, database_name(settings.database_url)))
     yield connection
     await connection.close()
 
@@ -205,6 +206,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["WARDEN_NATS_CREDENTIALS_DIR"] = str(settings.nats_credentials_dir)
     if settings.nats_seed_file is not None:
         env["WARDEN_NATS_SEED_FILE"] = str(settings.nats_seed_file)
+    if settings.agents_dir is not None:
+        env["WARDEN_AGENTS_DIR"] = str(settings.agents_dir)
+    if settings.policy_dir is not None:
+        env["WARDEN_POLICY_DIR"] = str(settings.policy_dir)
     return env
 
 

@@ -24,9 +24,11 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import Servers, database_url_for, eventually, start_services, stop_services
+from tests.conftest import Servers, eventually, start_services, stop_services
+from warden.audit_projector.install import drop_roles, install_database
 from warden.bus import retry_transient
 from warden.client import Receipt, WardenClient
+from warden.database import DatabaseRole, with_database, without_login
 from warden.embedded import EmbeddedServers, NatsNode
 from warden.errors import RetryableError
 from warden.settings import Settings
@@ -64,11 +66,11 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
     token = uuid.uuid4().hex[:12]
     embedded = EmbeddedServers(state, nats_nodes=3, subject_prefix=f"c{token}", extra_users=[servers.superuser_entry()])
     nats_url = await embedded.start_nats()
-    admin = await asyncpg.connect(database_url_for(servers.database_url, "postgres"))
-    await admin.execute(f'CREATE DATABASE "cluster_{token}"')
+    database_url = without_login(with_database(servers.database_url, f"cluster_{token}"))
+    await install_database(servers.database_url, database_url, embedded.credentials.directory, f"c{token}")
     settings = Settings(
         nats_url=nats_url,
-        database_url=database_url_for(servers.database_url, f"cluster_{token}"),
+        database_url=database_url,
         subject_prefix=f"c{token}",
         stream_replicas=3,
         nats_credentials_dir=embedded.credentials.directory,
@@ -81,8 +83,10 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
         await nc.close()
         await embedded.stop()
         shutil.rmtree(state, ignore_errors=True)
+        admin = await asyncpg.connect(with_database(servers.database_url, "postgres"))
         await admin.execute(f'DROP DATABASE IF EXISTS "cluster_{token}" WITH (FORCE)')
         await admin.close()
+        await drop_roles(servers.database_url, f"cluster_{token}")
 
 
 @pytest.fixture
@@ -153,7 +157,7 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
     resumed.append(await kill_leader_and_restart(cluster, streams.commands))
     await load
 
-    db = await asyncpg.connect(cluster.settings.database_url)
+    db = await asyncpg.connect(cluster.settings.database_url_for(DatabaseRole.READER))
     try:
         run_ids = [receipt.run_id for receipt in receipts]
         finished = "SELECT count(*) FROM runs WHERE run_id = ANY($1) AND status IN ('succeeded', 'failed')"

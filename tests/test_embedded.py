@@ -8,12 +8,14 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
@@ -22,7 +24,9 @@ import pytest
 
 from tests.conftest import Servers
 from warden import embedded
+from warden.database import SUPERUSER_PASSWORD_FILE, without_login
 from warden.embedded import NATS_CONFIGS, EmbeddedServers, nats_server_binary
+from warden.endpoints import credentials_dir
 from warden.identity import connect_options
 from warden.permissions import Role
 
@@ -38,7 +42,7 @@ async def test_start_serves_jetstream_and_postgres(tmp_path: Path) -> None:
     servers = EmbeddedServers(tmp_path / "state")
     async with servers as endpoints:
         assert endpoints.nats_url.startswith("nats://127.0.0.1:")
-        assert endpoints.database_url.startswith("postgresql://postgres@127.0.0.1:")
+        assert endpoints.database_url.startswith("postgresql://127.0.0.1:")  # no login: each role adds its own
         assert endpoints.database_url.endswith("/warden")
         assert endpoints.state_dir == (tmp_path / "state").resolve()
         assert (tmp_path / "state" / "postgres" / "PG_VERSION").exists()
@@ -51,7 +55,7 @@ async def test_start_serves_jetstream_and_postgres(tmp_path: Path) -> None:
         finally:
             await nc.close()
 
-        conn = await asyncpg.connect(endpoints.database_url)
+        conn = await asyncpg.connect(endpoints.admin_database_url)
         try:
             assert await conn.fetchval("select 1") == 1
             assert await conn.fetchval("select current_database()") == "warden"
@@ -66,6 +70,45 @@ async def test_start_serves_jetstream_and_postgres(tmp_path: Path) -> None:
     await servers.stop()  # a second stop is a no-op
 
 
+async def test_postgres_asks_everyone_for_a_password(tmp_path: Path) -> None:
+    """No `trust`: without the password, or with a wrong one, Postgres refuses, by TCP and by its socket."""
+    servers = EmbeddedServers(tmp_path / "state")
+    async with servers as endpoints:
+        port = urlsplit(endpoints.database_url).port
+        socket_dir = tmp_path / "state" / "postgres"
+        attempts: list[dict[str, Any]] = [
+            {"host": "127.0.0.1", "port": port, "user": "postgres"},
+            {"host": "127.0.0.1", "port": port, "user": "postgres", "password": "guess"},
+            {"host": str(socket_dir), "port": port, "user": "postgres"},
+        ]
+        for attempt in attempts:
+            with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+                await asyncpg.connect(database="warden", **attempt)
+        password_file = servers.credentials.directory / SUPERUSER_PASSWORD_FILE
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+
+
+async def test_data_from_a_trusting_version_gets_passwords_on_start(tmp_path: Path) -> None:
+    """Data made when Postgres trusted loopback is switched to passwords on the next start, rows kept."""
+    state = tmp_path / "state"
+    async with EmbeddedServers(state) as endpoints:
+        conn = await asyncpg.connect(endpoints.admin_database_url)
+        await conn.execute("create table kept (v text); insert into kept values ('row')")
+        await conn.close()
+    # As an earlier Warden left it: trust everywhere, no password file.
+    (state / "postgres" / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    (credentials_dir(state) / SUPERUSER_PASSWORD_FILE).unlink()
+
+    async with EmbeddedServers(state) as endpoints:
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(without_login(endpoints.admin_database_url), user="postgres")
+        conn = await asyncpg.connect(endpoints.admin_database_url)
+        try:
+            assert await conn.fetchval("select v from kept") == "row"
+        finally:
+            await conn.close()
+
+
 async def test_restart_reuses_stored_data(tmp_path: Path, servers: Servers) -> None:
     """A second start on the same state dir sees the streams, messages and tables of the first."""
     superuser = servers.superuser_entry()
@@ -77,7 +120,7 @@ async def test_restart_reuses_stored_data(tmp_path: Path, servers: Servers) -> N
         await js.add_stream(name="EMBEDDED_TEST", subjects=["embedded.test"])
         await js.publish("embedded.test", b"kept")
         await nc.close()
-        conn = await asyncpg.connect(endpoints.database_url)
+        conn = await asyncpg.connect(endpoints.admin_database_url)
         await conn.execute("create table kept (v text); insert into kept values ('row')")
         await conn.close()
     finally:
@@ -90,7 +133,7 @@ async def test_restart_reuses_stored_data(tmp_path: Path, servers: Servers) -> N
             assert stream.state.messages == 1
         finally:
             await nc.close()
-        conn = await asyncpg.connect(endpoints.database_url)
+        conn = await asyncpg.connect(endpoints.admin_database_url)
         try:
             assert await conn.fetchval("select v from kept") == "row"
         finally:
@@ -129,7 +172,7 @@ async def test_long_state_dir_puts_postgres_socket_elsewhere(tmp_path: Path) -> 
     """A pgdata path too long for a Unix socket still starts, with the socket dir under /tmp."""
     state_dir = tmp_path / ("deep" * 25)
     async with EmbeddedServers(state_dir) as endpoints:
-        conn = await asyncpg.connect(endpoints.database_url)
+        conn = await asyncpg.connect(endpoints.admin_database_url)
         try:
             socket_dir = Path(await conn.fetchval("show unix_socket_directories"))
         finally:

@@ -13,15 +13,17 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli, settings_env
+from tests.conftest import REPO_ROOT, AppRunner, Servers, eventually, run_warden_cli, settings_env
 from warden.admission import CommandRules
 from warden.audit_projector import handlers
 from warden.audit_projector.app import build_app
+from warden.audit_projector.install import install_database
 from warden.audit_projector.projection import StoredMessage
 from warden.audit_projector.replay import TargetNotEmpty, replay
 from warden.audit_projector.store import AuditStore, NotContiguous, create_pool
 from warden.audit_projector.stream_reader import stored_message
 from warden.bus import envelope_headers
+from warden.database import DatabaseRole
 from warden.messages import (
     Envelope,
     Payload,
@@ -108,9 +110,9 @@ async def test_apply_is_idempotent_under_redelivery(settings: Settings, nc: Nats
         Subjects(settings.subject_prefix).all_events, stream=names.events
     )
     messages = [stored_message(m) for m in await subscription.fetch(6, timeout=5)]
-    pool = await create_pool(settings.database_url)
+    pool = await create_pool(settings.database_url_for(DatabaseRole.PROJECTOR))
     store = AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes))
-    await store.ensure_schema(list(names.audited))
+    await store.check_schema(list(names.audited))
     assert await store.apply(names.events, messages[:4]) == 4
     assert await store.apply(names.events, messages[:4]) == 0  # redelivered batch
     assert await store.apply(names.events, messages[2:]) == 2  # overlapping batch
@@ -222,11 +224,6 @@ async def test_replay_rebuilds_equal_tables(
 
 async def test_events_table_is_append_only(settings: Settings, db: asyncpg.Connection) -> None:
     """Updating or deleting an audit row is refused by the database itself."""
-    pool = await create_pool(settings.database_url)
-    await AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes)).ensure_schema(
-        ["S"]
-    )
-    await pool.close()
     await db.execute(
         "INSERT INTO events (stream, stream_seq, nats_subject, stored_at, tenant) VALUES ('S', 1, 'x', now(), 't')"
     )
@@ -308,16 +305,16 @@ def as_stored(stream: str, seq: int, envelope: Envelope[Any], subjects: Subjects
 
 
 async def fresh_store(settings: Settings, size: int = 2) -> tuple[asyncpg.Pool, AuditStore]:
-    pool = await create_pool(settings.database_url, size=size)
+    pool = await create_pool(settings.database_url_for(DatabaseRole.PROJECTOR), size=size)
     store = AuditStore(pool, CommandRules(Subjects(settings.subject_prefix), settings.max_command_bytes))
-    await store.ensure_schema(list(StreamNames.for_prefix(settings.subject_prefix).audited))
+    await store.check_schema(list(StreamNames.for_prefix(settings.subject_prefix).audited))
     return pool, store
 
 
 async def test_an_events_table_from_before_entity_id_is_migrated_in_place(
-    settings: Settings, db: asyncpg.Connection
+    servers: Servers, settings: Settings, db: asyncpg.Connection
 ) -> None:
-    """A table whose column is still `subject` is renamed on start, its rows kept, and projection carries on."""
+    """A table whose column is still `subject` is renamed on install, its rows kept, and projection carries on."""
     subjects = Subjects(settings.subject_prefix)
     stream = StreamNames.for_prefix(settings.subject_prefix).events
     lifecycle = run_lifecycle("acme", "r1", steps=1)
@@ -326,7 +323,11 @@ async def test_an_events_table_from_before_entity_id_is_migrated_in_place(
     await store.apply(stream, messages[:2])
     await db.execute("ALTER TABLE events RENAME COLUMN entity_id TO subject")  # as a table made before the rename
 
-    await store.ensure_schema([stream])
+    # Installing again (as `warden up` does on every start) migrates the table; the projector cannot.
+    assert settings.nats_credentials_dir is not None
+    await install_database(
+        servers.database_url, settings.database_url, settings.nats_credentials_dir, settings.subject_prefix
+    )
     assert await store.apply(stream, messages) == len(messages) - 2
     await pool.close()
     entities = await db.fetch("SELECT DISTINCT entity_id FROM events")

@@ -29,6 +29,7 @@ from warden.audit_projector.replay import replay
 from warden.audit_projector.store import AuditStore, create_pool
 from warden.audit_projector.stream_reader import parse_headers, read_range, stored_message
 from warden.bus import envelope_headers
+from warden.database import DatabaseRole
 from warden.identity import nkey_connect_fields
 from warden.messages import (
     CommandRejected,
@@ -171,7 +172,7 @@ async def apply_one_by_one(settings: Settings, nc: NatsClient, schema: str) -> N
     """The live projector's store, one message per batch: the SQL merges, with nothing merged in memory."""
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    pool = await create_pool(settings.database_url, schema=schema, size=1)
+    pool = await create_pool(settings.database_url_for(DatabaseRole.OWNER), schema=schema, size=1)
     await pool.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     store = AuditStore(pool, CommandRules(subjects, settings.max_command_bytes))
     await store.ensure_schema(list(streams.audited))
@@ -301,7 +302,8 @@ async def test_timestamps_are_copied_as_asyncpg_copies_them(settings: Settings) 
     # What validation makes of an envelope's time: a datetime with pydantic's own TzInfo.
     values.append(parse_envelope(envelope_of(RunStarted(decision_id="d", worker="w"), "acme", "r1").to_bytes()).time)
     texts = []
-    for connection in (await asyncpg.connect(settings.database_url), await connect_for_copy(settings.database_url)):
+    owner = settings.database_url_for(DatabaseRole.OWNER)
+    for connection in (await asyncpg.connect(owner), await connect_for_copy(owner)):
         await connection.execute("CREATE TEMP TABLE stamps (i int, at timestamptz)")
         await connection.copy_records_to_table("stamps", records=list(enumerate(values)))
         texts.append([row[0] for row in await connection.fetch("SELECT at::text FROM stamps ORDER BY i")])

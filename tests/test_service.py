@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, Servers, eventually
 from warden.audit_projector import store
+from warden.database import DatabaseRole
 from warden.service import SHUTDOWN_OVERRUN_STATUS
 from warden.settings import Settings
 
@@ -85,12 +86,12 @@ async def test_closing_a_pool_cuts_connections_that_are_never_given_back(
 ) -> None:
     """A connection stuck in a transaction does not hold up closing the projector's pool: it is cut."""
     monkeypatch.setattr(store, "CLOSE_TIMEOUT_SECONDS", 0.5)
-    pool = await store.create_pool(settings.database_url)
+    pool = await store.create_pool(settings.database_url_for(DatabaseRole.PROJECTOR))
     stuck = await pool.acquire()
     await stuck.execute("BEGIN; SELECT 1")
     backend = stuck.get_server_pid()
     await asyncio.wait_for(store.close_pool(pool), 5)
-    observer = await asyncpg.connect(settings.database_url)
+    observer = await asyncpg.connect(settings.database_url_for(DatabaseRole.READER))
     try:
         gone = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $1"
         await eventually(lambda: observer.fetchval(gone, backend), within=5)

@@ -12,6 +12,7 @@ import psutil
 
 from tests.conftest import REPO_ROOT, eventually
 from warden.client import WardenClient
+from warden.database import DatabaseRole, login_url
 from warden.endpoints import credentials_dir
 from warden.errors import RetryableError
 from warden.permissions import Role
@@ -44,7 +45,10 @@ async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subproces
     database_url = re.search(r"Postgres:\s+(\S+)", output)
     assert nats_url, output
     assert database_url, output
-    return process, nats_url.group(1), database_url.group(1)
+    assert "@" not in database_url.group(1), "no login is printed"
+    # What a reader of the audit (the CLI, the timeline) logs in as.
+    reader = login_url(database_url.group(1), credentials_dir(state_dir), DatabaseRole.READER)
+    return process, nats_url.group(1), reader
 
 
 def operator(tmp_path: Path, role: Role = Role.OPERATOR) -> Path:

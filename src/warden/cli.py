@@ -16,11 +16,13 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import nats
 from pydantic import ValidationError
 
 from warden.client import TailedEvent, WardenClient
+from warden.database import DatabaseRole
 from warden.endpoints import NoStack
 from warden.errors import WardenError
 from warden.messages import describe_validation_error
@@ -98,7 +100,7 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     from warden.timeline import run_timeline  # noqa: PLC0415
 
     try:
-        db = await asyncpg.connect(settings.database_url, timeout=5)
+        db = await asyncpg.connect(settings.database_url_for(DatabaseRole.READER), timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
         raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
     try:
@@ -166,6 +168,35 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
         target = store.directory / AUTHORIZATION_FILE
         write_authorization(target, [store])
         print(f"NATS: include {target} in the server's configuration, then reload it (nats-server --signal reload)")
+    return 0
+
+
+async def _database_install(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.audit_projector.install import install_database  # noqa: PLC0415
+    from warden.database import (  # noqa: PLC0415
+        DatabaseRole,
+        database_name,
+        password_file,
+        read_password,
+        redacted,
+        role_name,
+        with_login,
+    )
+    from warden.endpoints import credentials_dir  # noqa: PLC0415
+
+    admin_url = args.admin_url or os.environ.get("WARDEN_DATABASE_ADMIN_URL")
+    if not admin_url:
+        raise UsageError("an administrator's login is needed: --admin-url or WARDEN_DATABASE_ADMIN_URL")
+    if args.admin_password_file:
+        parts = urlsplit(admin_url)
+        admin_url = with_login(admin_url, parts.username or "postgres", read_password(Path(args.admin_password_file)))
+    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
+    await install_database(admin_url, settings.database_url, directory.resolve(), settings.subject_prefix)
+    database = database_name(settings.database_url)
+    print(f"installed: {redacted(settings.database_url)}")
+    for role in DatabaseRole:
+        print(f"  {role_name(database, role):<32} password in {password_file(directory.resolve(), role)}")
+    print("Services log in as their role with WARDEN_DATABASE_URL (no user in it) and WARDEN_NATS_CREDENTIALS_DIR.")
     return 0
 
 
@@ -306,6 +337,20 @@ def _add_credentials_parser(commands: Any) -> None:
         command.set_defaults(handler=_credentials)
 
 
+def _add_database_parser(commands: Any) -> None:
+    database = commands.add_parser("database", help="the audit database").add_subparsers(
+        dest="database_command", required=True
+    )
+    install = database.add_parser(
+        "install",
+        help="create the installation's roles (owner, projector, reader), its tables and grants; safe to repeat",
+    )
+    install.add_argument("--admin-url", help="a superuser's login to the server (default: WARDEN_DATABASE_ADMIN_URL)")
+    install.add_argument("--admin-password-file", help="the administrator's password, read from this file")
+    install.add_argument("--dir", help="where the roles' passwords go (default: the credentials directory)")
+    install.set_defaults(handler=_database_install)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -345,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provisioning.set_defaults(handler=_provision)
 
+    _add_database_parser(commands)
     submit = commands.add_parser("submit", help="submit a run")
     submit.add_argument("--tenant", required=True)
     submit.add_argument("--agent", required=True)

@@ -4,6 +4,8 @@ Layout of a credentials directory (mode 700; every seed file mode 600):
 
     installation.json           the subject prefix these identities are for
     provisioner.nk ... operator.nk   one seed per installation role (warden.permissions.Role)
+    decision-signing.key, decision-keys.pub   the gate's signing key, the keys runners trust
+    postgres-<role>.password    the database roles' passwords (warden.database)
     tenants/<tenant>/<actor>.nk      tenants' client credentials, issued on demand
 
 The server never sees a seed: its configuration lists public keys and each one's permissions
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import nkeys
 
+from warden.database import ensure_passwords
 from warden.errors import WardenError
 from warden.identity import SEED_SUFFIX, public_key, read_seed
 from warden.permissions import INSTALLATION_ROLES, Role, service_permissions, tenant_permissions
@@ -107,6 +110,7 @@ class CredentialStore:
             if not self.seed_file(role).exists():
                 _write_new_seed(self.seed_file(role))
         create_signing_key(self.directory)
+        ensure_passwords(self.directory)
         return self.identities()
 
     def issue(self, tenant: str, actor: str) -> Identity:

@@ -10,6 +10,7 @@ from pydantic import JsonValue
 
 from warden.client import Receipt, WardenClient
 from warden.credentials import CredentialStore
+from warden.database import DatabaseRole
 from warden.embedded import apply_credentials
 from warden.read_model import final_status
 from warden.settings import Settings, settings_for_running_stack
@@ -51,7 +52,7 @@ async def _show(settings: Settings) -> None:
     await apply_credentials(settings.state_dir.resolve(), store)
     allowed = await _submit_as(settings, seeds["alice"], "alice", {"question": "status?"})
     denied = await _submit_as(settings, seeds["bob"], "bob", {})
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(settings.database_url_for(DatabaseRole.READER), min_size=1, max_size=2)
     assert pool is not None
     try:
         await _until_finished(pool, allowed.run_id)

@@ -36,6 +36,7 @@ with warnings.catch_warnings():
     from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
 from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization
+from warden.database import SUPERUSER_PASSWORD_FILE, read_password, with_login, write_new_password
 from warden.endpoints import credentials_dir
 from warden.identity import connect_options
 from warden.permissions import Role
@@ -47,6 +48,12 @@ NATS_CONFIGS: dict[str, Path] = {
     "interval": NATS_CONFIG_DIR / "nats-server-sync-interval.conf",
 }
 
+# What initdb --auth=scram-sha-256 writes: a password from every client, on the socket too.
+_PG_HBA = """\
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
 _PG_SYSTEM_USER = "pgserver"  # the account pgserver itself creates, so both can share a pgdata
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the trailing NUL
 _START_TIMEOUT = 30.0
@@ -115,7 +122,8 @@ class EmbeddedEndpoints:
     """Where the embedded servers listen."""
 
     nats_url: str
-    database_url: str
+    database_url: str  # no login: each process adds its role's (warden.database)
+    admin_database_url: str  # the superuser's login: for installing, never for a service
     state_dir: Path
 
 
@@ -298,11 +306,19 @@ class EmbeddedServers:
             raise RuntimeError("embedded servers are not running")
         return ",".join(url for url in urls if url)
 
-    def admin_database_url(self, database: str = "postgres") -> str:
-        """URL of another database on the same Postgres server."""
+    def database_url(self, database: str | None = None) -> str:
+        """URL of this stack's database (or another on the same server), without a login."""
         if self._pg_port is None:
             raise RuntimeError("embedded servers are not running")
-        return f"postgresql://postgres@127.0.0.1:{self._pg_port}/{database}"
+        return f"postgresql://127.0.0.1:{self._pg_port}/{database or self.database}"
+
+    def admin_database_url(self, database: str = "postgres") -> str:
+        """URL of a database on this server with the superuser's login (password included)."""
+        return with_login(self.database_url(database), "postgres", read_password(self._superuser_password_file))
+
+    @property
+    def _superuser_password_file(self) -> Path:
+        return self.credentials.directory / SUPERUSER_PASSWORD_FILE
 
     async def start(self) -> EmbeddedEndpoints:
         """Start both servers (initialising their data dirs on first use) and wait until ready."""
@@ -314,7 +330,8 @@ class EmbeddedServers:
         await self._bring_up(with_postgres=True)
         return EmbeddedEndpoints(
             nats_url=self.nats_url,
-            database_url=self.admin_database_url(self.database),
+            database_url=self.database_url(),
+            admin_database_url=self.admin_database_url(self.database),
             state_dir=self.state_dir,
         )
 
@@ -489,6 +506,9 @@ class EmbeddedServers:
             self._grant_pg_user_access(pgdata)
         if not (pgdata / "PG_VERSION").exists():
             await self._initdb(pgdata)
+        # Data made by an earlier Warden let anyone on loopback in (`trust`): give the superuser a
+        # password once it is up, then require passwords from everyone.
+        trusting = write_new_password(self._superuser_password_file)
         socket_dir = self._socket_dir(pgdata)
         log = self.state_dir / "postgres.log"
         log.touch()
@@ -510,6 +530,8 @@ class EmbeddedServers:
                 )
             if await self._wait_postgres(self._pg, port, pgdata):
                 self._pg_port = port
+                if trusting:
+                    await self._require_passwords(pgdata)
                 await self._create_database()
                 return
             output = _log_since(log, offset)
@@ -535,7 +557,20 @@ class EmbeddedServers:
     async def _initdb(self, pgdata: Path) -> None:
         # the binary rather than pgserver._commands.initdb: that function is attached at runtime
         # via setattr, so it is invisible to type checkers
-        args = ["-D", str(pgdata), "--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"]
+        # Passwords (SCRAM) for every connection, the socket's too: no `trust`. The superuser's is
+        # read from a file only this user can read, and handed to initdb through a copy the
+        # postgres account can read for that moment.
+        write_new_password(self._superuser_password_file)
+        pwfile = Path(tempfile.mkdtemp(prefix="warden-initdb-")) / "pwfile"
+        pwfile.write_text(read_password(self._superuser_password_file) + "\n", encoding="utf-8")
+        if self._pg_user is not None:
+            os.chown(pwfile.parent, self._pg_user.pw_uid, self._pg_user.pw_gid)
+            os.chown(pwfile, self._pg_user.pw_uid, self._pg_user.pw_gid)
+        pwfile.chmod(0o600)
+        args = [
+            *("-D", str(pgdata), "--auth=scram-sha-256", "--encoding=utf8", "-U", "postgres"),
+            f"--pwfile={pwfile}",
+        ]
         proc = await asyncio.create_subprocess_exec(
             POSTGRES_BIN_PATH / "initdb",
             *args,
@@ -544,9 +579,28 @@ class EmbeddedServers:
             stderr=subprocess.STDOUT,
             **self._as_pg_user(),
         )
-        output, _ = await proc.communicate()
+        try:
+            output, _ = await proc.communicate()
+        finally:
+            shutil.rmtree(pwfile.parent, ignore_errors=True)
         if proc.returncode != 0:
             raise RuntimeError(f"initdb failed ({proc.returncode}):\n{output.decode(errors='replace')}")
+
+    async def _require_passwords(self, pgdata: Path) -> None:
+        conn = await asyncpg.connect(self.admin_database_url())
+        try:
+            # Bound, not spliced into the statement: the password is in no statement text.
+            await conn.execute(
+                "SELECT set_config('warden.password', $1, false)", read_password(self._superuser_password_file)
+            )
+            await conn.execute(
+                "DO $$ BEGIN EXECUTE format('ALTER ROLE postgres PASSWORD %L', "
+                "current_setting('warden.password')); END $$"
+            )
+            (pgdata / "pg_hba.conf").write_text(_PG_HBA, encoding="utf-8")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
 
     def _socket_dir(self, pgdata: Path) -> Path:
         if len(str(pgdata / ".s.PGSQL.65535")) <= _SOCKET_PATH_MAX:
@@ -564,7 +618,12 @@ class EmbeddedServers:
                 return False
             try:
                 conn = await asyncpg.connect(
-                    host="127.0.0.1", port=port, user="postgres", database="postgres", timeout=2
+                    host="127.0.0.1",
+                    port=port,
+                    user="postgres",
+                    password=read_password(self._superuser_password_file),
+                    database="postgres",
+                    timeout=2,
                 )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 await asyncio.sleep(0.05)

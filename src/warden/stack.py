@@ -9,8 +9,11 @@ from pathlib import Path
 
 import structlog
 
+from warden.audit_projector.install import install_database
+from warden.database import redacted
 from warden.embedded import EmbeddedServers, die_with_parent
 from warden.endpoints import hold_state_dir, remove_endpoints, write_endpoints
+from warden.errors import WardenError
 from warden.identity import connect_options
 from warden.permissions import Role
 from warden.settings import Settings
@@ -90,6 +93,30 @@ async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
         service.process = None
 
 
+async def _bring_up_servers(servers: EmbeddedServers | None, settings: Settings) -> Settings:
+    """Start the embedded servers (None: external ones) and install the audit database; the
+    settings that point at them."""
+    if servers is not None:
+        endpoints = await servers.start()
+        settings = settings.model_copy(
+            update={
+                "nats_url": endpoints.nats_url,
+                "database_url": endpoints.database_url,
+                "nats_credentials_dir": servers.credentials.directory,
+            }
+        )
+        # Roles, tables and grants: idempotent, and how an upgrade reaches the schema.
+        admin_url, credentials = endpoints.admin_database_url, servers.credentials.directory
+    elif admin_url := os.environ.get("WARDEN_DATABASE_ADMIN_URL", ""):
+        if settings.nats_credentials_dir is None:
+            raise WardenError("WARDEN_DATABASE_ADMIN_URL needs WARDEN_NATS_CREDENTIALS_DIR: where roles' passwords go")
+        credentials = settings.nats_credentials_dir
+    else:
+        return settings  # an external database someone else installed (`warden database install`)
+    await install_database(admin_url, settings.database_url, credentials, settings.subject_prefix)
+    return settings
+
+
 async def run_stack(
     settings: Settings,
     *,
@@ -122,15 +149,7 @@ async def run_stack(
     services: list[ServiceProcess] = []
     supervisors: list[asyncio.Task[None]] = []
     try:
-        if servers is not None:
-            endpoints = await servers.start()
-            settings = settings.model_copy(
-                update={
-                    "nats_url": endpoints.nats_url,
-                    "database_url": endpoints.database_url,
-                    "nats_credentials_dir": servers.credentials.directory,
-                }
-            )
+        settings = await _bring_up_servers(servers, settings)
         nc = await connect(settings.nats_url, **connect_options(settings.seed_file_for(Role.PROVISIONER)))
         provisioned = await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
         await nc.close()
@@ -182,7 +201,7 @@ def _print_summary(
         "Warden is up.",
         f"  servers:   {origin}",
         f"  NATS:      {settings.nats_url}",
-        f"  Postgres:  {settings.database_url}",
+        f"  Postgres:  {redacted(settings.database_url)} (services log in as their own roles)",
         f"  streams:   {streams.commands}, {streams.events}, {streams.work}"
         + (f"  ({'; '.join(changes)})" if changes else ""),
         f"  subjects:  {settings.subject_prefix}.cmd.<tenant>.<actor>.<type>, {settings.subject_prefix}.evt.<tenant>.>",

@@ -6,6 +6,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from warden.database import DatabaseRole, login_url
 from warden.endpoints import credentials_dir, read_endpoints
 from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, SigningKeyError
 
@@ -17,7 +18,9 @@ class Settings(BaseSettings):
 
     # One URL, or a cluster's seed nodes separated by commas: nats://a:4222,nats://b:4222
     nats_url: str = "nats://127.0.0.1:4222"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/warden"
+    # Where the audit database is. Without a user name, each process logs in as its installation
+    # role (warden.database), with the password file in `nats_credentials_dir`; with one, as given.
+    database_url: str = "postgresql://127.0.0.1:5432/warden"
     subject_prefix: str = Field(default="warden", pattern=r"^[A-Za-z0-9_-]+$")
     # Who this process is on NATS: the NKey seed file it authenticates with. Unset: its role's
     # seed in `nats_credentials_dir` (`<role>.nk`, as `warden up` and `warden credentials init`
@@ -64,6 +67,10 @@ class Settings(BaseSettings):
         if self.nats_credentials_dir is not None:
             return self.nats_credentials_dir / f"{role}.nk"
         return None
+
+    def database_url_for(self, role: DatabaseRole) -> str:
+        """The database URL, with the login of `role` (see warden.database). Never log it."""
+        return login_url(self.database_url, self.nats_credentials_dir, role)
 
     def signing_key_path(self) -> Path:
         return self._credential_file(self.decision_signing_key_file, SIGNING_KEY_FILE, "DECISION_SIGNING_KEY_FILE")

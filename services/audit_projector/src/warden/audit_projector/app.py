@@ -11,8 +11,15 @@ from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
 from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
-from warden.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore, close_pool, create_pool
+from warden.audit_projector.store import (
+    RETRYABLE_DB_ERRORS,
+    AuditStore,
+    SchemaNotInstalled,
+    close_pool,
+    create_pool,
+)
 from warden.bus import envelope_headers, retry_transient, watch_ground
+from warden.database import DatabaseRole
 from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import StreamGapDetected, make_envelope
 from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
@@ -28,15 +35,28 @@ BATCH_WAIT_SECONDS = 0.05
 log = structlog.get_logger(__name__)
 
 
-async def _wait_for_postgres(database_url: str) -> asyncpg.Pool:
+async def _wait_for_installed_database(database_url: str, streams: list[str], rules: CommandRules) -> AuditStore:
+    """Connect, and wait until the audit tables are installed (the projector's role cannot create them)."""
     delay = 0.2
     while True:
+        pool: asyncpg.Pool | None = None
         try:
-            return await create_pool(database_url)
+            pool = await create_pool(database_url)
+            store = AuditStore(pool, rules)
+            await store.check_schema(streams)
+            return store
         except RETRYABLE_DB_ERRORS as exc:
             log.warning("postgres not reachable yet", retry_in_s=delay, error=repr(exc))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+        except SchemaNotInstalled as exc:
+            log.warning("waiting for the audit tables", retry_in_s=delay, reason=str(exc))
+        except BaseException:
+            if pool is not None:
+                await close_pool(pool)
+            raise
+        if pool is not None:
+            await close_pool(pool)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
@@ -49,10 +69,11 @@ def build_app(settings: Settings | None = None) -> FastStream:
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         async with interruptible_startup(app, settings.shutdown_deadline_seconds):
-            pool = await _wait_for_postgres(settings.database_url)
-            store = AuditStore(pool, CommandRules(subjects, settings.max_command_bytes))
-            await store.ensure_schema(list(filters))
-            await store.become_active(settings.database_url)
+            database_url = settings.database_url_for(DatabaseRole.PROJECTOR)
+            rules = CommandRules(subjects, settings.max_command_bytes)
+            store = await _wait_for_installed_database(database_url, list(filters), rules)
+            pool = store.pool
+            await store.become_active(database_url)
             positions = await store.positions()
             await broker.connect()
             js = broker.connection.jetstream()

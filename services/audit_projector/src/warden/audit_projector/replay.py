@@ -67,6 +67,7 @@ from warden.audit_projector.store import (
     AuditStore,
     create_pool,
 )
+from warden.database import DatabaseRole
 from warden.identity import connect_options
 from warden.permissions import Role
 from warden.settings import Settings
@@ -257,7 +258,8 @@ async def replay(
     """
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    url = database_url or settings.database_url
+    # Creating a schema and its tables is the owner role's work.
+    url = database_url or settings.database_url_for(DatabaseRole.OWNER)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
     seed_file = settings.seed_file_for(Role.AUDIT_PROJECTOR)
     target = ReplayTarget(

@@ -50,6 +50,10 @@ BEGIN
 END $$;
 CREATE OR REPLACE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
     FOR EACH ROW EXECUTE FUNCTION warden_events_append_only();
+-- The projector's role has no UPDATE, DELETE or TRUNCATE right on the table at all; the triggers
+-- also stop its owner (who could grant them) from erasing history by accident.
+CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION warden_events_append_only();
 
 -- One row per run. Every column is merged so the result does not depend on the order in which the
 -- commands and events streams are projected: status only moves up its rank, set-once columns keep

@@ -34,6 +34,22 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
 
 
+# Every table schema.sql creates. The projector only appends to `events`; it keeps the others
+# (the read model and its own bookkeeping) up to date.
+AUDIT_TABLES = (
+    "events",
+    "projector_positions",
+    "projector_lease",
+    "runs",
+    "rejected_commands",
+    "stream_gaps",
+    "dead_letters",
+    "decisions",
+    "tool_calls",
+)
+READ_MODEL_TABLES = tuple(table for table in AUDIT_TABLES if table != "events")
+
+
 def _placeholders(count: int) -> str:
     return ", ".join(f"${i}" for i in range(1, count + 1))
 
@@ -143,6 +159,10 @@ async def close_pool(pool: asyncpg.Pool) -> None:
         pool.terminate()
 
 
+class SchemaNotInstalled(RuntimeError):
+    """The database has not been installed for Warden (see warden.audit_projector.install)."""
+
+
 class LeadershipLost(RuntimeError):
     """Another projector became active: this one must stop writing at once."""
 
@@ -189,6 +209,23 @@ class AuditStore:
                 "INSERT INTO projector_positions (stream) VALUES ($1) ON CONFLICT DO NOTHING",
                 [(stream,) for stream in streams],
             )
+
+    async def check_schema(self, streams: Sequence[str]) -> None:
+        """Check the tables are installed (the projector may not create them), and start a position
+        for each stream that has none; `SchemaNotInstalled` if they are not there."""
+        missing = await self.pool.fetchval(
+            "SELECT array_agg(name) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL",
+            list(AUDIT_TABLES),
+        )
+        if missing:
+            raise SchemaNotInstalled(
+                f"the audit tables are not installed ({', '.join(missing)} missing): "
+                "`warden up` installs them, or `warden database install` for a server of your own"
+            )
+        await self.pool.executemany(
+            "INSERT INTO projector_positions (stream) VALUES ($1) ON CONFLICT DO NOTHING",
+            [(stream,) for stream in streams],
+        )
 
     async def positions(self) -> dict[str, int]:
         records = await self.pool.fetch("SELECT stream, last_seq FROM projector_positions")
