@@ -93,6 +93,24 @@ grants contains sprintf("host %s is in %s's allowed domains", [url_host, tool_na
 	host_allowed
 }
 
+# --- Secret arguments -------------------------------------------------------------------------
+
+# Arguments that policy data marks secret reach the gate only as the runner's keyed hash
+# (`hmac-sha256:<64 hex digits>`). One in clear is already on the record: deny, and say so.
+deny contains sprintf("argument %s of tool %s is secret and arrived in clear", [name, tool_name]) if {
+	tool_call
+	# Over the arguments given (not a lookup of each marked name, which may be undefined: regorus's
+	# compiled VM then takes `not concealed(value)` as true, where OPA and its interpreter do not).
+	some name, value in input.tool.arguments
+	name in object.get(data.warden.tools, [tool_name, "secret_arguments"], [])
+	not concealed(value)
+}
+
+concealed(value) if {
+	is_string(value)
+	regex.match(`^hmac-sha256:[0-9a-f]{64}$`, value)
+}
+
 # --- Tool calls per run ---------------------------------------------------------------------
 
 # The agent's own cap, else the default for every run.

@@ -149,3 +149,25 @@ test_approval_tools_still_need_the_allowlist if {
 	decision := authz.decision with input as tool_call("alice", "researcher", "payments.refund", {"amount": 5}, 0)
 	decision == {"effect": "deny", "reasons": ["tool payments.refund is not allowed for agent researcher"]}
 }
+
+# --- Secret arguments -------------------------------------------------------------------------
+
+concealed_token := "hmac-sha256:5f0c1d8a9e2b4c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d"
+
+test_a_concealed_secret_argument_is_allowed if {
+	arguments := {"url": "https://example.com/", "authorization": concealed_token}
+	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", arguments, 0)
+	decision.effect == "allow"
+}
+
+test_a_secret_argument_in_clear_is_denied if {
+	arguments := {"url": "https://example.com/", "authorization": "Bearer s3cr3t"}
+	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", arguments, 0)
+	decision == {"effect": "deny", "reasons": ["argument authorization of tool web.fetch is secret and arrived in clear"]}
+}
+
+test_a_secret_argument_that_only_looks_concealed_is_denied if {
+	arguments := {"url": "https://example.com/", "authorization": "hmac-sha256:not-a-digest"}
+	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", arguments, 0)
+	decision.effect == "deny"
+}

@@ -419,6 +419,11 @@ def corpus() -> list[dict[str, Any]]:
             for url in urls:
                 requests.append({**tool_call("web.fetch", {"url": url}, agent=agent, principal=principal),
                                  "tenant": tenant})  # fmt: skip
+            # The secret `authorization` argument: concealed as the runner does, in clear, or a fake.
+            for secret in ("hmac-sha256:" + "ab" * 32, "Bearer s3cr3t", "hmac-sha256:short", 42):
+                arguments = {"url": urls[0], "authorization": secret}
+                requests.append({**tool_call("web.fetch", arguments, agent=agent, principal=principal),
+                                 "tenant": tenant})  # fmt: skip
     return requests
 
 

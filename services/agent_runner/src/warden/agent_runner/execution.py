@@ -56,6 +56,7 @@ from warden.messages import (
     make_envelope,
     parse_envelope,
 )
+from warden.secret_arguments import SecretArguments, shipped_policy_dir
 from warden.settings import Settings
 from warden.signing import DecisionVerifier, arguments_hash
 from warden.streams import StreamNames
@@ -164,6 +165,10 @@ class RunExecutor:
         # secret every runner holds and no one else does, its NATS seed.
         seed_file = settings.seed_file_for(SERVICE)
         self.tool_call_secret = read_seed(seed_file) if seed_file is not None else secrets.token_bytes(32)
+        # Keyed by the same secret, so every runner conceals a value the same way.
+        self.secret_arguments = SecretArguments.from_policy_dir(
+            settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
+        )
         self.decisions = decisions
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
@@ -409,6 +414,9 @@ class RunExecutor:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
         run_id = work.entity_id
         tool_call_id = self.tool_call_id(work.tenant, run_id, step)
+        # What may be recorded: the arguments policy data marks secret only as a keyed hash. The
+        # request, the gate's input and the decision's binding all see this; the tool the clear ones.
+        recorded_arguments = self.secret_arguments.conceal(action.tool, action.arguments)
         with consuming(SERVICE, "agent_runner.tool_call", None, run_id=run_id, tool=action.tool, step=step):
             request = make_envelope(
                 ToolCallRequested(
@@ -416,7 +424,7 @@ class RunExecutor:
                     step=step,
                     agent=work.data.agent,
                     tool=action.tool,
-                    arguments=dict(action.arguments),
+                    arguments=recorded_arguments,
                     usage=usage,
                 ),
                 # The principal who asked for the run is who asks for its tool calls.
@@ -431,7 +439,7 @@ class RunExecutor:
                 tool_call_id=tool_call_id,
                 request_seq=stored.seq,
                 request_id=None if stored.duplicate else request.id,
-                arguments_hash=arguments_hash(action.arguments),
+                arguments_hash=arguments_hash(recorded_arguments),
             )
             verdict = await self._decision(work, recorded, expected)
             result: Any = None

@@ -30,10 +30,10 @@ class UnknownTool(ToolError):
 # --- Argument checks shared by the tools --------------------------------------------------------
 
 
-def _expect_keys(tool: str, arguments: Mapping[str, JsonValue], *names: str) -> None:
+def _expect_keys(tool: str, arguments: Mapping[str, JsonValue], *names: str, optional: tuple[str, ...] = ()) -> None:
     # Exactly these keys: a misspelt argument is an error, never silently ignored.
     missing = [name for name in names if name not in arguments]
-    unexpected = sorted(key for key in arguments if key not in names)
+    unexpected = sorted(key for key in arguments if key not in names and key not in optional)
     if missing or unexpected:
         problems = []
         if missing:
@@ -115,7 +115,9 @@ _OFFLINE_PAGES: Mapping[tuple[str, str], tuple[str, str]] = MappingProxyType(
 
 
 async def web_fetch(arguments: Mapping[str, JsonValue]) -> JsonValue:
-    """`web.fetch`: {"url": http(s) URL} → {"url", "status", "title", "text", "offline": true}.
+    """`web.fetch`: {"url": http(s) URL, "authorization"?: header value} → {"url", "status", "title",
+    "text", "offline": true}. The shipped policy marks `authorization` secret: it is recorded only
+    as a keyed hash.
 
     OFFLINE: this build has no network access and tests must be deterministic, so it does not make
     an HTTP request. It answers from a small built-in table of pages: any path on example.com (the
@@ -123,8 +125,10 @@ async def web_fetch(arguments: Mapping[str, JsonValue]) -> JsonValue:
     It is for demos and tests of the policy gate (which decides on the URL before this runs); a
     real HTTP fetch will be a separate tool.
     """
-    _expect_keys("web.fetch", arguments, "url")
+    _expect_keys("web.fetch", arguments, "url", optional=("authorization",))
     url = _text("web.fetch", arguments, "url")
+    if "authorization" in arguments:
+        _text("web.fetch", arguments, "authorization")  # offline: checked, then sent nowhere
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()

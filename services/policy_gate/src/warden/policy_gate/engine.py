@@ -17,14 +17,13 @@ import pydantic_core
 import regorus
 
 from warden.errors import PermanentError
+from warden.secret_arguments import POLICY_DATA_FILE, shipped_policy_dir
 
-# The policy pack that ships with the gate: package data in an install, a link to the
-# repository's `policies/` in a source checkout.
-SHIPPED_POLICY_DIR = Path(__file__).with_name("policies")
+SHIPPED_POLICY_DIR = shipped_policy_dir()
 
 DECISION_QUERY = "data.warden.authz.decision"
 DECISION_PACKAGE = "warden.authz"
-DATA_FILE = "data.json"
+DATA_FILE = POLICY_DATA_FILE
 TEST_SUFFIX = "_test.rego"
 
 Effect = Literal["allow", "deny", "require_approval"]
