@@ -2,6 +2,7 @@
 subscribe and call which JetStream API, per identity (see warden.permissions)."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, StreamConfig
 
-from tests.conftest import AppRunner, Servers, eventually
+from tests.conftest import AppRunner, Servers, eventually, warden_cli
 from warden.client import Receipt, WardenClient
 from warden.credentials import CredentialStore
 from warden.identity import CredentialError, connect_options, public_key, read_seed
@@ -29,7 +30,7 @@ from warden.permissions import INSTALLATION_ROLES, PROJECTOR_CONSUMER, Role, inb
 from warden.policy_gate.app import build_app as build_gate
 from warden.reader import FilteredReader
 from warden.settings import Settings
-from warden.streams import StreamNames
+from warden.streams import ACCESS_SUBJECT, StreamNames
 from warden.subjects import Subjects
 
 
@@ -370,3 +371,50 @@ async def test_a_revoked_credential_is_refused_from_the_reload_on(
     with pytest.raises(CredentialError, match="cannot read"):
         connect_options(tenants.acme)  # the seed file is gone
     assert revoked not in (servers.embedded.config_dir / "authorization.conf").read_text()
+
+
+async def test_the_operators_reads_across_tenants_are_on_the_servers_record(
+    settings: Settings, nc: NatsClient, connect_as: Connect
+) -> None:
+    """The operator reads any tenant, and only in ways the server records on the access stream:
+    its tail of acme's events is listed by `warden audit access`, with its identity and filter; a
+    direct or message get, or a core subscription, which the server would not record, is refused."""
+    seq = await _acme_has_a_run(settings, nc)
+    subjects = Subjects(settings.subject_prefix)
+    names = StreamNames.for_prefix(settings.subject_prefix)
+    operator = await connect_as(settings.seed_file_for(Role.OPERATOR))
+    events = [e async for e in WardenClient(operator.nc, settings.subject_prefix).tail("acme", idle_timeout=1)]
+    assert [event.envelope.type for event in events if event.envelope] == ["run.started"]
+
+    output = await warden_cli(settings, "audit", "access")
+    accesses = [json.loads(line) for line in output.splitlines()]
+    reads = [access for access in accesses if subjects.tenant_events("acme") in access["filter"]]
+    assert reads, output
+    assert {access["identity"] for access in reads} == {"operator"}
+    assert all(f".{names.events}." in access["request"] for access in reads)
+    assert not any(access["identity"] in {"policy-gate", "agent-runner"} for access in accesses), "services left out"
+
+    js = operator.nc.jetstream(timeout=1)
+    with pytest.raises(TimeoutError):
+        await js.get_msg(names.events, seq, direct=True)
+    with pytest.raises(TimeoutError):
+        await js.get_msg(names.events, seq)
+    assert subjects.all_events.lower() in await subscription_refused(operator, subjects.all_events)
+    refusals = " ".join(operator.refusals())
+    assert f"$js.api.direct.get.{names.events}".lower() in refusals
+    assert f"$js.api.stream.msg.get.{names.events}".lower() in refusals
+
+
+async def test_no_identity_can_erase_or_forge_the_access_record(
+    settings: Settings, nc: NatsClient, connect_as: Connect
+) -> None:
+    names = StreamNames.for_prefix(settings.subject_prefix)
+    config: StreamConfig = (await nc.jetstream().stream_info(names.access)).config
+    assert (config.deny_delete, config.deny_purge) == (True, True)
+    for role in INSTALLATION_ROLES:
+        session = await connect_as(settings.seed_file_for(role))
+        js = session.nc.jetstream(timeout=1)
+        for attempt in (js.purge_stream(names.access), js.delete_msg(names.access, 1)):
+            with pytest.raises(TimeoutError):
+                await attempt
+        assert ACCESS_SUBJECT.lower() in await refused(session, ACCESS_SUBJECT), role

@@ -289,6 +289,34 @@ async def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _audit_access(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.access import read_access  # noqa: PLC0415
+    from warden.credentials import CredentialStore  # noqa: PLC0415
+    from warden.permissions import Role  # noqa: PLC0415
+    from warden.streams import StreamNames  # noqa: PLC0415
+
+    names: dict[str, tuple[str, Role]] = {}
+    if settings.nats_credentials_dir is not None:
+        store = CredentialStore(settings.nats_credentials_dir, settings.subject_prefix)
+        names = {identity.public_key: (identity.description, identity.role) for identity in store.identities()}
+    readers = {Role.OPERATOR, Role.TENANT}
+    async with await _client(args) as client:
+        accesses = await read_access(client.nc, StreamNames.for_prefix(settings.subject_prefix))
+    for access in accesses:
+        who, role = names.get(access.public_key or "", (access.public_key or "(unnamed)", None))
+        if not args.all and role is not None and role not in readers:
+            continue  # the installation's own services at their work
+        record = {
+            "time": access.time.isoformat(),
+            "identity": who,
+            "public_key": access.public_key,
+            "request": access.request_subject,
+            "filter": list(access.filter_subjects),
+        }
+        print(json.dumps(record))
+    return 0
+
+
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from warden.audit_projector.replay import replay  # noqa: PLC0415 (keeps asyncpg off the CLI's fast paths)
 
@@ -442,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
     replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
     replay.set_defaults(handler=_replay)
+    access = audit.add_parser(
+        "access",
+        help="who read this installation's streams (consumers created, lookups), as the NATS server recorded it",
+    )
+    access.add_argument("--all", action="store_true", help="the installation's own services too")
+    access.set_defaults(handler=_audit_access)
 
     return parser
 

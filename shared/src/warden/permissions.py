@@ -181,7 +181,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *(
                     f"{JS_API}.STREAM.{verb}.{name}"
                     for verb in ("CREATE", "UPDATE", "INFO")
-                    for name in (streams.commands, streams.events, streams.work, kv_stream)
+                    for name in (streams.commands, streams.events, streams.work, kv_stream, streams.access)
                 ),
             ]
         case Role.POLICY_GATE:
@@ -232,20 +232,19 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 ),
             ]
         case Role.OPERATOR:
+            # Reads every tenant, and only in ways the server reports on the access stream (a
+            # consumer's creation, a stream lookup): no direct or message get, no core
+            # subscription to the tenants' subjects. `warden audit access` lists what it read.
             publish = [
                 *_publishes(subjects, role),
-                *(grant for stream in streams.audited for grant in _reads_in_order(stream)),
-                *(grant for stream in streams.audited for grant in _direct_get(stream)),
-                *(f"{JS_API}.STREAM.INFO.{stream}" for stream in streams.audited),
+                *(grant for stream in (*streams.audited, streams.access) for grant in _reads_in_order(stream)),
+                *(f"{JS_API}.STREAM.INFO.{stream}" for stream in (*streams.audited, streams.access)),
             ]
         case Role.TENANT:
             raise ValueError("a tenant's permissions depend on its tenant: use tenant_permissions")
-    subscribe = [inbox]
-    if role is Role.OPERATOR:
-        subscribe.append(subjects.all_events)
     return Permissions(
+        subscribe=(inbox,),
         publish=tuple(publish),
-        subscribe=tuple(subscribe),
         deny_publish=(*_NEVER_DESTROY, *_hands_off_others_consumers(role)),
     )
 

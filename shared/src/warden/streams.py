@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 STREAM_MAX_MSG_BYTES = 1024 * 1024
 
 
+# Every JetStream API request made on the account, as the server itself reports it: its api_audit
+# advisory names the identity that asked (its public key), the request's subject and its body. So
+# whoever reads an installation's streams through a consumer, a stream lookup included, is on a
+# record no identity can forge (no Warden identity may publish on `$JS.EVENT.>`) or erase. One
+# stream per account, shared by the installations on it: a subject is captured by one stream only.
+# Message gets and direct gets are not reported, so identities that read across tenants are not
+# granted them. Kept 30 days.
+ACCESS_STREAM = "WARDEN_ACCESS"
+ACCESS_SUBJECT = "$JS.EVENT.ADVISORY.API"
+ACCESS_RETENTION_SECONDS = 30 * 24 * 3600.0
+
+
 @dataclass(frozen=True)
 class StreamNames:
     """Stream names derived from the subject prefix, so each installation (and test) has its own."""
@@ -31,6 +43,7 @@ class StreamNames:
     events: str
     work: str
     scheduler: str  # a key-value bucket: where the scheduler's fold starts (see services/scheduler)
+    access: str = ACCESS_STREAM  # the account's, shared by its installations (see ACCESS_STREAM)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> "StreamNames":
@@ -54,6 +67,7 @@ def _stream(
     dedup_s: float,
     replicas: int,
     audited: bool = True,
+    max_age_s: float | None = None,
 ) -> StreamConfig:
     return StreamConfig(
         name=name,
@@ -71,6 +85,7 @@ def _stream(
         # (The work queue deletes each item once a runner acks it, so it cannot deny deletes.)
         deny_delete=audited,
         deny_purge=audited,
+        max_age=max_age_s,
     )
 
 
@@ -102,6 +117,15 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
             dedup_s=120.0,
             replicas=replicas,
             audited=False,
+        ),
+        _stream(
+            names.access,
+            description="Every JetStream API request on the account, as the server reports it (api_audit).",
+            subject=ACCESS_SUBJECT,
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=120.0,
+            replicas=replicas,
+            max_age_s=ACCESS_RETENTION_SECONDS,
         ),
     ]
 
