@@ -90,12 +90,23 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
 
 
 @pytest.fixture
-async def services(cluster: Cluster) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    processes = await start_services(cluster.settings)
+async def services(cluster: Cluster, tmp_path: Path) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    # Their logs are kept: a failure under failover says what the services saw (see `troubles`).
+    processes = await start_services(cluster.settings, tmp_path)
     try:
         yield processes
     finally:
         await stop_services(processes)
+
+
+def troubles(log_dir: Path, limit: int = 40) -> str:
+    """The services' warnings and errors, for an assertion's message: what they saw of the failover."""
+    lines = []
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"level": "warning"' in line or '"level": "error"' in line:
+                lines.append(f"{log.stem}: {line[:300]}")
+    return "\n".join(lines[-limit:]) or "(no warnings or errors)"
 
 
 def node_stream_state(monitor_url: str, stream: str) -> dict[str, Any]:
@@ -126,7 +137,7 @@ async def kill_leader_and_restart(cluster: Cluster, stream: str) -> float:
 
 
 async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_run(
-    cluster: Cluster, services: list[asyncio.subprocess.Process], servers: Servers
+    cluster: Cluster, services: list[asyncio.subprocess.Process], servers: Servers, tmp_path: Path
 ) -> None:
     """Sixty governed runs; the events then the commands stream leader killed with SIGKILL mid-load."""
     client = WardenClient(cluster.nc, cluster.settings.subject_prefix)
@@ -165,7 +176,7 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
         failed = await db.fetch(
             "SELECT run_id, error FROM runs WHERE run_id = ANY($1) AND status <> 'succeeded'", run_ids
         )
-        assert [tuple(row) for row in failed] == []
+        assert [tuple(row) for row in failed] == [], troubles(tmp_path)
         tool_calls = await db.fetch(
             "SELECT payload->>'tool_call_id', count(*) AS completions, min(payload->>'outcome') AS outcome "
             "FROM events WHERE type = 'tool_call.completed' GROUP BY 1"
@@ -188,7 +199,7 @@ async def test_killing_stream_leaders_mid_load_loses_no_audit_row_and_fails_no_r
         assert await db.fetchval("SELECT count(*) FROM stream_gaps") == 0
     finally:
         await db.close()
-    assert [process.returncode for process in services] == [None] * len(SERVICES), "no service exited"
+    assert [process.returncode for process in services] == [None] * len(SERVICES), troubles(tmp_path)
     print(f"leader re-elected after SIGKILL in {', '.join(f'{seconds:.1f}' for seconds in resumed)} s")
 
 

@@ -4,6 +4,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -87,6 +88,21 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         names = {child.name() for child in children}
         assert {"nats-server", "postgres"} <= names, names
         assert sum(_is_service(child) for child in children) == len(SERVICES)
+        # Each service is handed a credentials directory holding its own seed and what its work
+        # needs, none of another identity's (a compromised service is that service only).
+        handed = {
+            _command_line(child).rsplit("warden.", 1)[-1]: Path(child.environ()["WARDEN_NATS_CREDENTIALS_DIR"])
+            for child in children
+            if _is_service(child)
+        }
+        held = {service: sorted(path.name for path in directory.iterdir()) for service, directory in handed.items()}
+        assert held == {
+            "policy_gate": ["decision-signing.key", "policy-gate.nk"],
+            "scheduler": ["scheduler.nk"],
+            "agent_runner": ["agent-runner.nk", "decision-keys.pub"],
+            "audit_projector": ["audit-projector.nk", "postgres-projector.password"],
+        }
+        assert all(stat.S_IMODE(directory.stat().st_mode) == 0o700 for directory in handed.values())
 
         async with await WardenClient.connect(nats_url, seed_file=operator(tmp_path)) as client:
             receipt = await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id="kept-run")

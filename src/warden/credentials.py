@@ -24,11 +24,11 @@ from pathlib import Path
 
 import nkeys
 
-from warden.database import ensure_passwords
+from warden.database import DatabaseRole, ensure_passwords, password_file_name
 from warden.errors import WardenError
 from warden.identity import SEED_SUFFIX, public_key, read_seed
 from warden.permissions import INSTALLATION_ROLES, Role, service_permissions, tenant_permissions
-from warden.signing import create_signing_key
+from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, create_signing_key
 from warden.subjects import Subjects
 
 INSTALLATION_FILE = "installation.json"
@@ -157,6 +157,38 @@ class CredentialStore:
                 permissions = service_permissions(identity.role, self.subjects, identity.public_key)
             users.append({"nkey": identity.public_key, "permissions": permissions.as_nats()})
         return users
+
+
+# What each service needs of the credentials directory, and nothing more: its own seed, and the
+# gate's signing key, the runners' trusted keys, the projector's database password.
+SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
+    Role.POLICY_GATE: (SIGNING_KEY_FILE,),
+    Role.SCHEDULER: (),
+    Role.AGENT_RUNNER: (TRUSTED_KEYS_FILE,),
+    Role.AUDIT_PROJECTOR: (password_file_name(DatabaseRole.PROJECTOR),),
+}
+
+
+def private_credentials(source: Path, role: Role, target: Path) -> Path:
+    """A directory holding only what `role` needs of `source` (see SERVICE_SECRETS), copied afresh.
+
+    A service given this directory instead of the installation's cannot read another identity's
+    seed, the operator's, or another role's password: a compromised service is that service only.
+    """
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.chmod(0o700)
+    wanted = {f"{role.value}{SEED_SUFFIX}", *SERVICE_SECRETS[role]}
+    for stale in target.iterdir():
+        if stale.name not in wanted:
+            stale.unlink()
+    for name in sorted(wanted):
+        staged = target / f".{name}.tmp"
+        staged.unlink(missing_ok=True)
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write((source / name).read_bytes())
+        staged.replace(target / name)
+    return target
 
 
 def authorization_config(stores: Iterable[CredentialStore], extra_users: Iterable[dict[str, object]] = ()) -> str:

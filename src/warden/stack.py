@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from warden.audit_projector.install import install_database
+from warden.credentials import private_credentials
 from warden.database import redacted
 from warden.embedded import EmbeddedServers, die_with_parent
 from warden.endpoints import hold_state_dir, remove_endpoints, write_endpoints
@@ -62,6 +63,16 @@ class ServiceProcess:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+
+
+def _own_credentials(settings: Settings, state_dir: Path, service: str) -> dict[str, str]:
+    """The environment that gives `service` a credentials directory of its own: its identity's seed
+    and the keys or password its work needs, none of another's (warden.credentials.SERVICE_SECRETS)."""
+    if settings.nats_credentials_dir is None:
+        return {}
+    role = Role(service.replace("_", "-"))
+    private = private_credentials(settings.nats_credentials_dir, role, state_dir / "run" / "credentials" / service)
+    return {"WARDEN_NATS_CREDENTIALS_DIR": str(private)}
 
 
 async def _supervise(service: ServiceProcess, stopping: asyncio.Event) -> None:
@@ -161,12 +172,12 @@ async def run_stack(
             "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
             "WARDEN_LOG_FORMAT": "json",
         }
-        # Each service finds its own identity (`<role>.nk`) here; none is handed another's.
-        if settings.nats_credentials_dir is not None:
-            env["WARDEN_NATS_CREDENTIALS_DIR"] = str(settings.nats_credentials_dir)
         logs = state_dir / "logs"
         logs.mkdir(exist_ok=True)
-        services = [ServiceProcess(name, env, logs / f"{name}.log") for name in SERVICES]
+        services = [
+            ServiceProcess(name, {**env, **_own_credentials(settings, state_dir, name)}, logs / f"{name}.log")
+            for name in SERVICES
+        ]
         for service in services:
             await service.start()
         supervisors = [asyncio.create_task(_supervise(service, stopping)) for service in services]

@@ -36,8 +36,12 @@ class DatabaseRole(enum.StrEnum):
 SUPERUSER_PASSWORD_FILE = "postgres-superuser.password"
 
 
+def password_file_name(role: DatabaseRole) -> str:
+    return f"postgres-{role.value}.password"
+
+
 def password_file(credentials_dir: Path, role: DatabaseRole) -> Path:
-    return credentials_dir / f"postgres-{role.value}.password"
+    return credentials_dir / password_file_name(role)
 
 
 def database_name(url: str) -> str:
