@@ -41,9 +41,10 @@ from warden.policy_gate.decide import decision
 from warden.reader import FilteredReader
 from warden.scheduler.app import build_app as build_scheduler
 from warden.settings import Settings
-from warden.signing import DecisionBinding, DecisionSigner
+from warden.signing import DecisionBinding, DecisionSigner, DecisionVerifier
 from warden.streams import StreamNames
 from warden.subjects import Subjects
+from warden.timeline import run_timeline
 
 EVIL_URL = "https://evil.example.net/exfiltrate"
 
@@ -210,6 +211,22 @@ async def test_a_forged_allow_is_refused_and_recorded(
         "unsigned",
     ]
 
+    # The audit's timeline checks each decision's signature as the runner did: the three forgeries
+    # read as not the gate's, never as "policy gate: ALLOW".
+    tenant = run["tenant"]
+    decisions_stored = "SELECT count(*) FROM events WHERE entity_id = $1 AND type = 'decision.made'"
+    await eventually(lambda: _at_least(db.fetchval(decisions_stored, run_id), 6), within=30)
+    timeline = await run_timeline(db, tenant, run_id, DecisionVerifier.from_file(quick.trusted_keys_path()))
+    decided = [line for line in timeline if "decision " in line and ("policy gate" in line or "SECURITY" in line)]
+    marked = "SECURITY: NOT THE GATE'S ("
+    forged = sorted(line.split(marked, 1)[1].split("): ", 1)[0] for line in decided if marked in line)
+    assert forged == reasons
+    genuine = [line for line in decided if line.split("  ", 1)[1].startswith("policy gate: ")]
+    assert len(genuine) == 3, decided  # the run's allow, the allowed fetch's, the forbidden fetch's deny
+    assert all(line.endswith(", signed]") for line in genuine), genuine
+    unchecked = await run_timeline(db, tenant, run_id)
+    assert sum("signature not checked]" in line for line in unchecked) == 6
+
 
 async def test_a_borrowed_allow_is_refused(
     quick: Settings,
@@ -305,3 +322,7 @@ async def test_a_forged_dispatch_starts_nothing(
     assert refusal.reason == reason
     types = [event.type for event in await run_events(nc, quick, "acme", submission.entity_id)]
     assert types == ["decision.refused"]  # no run.started, no step, no tool call
+
+
+async def _at_least(count: Awaitable[int], wanted: int) -> bool:
+    return await count >= wanted

@@ -97,7 +97,7 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     import asyncpg  # noqa: PLC0415
 
     from warden import read_model  # noqa: PLC0415
-    from warden.timeline import run_timeline  # noqa: PLC0415
+    from warden.timeline import run_timeline, trusted_keys  # noqa: PLC0415
 
     try:
         db = await asyncpg.connect(settings.database_url_for(DatabaseRole.READER), timeout=5)
@@ -108,7 +108,7 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
             tenant = await read_model.tenant_of_run(db, args.run)
             if tenant is None:
                 raise UsageError(f"no run {args.run!r} in the audit tables (is it still being projected?)")
-            for line in await run_timeline(db, tenant, args.run):
+            for line in await run_timeline(db, tenant, args.run, trusted_keys(settings)):
                 print(line)
             return 0
         runs = await read_model.recent_runs(db, args.tenant, args.limit)

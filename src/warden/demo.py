@@ -15,7 +15,7 @@ from warden.embedded import apply_credentials
 from warden.read_model import final_status
 from warden.settings import Settings, settings_for_running_stack
 from warden.stack import run_stack
-from warden.timeline import run_timeline
+from warden.timeline import run_timeline, trusted_keys
 
 TENANT = "acme"
 
@@ -60,7 +60,7 @@ async def _show(settings: Settings) -> None:
         await asyncio.sleep(0.3)  # let the projector catch the last events of both runs
         for title, receipt in (("alice runs the demo agent", allowed), ("bob, a viewer, tries the same", denied)):
             print(f"\n== {title}: run {receipt.run_id} (timeline from Postgres) ==")
-            for line in await run_timeline(pool, TENANT, receipt.run_id):
+            for line in await run_timeline(pool, TENANT, receipt.run_id, trusted_keys(settings)):
                 print("  " + line)
     finally:
         await pool.close()

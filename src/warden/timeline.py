@@ -3,34 +3,65 @@
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
+from warden.messages import DecisionMade
 from warden.read_model import Database, run_events
+from warden.settings import Settings
+from warden.signing import DecisionVerifier, SigningKeyError
 
 
-async def run_timeline(db: Database, tenant: str, run_id: str) -> list[str]:
+async def run_timeline(db: Database, tenant: str, run_id: str, verifier: DecisionVerifier | None = None) -> list[str]:
     """Lines describing the run, in the order the server stored its messages, from the `events` table.
 
     Each line starts with the time the server stored the message, then the time the sender
-    claimed (with its date when that is another day).
+    claimed (with its date when that is another day). With the trusted decision keys
+    (`verifier`), each decision's signature is checked as the runners check it, so a decision
+    the gate did not sign reads as such, not as the gate's; without them it says it was not checked.
     """
     lines = []
     for event in await run_events(db, tenant, run_id):
         stored, claimed = event.stored_at, event.sent_at
         claimed_format = "%H:%M:%S.%f" if claimed.date() == stored.date() else "%Y-%m-%d %H:%M:%S.%f"
         times = f"{stored:%H:%M:%S.%f}"[:-3] + " (sent " + f"{claimed:{claimed_format}}"[:-3] + ")"
-        lines.append(f"{times}  {_describe(event.type, event.actor, event.data)}")
+        if event.type == "decision.made":
+            described = _decision(event.data, tenant, run_id, verifier)
+        else:
+            described = _describe(event.type, event.actor, event.data)
+        lines.append(f"{times}  {described}")
     return lines
+
+
+def _decision(data: dict[str, Any], tenant: str, run_id: str, verifier: DecisionVerifier | None) -> str:
+    what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+    told = (
+        f"{data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
+        f"[policy {data['policy_revision']}, {data['evaluation_ms']} ms, decision {data['decision_id']}"
+    )
+    if verifier is None:
+        return f"policy gate: {told}, signature not checked]"
+    try:
+        refusal = verifier.refusal(DecisionMade.model_validate(data), tenant, run_id)
+    except ValidationError:
+        refusal = "not a decision the gate could have made"
+    if refusal is None:
+        return f"policy gate: {told}, signed]"
+    return f"SECURITY: NOT THE GATE'S ({refusal}): {told}]"
+
+
+def trusted_keys(settings: Settings) -> DecisionVerifier | None:
+    """The decision keys this installation trusts, if this machine holds them (the stack's own, or
+    WARDEN_DECISION_KEYS_FILE); None: decisions are shown unchecked."""
+    try:
+        return DecisionVerifier.from_file(settings.trusted_keys_path())
+    except SigningKeyError:
+        return None
 
 
 def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
     match type_name:
         case "run.submitted":
             return f"{actor} asked for a run of agent {data['agent']} with input {json.dumps(data['input'])}"
-        case "decision.made":
-            what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
-            return (
-                f"policy gate: {data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
-                f"[policy {data['policy_revision']}, {data['evaluation_ms']} ms, decision {data['decision_id']}]"
-            )
         case "run.queued":
             return f"scheduler: queued (priority {data['priority']})"
         case "run.dispatched":
