@@ -6,7 +6,9 @@ core's rules down where a failure names the rule, and run in milliseconds.
 """
 
 import itertools
+import stat
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import nacl.signing
@@ -19,6 +21,7 @@ from warden.admission import CommandRules
 from warden.agent_runner.agents import ModelTurn, ToolCall
 from warden.agent_runner.history import RunHistory
 from warden.audit_projector.projection import Rows, StoredMessage, project
+from warden.credentials import CredentialStore, CredentialStoreError, private_credentials
 from warden.messages import (
     DecisionMade,
     Effect,
@@ -37,6 +40,7 @@ from warden.messages import (
     ToolCallRequested,
     make_envelope,
 )
+from warden.permissions import Role
 from warden.policy_gate.decide import POLICY_BUDGET_MS, PolicyDecider, policy_input
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError, PolicyResult
 from warden.scheduler.core import SchedulerState, evolve, next_dispatches
@@ -453,3 +457,22 @@ def test_a_status_never_goes_back() -> None:
     rows.absorb(project([late[0]._replace(seq=len(messages) + 1)], RULES))
     (run,) = rows.run_rows()
     assert run.status == "succeeded"
+
+
+def test_a_service_is_handed_only_its_own_secrets(tmp_path: Path) -> None:
+    """private_credentials copies a role's seed and needed keys, nothing else, and drops stale files."""
+    store = CredentialStore(tmp_path / "all", "p")
+    store.ensure_installation()
+    target = tmp_path / "gate"
+    target.mkdir()
+    (target / "operator.nk").write_text("left from before")
+    private_credentials(store.directory, Role.POLICY_GATE, target)
+    assert sorted(path.name for path in target.iterdir()) == ["decision-signing.key", "policy-gate.nk"]
+    assert (target / "policy-gate.nk").read_bytes() == store.seed_file(Role.POLICY_GATE).read_bytes()
+    assert {stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()} == {0o600}
+    # A directory made before database roles existed has no password: the projector goes without.
+    (store.directory / "postgres-projector.password").unlink()
+    projector = private_credentials(store.directory, Role.AUDIT_PROJECTOR, tmp_path / "projector")
+    assert sorted(path.name for path in projector.iterdir()) == ["audit-projector.nk"]
+    with pytest.raises(CredentialStoreError):
+        private_credentials(tmp_path / "empty", Role.SCHEDULER, tmp_path / "scheduler")

@@ -174,10 +174,15 @@ def private_credentials(source: Path, role: Role, target: Path) -> Path:
 
     A service given this directory instead of the installation's cannot read another identity's
     seed, the operator's, or another role's password: a compromised service is that service only.
+    The seed must be there; a key or password `source` does not hold is left out (the service then
+    goes without, as it would beside `source`: a database URL naming its own login, say).
     """
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     target.chmod(0o700)
-    wanted = {f"{role.value}{SEED_SUFFIX}", *SERVICE_SECRETS[role]}
+    seed = f"{role.value}{SEED_SUFFIX}"
+    if not (source / seed).exists():
+        raise CredentialStoreError(f"{source} holds no identity for {role.value} ({seed})")
+    wanted = {seed, *(name for name in SERVICE_SECRETS[role] if (source / name).exists())}
     for stale in target.iterdir():
         if stale.name not in wanted:
             stale.unlink()
