@@ -35,6 +35,7 @@ with warnings.catch_warnings():
     from pgserver._commands import POSTGRES_BIN_PATH
     from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
+from warden.audit_projector.install import set_password
 from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization
 from warden.database import SUPERUSER_PASSWORD_FILE, read_password, with_login, write_new_password
 from warden.endpoints import credentials_dir
@@ -589,14 +590,7 @@ class EmbeddedServers:
     async def _require_passwords(self, pgdata: Path) -> None:
         conn = await asyncpg.connect(self.admin_database_url())
         try:
-            # Bound, not spliced into the statement: the password is in no statement text.
-            await conn.execute(
-                "SELECT set_config('warden.password', $1, false)", read_password(self._superuser_password_file)
-            )
-            await conn.execute(
-                "DO $$ BEGIN EXECUTE format('ALTER ROLE postgres PASSWORD %L', "
-                "current_setting('warden.password')); END $$"
-            )
+            await set_password(conn, "postgres", read_password(self._superuser_password_file))
             (pgdata / "pg_hba.conf").write_text(_PG_HBA, encoding="utf-8")
             await conn.execute("SELECT pg_reload_conf()")
         finally:

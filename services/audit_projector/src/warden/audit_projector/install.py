@@ -30,28 +30,30 @@ from warden.subjects import Subjects
 log = structlog.get_logger(__name__)
 
 
-async def _set_login(admin: asyncpg.Connection, name: str, password: str) -> None:
-    # The password travels as a bound parameter into a server-side EXECUTE, so it is in no
-    # statement text the server might log; Postgres stores only its SCRAM verifier.
-    async with admin.transaction():
-        await admin.execute("SELECT set_config('warden.login_role', $1, true)", name)
-        await admin.execute("SELECT set_config('warden.login_password', $1, true)", password)
-        await admin.execute(
-            """
-            DO $$
-            DECLARE
-                name text := current_setting('warden.login_role');
-            BEGIN
-                IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = name) THEN
-                    EXECUTE format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION', name);
-                END IF;
-                EXECUTE format(
-                    'ALTER ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD %L',
-                    name, current_setting('warden.login_password'));
-            END $$
-            """
+async def set_password(connection: asyncpg.Connection, role: str, password: str) -> None:
+    """Set `role`'s password. It travels as a bound parameter into a server-side EXECUTE, so it is
+    in no statement text the server might log; Postgres keeps only its SCRAM verifier."""
+    async with connection.transaction():
+        # Transaction-local: the settings are gone at commit.
+        await connection.execute(
+            "SELECT set_config('warden.login_role', $1, true), set_config('warden.login_password', $2, true)",
+            role,
+            password,
         )
-        await admin.execute("SELECT set_config('warden.login_password', '', true)")
+        await connection.execute(
+            "DO $$ BEGIN EXECUTE format('ALTER ROLE %I PASSWORD %L', "
+            "current_setting('warden.login_role'), current_setting('warden.login_password')); END $$"
+        )
+
+
+async def _set_login(admin: asyncpg.Connection, name: str, password: str) -> None:
+    """Create the login role `name` unless it exists, hold it to no special right, set its password."""
+    async with admin.transaction():
+        verb = "ALTER" if await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name) else "CREATE"
+        await admin.execute(
+            f"{verb} ROLE {_ident(name)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+        )
+        await set_password(admin, name, password)
 
 
 async def install_database(admin_url: str, database_url: str, credentials_dir: Path, prefix: str) -> None:
