@@ -9,11 +9,12 @@ Every refusal here comes from Postgres itself.
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from tests.conftest import eventually, start_services, stop_services, warden_cli
+from tests.conftest import Servers, eventually, run_warden_cli, start_services, stop_services, warden_cli
 from warden.audit_projector.store import AUDIT_TABLES
 from warden.database import DatabaseRole, database_name, role_name, with_login
 from warden.settings import Settings
@@ -156,3 +157,17 @@ async def test_running_services_and_the_cli_log_in_as_their_roles_never_a_superu
     installation = {role_name(database, role) for role in DatabaseRole}
     assert {name for name, _ in seen} <= installation, seen
     assert not any(superuser for _, superuser in seen), seen
+
+
+async def test_installing_with_a_wrong_admin_password_says_so(
+    servers: Servers, settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "admin.password").write_text("not-the-password\n")
+    result = await run_warden_cli(
+        settings,
+        *("database", "install", "--admin-url", with_login(servers.database_url, "postgres", None)),
+        *("--admin-password-file", str(tmp_path / "admin.password"), "--dir", str(tmp_path / "credentials")),
+    )
+    assert result.status == 1, result.stderr
+    assert "Postgres refused the installation (InvalidPasswordError)" in result.stderr
+    assert "Traceback" not in result.stderr

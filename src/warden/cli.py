@@ -172,6 +172,8 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _database_install(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg  # noqa: PLC0415
+
     from warden.audit_projector.install import install_database  # noqa: PLC0415
     from warden.database import (  # noqa: PLC0415
         DatabaseRole,
@@ -191,7 +193,10 @@ async def _database_install(args: argparse.Namespace, settings: Settings) -> int
         parts = urlsplit(admin_url)
         admin_url = with_login(admin_url, parts.username or "postgres", read_password(Path(args.admin_password_file)))
     directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
-    await install_database(admin_url, settings.database_url, directory.resolve(), settings.subject_prefix)
+    try:
+        await install_database(admin_url, settings.database_url, directory.resolve(), settings.subject_prefix)
+    except asyncpg.PostgresError as exc:  # a wrong password, a login without the rights: said, not traced back
+        raise WardenError(f"Postgres refused the installation ({type(exc).__name__}): {exc}") from None
     database = database_name(settings.database_url)
     print(f"installed: {redacted(settings.database_url)}")
     for role in DatabaseRole:
