@@ -23,6 +23,8 @@ from warden.streams import provision
 
 async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subprocess.Process, str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("WARDEN_")}
+    # Kept beside the state (not thrown away): a stack that fails to start says why in the failure.
+    errors = (state_dir.parent / "warden-up.stderr").open("wb")
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -34,13 +36,17 @@ async def start_stack(state_dir: Path, *options: str) -> tuple[asyncio.subproces
         cwd=REPO_ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=errors,
     )
+    errors.close()
     assert process.stdout is not None
     output = ""
     while "Press Ctrl-C" not in output:
         line = await asyncio.wait_for(process.stdout.readline(), 60)
-        assert line, f"warden up exited early: {output}"
+        if not line:
+            await process.wait()
+            stderr = (state_dir.parent / "warden-up.stderr").read_text(errors="replace")[-6000:]
+            raise AssertionError(f"warden up exited early ({process.returncode}): {output}\n{stderr}")
         output += line.decode()
     nats_url = re.search(r"NATS:\s+(\S+)", output)
     database_url = re.search(r"Postgres:\s+(\S+)", output)

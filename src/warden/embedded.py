@@ -161,10 +161,19 @@ def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are chosen, since the kernel
+    may hand a port just released to the next bind (two cluster nodes on one port fail to start)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 async def _terminate(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
@@ -422,8 +431,8 @@ class EmbeddedServers:
             return [NatsNode("nats", args, self.state_dir / "nats-server.log", ports_dir)]
         # A cluster's nodes must know each other's route ports, and a node started again must be
         # found where it was: these ports are chosen here, once, and kept for the nodes' lives.
-        client_ports = [_free_port() for _ in range(self.nats_nodes)]
-        route_ports = [_free_port() for _ in range(self.nats_nodes)]
+        ports = _free_ports(2 * self.nats_nodes)
+        client_ports, route_ports = ports[: self.nats_nodes], ports[self.nats_nodes :]
         nodes = []
         for index in range(self.nats_nodes):
             name = f"nats-{index + 1}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 
 from warden.audit_projector.install import install_database
+from warden.bus import retry_transient
 from warden.credentials import private_credentials
 from warden.database import redacted
 from warden.embedded import EmbeddedServers, die_with_parent
@@ -162,8 +163,14 @@ async def run_stack(
     try:
         settings = await _bring_up_servers(servers, settings)
         nc = await connect(settings.nats_url, **connect_options(settings.seed_file_for(Role.PROVISIONER)))
-        provisioned = await provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas)
-        await nc.close()
+        try:
+            # A cluster's third node may join its meta group a moment after JetStream first answers.
+            provisioned = await retry_transient(
+                lambda: provision(nc.jetstream(), Subjects(settings.subject_prefix), settings.stream_replicas),
+                what="provisioning",
+            )
+        finally:
+            await nc.close()
 
         env = {
             **os.environ,
