@@ -176,9 +176,10 @@ SERVICE_EXTRAS = {
     "agent-runner": "warden.agent_runner.app",
     "audit-projector": "warden.audit_projector.app",
 }
-# Imported by a library only when installed (opentelemetry-sdk's resource detection): this test
-# environment has it for other reasons, and a service runs without it.
-USED_IF_PRESENT = {"psutil"}
+# Imported by a library only when installed (opentelemetry-sdk's resource detection; FastStream's
+# ASGI support, which imports uvicorn and with it click and sniffio): this test environment has them
+# for other reasons (the MCP SDK), and a service runs without them.
+USED_IF_PRESENT = {"psutil", "uvicorn", "click", "sniffio"}
 _DISTRIBUTIONS_IMPORTED = """
 import importlib, importlib.metadata, json, sys
 importlib.import_module(sys.argv[1])
