@@ -17,6 +17,7 @@ allowed if {
 	tool_allowed
 	arguments_allowed
 	under_tool_call_cap
+	definition_approved
 }
 
 deny contains "tool.call needs tool.name as a non-empty string" if {
@@ -109,6 +110,53 @@ deny contains sprintf("argument %s of tool %s is secret and arrived in clear", [
 concealed(value) if {
 	is_string(value)
 	regex.match(`^hmac-sha256:[0-9a-f]{64}$`, value)
+}
+
+# --- Pinned definitions (tools from MCP servers) ----------------------------------------------
+
+# A tool from an MCP server comes with the digest of its definition (name, description, input
+# schema) as the server describes it now. A server can change what it says a tool does at any
+# time, which steers the model (an MCP "rug pull"), so the definition an operator approved is
+# pinned in the data (`tools.<name>.digest`); any other definition blocks the tool until the
+# new one is approved by pinning its digest.
+offered_digest := input.tool.digest if is_string(input.tool.digest)
+
+pinned_digest := data.warden.tools[tool_name].digest if is_string(data.warden.tools[tool_name].digest)
+
+has_offered_digest if offered_digest
+
+has_pinned_digest if pinned_digest
+
+definition_approved if {
+	not has_offered_digest
+	not has_pinned_digest
+}
+
+definition_approved if offered_digest == pinned_digest
+
+deny contains sprintf("tool %s comes from a tool server and no definition of it is approved (pin its digest %s)", [tool_name, offered_digest]) if {
+	tool_call
+	known_tool
+	has_offered_digest
+	not has_pinned_digest
+}
+
+deny contains sprintf("the definition of tool %s changed since it was approved (now %s, approved %s): blocked until the new one is approved", [tool_name, offered_digest, pinned_digest]) if {
+	tool_call
+	has_offered_digest
+	has_pinned_digest
+	offered_digest != pinned_digest
+}
+
+deny contains sprintf("tool %s has a pinned definition but its server did not describe it (is the server there?)", [tool_name]) if {
+	tool_call
+	has_pinned_digest
+	not has_offered_digest
+}
+
+grants contains sprintf("tool %s is as approved (%s)", [tool_name, pinned_digest]) if {
+	tool_call
+	offered_digest == pinned_digest
 }
 
 # --- Tool calls per run ---------------------------------------------------------------------

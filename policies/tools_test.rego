@@ -171,3 +171,40 @@ test_a_secret_argument_that_only_looks_concealed_is_denied if {
 	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", arguments, 0)
 	decision.effect == "deny"
 }
+
+# --- Pinned definitions -----------------------------------------------------------------------
+
+pinned_tools := {"notes.add_note": {"digest": "sha256:approved"}}
+
+add_note(digest) := object.union(tool_call("alice", "demo", "notes.add_note", {"text": "hi"}, 0), {"tool": {"digest": digest}})
+
+test_a_tool_whose_definition_is_as_approved_is_allowed if {
+	decision := authz.decision with input as add_note("sha256:approved")
+		with data.warden.tools as pinned_tools
+		with data.warden.agents.demo.tools as ["notes.add_note"]
+	decision.effect == "allow"
+	"tool notes.add_note is as approved (sha256:approved)" in decision.reasons
+}
+
+test_a_changed_definition_blocks_the_tool if {
+	decision := authz.decision with input as add_note("sha256:changed")
+		with data.warden.tools as pinned_tools
+		with data.warden.agents.demo.tools as ["notes.add_note"]
+	decision == {"effect": "deny", "reasons": ["the definition of tool notes.add_note changed since it was approved (now sha256:changed, approved sha256:approved): blocked until the new one is approved"]}
+}
+
+test_a_tool_server_tool_with_no_approved_definition_is_denied if {
+	decision := authz.decision with input as add_note("sha256:approved")
+		with data.warden.tools as {"notes.add_note": {}}
+		with data.warden.agents.demo.tools as ["notes.add_note"]
+	decision.effect == "deny"
+	decision.reasons == ["tool notes.add_note comes from a tool server and no definition of it is approved (pin its digest sha256:approved)"]
+}
+
+test_a_pinned_tool_asked_for_without_its_definition_is_denied if {
+	request := tool_call("alice", "demo", "notes.add_note", {"text": "hi"}, 0)
+	decision := authz.decision with input as request
+		with data.warden.tools as pinned_tools
+		with data.warden.agents.demo.tools as ["notes.add_note"]
+	decision.reasons == ["tool notes.add_note has a pinned definition but its server did not describe it (is the server there?)"]
+}

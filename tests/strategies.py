@@ -7,7 +7,8 @@ from typing import Any, get_args
 from hypothesis import strategies as st
 from pydantic import JsonValue, StringConstraints
 
-from warden.agent_runner.agents import ModelTurn, OnRefusal, Outcome, ScriptedAgent, StepRecord, ToolCall
+from warden.agent_runner.actions import ModelTurn, OnRefusal, Outcome, StepRecord, ToolCall
+from warden.agent_runner.agents import ScriptedAgent
 from warden.decoding import MAX_SAFE_INTEGER
 from warden.messages import INT32_MAX, Name, RunSubmitted, TenantId, Token, ToolCallRequested, make_envelope
 

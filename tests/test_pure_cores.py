@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.strategies import tenants
 from warden.admission import CommandRules
-from warden.agent_runner.agents import ModelTurn, ToolCall
+from warden.agent_runner.actions import ModelTurn, ToolCall
 from warden.agent_runner.history import RunHistory
 from warden.audit_projector.projection import Rows, StoredMessage, project
 from warden.credentials import CredentialStore, CredentialStoreError, private_credentials
@@ -26,6 +26,7 @@ from warden.messages import (
     DecisionMade,
     Effect,
     Envelope,
+    ModelCallRequested,
     Payload,
     RunDispatched,
     RunFailed,
@@ -232,6 +233,7 @@ def test_a_run_submission_becomes_a_run_start_input(tenant: str, priority: int) 
         "principal": "alice",
         "agent": "researcher",
         "tool": None,
+        "model": None,
         "run": {"id": "r1", "usage": RunUsage().model_dump()},
     }
 
@@ -248,6 +250,19 @@ def test_a_tool_call_request_carries_its_arguments_and_usage() -> None:
     assert document["run"]["usage"] == usage.model_dump()
     with pytest.raises(TypeError):
         policy_input(succeeded("r1"))
+
+
+def test_a_model_call_request_names_the_model_its_cap_and_the_usage_so_far() -> None:
+    """A model call's input names the model and its output cap, and the run's tokens and cost so far."""
+    usage = RunUsage(steps=2, model_calls=1, input_tokens=300, output_tokens=40, cost_usd=0.00021)
+    request = ModelCallRequested(
+        call_id="mc2-x", step=2, agent="assistant", model="gpt-4o-mini", max_output_tokens=512, usage=usage
+    )
+    document = policy_input(make_envelope(request, tenant="acme", entity_id="r1", actor="alice", source="runner"))
+    assert document["action"] == "model.call"
+    assert document["model"] == {"name": "gpt-4o-mini", "max_output_tokens": 512}
+    assert document["tool"] is None
+    assert document["run"]["usage"] == usage.model_dump()
 
 
 class ScriptedEngine:

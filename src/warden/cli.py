@@ -115,11 +115,15 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
         rejected = await read_model.recent_rejections(db, args.tenant, args.limit)
     finally:
         await db.close()
-    print(f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} turns tools submitted")
+    print(
+        f"{'run':<38} {'tenant':<10} {'agent':<12} {'status':<11} {'by':<8} turns tools {'tokens':>7} "
+        f"{'cost USD':>10} submitted"
+    )
     for run in runs:
         print(
             f"{run.run_id:<38} {run.tenant:<10} {run.agent or '-':<12} {run.status:<11} "
-            f"{run.submitted_by or '-':<8} {run.model_turns:>5} {run.tool_calls:>5} {run.submitted_at}"
+            f"{run.submitted_by or '-':<8} {run.model_turns:>5} {run.tool_calls:>5} {run.tokens:>7} "
+            f"{run.cost_usd:>10.6f} {run.submitted_at}"
         )
     if rejected:
         print("\nrejected commands (kept in the commands stream, never acted on):")

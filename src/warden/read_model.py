@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -31,6 +32,8 @@ class RunSummary:
     model_turns: int
     tool_calls: int
     submitted_at: datetime | None
+    tokens: int = 0  # input and output, of every model turn
+    cost_usd: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class RunEvent:
 async def recent_runs(db: Database, tenant: str | None, limit: int) -> list[RunSummary]:
     """The latest runs, newest first; of one tenant, or of all when `tenant` is None."""
     rows = await db.fetch(
-        "SELECT run_id, tenant, agent, status, submitted_by, steps, tool_calls, submitted_at FROM runs "
+        "SELECT run_id, tenant, agent, status, submitted_by, steps, tool_calls, submitted_at, "
+        "input_tokens + output_tokens AS tokens, cost_nanousd::numeric / 1000000000 AS cost_usd FROM runs "
         "WHERE $1::text IS NULL OR tenant = $1 ORDER BY submitted_at DESC NULLS LAST LIMIT $2",
         tenant,
         limit,
@@ -75,9 +79,35 @@ async def recent_runs(db: Database, tenant: str | None, limit: int) -> list[RunS
             model_turns=row["steps"],  # the table's `steps` are the model turns: tool calls are counted apart
             tool_calls=row["tool_calls"],
             submitted_at=row["submitted_at"],
+            tokens=row["tokens"],
+            cost_usd=row["cost_usd"],
         )
         for row in rows
     ]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a tenant's runs of one agent consumed (the `usage_by_agent` view)."""
+
+    tenant: str
+    agent: str
+    runs: int
+    model_calls: int
+    tool_calls: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+
+
+async def usage_by_agent(db: Database, tenant: str | None) -> list[Usage]:
+    """Usage summed per tenant and agent; of one tenant, or of all when `tenant` is None."""
+    rows = await db.fetch(
+        "SELECT tenant, agent, runs, model_calls, tool_calls, input_tokens, output_tokens, cost_usd "
+        "FROM usage_by_agent WHERE $1::text IS NULL OR tenant = $1 ORDER BY tenant, agent",
+        tenant,
+    )
+    return [Usage(**dict(row)) for row in rows]
 
 
 async def recent_rejections(db: Database, tenant: str | None, limit: int) -> list[RejectedCommand]:

@@ -17,6 +17,7 @@ from warden.embedded import EmbeddedServers, die_with_parent
 from warden.endpoints import hold_state_dir, remove_endpoints, write_endpoints
 from warden.errors import WardenError
 from warden.identity import connect_options
+from warden.offline_model import OfflineModelServer
 from warden.permissions import Role
 from warden.settings import Settings
 from warden.streams import StreamNames, provision
@@ -129,6 +130,26 @@ async def _bring_up_servers(servers: EmbeddedServers | None, settings: Settings)
     return settings
 
 
+# Where the shipped `assistant` agent finds its model (see agents/assistant.json).
+ASSISTANT_BASE_URL = "WARDEN_ASSISTANT_BASE_URL"
+
+
+def _logs_dir(state_dir: Path) -> Path:
+    logs = state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    return logs
+
+
+async def _assistant_model() -> OfflineModelServer | None:
+    """The shipped `assistant` agent needs a model: with none named, the offline test model serves
+    it, so the stack governs an `llm` agent with no network and no key."""
+    if os.environ.get(ASSISTANT_BASE_URL):
+        return None
+    server = OfflineModelServer()
+    await server.start()
+    return server
+
+
 async def run_stack(
     settings: Settings,
     *,
@@ -160,6 +181,7 @@ async def run_stack(
         loop.add_signal_handler(sig, stopping.set)
     services: list[ServiceProcess] = []
     supervisors: list[asyncio.Task[None]] = []
+    model_server: OfflineModelServer | None = None
     try:
         settings = await _bring_up_servers(servers, settings)
         nc = await connect(settings.nats_url, **connect_options(settings.seed_file_for(Role.PROVISIONER)))
@@ -172,15 +194,16 @@ async def run_stack(
         finally:
             await nc.close()
 
+        model_server = await _assistant_model()
         env = {
             **os.environ,
+            **({ASSISTANT_BASE_URL: model_server.base_url} if model_server else {}),
             "WARDEN_NATS_URL": settings.nats_url,
             "WARDEN_DATABASE_URL": settings.database_url,
             "WARDEN_SUBJECT_PREFIX": settings.subject_prefix,
             "WARDEN_LOG_FORMAT": "json",
         }
-        logs = state_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        logs = _logs_dir(state_dir)
         services = [
             ServiceProcess(name, {**env, **_own_credentials(settings, state_dir, name)}, logs / f"{name}.log")
             for name in SERVICES
@@ -192,7 +215,7 @@ async def run_stack(
             supervisors.append(asyncio.create_task(servers.supervise(stopping)))
         write_endpoints(state_dir, settings.nats_url, settings.database_url)
         if announce:
-            _print_summary(settings, state_dir, external, provisioned.lines(), services)
+            _print_summary(settings, state_dir, external, provisioned.lines(), services, model=model_server)
         if ready is not None:
             ready.set()
         await stopping.wait()
@@ -203,6 +226,8 @@ async def run_stack(
         await asyncio.gather(*supervisors, return_exceptions=True)
         await asyncio.gather(*(service.stop() for service in reversed(services)))
         remove_endpoints(state_dir)
+        if model_server is not None:
+            await model_server.stop()
         if servers is not None:
             await servers.stop()
         lock.close()
@@ -211,7 +236,13 @@ async def run_stack(
 
 
 def _print_summary(
-    settings: Settings, state_dir: Path, external: bool, changes: list[str], services: list[ServiceProcess]
+    settings: Settings,
+    state_dir: Path,
+    external: bool,
+    changes: list[str],
+    services: list[ServiceProcess],
+    *,
+    model: OfflineModelServer | None,
 ) -> None:
     streams = StreamNames.for_prefix(settings.subject_prefix)
     origin = "external (WARDEN_NATS_URL, WARDEN_DATABASE_URL)" if external else f"embedded, data in {state_dir}"
@@ -227,6 +258,9 @@ def _print_summary(
         f"  identities: {settings.nats_credentials_dir} (NATS refuses any other; this machine's CLI is the operator)"
         if settings.nats_credentials_dir
         else "  identities: given by WARDEN_NATS_CREDENTIALS_DIR / WARDEN_NATS_SEED_FILE",
+        f"  model:     offline test model at {model.base_url} (set {ASSISTANT_BASE_URL} for a real one)"
+        if model
+        else f"  model:     {os.environ.get(ASSISTANT_BASE_URL)} ({ASSISTANT_BASE_URL})",
         "Try: uv run warden submit --tenant acme --agent demo --actor alice ; uv run warden tail --tenant acme",
         "A tenant's own credential: uv run warden credentials issue --tenant acme --actor alice",
         "Press Ctrl-C to stop everything.",

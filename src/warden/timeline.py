@@ -20,7 +20,14 @@ async def run_timeline(db: Database, tenant: str, run_id: str, verifier: Decisio
     the gate did not sign reads as such, not as the gate's; without them it says it was not checked.
     """
     lines = []
+    turns, input_tokens, output_tokens, cost = 0, 0, 0, 0.0
     for event in await run_events(db, tenant, run_id):
+        if event.type == "step.completed" and event.data.get("kind") == "model_turn":
+            usage = event.data.get("usage", {})
+            turns += 1
+            input_tokens += usage.get("input_tokens", 0)
+            output_tokens += usage.get("output_tokens", 0)
+            cost += event.data.get("cost_usd", 0.0)
         stored, claimed = event.stored_at, event.sent_at
         claimed_format = "%H:%M:%S.%f" if claimed.date() == stored.date() else "%Y-%m-%d %H:%M:%S.%f"
         times = f"{stored:%H:%M:%S.%f}"[:-3] + " (sent " + f"{claimed:{claimed_format}}"[:-3] + ")"
@@ -29,11 +36,16 @@ async def run_timeline(db: Database, tenant: str, run_id: str, verifier: Decisio
         else:
             described = _describe(event.type, event.actor, event.data)
         lines.append(f"{times}  {described}")
+    if input_tokens or output_tokens:
+        lines.append(
+            f"usage: {turns} model turns, {input_tokens} input + {output_tokens} output tokens, {cost:.6f} USD"
+        )
     return lines
 
 
 def _decision(data: dict[str, Any], tenant: str, run_id: str, verifier: DecisionVerifier | None) -> str:
-    what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+    call = "model call" if data.get("request_type") == "model_call.requested" else "tool call"
+    what = f"{call} {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
     told = (
         f"{data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
         f"[policy {data['policy_revision']}, {data['evaluation_ms']} ms, decision {data['decision_id']}"
@@ -73,6 +85,19 @@ def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
         case "tool_call.completed":
             detail = json.dumps(data.get("result"))[:100] if data["outcome"] == "ok" else data.get("error")
             return f"tool {data['tool']}: {data['outcome']} under decision {data.get('decision_id')}: {detail}"
+        case "model_call.requested":
+            usage = data.get("usage", {})
+            spent = usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+            return (
+                f"agent asks to call model {data['model']} (so far {spent} tokens, {usage.get('cost_usd', 0):.6f} USD)"
+            )
+        case "step.completed" if data.get("model"):
+            usage = data.get("usage", {})
+            spent = f"{usage.get('input_tokens', 0)} in + {usage.get('output_tokens', 0)} out tokens"
+            return (
+                f"step {data['step']}: model turn of {data['model']}: {spent}, {data.get('cost_usd', 0):.6f} USD: "
+                f"{data.get('summary', '')}"
+            )
         case "step.completed":
             return f"step {data['step']}: {data['kind']}: {data.get('summary', '')}"
         case "run.succeeded":
@@ -82,7 +107,7 @@ def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
         case "run.failed":
             return f"run FAILED: {data['reason']}"
         case "decision.refused":
-            what = f"tool call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+            what = f"call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
             return (
                 f"SECURITY: runner refused decision {data['decision_id']} on {what}: {data['reason']} "
                 f"(nothing ran on it)"

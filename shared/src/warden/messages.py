@@ -83,6 +83,27 @@ class RunUsage(BaseModel):
     tool_calls: Count = 0
     input_tokens: Count = 0
     output_tokens: Count = 0
+    model_calls: Count = 0
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="Model cost so far, in US dollars.")
+
+
+class ModelCallRequested(Payload):
+    """An `llm` agent wants to call its model. Published by the agent runner; decided by the policy gate.
+
+    A model call spends tokens and money and sends the run's conversation to an endpoint: like a
+    tool call, it is made only on the gate's allow.
+    """
+
+    TYPE: ClassVar[str] = "model_call.requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    call_id: Token
+    step: int = Field(ge=0, le=INT32_MAX)
+    agent: Name
+    model: str = Field(min_length=1, max_length=256)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
 
 
 class ToolCallRequested(Payload):
@@ -98,6 +119,12 @@ class ToolCallRequested(Payload):
     tool: Name
     arguments: FreeJsonObject = Field(default_factory=dict)
     usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
+    tool_digest: str | None = Field(
+        default=None,
+        max_length=128,
+        description="For a tool from an MCP server: sha256 of its name, description and input schema as the "
+        "server describes it now; the policy compares it with the definition that was approved.",
+    )
 
 
 class CommandRejected(Payload):
@@ -132,11 +159,14 @@ class DecisionMade(Payload):
     reasons: list[str] = Field(default_factory=list)
     policy_revision: str
     evaluation_ms: float = Field(ge=0, allow_inf_nan=False)
-    tool_call_id: Token | None = None
+    tool_call_id: Token | None = Field(
+        default=None, description="The call it answers: a tool call's id, or a model call's (`call_id`)."
+    )
     arguments_hash: str | None = Field(
         default=None,
         max_length=128,
-        description="For a tool call: the hash of its arguments (warden.signing.arguments_hash) this decision is on.",
+        description="The hash (warden.signing.arguments_hash) of what this decision is on: a tool call's "
+        "arguments, or a model call's model and output cap.",
     )
     expires_at: datetime | None = Field(default=None, description="After this, the decision may not be acted on.")
     signing_key: str | None = Field(
@@ -217,6 +247,15 @@ class StepCompleted(Payload):
     kind: Literal["model_turn", "tool_call"]
     summary: str = ""
     usage: TokenUsage = Field(default_factory=TokenUsage)
+    # A real model's turn (an `llm` agent) also records what it answered: a runner that takes the
+    # run over rebuilds the conversation from these, never by asking the model again.
+    model: str | None = Field(default=None, max_length=256, description="The model that answered, as asked for.")
+    decision_id: Token | None = Field(default=None, description="The decision that allowed the model call.")
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="From the policy data's prices.")
+    finish_reason: str | None = Field(default=None, max_length=64)
+    message: FreeJsonObject | None = Field(
+        default=None, description="The assistant message as the model returned it: content, tool_calls, refusal."
+    )
 
 
 class ToolCallCompleted(Payload):
@@ -297,6 +336,7 @@ class DecisionRefused(Payload):
 PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunSubmitted,
     ToolCallRequested,
+    ModelCallRequested,
     CommandRejected,
     DecisionMade,
     RunQueued,

@@ -22,6 +22,7 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     DecisionRefused,
+    ModelCallRequested,
     Payload,
     RunDispatched,
     RunFailed,
@@ -71,6 +72,7 @@ PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
         RunStarted,
         StepCompleted,
         ToolCallRequested,
+        ModelCallRequested,
         ToolCallCompleted,
         RunSucceeded,
         RunFailed,
@@ -211,6 +213,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 # A run submitted before actors were bound to subjects (or by an actor no subject
                 # token can name) has its tool calls asked for on the form without an actor.
                 f"{subjects.prefix}.cmd.*.{ToolCallRequested.TYPE}",
+                f"{subjects.prefix}.cmd.*.{ModelCallRequested.TYPE}",
                 *_durable(streams.work, RUNNER_CONSUMER),
                 *_reads_in_order(streams.events),
                 f"{JS_API}.STREAM.INFO.{streams.events}",

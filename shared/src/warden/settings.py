@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Agent definitions (scripted agents), read by the agent runner. None: the agents that ship
     # with the runner (`agents/` of the repository).
     agents_dir: Path | None = None
+    # MCP tool servers per tenant (JSON; see docs/agents.md), read by the agent runner. None: no
+    # MCP tools, only the built-in ones.
+    tool_servers_file: Path | None = None
     # Runs of one tenant that may be dispatched at once; the scheduler never exceeds it.
     tenant_concurrency: int = Field(default=4, ge=1)
     # How many runs one agent runner process executes at once.

@@ -29,7 +29,7 @@ import nacl.signing
 
 from warden.errors import WardenError
 from warden.identity import read_seed
-from warden.messages import DecisionMade
+from warden.messages import DecisionMade, ModelCallRequested, ToolCallRequested
 
 SIGNING_KEY_FILE = "decision-signing.key"
 TRUSTED_KEYS_FILE = "decision-keys.pub"
@@ -43,6 +43,14 @@ def arguments_hash(arguments: Mapping[str, Any]) -> str:
     """A tool call's arguments, hashed in one canonical form (sorted keys, no spaces, UTF-8)."""
     canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def bound_arguments(request: ToolCallRequested | ModelCallRequested) -> dict[str, Any]:
+    """What a decision on a call is made on, and its hash binds: a tool call's arguments, or a model
+    call's model and output cap (a decision on one model cannot be spent on another)."""
+    if isinstance(request, ToolCallRequested):
+        return request.arguments
+    return {"model": request.model, "max_output_tokens": request.max_output_tokens}
 
 
 @dataclass(frozen=True)

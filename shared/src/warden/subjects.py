@@ -174,7 +174,7 @@ CHANNELS: tuple[Channel, ...] = (
         name="commands",
         pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
-        published_by="clients (run.submitted), agent runner (tool_call.requested)",
+        published_by="clients (run.submitted), agent runner (tool_call.requested, model_call.requested)",
         consumed_by="policy gate, audit projector",
         description="Requests that need a decision. Stored before anything acts on them; "
         "the idempotency key travels as the Nats-Msg-Id header.",

@@ -97,6 +97,19 @@ def consuming(service: str, name: str, headers: Mapping[str, str] | None, **attr
         yield span
 
 
+@contextmanager
+def span(service: str, name: str, attributes: Mapping[str, Any], *, client: bool = False) -> Iterator[trace.Span]:
+    """A span for work inside the current one, with the attributes given (those that are None left out).
+
+    `client`: a call to another system (a model endpoint), as OpenTelemetry's GenAI conventions
+    want for `chat` spans; otherwise internal work (an `execute_tool` span).
+    """
+    kind = trace.SpanKind.CLIENT if client else trace.SpanKind.INTERNAL
+    set_now = {key: value for key, value in attributes.items() if value is not None}
+    with _tracer(service).start_as_current_span(name, kind=kind, attributes=set_now) as current:
+        yield current
+
+
 def _remote_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | None:
     match = _TRACEPARENT.match(headers.get("traceparent", "")) if headers else None
     if match is None:

@@ -1,99 +1,32 @@
-"""The agent interface the runner drives, a deterministic scripted agent, and its loader from JSON files."""
+"""The deterministic scripted agent, and the catalogue of agents loaded from JSON files (scripted or `llm`)."""
 
 import copy
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, NonNegativeInt, ValidationError, model_validator
 
-from warden.errors import PermanentError
+from warden.agent_runner.actions import (
+    Action,
+    Agent,
+    AgentDefinitionError,
+    Fail,
+    Finish,
+    ModelTurn,
+    OnRefusal,
+    StepRecord,
+    ToolCall,
+    UnknownAgent,
+)
+from warden.agent_runner.llm_agent import LlmAgent, LlmAgentDefinition
 from warden.messages import Name
-
-# --- What an agent can do next ----------------------------------------------------------------
 
 # The agents that ship with the runner: package data in an install, a link to the repository's
 # `agents/` in a source checkout.
 SHIPPED_AGENTS_DIR = Path(__file__).with_name("agents")
-
-
-@dataclass(frozen=True)
-class ModelTurn:
-    """The model thinks or talks: no side effect, only tokens spent."""
-
-    summary: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """The agent wants a tool run; the runner asks the policy gate first and runs it only on allow."""
-
-    tool: str
-    arguments: dict[str, JsonValue]
-
-
-@dataclass(frozen=True)
-class Finish:
-    """The agent is done; `output` is the run's result."""
-
-    output: JsonValue
-
-
-@dataclass(frozen=True)
-class Fail:
-    """The agent gives up; `reason` says why, for the run's failure event."""
-
-    reason: str
-
-
-Action = ModelTurn | ToolCall | Finish | Fail
-Outcome = Literal["ok", "error", "refused"]
-OnRefusal = Literal["continue", "fail"]
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What happened at one step, as the runner recorded it (and rebuilds it from events on resume)."""
-
-    step: int
-    action: ModelTurn | ToolCall
-    outcome: Outcome | None = None  # None for a model turn: only tool calls have an outcome
-    result: JsonValue = None  # the tool's result when the outcome is "ok"
-    error: str | None = None  # the tool's error text, or the refusal reason(s)
-
-
-class Agent(Protocol):
-    """Anything that, given the run input and the steps so far, says what to do next.
-
-    `next_action` must be a pure function of its arguments: the runner calls it again with a
-    history rebuilt from events after a crash and must get the same answer it got before.
-    """
-
-    # A read-only property, so frozen dataclasses and plain attributes both satisfy the protocol.
-    @property
-    def name(self) -> str: ...
-
-    def next_action(self, run_input: Mapping[str, JsonValue], history: Sequence[StepRecord]) -> Action: ...
-
-
-# --- Errors ------------------------------------------------------------------------------------
-
-
-class AgentDefinitionError(PermanentError):
-    """An agent definition (file or constructor arguments) is invalid; the message names the problem."""
-
-
-class UnknownAgent(PermanentError):
-    """No agent of that name is in the catalogue."""
-
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(f"unknown agent {name!r}; known agents: {', '.join(known) or '(none)'}")
-        self.name = name
 
 
 # --- Templates: {input.KEY} in a script's strings ----------------------------------------------
@@ -310,6 +243,7 @@ class AgentDefinition(_Spec):
     """The JSON file format of a scripted agent."""
 
     name: Name
+    kind: Literal["scripted"] = "scripted"
     description: str = ""
     on_refusal: OnRefusal = "continue"
     steps: list[_StepSpec] = Field(min_length=1)
@@ -329,8 +263,9 @@ def _reject_constant(constant: str) -> float:
     raise ValueError(f"{constant} is not valid JSON")
 
 
-def load_agent(path: Path) -> ScriptedAgent:
-    """Read and validate a scripted agent definition; every problem raises `AgentDefinitionError` naming the file."""
+def load_agent(path: Path) -> Agent:
+    """Read and validate an agent definition (`"kind": "llm"`, else scripted); every problem raises
+    `AgentDefinitionError` naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -341,9 +276,13 @@ def load_agent(path: Path) -> ScriptedAgent:
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         raise AgentDefinitionError(f"{path}: not valid JSON: {error}") from error
     try:
+        if isinstance(data, dict) and data.get("kind") == "llm":
+            return LlmAgent(LlmAgentDefinition.model_validate(data))
         definition = AgentDefinition.model_validate(data)
     except ValidationError as error:
         raise AgentDefinitionError(f"{path}: invalid agent definition: {_validation_message(error)}") from error
+    except AgentDefinitionError as error:
+        raise AgentDefinitionError(f"{path}: {error}") from error
     try:
         return ScriptedAgent(
             name=definition.name,

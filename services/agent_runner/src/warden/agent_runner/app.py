@@ -125,6 +125,8 @@ class Runner:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.decisions.close()
+            await self.executor.models.close()
+            await asyncio.gather(*(toolbox.aclose() for toolbox in self.executor.toolboxes.values()))
             # Work delivered and never fetched would otherwise hold the connection's drain, at
             # shutdown, until nats-py gives up on it (30 s).
             with contextlib.suppress(nats.errors.Error):

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,19 +21,23 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from warden.agent_runner.agents import (
-    AgentCatalogue,
+from warden.agent_runner.actions import (
     Fail,
     Finish,
+    ModelCall,
     ModelTurn,
     Outcome,
     StepRecord,
     ToolCall,
     UnknownAgent,
 )
+from warden.agent_runner.agents import AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory
-from warden.agent_runner.tools import ToolError, run_tool
+from warden.agent_runner.llm_agent import function_name
+from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServersConfig
+from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
+from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
 from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
@@ -42,6 +46,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    ModelCallRequested,
     Payload,
     RunDispatched,
     RunFailed,
@@ -58,10 +63,10 @@ from warden.messages import (
 )
 from warden.secret_arguments import SecretArguments, shipped_policy_dir
 from warden.settings import Settings
-from warden.signing import DecisionVerifier, arguments_hash
+from warden.signing import DecisionVerifier, arguments_hash, bound_arguments
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-from warden.telemetry import consuming
+from warden.telemetry import consuming, span
 from warden.wire import TYPE_HEADER, ordered_subscription
 
 SERVICE = "agent-runner"
@@ -169,6 +174,14 @@ class RunExecutor:
         self.secret_arguments = SecretArguments.from_policy_dir(
             settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
         )
+        self.prices = ModelPrices.from_policy_dir(settings.policy_dir or shipped_policy_dir())
+        self.models = ModelClient()
+        self.tool_servers = (
+            ToolServersConfig.load(settings.tool_servers_file) if settings.tool_servers_file else ToolServersConfig()
+        )
+        self.toolboxes: dict[str, McpToolbox] = {}
+        # Each tenant's MCP tools as last listed: what models are offered, and the digest a call is asked with.
+        self.tool_definitions: dict[str, dict[str, ToolDefinition]] = {}
         self.decisions = decisions
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
@@ -185,9 +198,10 @@ class RunExecutor:
             lambda: self.js.publish(subject, body, headers=headers, stream=stream), what=envelope.type
         )
 
-    def tool_call_id(self, tenant: str, run_id: str, step: int) -> str:
+    def tool_call_id(self, tenant: str, run_id: str, step: int, kind: str = "tc") -> str:
+        """The id of a run's call at `step` (`tc`: a tool call, `mc`: a model call)."""
         digest = hmac.new(self.tool_call_secret, f"{tenant}/{run_id}/{step}".encode(), hashlib.sha256).hexdigest()
-        return f"tc{step}-{digest[:32]}"
+        return f"{kind}{step}-{digest[:32]}"
 
     async def _refuse(
         self,
@@ -371,6 +385,24 @@ class RunExecutor:
                             "output_tokens": usage.output_tokens + action.output_tokens,
                         }
                     )
+                case ModelCall():
+                    answered = await self._model_call(
+                        submission, work, recorded, step=step, action=action, usage=usage, event=event
+                    )
+                    if answered is None:
+                        return  # the call was refused or failed: the run ended on the record
+                    record = answered
+                    turn = answered.action
+                    assert isinstance(turn, ModelTurn)
+                    usage = usage.model_copy(
+                        update={
+                            "steps": usage.steps + 1,
+                            "model_calls": usage.model_calls + 1,
+                            "input_tokens": usage.input_tokens + turn.input_tokens,
+                            "output_tokens": usage.output_tokens + turn.output_tokens,
+                            "cost_usd": round(usage.cost_usd + turn.cost_usd, 9),
+                        }
+                    )
                 case ToolCall():
                     record = await self._tool_call(
                         submission, work, recorded, step=step, action=action, usage=usage, event=event
@@ -400,6 +432,175 @@ class RunExecutor:
             f"{run_id}-finished",
         )
 
+    async def _ask_gate(
+        self,
+        submission: Envelope[Any],
+        work: Envelope[RunDispatched],
+        recorded: RunHistory,
+        request: ToolCallRequested | ModelCallRequested,
+        call_id: str,
+    ) -> DecisionMade | None:
+        """Store the request for a call and wait for the gate's decision on it (None: none came in time)."""
+        envelope = make_envelope(
+            request,
+            # The principal who asked for the run is who asks for its calls.
+            tenant=work.tenant,
+            entity_id=work.entity_id,
+            actor=submission.actor,
+            source=SERVICE,
+            caused_by=work,
+        )
+        stored = await self._publish(envelope, call_id)
+        expected = ExpectedDecision(
+            tool_call_id=call_id,
+            request_seq=stored.seq,
+            request_id=None if stored.duplicate else envelope.id,
+            arguments_hash=arguments_hash(bound_arguments(request)),
+        )
+        return await self._decision(work, recorded, expected)
+
+    def _toolbox(self, tenant: str) -> McpToolbox:
+        toolbox = self.toolboxes.get(tenant)
+        if toolbox is None:
+            toolbox = self.toolboxes[tenant] = McpToolbox.for_tenant(self.tool_servers, tenant)
+        return toolbox
+
+    def _is_mcp_tool(self, tenant: str, tool: str) -> bool:
+        return tool.partition(".")[0] in self._toolbox(tenant).server_names
+
+    async def _list_mcp_tools(self, tenant: str) -> dict[str, ToolDefinition]:
+        """The tenant's MCP tools as their servers describe them now (kept for the calls that follow)."""
+        toolbox = self._toolbox(tenant)
+        if not toolbox.server_names:
+            return {}
+        definitions, failures = await toolbox.listing()
+        for failure in failures.values():
+            # Its tools are not offered; a call to one is asked with no digest, which the policy refuses.
+            log.warning("cannot list an MCP server's tools", tenant=tenant, error=str(failure))
+        listed = {definition.name: definition for definition in definitions}
+        self.tool_definitions[tenant] = listed
+        return listed
+
+    async def _tool_digest(self, tenant: str, tool: str) -> str | None:
+        """The digest of an MCP tool's definition as last listed (listed now if it never was); None otherwise."""
+        if not self._is_mcp_tool(tenant, tool):
+            return None
+        known = self.tool_definitions.get(tenant, {})
+        if tool not in known:
+            known = await self._list_mcp_tools(tenant)
+        definition = known.get(tool)
+        return definition.digest if definition else None
+
+    async def _offered_tools(self, tenant: str, names: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The tools a model is offered, in the Chat Completions format, with their schemas."""
+        mcp_tools = await self._list_mcp_tools(tenant) if any(self._is_mcp_tool(tenant, name) for name in names) else {}
+        offered = []
+        for name in names:
+            if name in BUILTIN_TOOL_SCHEMAS:
+                description, parameters = BUILTIN_TOOL_SCHEMAS[name]
+            elif name in mcp_tools:
+                description, parameters = mcp_tools[name].description, mcp_tools[name].input_schema
+            else:
+                log.warning("a tool the agent offers is not available here; the model is not told of it", tool=name)
+                continue
+            offered.append(
+                {
+                    "type": "function",
+                    "function": {"name": function_name(name), "description": description, "parameters": parameters},
+                }
+            )
+        return offered
+
+    async def _model_call(
+        self,
+        submission: Envelope[Any],
+        work: Envelope[RunDispatched],
+        recorded: RunHistory,
+        *,
+        step: int,
+        action: ModelCall,
+        usage: RunUsage,
+        event: Any,
+    ) -> StepRecord | None:
+        """Ask the gate, call the model only on allow, and record its turn; None when the run ended instead."""
+        run_id = work.entity_id
+        call_id = self.tool_call_id(work.tenant, run_id, step, kind="mc")
+        action = replace(action, model=chosen_model(action))
+        request = ModelCallRequested(
+            call_id=call_id,
+            step=step,
+            agent=work.data.agent,
+            model=action.model,
+            max_output_tokens=action.max_output_tokens,
+            usage=usage,
+        )
+        verdict = await self._ask_gate(submission, work, recorded, request, call_id)
+        if verdict is None or verdict.effect != "allow":
+            reason = (
+                f"no decision within {self.settings.decision_timeout_seconds}s (fail closed)"
+                if verdict is None
+                else f"{verdict.effect}: " + "; ".join(verdict.reasons)
+            )
+            failed = RunFailed(reason=f"model call refused: {reason}", error_type="ModelCallRefused", steps=usage.steps)
+            await self._publish(event(failed), f"{run_id}-finished")
+            log.info("model call refused; run failed", model=action.model, reason=reason)
+            return None
+        attributes = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": action.model,
+            "gen_ai.request.max_tokens": action.max_output_tokens,
+            "gen_ai.request.temperature": action.temperature,
+            "warden.run_id": run_id,
+            "warden.decision_id": verdict.decision_id,
+        }
+        with span(SERVICE, f"chat {action.model}", attributes, client=True) as model_span:
+            try:
+                reply = await self.models.complete(action, await self._offered_tools(work.tenant, action.tools))
+            except ModelError as exc:
+                model_span.set_attribute("error.type", type(exc.__cause__ or exc).__name__)
+                failed = RunFailed(reason=recordable_text(str(exc), 2000), error_type="ModelError", steps=usage.steps)
+                await self._publish(event(failed), f"{run_id}-finished")
+                log.info("model call failed; run failed", model=action.model, error=str(exc))
+                return None
+            model_span.set_attribute("gen_ai.response.model", reply.response_model)
+            model_span.set_attribute("gen_ai.usage.input_tokens", reply.input_tokens)
+            model_span.set_attribute("gen_ai.usage.output_tokens", reply.output_tokens)
+            if reply.finish_reason:
+                model_span.set_attribute("gen_ai.response.finish_reasons", [reply.finish_reason])
+        cost = self.prices.cost_usd(action.model, reply.input_tokens, reply.output_tokens)
+        content = reply.message.get("content")
+        turn = ModelTurn(
+            summary=_summary(content, reply.message),
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            model=action.model,
+            cost_usd=cost,
+            finish_reason=reply.finish_reason,
+            message=reply.message,
+        )
+        completed = StepCompleted(
+            step=step,
+            kind="model_turn",
+            summary=turn.summary,
+            usage=TokenUsage(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens),
+            model=action.model,
+            decision_id=verdict.decision_id,
+            cost_usd=cost,
+            finish_reason=reply.finish_reason,
+            message=reply.message,
+        )
+        await self._publish(event(completed), f"{run_id}-step-{step}")
+        log.info(
+            "model turn recorded",
+            model=action.model,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            cost_usd=cost,
+            tool_calls=len(reply.message.get("tool_calls") or []),  # type: ignore[arg-type]
+        )
+        return StepRecord(step=step, action=turn)
+
     async def _tool_call(
         self,
         submission: Envelope[Any],
@@ -414,54 +615,39 @@ class RunExecutor:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
         run_id = work.entity_id
         tool_call_id = self.tool_call_id(work.tenant, run_id, step)
-        # What may be recorded: the arguments policy data marks secret only as a keyed hash. The
-        # request, the gate's input and the decision's binding all see this; the tool the clear ones.
-        recorded_arguments = self.secret_arguments.conceal(action.tool, action.arguments)
-        with consuming(SERVICE, "agent_runner.tool_call", None, run_id=run_id, tool=action.tool, step=step):
-            request = make_envelope(
-                ToolCallRequested(
+        attributes = {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": action.tool,
+            "gen_ai.tool.call.id": tool_call_id,
+            "warden.run_id": run_id,
+            "warden.step": step,
+        }
+        with span(SERVICE, f"execute_tool {action.tool}", attributes) as tool_span:
+            verdict: DecisionMade | None = None
+            result: Any = None
+            error: str | None = None
+            outcome: Outcome
+            if action.invalid is not None:
+                # Nothing can run, so nothing is asked: the agent is told why, on the record.
+                outcome, error = "error", recordable_text(action.invalid, 2000)
+            else:
+                # What may be recorded: the arguments policy data marks secret only as a keyed hash. The
+                # request, the gate's input and the decision's binding all see this; the tool the clear ones.
+                recorded_arguments = self.secret_arguments.conceal(action.tool, action.arguments)
+                request = ToolCallRequested(
                     tool_call_id=tool_call_id,
                     step=step,
                     agent=work.data.agent,
                     tool=action.tool,
                     arguments=recorded_arguments,
                     usage=usage,
-                ),
-                # The principal who asked for the run is who asks for its tool calls.
-                tenant=work.tenant,
-                entity_id=run_id,
-                actor=submission.actor,
-                source=SERVICE,
-                caused_by=work,
-            )
-            stored = await self._publish(request, tool_call_id)
-            expected = ExpectedDecision(
-                tool_call_id=tool_call_id,
-                request_seq=stored.seq,
-                request_id=None if stored.duplicate else request.id,
-                arguments_hash=arguments_hash(recorded_arguments),
-            )
-            verdict = await self._decision(work, recorded, expected)
-            result: Any = None
-            error: str | None = None
-            outcome: Outcome
-            if verdict is None:
-                outcome = "refused"
-                error = f"no decision within {self.settings.decision_timeout_seconds}s: refused (fail closed)"
-            elif verdict.effect != "allow":
-                outcome, error = "refused", f"{verdict.effect}: " + "; ".join(verdict.reasons)
-            else:
-                try:
-                    result = await asyncio.wait_for(run_tool(action.tool, action.arguments), TOOL_TIMEOUT_SECONDS)
-                    # What cannot be recorded cannot be the result: every reader would refuse the event.
-                    check_value(result)
-                    outcome = "ok"
-                except ToolError as exc:
-                    outcome, error = "error", recordable_text(str(exc), 2000)
-                except InvalidMessage as exc:
-                    result, outcome, error = None, "error", f"{action.tool} returned what cannot be recorded: {exc}"
-                except TimeoutError:
-                    outcome, error = "error", f"{action.tool} took longer than {TOOL_TIMEOUT_SECONDS}s"
+                    tool_digest=await self._tool_digest(work.tenant, action.tool),
+                )
+                verdict = await self._ask_gate(submission, work, recorded, request, tool_call_id)
+                outcome, result, error = await self._execute(work.tenant, action, verdict)
+            tool_span.set_attribute("warden.outcome", outcome)
+            if outcome != "ok":
+                tool_span.set_attribute("error.type", outcome)
             completed = ToolCallCompleted(
                 tool_call_id=tool_call_id,
                 step=step,
@@ -474,3 +660,42 @@ class RunExecutor:
             await self._publish(event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)
+
+    async def _execute(
+        self, tenant: str, action: ToolCall, verdict: DecisionMade | None
+    ) -> tuple[Outcome, Any, str | None]:
+        """Run the tool if, and only if, the decision allows it: its outcome, result and error."""
+        if verdict is None:
+            return (
+                "refused",
+                None,
+                f"no decision within {self.settings.decision_timeout_seconds}s: refused (fail closed)",
+            )
+        if verdict.effect != "allow":
+            return "refused", None, f"{verdict.effect}: " + "; ".join(verdict.reasons)
+        try:
+            if self._is_mcp_tool(tenant, action.tool):
+                # Bounded by the server's own timeout_seconds (and a hung server's session is dropped).
+                result = await self._toolbox(tenant).call(action.tool, action.arguments)
+            else:
+                result = await asyncio.wait_for(run_tool(action.tool, action.arguments), TOOL_TIMEOUT_SECONDS)
+            # What cannot be recorded cannot be the result: every reader would refuse the event.
+            check_value(result)
+        except ToolError as exc:
+            return "error", None, recordable_text(str(exc), 2000)
+        except InvalidMessage as exc:
+            return "error", None, f"{action.tool} returned what cannot be recorded: {exc}"
+        except TimeoutError:
+            return "error", None, f"{action.tool} took longer than {TOOL_TIMEOUT_SECONDS}s"
+        return "ok", result, None
+
+
+def _summary(content: Any, message: Mapping[str, Any]) -> str:
+    """One line for the timeline: the start of what the model said, or the tools it asked for."""
+    calls = message.get("tool_calls") or []
+    if calls:
+        names = ", ".join(str(call.get("function", {}).get("name")) for call in calls if isinstance(call, dict))
+        return f"asks for {len(calls)} tool call(s): {names}"[:500]
+    if message.get("refusal"):
+        return f"refuses: {message['refusal']}"[:500]
+    return (content if isinstance(content, str) else "")[:500]

@@ -7,7 +7,7 @@ so a runner that takes over after a crash continues after the last recorded step
 from dataclasses import dataclass, field
 from typing import Any
 
-from warden.agent_runner.agents import ModelTurn, StepRecord, ToolCall
+from warden.agent_runner.actions import ModelTurn, StepRecord, ToolCall
 from warden.messages import (
     DecisionMade,
     Envelope,
@@ -42,6 +42,10 @@ class RunHistory:
                         summary=data.summary,
                         input_tokens=data.usage.input_tokens,
                         output_tokens=data.usage.output_tokens,
+                        model=data.model,
+                        cost_usd=data.cost_usd,
+                        finish_reason=data.finish_reason,
+                        message=data.message,
                     ),
                 )
             case ToolCallCompleted():
@@ -70,4 +74,7 @@ class RunHistory:
             tool_calls=sum(isinstance(record.action, ToolCall) for record in self.steps.values()),
             input_tokens=sum(turn.input_tokens for turn in turns),
             output_tokens=sum(turn.output_tokens for turn in turns),
+            # Only a real model's turns were calls (a scripted agent plays its turns).
+            model_calls=sum(turn.model is not None for turn in turns),
+            cost_usd=round(sum(turn.cost_usd for turn in turns), 9),
         )

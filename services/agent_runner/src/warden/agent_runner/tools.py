@@ -156,6 +156,28 @@ BUILTIN_TOOLS: Mapping[str, Tool] = MappingProxyType(
 )
 
 
+def _object(properties: dict[str, JsonValue], *required: str) -> dict[str, JsonValue]:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+# What a model is told of each built-in tool: a description and a JSON Schema of its arguments.
+BUILTIN_TOOL_SCHEMAS: Mapping[str, tuple[str, dict[str, JsonValue]]] = MappingProxyType(
+    {
+        "math.add": ("Add two numbers.", _object({"a": {"type": "number"}, "b": {"type": "number"}}, "a", "b")),
+        "text.echo": ("Return the given text unchanged.", _object({"text": {"type": "string"}}, "text")),
+        "clock.sleep": (
+            f"Wait the given number of seconds (0 to {MAX_SLEEP_SECONDS:g}).",
+            _object({"seconds": {"type": "number", "minimum": 0, "maximum": MAX_SLEEP_SECONDS}}, "seconds"),
+        ),
+        "web.fetch": (
+            "Fetch a web page by URL and return its title and text.",
+            _object({"url": {"type": "string", "description": "An http or https URL."}}, "url"),
+        ),
+    }
+)
+assert set(BUILTIN_TOOL_SCHEMAS) == set(BUILTIN_TOOLS), "every built-in tool is described to models"
+
+
 async def run_tool(name: str, arguments: Mapping[str, JsonValue]) -> JsonValue:
     """Run the built-in tool `name`: `UnknownTool` for a name not in `BUILTIN_TOOLS`, `ToolError` on bad input."""
     tool = BUILTIN_TOOLS.get(name)

@@ -32,6 +32,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    ModelCallRequested,
     Payload,
     RunDispatched,
     RunFailed,
@@ -117,6 +118,10 @@ class RunRow(NamedTuple):
     error: str | None = None
     correlation_id: str | None = None
     trace_id: str | None = None
+    model_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nanousd: int = 0  # billionths of a US dollar: integers add up exactly, in any order
 
 
 class DecisionRow(NamedTuple):
@@ -217,6 +222,10 @@ RUN_MERGE: dict[str, Merge] = dict.fromkeys(RUN_COLUMNS, Merge.FIRST) | {
     "status_rank": Merge.HIGHEST,
     "steps": Merge.ADD,
     "tool_calls": Merge.ADD,
+    "model_calls": Merge.ADD,
+    "input_tokens": Merge.ADD,
+    "output_tokens": Merge.ADD,
+    "cost_nanousd": Merge.ADD,
 }
 TOOL_CALL_MERGE: dict[str, Merge] = dict.fromkeys(TOOL_CALL_COLUMNS, Merge.FIRST) | {
     "tenant": Merge.KEY,
@@ -240,6 +249,12 @@ _CORRELATION_ID, _TRACE_ID = _RUN_INDEX["correlation_id"], _RUN_INDEX["trace_id"
 _EMPTY_RUN = RunRow("", "", "unknown", STATUS_RANK["unknown"])
 # What one step.completed adds to its run's counters.
 _ONE_STEP = ((_RUN_INDEX["steps"], 1),)
+_STEPS, _MODEL_CALLS = _RUN_INDEX["steps"], _RUN_INDEX["model_calls"]
+_INPUT_TOKENS, _OUTPUT_TOKENS, _COST = (
+    _RUN_INDEX["input_tokens"],
+    _RUN_INDEX["output_tokens"],
+    _RUN_INDEX["cost_nanousd"],
+)
 _ONE_TOOL_CALL = ((_RUN_INDEX["tool_calls"], 1),)
 
 
@@ -547,7 +562,18 @@ def _run_failed(rows: Rows, envelope: Envelope[Any], data: RunFailed, trace_id: 
 def _step_completed(rows: Rows, envelope: Envelope[Any], data: StepCompleted, trace_id: str | None) -> None:
     # The most frequent message by far, so `_run_change` spelt out.
     values = ((_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id))
-    rows.merge_run_values((envelope.tenant, envelope.entity_id), "unknown", values, _ONE_STEP)
+    usage = data.usage
+    if not (usage.input_tokens or usage.output_tokens or data.model):
+        rows.merge_run_values((envelope.tenant, envelope.entity_id), "unknown", values, _ONE_STEP)
+        return
+    added = (
+        (_STEPS, 1),
+        (_MODEL_CALLS, 1 if data.model is not None else 0),  # a real model's turn, not a scripted one
+        (_INPUT_TOKENS, usage.input_tokens),
+        (_OUTPUT_TOKENS, usage.output_tokens),
+        (_COST, round(data.cost_usd * 1_000_000_000)),
+    )
+    rows.merge_run_values((envelope.tenant, envelope.entity_id), "unknown", values, added)
 
 
 ReadModelProjector = Callable[[Rows, Envelope[Any], Any, str | None], None]
@@ -557,6 +583,8 @@ ReadModelProjector = Callable[[Rows, Envelope[Any], Any, str | None], None]
 READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     RunSubmitted: _run_submitted,
     ToolCallRequested: _tool_call_requested,
+    # Kept in `events`; its decision goes to `decisions`, the turn it allowed to the run's usage.
+    ModelCallRequested: lambda rows, envelope, data, trace_id: None,
     CommandRejected: _command_rejected,
     DecisionMade: _decision_made,
     RunQueued: lambda rows, envelope, data, trace_id: _run_change(

@@ -86,6 +86,24 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (tenant, run_id)
 );
 
+-- Usage, added by each model turn (tables made before usage was projected get the columns here).
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS model_calls   integer NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS input_tokens  bigint  NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS output_tokens bigint  NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS cost_nanousd  bigint  NOT NULL DEFAULT 0;  -- billionths of a USD
+
+-- Usage summed per agent and per tenant: views over `runs`, so they are as current as it is.
+CREATE OR REPLACE VIEW usage_by_agent AS
+    SELECT tenant, agent, count(*) AS runs, sum(model_calls) AS model_calls, sum(tool_calls) AS tool_calls,
+           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(cost_nanousd)::numeric / 1000000000 AS cost_usd
+    FROM runs WHERE agent IS NOT NULL GROUP BY tenant, agent;
+CREATE OR REPLACE VIEW usage_by_tenant AS
+    SELECT tenant, count(*) AS runs, sum(model_calls) AS model_calls, sum(tool_calls) AS tool_calls,
+           sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+           sum(cost_nanousd)::numeric / 1000000000 AS cost_usd
+    FROM runs GROUP BY tenant;
+
 CREATE TABLE IF NOT EXISTS rejected_commands (
     tenant             text        NOT NULL,
     command_stream_seq bigint      NOT NULL,

@@ -13,35 +13,45 @@ from warden.messages import (
     DecisionMade,
     Effect,
     Envelope,
+    ModelCallRequested,
     RunSubmitted,
     RunUsage,
     ToolCallRequested,
 )
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError
-from warden.signing import DecisionBinding, DecisionSigner, arguments_hash
+from warden.signing import DecisionBinding, DecisionSigner, arguments_hash, bound_arguments
 
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
 RUN_START = "run.start"
 TOOL_CALL = "tool.call"
+MODEL_CALL = "model.call"
 
 
 def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
     """The document the Rego policies see (see policies/README.md): who asks what, and usage so far."""
     data = envelope.data
+    model = None
+    tool: dict[str, Any] | None
     if isinstance(data, RunSubmitted):
         action, tool, usage = RUN_START, None, RunUsage()
     elif isinstance(data, ToolCallRequested):
         action, tool, usage = TOOL_CALL, {"name": data.tool, "arguments": data.arguments}, data.usage
+        if data.tool_digest is not None:
+            tool["digest"] = data.tool_digest
+    elif isinstance(data, ModelCallRequested):
+        action, tool, usage = MODEL_CALL, None, data.usage
+        model = {"name": data.model, "max_output_tokens": data.max_output_tokens}
     else:
         raise TypeError(f"{envelope.type} needs no decision")
     return {
         "action": action,
         "tenant": envelope.tenant,
-        # For a tool call, who asked for the run: the runner carries it on the request's actor.
+        # For a tool or model call, who asked for the run: the runner carries it on the request's actor.
         "principal": envelope.actor,
         "agent": data.agent,
         "tool": tool,
+        "model": model,
         "run": {"id": envelope.entity_id, "usage": usage.model_dump()},
     }
 
@@ -58,7 +68,11 @@ def decision(
 ) -> DecisionMade:
     """The decision on one request, signed over what binds it to that request (see warden.signing)."""
     data = envelope.data
-    is_tool_call = isinstance(data, ToolCallRequested)
+    call_id = None
+    if isinstance(data, ToolCallRequested):
+        call_id = data.tool_call_id
+    elif isinstance(data, ModelCallRequested):
+        call_id = data.call_id
     unsigned = DecisionMade(
         decision_id=new_id(),
         request_type=envelope.type,
@@ -68,8 +82,8 @@ def decision(
         reasons=reasons,
         policy_revision=policy_revision,
         evaluation_ms=evaluation_ms,
-        tool_call_id=data.tool_call_id if is_tool_call else None,
-        arguments_hash=arguments_hash(data.arguments) if is_tool_call else None,
+        tool_call_id=call_id,
+        arguments_hash=arguments_hash(bound_arguments(data)) if call_id is not None else None,
     )
     signature = signer.sign(DecisionBinding.of(unsigned, envelope.tenant, envelope.entity_id))
     return unsigned.model_copy(update={"signing_key": signer.public_key, "signature": signature})

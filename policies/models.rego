@@ -1,0 +1,96 @@
+# Model calls of `llm` agents: which models a tenant may use, and caps on a run's tokens and cost.
+package warden.authz
+
+import rego.v1
+
+model_call if input.action == "model.call"
+
+model_name := input.model.name if non_empty_string(input.model.name)
+
+# A model is known when the data prices it: a call whose cost cannot be counted is not made.
+known_model if is_object(data.warden.models[model_name])
+
+tenant_models := object.get(data.warden.tenants, [input.tenant, "models"], [])
+
+model_allowed_for_tenant if model_name in tenant_models
+
+run_usage := object.get(input, ["run", "usage"], {})
+
+tokens_used := run_usage.input_tokens + run_usage.output_tokens if {
+	is_number(run_usage.input_tokens)
+	is_number(run_usage.output_tokens)
+}
+
+# The agent's own caps, else the defaults for every run.
+token_cap := object.get(data.warden.agents, [input.agent, "max_tokens_per_run"], data.warden.limits.max_tokens_per_run)
+
+cost_cap := object.get(data.warden.agents, [input.agent, "max_cost_usd_per_run"], data.warden.limits.max_cost_usd_per_run)
+
+under_token_cap if tokens_used < token_cap
+
+under_cost_cap if run_usage.cost_usd < cost_cap
+
+allowed if {
+	model_call
+	may_run_agent
+	known_model
+	model_allowed_for_tenant
+	under_token_cap
+	under_cost_cap
+}
+
+deny contains "model.call needs model.name as a non-empty string" if {
+	model_call
+	not model_name
+}
+
+deny contains sprintf("unknown model %s: the policy data has no price for it", [model_name]) if {
+	model_call
+	not known_model
+}
+
+deny contains sprintf("tenant %s may not use model %s", [input.tenant, model_name]) if {
+	model_call
+	known_model
+	known_tenant
+	not model_allowed_for_tenant
+}
+
+deny contains "model.call needs run.usage with input_tokens, output_tokens and cost_usd as numbers" if {
+	model_call
+	not usage_counted
+}
+
+usage_counted if {
+	is_number(tokens_used)
+	is_number(run_usage.cost_usd)
+}
+
+deny contains msg if {
+	model_call
+	is_number(tokens_used)
+	not under_token_cap
+	msg := sprintf("run %v has used %v tokens; agent %s may use at most %v per run", [run_id, tokens_used, input.agent, token_cap])
+}
+
+deny contains msg if {
+	model_call
+	is_number(run_usage.cost_usd)
+	not under_cost_cap
+	msg := sprintf(
+		"run %v has cost %v USD; agent %s may spend at most %v USD per run",
+		[run_id, run_usage.cost_usd, input.agent, cost_cap]
+	)
+}
+
+grants contains sprintf("tenant %s may use model %s", [input.tenant, model_name]) if {
+	model_call
+	model_allowed_for_tenant
+	known_model
+}
+
+grants contains sprintf("run %v is under its caps: %v of %v tokens, %v of %v USD", [run_id, tokens_used, token_cap, run_usage.cost_usd, cost_cap]) if {
+	model_call
+	under_token_cap
+	under_cost_cap
+}
