@@ -6,7 +6,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +127,9 @@ class ServiceProcesses:
 
     settings: Settings
     processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    # Set in every service's environment over the rest: what one workload needs (an agents
+    # directory, a model endpoint), without changing the others'.
+    extra_env: Mapping[str, str] = field(default_factory=dict)
 
     async def start(self, *names: str) -> None:
         env = {
@@ -138,6 +141,7 @@ class ServiceProcesses:
             "WARDEN_LOG_LEVEL": "WARNING",
             "WARDEN_TENANT_CONCURRENCY": str(self.settings.tenant_concurrency),
             "WARDEN_RUNNER_CONCURRENCY": str(self.settings.runner_concurrency),
+            **self.extra_env,
         }
         env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         env.pop("WARDEN_NATS_SEED_FILE", None)  # each service connects as its own identity

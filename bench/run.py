@@ -3,7 +3,7 @@
     uv run --group bench python -m bench.run            # the full set (about 15 minutes)
     uv run --group bench python -m bench.run --quick    # short runs, to check the harness
 
-W1-W3 run under both JetStream durability settings of the NATS configuration: fsync on every write
+W1-W3 and W3llm run under both JetStream durability settings of the NATS configuration: fsync on every write
 (`always`, the single-node default) and the 2-minute sync interval (`interval`). Every process
 (NATS, Postgres, the services, the load generator) shares this machine; ratios are measured in
 one run, so they compare like with like.
@@ -20,12 +20,15 @@ from typing import Any
 
 from bench.common import Durability, embedded
 from bench.decisions import run_w1, run_w2
+from bench.llm_runs import run_w3_llm
 from bench.runs import run_w3
 
 RESULTS = Path(__file__).parent / "results"
 IDLE_MEMORY_LIMIT_MB = 100
 # Runs in flight for W3 and its peer: enough to saturate both on two cores.
 W3_CONCURRENCY = 128
+# Runs in flight in W3llm's closed loop (the issue's figure; --quick uses 8, for a short check).
+W3LLM_CONCURRENCY = 32
 PEER_CONFIGS = [("prefork", 2), ("prefork", 4), ("threads", 16), ("threads", 32)]
 
 
@@ -49,6 +52,17 @@ async def run_all(quick: bool, only: set[str]) -> dict[str, Any]:
             if "W3" in only:
                 section["W3"] = await run_w3(nats_url, admin_url, runs=int(1500 * scale), concurrency=W3_CONCURRENCY)
                 print(durability, "W3", json.dumps(section["W3"]), flush=True)
+            if "W3llm" in only:
+                section["W3llm"] = await run_w3_llm(
+                    nats_url,
+                    admin_url,
+                    sequential_runs=int(200 * scale),
+                    direct_per_run=5,
+                    runs=int(600 * scale),
+                    concurrency=8 if quick else W3LLM_CONCURRENCY,
+                    label=f"{durability} W3llm",
+                )
+                print(durability, "W3llm", json.dumps(section["W3llm"]), flush=True)
             results[durability] = section
     if "W3" in only:
         from bench.peer_celery import tune  # noqa: PLC0415 (needs the bench group and Redis)
@@ -156,6 +170,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 "",
                 f"CPU ms per run: {_per_role(w3['cpu_ms_per_run'])}",
             ]
+        if "W3llm" in section:
+            lines += ["", *_w3llm_lines(section["W3llm"])]
     if "W3_peer" in results:
         lines += [
             "",
@@ -172,6 +188,46 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     if "W4" in results:
         lines += ["", "## W4, audit replay", "", "```json", json.dumps(results["W4"], indent=2), "```"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _w3llm_lines(w3llm: dict[str, Any]) -> list[str]:
+    """W3llm: each governed operation beside the same operation made directly, then the closed loop."""
+    sequential, concurrent = w3llm["sequential"], w3llm["concurrent"]
+    direct, governed, overhead = sequential["direct"], sequential["governed"], sequential["overhead"]
+    lines = [
+        f"W3llm, governed `{w3llm['agent']}` runs on the offline model (2 model turns, 2 tool calls each) beside "
+        f"the same conversation made directly with no Warden; sequential: {sequential['runs']} runs, "
+        f"{sequential['direct_conversations']} direct conversations, alternating:",
+        "",
+        "| operation | direct p50 ms | direct p99 ms | governed p50 ms | governed p99 ms | of which gate p50 ms "
+        "| overhead p50 ms | overhead p99 ms | governed / direct p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, direct_key, governed_key, gate_key in (
+        ("model turn", "model_call", "model_turn", "model_turn_gate"),
+        ("tool call", "tool_call", "tool_call", "tool_call_gate"),
+        ("whole run", "conversation", "run", None),
+    ):
+        gate = governed[gate_key]["p50_ms"] if gate_key else ""
+        lines.append(
+            f"| {name} | {direct[direct_key]['p50_ms']} | {direct[direct_key]['p99_ms']} | "
+            f"{governed[governed_key]['p50_ms']} | {governed[governed_key]['p99_ms']} | {gate} | "
+            f"{overhead[governed_key]['p50_ms']} | {overhead[governed_key]['p99_ms']} | "
+            f"{overhead[governed_key]['p50_ratio']} |"
+        )
+    lines += [
+        "",
+        "Governed times are between stored events (request stored to result stored; the gate part: request "
+        "to decision stored); overhead is governed minus direct, quantile by quantile.",
+        "",
+        f"Concurrent ({concurrent['runs']} runs, {concurrent['concurrency']} in flight): "
+        f"{concurrent['runs_per_second']} runs/s finished, {concurrent['runs_per_second_projected']} runs/s "
+        f"projected; latency p50 {concurrent['latency']['p50_ms']} ms, p99 {concurrent['latency']['p99_ms']} ms; "
+        f"{concurrent['model_requests_per_run']} model requests per run",
+        "",
+        f"CPU ms per run: {_per_role(concurrent['cpu_ms_per_run'])}",
+    ]
+    return lines
 
 
 def _per_role(spent: dict[str, float]) -> str:
@@ -204,16 +260,21 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads")
+    parser.add_argument("--only", default="W1,W2,W3,W3llm,W4", help="comma-separated workloads")
+    parser.add_argument(
+        "--name",
+        default="results",
+        help="results file names (bench/results/NAME.json, .md, .png): keep a partial run apart",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     results = asyncio.run(run_all(args.quick, set(args.only.split(","))))
     results["seconds"] = round(time.perf_counter() - started)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, RESULTS / "results.md")
-    write_chart(results, RESULTS / "results.png")
-    print((RESULTS / "results.md").read_text())
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, RESULTS / f"{args.name}.md")
+    write_chart(results, RESULTS / f"{args.name}.png")
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
