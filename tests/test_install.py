@@ -140,6 +140,7 @@ def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Pat
     assert "run SUCCEEDED after 2 model turns and 2 tool calls" in output
     assert "policy gate: DENY tool call" in output
     assert "policy gate: DENY the run (principal bob" in output
+    assert "usage: 2 scripted model turns, 420 input + 120 output tokens" in output
     assert "alice asks the assistant, an llm agent" in output
     assert "policy gate: DENY tool call" in output.split("alice asks the assistant")[1]
     assert "host evil.example.net is not in web.fetch's allowed domains" in output

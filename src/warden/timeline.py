@@ -20,11 +20,12 @@ async def run_timeline(db: Database, tenant: str, run_id: str, verifier: Decisio
     the gate did not sign reads as such, not as the gate's; without them it says it was not checked.
     """
     lines = []
-    turns, input_tokens, output_tokens, cost = 0, 0, 0, 0.0
+    turns, called, input_tokens, output_tokens, cost = 0, 0, 0, 0, 0.0
     for event in await run_events(db, tenant, run_id):
         if event.type == "step.completed" and event.data.get("kind") == "model_turn":
             usage = event.data.get("usage", {})
             turns += 1
+            called += bool(event.data.get("model"))
             input_tokens += usage.get("input_tokens", 0)
             output_tokens += usage.get("output_tokens", 0)
             cost += event.data.get("cost_usd", 0.0)
@@ -36,9 +37,14 @@ async def run_timeline(db: Database, tenant: str, run_id: str, verifier: Decisio
         else:
             described = _describe(event.type, event.actor, event.data)
         lines.append(f"{times}  {described}")
-    if input_tokens or output_tokens:
+    if called:
         lines.append(
             f"usage: {turns} model turns, {input_tokens} input + {output_tokens} output tokens, {cost:.6f} USD"
+        )
+    elif input_tokens or output_tokens:
+        lines.append(
+            f"usage: {turns} scripted model turns, {input_tokens} input + {output_tokens} output tokens "
+            "(as the script declares them: no model was called)"
         )
     return lines
 
