@@ -453,3 +453,20 @@ async def test_misbehaving_mcp_servers_end_in_a_recorded_error_never_a_hung_run(
     assert len(completed) == 1
     assert completed[0].outcome in ("error", "refused")
     assert expected in (completed[0].error or ""), completed[0].error
+
+
+async def test_a_model_answer_too_large_to_record_fails_the_run_on_the_record(
+    llm_settings: Settings,
+    nc: NatsClient,
+    db: asyncpg.Connection,
+    run_app: AppRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer over what a turn may record ends the run as failed, saying so, rather than an event that
+    cannot be stored (and a model asked again on every attempt)."""
+    monkeypatch.setattr(execution, "MAX_RECORDED_MESSAGE_BYTES", 40)
+    await start_all(run_app, llm_settings)
+    run, events = await finished_run(nc, db, llm_settings, "ANSWER " + "a long answer " * 10)
+    assert run["status"] == "failed"
+    assert "over the 40 a turn may record" in run["error"]
+    assert not [event for event in events if isinstance(event.data, StepCompleted)]

@@ -8,6 +8,7 @@ recorded step is never repeated. Every publish is keyed, so a repeated one is st
 import asyncio
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -71,6 +72,10 @@ from warden.wire import TYPE_HEADER, ordered_subscription
 
 SERVICE = "agent-runner"
 TOOL_TIMEOUT_SECONDS = 60.0
+# The most a model's answer may take in its step.completed event: well under a message's 1 MiB
+# ceiling, so the turn is always recordable (an answer that could not be stored would be asked
+# for again on every attempt of the run).
+MAX_RECORDED_MESSAGE_BYTES = 256 * 1024
 HISTORY_TIMEOUT_SECONDS = 5.0
 MAX_STEPS = 100
 
@@ -182,6 +187,7 @@ class RunExecutor:
         self.toolboxes: dict[str, McpToolbox] = {}
         # Each tenant's MCP tools as last listed: what models are offered, and the digest a call is asked with.
         self.tool_definitions: dict[str, dict[str, ToolDefinition]] = {}
+        self.unavailable_tools: set[tuple[str, str]] = set()
         self.decisions = decisions
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
@@ -501,7 +507,13 @@ class RunExecutor:
             elif name in mcp_tools:
                 description, parameters = mcp_tools[name].description, mcp_tools[name].input_schema
             else:
-                log.warning("a tool the agent offers is not available here; the model is not told of it", tool=name)
+                if (tenant, name) not in self.unavailable_tools:  # once, not on every model call
+                    self.unavailable_tools.add((tenant, name))
+                    log.warning(
+                        "a tool the agent offers is not available here; the model is not told of it",
+                        tool=name,
+                        tenant=tenant,
+                    )
                 continue
             offered.append(
                 {
@@ -562,6 +574,15 @@ class RunExecutor:
                 failed = RunFailed(reason=recordable_text(str(exc), 2000), error_type="ModelError", steps=usage.steps)
                 await self._publish(event(failed), f"{run_id}-finished")
                 log.info("model call failed; run failed", model=action.model, error=str(exc))
+                return None
+            recorded_size = len(json.dumps(reply.message, ensure_ascii=False).encode())
+            if recorded_size > MAX_RECORDED_MESSAGE_BYTES:
+                reason = (
+                    f"the model's answer is {recorded_size} bytes, over the {MAX_RECORDED_MESSAGE_BYTES} a turn may "
+                    "record: lower the agent's max_output_tokens"
+                )
+                failed = RunFailed(reason=reason, error_type="ModelError", steps=usage.steps)
+                await self._publish(event(failed), f"{run_id}-finished")
                 return None
             model_span.set_attribute("gen_ai.response.model", reply.response_model)
             model_span.set_attribute("gen_ai.usage.input_tokens", reply.input_tokens)
