@@ -203,3 +203,25 @@ approval contains sprintf("tool %s requires human approval", [tool_name]) if {
 	tool_call
 	data.warden.tools[tool_name].requires_approval == true
 }
+
+# --- What the run did before (run.history) -----------------------------------------------------
+
+# The run has read content no one vouches for: an earlier call that ran (outcome "ok") of a tool
+# whose output is marked untrusted (a fetched web page can carry instructions for the model).
+read_untrusted contains call.tool if {
+	some call in object.get(input, ["run", "history", "tool_calls"], [])
+	call.outcome == "ok"
+	object.get(data.warden.tools, [call.tool, "untrusted_output"], false) == true
+}
+
+# Once it has, a tool that sends data out needs a human: what it sends may be what the untrusted
+# content asked the model to send.
+approval contains msg if {
+	tool_call
+	object.get(data.warden.tools, [tool_name, "sends_data_out"], false) == true
+	count(read_untrusted) > 0
+	msg := sprintf(
+		"tool %s sends data out, and this run has read untrusted content (%s)",
+		[tool_name, concat(", ", sort(read_untrusted))]
+	)
+}

@@ -208,3 +208,41 @@ test_a_pinned_tool_asked_for_without_its_definition_is_denied if {
 		with data.warden.agents.demo.tools as ["notes.add_note"]
 	decision.reasons == ["tool notes.add_note has a pinned definition but its server did not describe it (is the server there?)"]
 }
+
+# --- Run history: untrusted content, then sending data out -----------------------------------
+
+post_after(history) := object.union(
+	tool_call("alice", "reporter", "http.post", {"url": "https://example.com/reports", "body": "x"}, 1),
+	{"run": {"history": {"tool_calls": history}}},
+)
+
+test_sending_data_out_after_reading_untrusted_content_needs_approval if {
+	decision := authz.decision with input as post_after([{"tool": "web.fetch", "outcome": "ok", "host": "example.com"}])
+	decision.effect == "require_approval"
+	decision.reasons[0] == "tool http.post sends data out, and this run has read untrusted content (web.fetch)"
+}
+
+test_sending_data_out_with_nothing_untrusted_read_is_allowed if {
+	decision := authz.decision with input as post_after([{"tool": "text.echo", "outcome": "ok", "host": null}])
+	decision.effect == "allow"
+}
+
+test_a_refused_or_failed_fetch_read_nothing if {
+	history := [
+		{"tool": "web.fetch", "outcome": "refused", "host": "evil.example.net"},
+		{"tool": "web.fetch", "outcome": "error", "host": "example.com"},
+	]
+	decision := authz.decision with input as post_after(history)
+	decision.effect == "allow"
+}
+
+test_a_request_without_history_is_judged_on_the_call_alone if {
+	decision := authz.decision with input as tool_call("alice", "reporter", "http.post", {"url": "https://example.com/r", "body": "x"}, 0)
+	decision.effect == "allow"
+}
+
+test_a_post_off_its_allowed_domains_is_denied_whatever_the_history if {
+	request := object.union(post_after([]), {"tool": {"arguments": {"url": "https://evil.example.net/", "body": "x"}}})
+	decision := authz.decision with input as request
+	decision.effect == "deny"
+}

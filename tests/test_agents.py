@@ -360,6 +360,26 @@ async def test_run_tool_rejects_an_unknown_tool() -> None:
     assert isinstance(caught.value, ToolError)
 
 
-def test_builtin_tools_are_the_four_documented_ones() -> None:
-    """The registry holds exactly math.add, text.echo, clock.sleep and web.fetch."""
-    assert set(BUILTIN_TOOLS) == {"math.add", "text.echo", "clock.sleep", "web.fetch"}
+def test_builtin_tools_are_the_five_documented_ones() -> None:
+    """The registry holds exactly math.add, text.echo, clock.sleep, web.fetch and http.post."""
+    assert set(BUILTIN_TOOLS) == {"math.add", "text.echo", "clock.sleep", "web.fetch", "http.post"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"url": "ftp://example.com/x", "body": "b"}, "expected an http or https URL"),
+        ({"url": "https://example.com/x"}, "missing body"),
+        ({"url": "https://example.com/x", "body": "x" * (64 * 1024 + 1)}, "over 65536"),
+    ],
+)
+async def test_http_post_checks_what_it_would_send(arguments: dict[str, JsonValue], problem: str) -> None:
+    """http.post refuses a non-http URL, a missing body and one over its size limit."""
+    with pytest.raises(ToolError, match=problem):
+        await run_tool("http.post", arguments)
+
+
+async def test_http_post_is_offline_and_says_what_would_have_gone() -> None:
+    """Nothing is sent (no network in this build): the answer says so, with the body's size."""
+    result = await run_tool("http.post", {"url": "https://example.com/r", "body": {"report": "ok"}})
+    assert result == {"url": "https://example.com/r", "status": 202, "bytes": 16, "offline": True}

@@ -234,7 +234,7 @@ def test_a_run_submission_becomes_a_run_start_input(tenant: str, priority: int) 
         "agent": "researcher",
         "tool": None,
         "model": None,
-        "run": {"id": "r1", "usage": RunUsage().model_dump()},
+        "run": {"id": "r1", "usage": RunUsage().model_dump(), "history": {"tool_calls": []}},
     }
 
 

@@ -87,6 +87,20 @@ class RunUsage(BaseModel):
     cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="Model cost so far, in US dollars.")
 
 
+class CallFact(BaseModel):
+    """One earlier tool call of a run, as the policy sees it: what was called, how it ended, where it reached."""
+
+    model_config = _MODEL_CONFIG
+
+    tool: Name
+    outcome: Literal["ok", "error", "refused"]
+    host: str | None = Field(default=None, max_length=256, description="The host of its `url` argument, if any.")
+
+
+# The earlier calls a request carries: a run makes at most this many steps (the runner's MAX_STEPS).
+MAX_CALL_FACTS = 100
+
+
 class ModelCallRequested(Payload):
     """An `llm` agent wants to call its model. Published by the agent runner; decided by the policy gate.
 
@@ -104,6 +118,9 @@ class ModelCallRequested(Payload):
     model: str = Field(min_length=1, max_length=256)
     max_output_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
+    history: list[CallFact] = Field(
+        default_factory=list, max_length=MAX_CALL_FACTS, description="The run's tool calls before this one, in order."
+    )
 
 
 class ToolCallRequested(Payload):
@@ -119,6 +136,9 @@ class ToolCallRequested(Payload):
     tool: Name
     arguments: FreeJsonObject = Field(default_factory=dict)
     usage: RunUsage = Field(default_factory=RunUsage, description="The run's usage before this call.")
+    history: list[CallFact] = Field(
+        default_factory=list, max_length=MAX_CALL_FACTS, description="The run's tool calls before this one, in order."
+    )
     tool_digest: str | None = Field(
         default=None,
         max_length=128,
@@ -272,6 +292,11 @@ class ToolCallCompleted(Payload):
     outcome: Literal["ok", "error", "refused"]
     result: FreeJson = None
     error: str | None = None
+    host: str | None = Field(
+        default=None,
+        max_length=256,
+        description="The host of its `url` argument, if any: where it reached (or would have).",
+    )
 
 
 class RunSucceeded(Payload):

@@ -103,6 +103,7 @@ class StepRecord:
     outcome: Outcome | None = None  # None for a model turn: only tool calls have an outcome
     result: JsonValue = None  # the tool's result when the outcome is "ok"
     error: str | None = None  # the tool's error text, or the refusal reason(s)
+    host: str | None = None  # for a tool call with a `url` argument: its host
 
 
 class Agent(Protocol):

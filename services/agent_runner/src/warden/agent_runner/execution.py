@@ -34,7 +34,7 @@ from warden.agent_runner.actions import (
 )
 from warden.agent_runner.agents import AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
-from warden.agent_runner.history import RunHistory
+from warden.agent_runner.history import RunHistory, call_facts, url_host
 from warden.agent_runner.llm_agent import function_name
 from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServersConfig
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
@@ -393,7 +393,7 @@ class RunExecutor:
                     )
                 case ModelCall():
                     answered = await self._model_call(
-                        submission, work, recorded, step=step, action=action, usage=usage, event=event
+                        submission, work, recorded, step=step, action=action, usage=usage, event=event, history=history
                     )
                     if answered is None:
                         return  # the call was refused or failed: the run ended on the record
@@ -411,7 +411,7 @@ class RunExecutor:
                     )
                 case ToolCall():
                     record = await self._tool_call(
-                        submission, work, recorded, step=step, action=action, usage=usage, event=event
+                        submission, work, recorded, step=step, action=action, usage=usage, event=event, history=history
                     )
                     usage = usage.model_copy(update={"steps": usage.steps + 1, "tool_calls": usage.tool_calls + 1})
                 case Finish():
@@ -533,6 +533,7 @@ class RunExecutor:
         action: ModelCall,
         usage: RunUsage,
         event: Any,
+        history: list[StepRecord],
     ) -> StepRecord | None:
         """Ask the gate, call the model only on allow, and record its turn; None when the run ended instead."""
         run_id = work.entity_id
@@ -545,6 +546,7 @@ class RunExecutor:
             model=action.model,
             max_output_tokens=action.max_output_tokens,
             usage=usage,
+            history=call_facts(history),
         )
         verdict = await self._ask_gate(submission, work, recorded, request, call_id)
         if verdict is None or verdict.effect != "allow":
@@ -632,6 +634,7 @@ class RunExecutor:
         action: ToolCall,
         usage: RunUsage,
         event: Any,
+        history: list[StepRecord],
     ) -> StepRecord:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
         run_id = work.entity_id
@@ -662,6 +665,7 @@ class RunExecutor:
                     tool=action.tool,
                     arguments=recorded_arguments,
                     usage=usage,
+                    history=call_facts(history),
                     tool_digest=await self._tool_digest(work.tenant, action.tool),
                 )
                 verdict = await self._ask_gate(submission, work, recorded, request, tool_call_id)
@@ -677,10 +681,13 @@ class RunExecutor:
                 outcome=outcome,
                 result=result,
                 error=error,
+                host=url_host(action.arguments),
             )
             await self._publish(event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
-            return StepRecord(step=step, action=action, outcome=completed.outcome, result=result, error=error)
+            return StepRecord(
+                step=step, action=action, outcome=completed.outcome, result=result, error=error, host=completed.host
+            )
 
     async def _execute(
         self, tenant: str, action: ToolCall, verdict: DecisionMade | None

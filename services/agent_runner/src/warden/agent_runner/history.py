@@ -4,11 +4,17 @@ Pure: no I/O. The executor feeds it the run's events (see `read_history`) when i
 so a runner that takes over after a crash continues after the last recorded step.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import JsonValue
 
 from warden.agent_runner.actions import ModelTurn, StepRecord, ToolCall
 from warden.messages import (
+    MAX_CALL_FACTS,
+    CallFact,
     DecisionMade,
     Envelope,
     RunFailed,
@@ -56,6 +62,7 @@ class RunHistory:
                     outcome=data.outcome,
                     result=data.result,
                     error=data.error,
+                    host=data.host,
                 )
             case DecisionMade(tool_call_id=str() as tool_call_id):
                 self.decisions.setdefault(tool_call_id, []).append(data)
@@ -78,3 +85,24 @@ class RunHistory:
             model_calls=sum(turn.model is not None for turn in turns),
             cost_usd=round(sum(turn.cost_usd for turn in turns), 9),
         )
+
+
+def call_facts(steps: Sequence[StepRecord]) -> list[CallFact]:
+    """The run's tool calls so far as the policy sees them (see CallFact): what, how it ended, where."""
+    return [
+        CallFact(tool=record.action.tool, outcome=record.outcome, host=record.host)
+        for record in steps
+        if isinstance(record.action, ToolCall) and record.outcome is not None
+    ][-MAX_CALL_FACTS:]
+
+
+def url_host(arguments: Mapping[str, JsonValue]) -> str | None:
+    """The host a tool call's `url` argument names (lower-cased), or None when it has none or no readable one."""
+    url = arguments.get("url")
+    if not isinstance(url, str):
+        return None
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host[:256] if host else None

@@ -1,6 +1,7 @@
 """Built-in tools the agent runner can execute once the policy gate allows a call: small, deterministic, offline."""
 
 import asyncio
+import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from types import MappingProxyType
@@ -146,12 +147,39 @@ async def web_fetch(arguments: Mapping[str, JsonValue]) -> JsonValue:
     return {"url": url, "status": 200, "title": title, "text": text, "offline": True}
 
 
+MAX_POST_BYTES = 64 * 1024
+
+
+async def http_post(arguments: Mapping[str, JsonValue]) -> JsonValue:
+    """`http.post`: {"url": http(s) URL, "body": string or JSON} → {"url", "status": 202, "bytes", "offline": true}.
+
+    A tool that sends data out, for the policies that govern such tools (the shipped pack asks for
+    a human once a run has read untrusted content). OFFLINE: this build has no network access, so
+    nothing is sent; the URL and body are checked, and the answer says how much would have gone.
+    """
+    _expect_keys("http.post", arguments, "url", "body")
+    url = _text("http.post", arguments, "url")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as error:
+        raise ToolError(f"http.post: not a valid URL {url!r}: {error}") from error
+    if parts.scheme not in ("http", "https") or not host:
+        raise ToolError(f"http.post: expected an http or https URL, got {url!r}")
+    body = arguments["body"]
+    size = len((body if isinstance(body, str) else json.dumps(body)).encode())
+    if size > MAX_POST_BYTES:
+        raise ToolError(f"http.post: the body is {size} bytes, over {MAX_POST_BYTES}")
+    return {"url": url, "status": 202, "bytes": size, "offline": True}
+
+
 BUILTIN_TOOLS: Mapping[str, Tool] = MappingProxyType(
     {
         "math.add": math_add,
         "text.echo": text_echo,
         "clock.sleep": clock_sleep,
         "web.fetch": web_fetch,
+        "http.post": http_post,
     }
 )
 
@@ -172,6 +200,10 @@ BUILTIN_TOOL_SCHEMAS: Mapping[str, tuple[str, dict[str, JsonValue]]] = MappingPr
         "web.fetch": (
             "Fetch a web page by URL and return its title and text.",
             _object({"url": {"type": "string", "description": "An http or https URL."}}, "url"),
+        ),
+        "http.post": (
+            "Send data to a URL with an HTTP POST.",
+            _object({"url": {"type": "string"}, "body": {"type": ["string", "object"]}}, "url", "body"),
         ),
     }
 )

@@ -32,6 +32,9 @@ def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
     """The document the Rego policies see (see policies/README.md): who asks what, and usage so far."""
     data = envelope.data
     model = None
+    # What the run did before this request: its earlier tool calls (the runner's record of them).
+    earlier = data.history if isinstance(data, ToolCallRequested | ModelCallRequested) else []
+    history = [fact.model_dump() for fact in earlier]
     tool: dict[str, Any] | None
     if isinstance(data, RunSubmitted):
         action, tool, usage = RUN_START, None, RunUsage()
@@ -52,7 +55,7 @@ def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
         "agent": data.agent,
         "tool": tool,
         "model": model,
-        "run": {"id": envelope.entity_id, "usage": usage.model_dump()},
+        "run": {"id": envelope.entity_id, "usage": usage.model_dump(), "history": {"tool_calls": history}},
     }
 
 
