@@ -261,6 +261,7 @@ async def _submit(args: argparse.Namespace) -> int:
                 input=run_input,
                 run_id=args.run_id,
                 priority=args.priority,
+                timeout_seconds=args.timeout,
                 idempotency_key=args.idempotency_key,
             )
         except ValidationError as exc:
@@ -388,6 +389,32 @@ def _add_database_parser(commands: Any) -> None:
     install.set_defaults(handler=_database_install)
 
 
+def _add_submit_parser(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="submit a run")
+    submit.add_argument("--tenant", required=True)
+    submit.add_argument("--agent", required=True)
+    submit.add_argument("--actor", required=True, help="the principal asking for the run")
+    submit.add_argument("--input", help="the run's input, a JSON object")
+    submit.add_argument("--run-id")
+    submit.add_argument("--priority", type=int, default=5)
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the run's deadline, counted from now (the policy's deadline for the agent applies too: the stricter "
+        "wins)",
+    )
+    submit.add_argument("--idempotency-key", help="sent as Nats-Msg-Id (default: derived from the run id)")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the outcome (rejected, denied, succeeded, failed) and print it; "
+        "exit 0 only if the run succeeded",
+    )
+    submit.set_defaults(handler=_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -428,22 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     provisioning.set_defaults(handler=_provision)
 
     _add_database_parser(commands)
-    submit = commands.add_parser("submit", help="submit a run")
-    submit.add_argument("--tenant", required=True)
-    submit.add_argument("--agent", required=True)
-    submit.add_argument("--actor", required=True, help="the principal asking for the run")
-    submit.add_argument("--input", help="the run's input, a JSON object")
-    submit.add_argument("--run-id")
-    submit.add_argument("--priority", type=int, default=5)
-    submit.add_argument("--idempotency-key", help="sent as Nats-Msg-Id (default: derived from the run id)")
-    submit.add_argument(
-        "--wait",
-        type=float,
-        metavar="SECONDS",
-        help="wait up to SECONDS for the outcome (rejected, denied, succeeded, failed) and print it; "
-        "exit 0 only if the run succeeded",
-    )
-    submit.set_defaults(handler=_submit)
+    _add_submit_parser(commands)
 
     tail = commands.add_parser("tail", help="print a tenant's (or one run's) events as JSON lines")
     tail.add_argument("--tenant", required=True)

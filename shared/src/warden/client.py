@@ -224,15 +224,19 @@ class WardenClient:
         run_id: str | None = None,
         priority: int = 5,
         idempotency_key: str | None = None,
+        timeout_seconds: float | None = None,
     ) -> Receipt:
         """Ask for a run. The idempotency key defaults to the run id, so a retried submit runs once.
+
+        `timeout_seconds`: the run's own deadline, counted from now; the policy's deadline for the
+        agent applies too, and the stricter wins.
 
         Submitting again with the same key (within the commands stream's ten-minute duplicate
         window) stores nothing and returns the first submission's receipt, naming its run.
         """
         run_id = run_id or new_id()
         envelope = make_envelope(
-            RunSubmitted(agent=agent, input=input or {}, priority=priority),
+            RunSubmitted(agent=agent, input=input or {}, priority=priority, timeout_seconds=timeout_seconds),
             tenant=tenant,
             entity_id=run_id,
             actor=actor,

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from warden.agent_runner.actions import (
 from warden.agent_runner.agents import AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory, call_facts, url_host
+from warden.agent_runner.limits import TimeLimits
 from warden.agent_runner.llm_agent import function_name
 from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServersConfig
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
@@ -71,7 +73,6 @@ from warden.telemetry import consuming, span
 from warden.wire import TYPE_HEADER, ordered_subscription
 
 SERVICE = "agent-runner"
-TOOL_TIMEOUT_SECONDS = 60.0
 # The most a model's answer may take in its step.completed event: well under a message's 1 MiB
 # ceiling, so the turn is always recordable (an answer that could not be stored would be asked
 # for again on every attempt of the run).
@@ -136,6 +137,45 @@ def _expired(verdict: DecisionMade) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class RunDeadline:
+    """When a run must be done by (wall clock, seconds since the epoch), and what set it."""
+
+    at: float
+    seconds: float
+    source: str
+
+    def remaining(self) -> float:
+        return self.at - time.time()
+
+    def passed(self) -> str | None:
+        """Why the run must stop now, or None while it has time left."""
+        if self.remaining() > 0:
+            return None
+        return f"the run passed its deadline of {self.seconds:g}s ({self.source})"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one attempt at a run needs: its work item, submission, recorded history and deadline."""
+
+    work: Envelope[RunDispatched]
+    submission: Envelope[Any]
+    recorded: RunHistory
+    deadline: RunDeadline
+
+    def event(self, payload: Payload) -> Envelope[Any]:
+        """An event of this run, caused by its work item."""
+        return make_envelope(
+            payload,
+            tenant=self.work.tenant,
+            entity_id=self.work.entity_id,
+            actor=SERVICE,
+            source=SERVICE,
+            caused_by=self.work,
+        )
+
+
 def run_decision_mismatch(work: Envelope[RunDispatched], submission: Envelope[Any]) -> str | None:
     """Why the decision a work item carries does not allow this run (None: it does). Signature apart."""
     verdict = work.data.decision
@@ -180,6 +220,7 @@ class RunExecutor:
             settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
         )
         self.prices = ModelPrices.from_policy_dir(settings.policy_dir or shipped_policy_dir())
+        self.limits = TimeLimits.from_policy_dir(settings.policy_dir or shipped_policy_dir())
         self.models = ModelClient()
         self.tool_servers = (
             ToolServersConfig.load(settings.tool_servers_file) if settings.tool_servers_file else ToolServersConfig()
@@ -325,6 +366,13 @@ class RunExecutor:
                 return
             await self._run(work, submission, history, attempt)
 
+    def _deadline(self, work: Envelope[RunDispatched], submission: Envelope[Any]) -> RunDeadline:
+        """Counted from the submission; a submission dated after its own dispatch (a client's clock
+        ahead, or a claim to buy time) counts from the dispatch, which the scheduler dated."""
+        seconds, source = self.limits.run_deadline(work.data.agent, submission.data.timeout_seconds)
+        started = min(submission.time, work.time).timestamp()
+        return RunDeadline(at=started + seconds, seconds=seconds, source=source)
+
     async def _submission(self, work: Envelope[RunDispatched]) -> Envelope[Any] | str:
         """The run.submitted command the work item names, or why it cannot be that run's submission."""
         seq = work.data.request_seq
@@ -343,13 +391,9 @@ class RunExecutor:
     async def _run(
         self, work: Envelope[RunDispatched], submission: Envelope[Any], recorded: RunHistory, attempt: int
     ) -> None:
-        tenant, run_id = work.tenant, work.entity_id
-
-        def event(payload: Payload) -> Envelope[Any]:
-            return make_envelope(
-                payload, tenant=tenant, entity_id=run_id, actor=SERVICE, source=SERVICE, caused_by=work
-            )
-
+        run_id = work.entity_id
+        run = RunContext(work=work, submission=submission, recorded=recorded, deadline=self._deadline(work, submission))
+        event = run.event
         await self._publish(
             event(RunStarted(decision_id=work.data.decision_id, worker=self.worker, attempt=attempt)),
             f"{run_id}-started-{attempt}",
@@ -366,6 +410,11 @@ class RunExecutor:
 
         while len(history) < MAX_STEPS:
             step = len(history)
+            if (late := run.deadline.passed()) is not None:
+                failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=usage.steps)
+                await self._publish(event(failed), f"{run_id}-finished")
+                log.info("run passed its deadline", reason=late)
+                return
             try:
                 action = agent.next_action(submission.data.input, history)
             except Exception as exc:  # an agent bug must end the run as failed, not kill the runner
@@ -392,9 +441,7 @@ class RunExecutor:
                         }
                     )
                 case ModelCall():
-                    answered = await self._model_call(
-                        submission, work, recorded, step=step, action=action, usage=usage, event=event, history=history
-                    )
+                    answered = await self._model_call(run, step=step, action=action, usage=usage, history=history)
                     if answered is None:
                         return  # the call was refused or failed: the run ended on the record
                     record = answered
@@ -410,9 +457,7 @@ class RunExecutor:
                         }
                     )
                 case ToolCall():
-                    record = await self._tool_call(
-                        submission, work, recorded, step=step, action=action, usage=usage, event=event, history=history
-                    )
+                    record = await self._tool_call(run, step=step, action=action, usage=usage, history=history)
                     usage = usage.model_copy(update={"steps": usage.steps + 1, "tool_calls": usage.tool_calls + 1})
                 case Finish():
                     await self._publish(
@@ -439,22 +484,17 @@ class RunExecutor:
         )
 
     async def _ask_gate(
-        self,
-        submission: Envelope[Any],
-        work: Envelope[RunDispatched],
-        recorded: RunHistory,
-        request: ToolCallRequested | ModelCallRequested,
-        call_id: str,
+        self, run: RunContext, request: ToolCallRequested | ModelCallRequested, call_id: str
     ) -> DecisionMade | None:
         """Store the request for a call and wait for the gate's decision on it (None: none came in time)."""
         envelope = make_envelope(
             request,
             # The principal who asked for the run is who asks for its calls.
-            tenant=work.tenant,
-            entity_id=work.entity_id,
-            actor=submission.actor,
+            tenant=run.work.tenant,
+            entity_id=run.work.entity_id,
+            actor=run.submission.actor,
             source=SERVICE,
-            caused_by=work,
+            caused_by=run.work,
         )
         stored = await self._publish(envelope, call_id)
         expected = ExpectedDecision(
@@ -463,7 +503,7 @@ class RunExecutor:
             request_id=None if stored.duplicate else envelope.id,
             arguments_hash=arguments_hash(bound_arguments(request)),
         )
-        return await self._decision(work, recorded, expected)
+        return await self._decision(run.work, run.recorded, expected)
 
     def _toolbox(self, tenant: str) -> McpToolbox:
         toolbox = self.toolboxes.get(tenant)
@@ -524,18 +564,10 @@ class RunExecutor:
         return offered
 
     async def _model_call(
-        self,
-        submission: Envelope[Any],
-        work: Envelope[RunDispatched],
-        recorded: RunHistory,
-        *,
-        step: int,
-        action: ModelCall,
-        usage: RunUsage,
-        event: Any,
-        history: list[StepRecord],
+        self, run: RunContext, *, step: int, action: ModelCall, usage: RunUsage, history: list[StepRecord]
     ) -> StepRecord | None:
         """Ask the gate, call the model only on allow, and record its turn; None when the run ended instead."""
+        work, deadline, event = run.work, run.deadline, run.event
         run_id = work.entity_id
         call_id = self.tool_call_id(work.tenant, run_id, step, kind="mc")
         action = replace(action, model=chosen_model(action))
@@ -548,7 +580,7 @@ class RunExecutor:
             usage=usage,
             history=call_facts(history),
         )
-        verdict = await self._ask_gate(submission, work, recorded, request, call_id)
+        verdict = await self._ask_gate(run, request, call_id)
         if verdict is None or verdict.effect != "allow":
             reason = (
                 f"no decision within {self.settings.decision_timeout_seconds}s (fail closed)"
@@ -570,7 +602,13 @@ class RunExecutor:
         }
         with span(SERVICE, f"chat {action.model}", attributes, client=True) as model_span:
             try:
-                reply = await self.models.complete(action, await self._offered_tools(work.tenant, action.tools))
+                offered = await self._offered_tools(work.tenant, action.tools)
+                reply = await asyncio.wait_for(self.models.complete(action, offered), max(deadline.remaining(), 0))
+            except TimeoutError:
+                late = deadline.passed() or f"the run's deadline of {deadline.seconds:g}s came during the model call"
+                failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=usage.steps)
+                await self._publish(event(failed), f"{run_id}-finished")
+                return None
             except ModelError as exc:
                 model_span.set_attribute("error.type", type(exc.__cause__ or exc).__name__)
                 failed = RunFailed(reason=recordable_text(str(exc), 2000), error_type="ModelError", steps=usage.steps)
@@ -625,18 +663,10 @@ class RunExecutor:
         return StepRecord(step=step, action=turn)
 
     async def _tool_call(
-        self,
-        submission: Envelope[Any],
-        work: Envelope[RunDispatched],
-        recorded: RunHistory,
-        *,
-        step: int,
-        action: ToolCall,
-        usage: RunUsage,
-        event: Any,
-        history: list[StepRecord],
+        self, run: RunContext, *, step: int, action: ToolCall, usage: RunUsage, history: list[StepRecord]
     ) -> StepRecord:
         """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
+        work = run.work
         run_id = work.entity_id
         tool_call_id = self.tool_call_id(work.tenant, run_id, step)
         attributes = {
@@ -668,8 +698,8 @@ class RunExecutor:
                     history=call_facts(history),
                     tool_digest=await self._tool_digest(work.tenant, action.tool),
                 )
-                verdict = await self._ask_gate(submission, work, recorded, request, tool_call_id)
-                outcome, result, error = await self._execute(work.tenant, action, verdict)
+                verdict = await self._ask_gate(run, request, tool_call_id)
+                outcome, result, error = await self._execute(work.tenant, action, verdict, run.deadline)
             tool_span.set_attribute("warden.outcome", outcome)
             if outcome != "ok":
                 tool_span.set_attribute("error.type", outcome)
@@ -683,30 +713,36 @@ class RunExecutor:
                 error=error,
                 host=url_host(action.arguments),
             )
-            await self._publish(event(completed), f"{tool_call_id}-completed")
+            await self._publish(run.event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             return StepRecord(
                 step=step, action=action, outcome=completed.outcome, result=result, error=error, host=completed.host
             )
 
     async def _execute(
-        self, tenant: str, action: ToolCall, verdict: DecisionMade | None
+        self, tenant: str, action: ToolCall, verdict: DecisionMade | None, deadline: RunDeadline
     ) -> tuple[Outcome, Any, str | None]:
-        """Run the tool if, and only if, the decision allows it: its outcome, result and error."""
+        """Run the tool if, and only if, the decision allows it: its outcome, result and error.
+
+        Bounded by the tool's timeout from the policy data, or by what is left of the run's
+        deadline when that is sooner.
+        """
         if verdict is None:
-            return (
-                "refused",
-                None,
-                f"no decision within {self.settings.decision_timeout_seconds}s: refused (fail closed)",
-            )
+            waited = self.settings.decision_timeout_seconds
+            return "refused", None, f"no decision within {waited}s: refused (fail closed)"
         if verdict.effect != "allow":
             return "refused", None, f"{verdict.effect}: " + "; ".join(verdict.reasons)
+        timeout = self.limits.tool_timeout(action.tool)
+        bound = f"its timeout of {timeout:g}s"
+        if deadline.remaining() < timeout:
+            timeout = max(deadline.remaining(), 0)
+            bound = f"what was left of the run's deadline ({timeout:.3g}s)"
         try:
             if self._is_mcp_tool(tenant, action.tool):
-                # Bounded by the server's own timeout_seconds (and a hung server's session is dropped).
-                result = await self._toolbox(tenant).call(action.tool, action.arguments)
+                # Also bounded by the server's own timeout_seconds (and a hung server's session is dropped).
+                result = await asyncio.wait_for(self._toolbox(tenant).call(action.tool, action.arguments), timeout)
             else:
-                result = await asyncio.wait_for(run_tool(action.tool, action.arguments), TOOL_TIMEOUT_SECONDS)
+                result = await asyncio.wait_for(run_tool(action.tool, action.arguments), timeout)
             # What cannot be recorded cannot be the result: every reader would refuse the event.
             check_value(result)
         except ToolError as exc:
@@ -714,7 +750,7 @@ class RunExecutor:
         except InvalidMessage as exc:
             return "error", None, f"{action.tool} returned what cannot be recorded: {exc}"
         except TimeoutError:
-            return "error", None, f"{action.tool} took longer than {TOOL_TIMEOUT_SECONDS}s"
+            return "error", None, f"{action.tool} took longer than {bound}"
         return "ok", result, None
 
 
