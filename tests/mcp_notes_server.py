@@ -7,7 +7,10 @@ free port of 127.0.0.1. Stdio: `python tests/mcp_notes_server.py --stdio` (the o
 
 import argparse
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +19,10 @@ from pathlib import Path
 
 import anyio
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+
+from warden.agent_runner.mcp_tools import IDEMPOTENCY_META_KEY
 
 SCRIPT = Path(__file__).resolve()
 
@@ -40,6 +45,23 @@ def build_notes_server(*, with_crash: bool, rug_pull: bool = False) -> MCPServer
     def add_note(text: str) -> str:
         notes.append(text)
         return f"note {len(notes)} added"
+
+    # Notes added under each idempotency key (Warden's tool call id, in the request's `_meta`):
+    # a call tried again with the same key adds nothing more and answers as the first time.
+    added: dict[str, str] = {}
+
+    @server.tool()
+    async def slow_add_note(text: str, seconds: float, ctx: Context) -> str:
+        """Add a note; the first call under an idempotency key then takes `seconds` to answer (a slow server)."""
+        key = (ctx.request_context.meta or {}).get(IDEMPOTENCY_META_KEY)
+        if isinstance(key, str) and key in added:
+            return added[key]
+        notes.append(text)
+        answer = f"note {len(notes)} added"
+        if isinstance(key, str):
+            added[key] = answer
+        await anyio.sleep(seconds)
+        return answer
 
     @server.tool()
     def list_notes() -> list[str]:
@@ -119,11 +141,42 @@ def serve_notes_over_http() -> Iterator[str]:
         server.stop()
 
 
+@contextmanager
+def serve_notes_over_http_in_a_process() -> Iterator[str]:
+    """As `serve_notes_over_http`, from a process of its own: for tests whose process also runs a policy
+    gate, whose engine (a Rust object bound to the thread that made it) must not be collected on the
+    server's thread."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.mcp_notes_server", "--http"],
+        cwd=SCRIPT.parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"the notes MCP server did not start (it printed {url!r})")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(_START_TIMEOUT_SECONDS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--stdio", action="store_true", required=True, help="serve over stdin/stdout")
+    transport = parser.add_mutually_exclusive_group(required=True)
+    transport.add_argument("--stdio", action="store_true", help="serve over stdin/stdout")
+    transport.add_argument("--http", action="store_true", help="serve over streamable HTTP; print the URL first")
     parser.add_argument("--rug-pull", action="store_true", help="describe add_note as a hostile server would")
     arguments = parser.parse_args()
+    if arguments.http:
+        # Blocked before the server's thread starts (it inherits the mask), so `sigwait` receives them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        with serve_notes_over_http() as url:
+            print(url, flush=True)
+            signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        return
     build_notes_server(with_crash=True, rug_pull=arguments.rug_pull).run("stdio")
 
 

@@ -133,3 +133,12 @@ async def test_a_tool_past_its_timeout_is_an_error_handed_to_the_agent(
         ("error", "clock.sleep took longer than its timeout of 0.2s"),
         ("error", "clock.sleep took longer than its timeout of 0.2s"),
     ]
+
+
+def test_retries_come_from_the_tool_and_are_capped(tmp_path: Path) -> None:
+    """tools.<tool>.retries (at most 10); a tool without a whole number of retries is never tried again."""
+    policy_dir = limits_in(
+        tmp_path, tools={"web.fetch": {"retries": 3}, "math.add": {"retries": 50}, "text.echo": {"retries": "2"}}
+    )
+    limits = TimeLimits.from_policy_dir(policy_dir)
+    assert [limits.retries(tool) for tool in ("web.fetch", "math.add", "text.echo", "clock.sleep")] == [3, 10, 0, 0]

@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from tests.conftest import REPO_ROOT, SPANS, AppRunner, eventually
-from tests.mcp_notes_server import serve_notes_over_http
+from tests.mcp_notes_server import serve_notes_over_http_in_a_process
 from tests.test_governed_run import run_events, run_row, start_all
 from warden.agent_runner import execution
 from warden.agent_runner.mcp_tools import McpToolbox, ToolServersConfig
@@ -60,13 +60,14 @@ MCP_TOOLS = [
     "ghost.lookup",
     "webnotes.add_note",
     "webnotes.list_notes",
+    "webnotes.slow_add_note",
 ]
 
 
 @pytest.fixture
 def notes_over_http() -> Iterator[str]:
     """The tests' notes server over streamable HTTP, for as long as the test runs: its MCP URL."""
-    with serve_notes_over_http() as url:
+    with serve_notes_over_http_in_a_process() as url:
         yield url
 
 
@@ -90,7 +91,7 @@ def tool_servers(http_url: str, rug_pull: bool = False) -> dict[str, Any]:
             "max_result_bytes": 1000,
         },
         "ghost": {"transport": "stdio", "command": "warden-no-such-tool-server"},
-        "webnotes": {"transport": "streamable_http", "url": http_url},
+        "webnotes": {"transport": "streamable_http", "url": http_url, "timeout_seconds": 2},
     }
 
 
@@ -130,6 +131,7 @@ async def llm_settings(
     warden = data["warden"]
     warden["tools"] |= {name: {"digest": digest} for name, digest in (await honest_digests(notes_over_http)).items()}
     warden["tools"]["ghost.lookup"] = {"digest": "sha256:never-seen"}
+    warden["tools"]["webnotes.slow_add_note"]["retries"] = 2
     warden["agents"]["assistant"]["tools"] += MCP_TOOLS
     assistant = warden["agents"]["assistant"]
     warden["agents"] |= {
@@ -470,3 +472,33 @@ async def test_a_model_answer_too_large_to_record_fails_the_run_on_the_record(
     assert run["status"] == "failed"
     assert "over the 40 a turn may record" in run["error"]
     assert not [event for event in events if isinstance(event.data, StepCompleted)]
+
+
+async def test_a_retryable_tool_is_tried_again_with_the_same_key_and_its_side_effect_happens_once(
+    llm_settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """`webnotes.slow_add_note` (retries: 2 in the policy data) adds its note, then answers too late: the call
+    is tried again with the same idempotency key, the server recognises it, and the note is there once."""
+    await start_all(run_app, llm_settings)
+    prompt = call("webnotes__slow_add_note", {"text": "once", "seconds": 5}) + "\n" + call("webnotes__list_notes", {})
+    run, events = await finished_run(nc, db, llm_settings, prompt)
+    assert run["status"] == "succeeded", run["error"]
+    completed = [event.data for event in events if isinstance(event.data, ToolCallCompleted)]
+    assert [(call.tool, call.outcome) for call in completed] == [
+        ("webnotes.slow_add_note", "ok"),
+        ("webnotes.list_notes", "ok"),
+    ]
+    assert "note 1 added" in json.dumps(completed[0].result)
+    assert json.dumps(completed[1].result).count("once") == 1, completed[1].result
+
+
+async def test_a_tool_without_retries_fails_at_once_on_a_timeout(
+    llm_settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """`notes.hang` has no retries in the policy data: its timeout is recorded after one try and handed to the model."""
+    await start_all(run_app, llm_settings)
+    run, events = await finished_run(nc, db, llm_settings, call("notes__hang", {"seconds": 30}))
+    completed = [event.data for event in events if isinstance(event.data, ToolCallCompleted)]
+    assert run["status"] == "succeeded", run["error"]
+    assert completed[0].outcome == "error"
+    assert "tried" not in (completed[0].error or "")

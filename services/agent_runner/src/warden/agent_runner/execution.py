@@ -19,9 +19,11 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import structlog
+import tenacity
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from pydantic import JsonValue
 
 from warden.agent_runner.actions import (
     Fail,
@@ -38,7 +40,7 @@ from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory, call_facts, url_host
 from warden.agent_runner.limits import TimeLimits
 from warden.agent_runner.llm_agent import function_name
-from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServersConfig
+from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServerError, ToolServersConfig
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
@@ -77,6 +79,8 @@ SERVICE = "agent-runner"
 # ceiling, so the turn is always recordable (an answer that could not be stored would be asked
 # for again on every attempt of the run).
 MAX_RECORDED_MESSAGE_BYTES = 256 * 1024
+TOOL_RETRY_FIRST_DELAY_SECONDS = 0.2
+TOOL_RETRY_MAX_DELAY_SECONDS = 5.0
 HISTORY_TIMEOUT_SECONDS = 5.0
 MAX_STEPS = 100
 
@@ -699,7 +703,7 @@ class RunExecutor:
                     tool_digest=await self._tool_digest(work.tenant, action.tool),
                 )
                 verdict = await self._ask_gate(run, request, tool_call_id)
-                outcome, result, error = await self._execute(work.tenant, action, verdict, run.deadline)
+                outcome, result, error = await self._execute(work.tenant, action, verdict, run.deadline, tool_call_id)
             tool_span.set_attribute("warden.outcome", outcome)
             if outcome != "ok":
                 tool_span.set_attribute("error.type", outcome)
@@ -720,18 +724,46 @@ class RunExecutor:
             )
 
     async def _execute(
-        self, tenant: str, action: ToolCall, verdict: DecisionMade | None, deadline: RunDeadline
+        self, tenant: str, action: ToolCall, verdict: DecisionMade | None, deadline: RunDeadline, idempotency_key: str
     ) -> tuple[Outcome, Any, str | None]:
         """Run the tool if, and only if, the decision allows it: its outcome, result and error.
 
-        Bounded by the tool's timeout from the policy data, or by what is left of the run's
-        deadline when that is sooner.
+        A tool the policy data gives `retries` is tried again, with backoff, after a failure that
+        may pass (see `_may_pass`); any other failure is recorded at once and handed to the agent.
         """
         if verdict is None:
             waited = self.settings.decision_timeout_seconds
             return "refused", None, f"no decision within {waited}s: refused (fail closed)"
         if verdict.effect != "allow":
             return "refused", None, f"{verdict.effect}: " + "; ".join(verdict.reasons)
+        retries = self.limits.retries(action.tool)
+        tries = 0
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(_may_pass),
+            # Capped exponential backoff with jitter, and never past the run's deadline.
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=TOOL_RETRY_FIRST_DELAY_SECONDS, max=TOOL_RETRY_MAX_DELAY_SECONDS
+            ),
+            stop=tenacity.stop_after_attempt(retries + 1) | tenacity.stop_before_delay(max(deadline.remaining(), 0)),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    tries += 1
+                    result = await self._attempt(tenant, action, deadline, idempotency_key)
+        except ToolError as exc:
+            return "error", None, recordable_text(_tried(str(exc), tries), 2000)
+        except InvalidMessage as exc:
+            return "error", None, f"{action.tool} returned what cannot be recorded: {exc}"
+        except ToolTimeout as exc:
+            return "error", None, _tried(str(exc), tries)
+        return "ok", result, None
+
+    async def _attempt(self, tenant: str, action: ToolCall, deadline: RunDeadline, idempotency_key: str) -> JsonValue:
+        """One try at a tool call, bounded by the tool's timeout from the policy data, or by what is
+        left of the run's deadline when that is sooner. Every try carries the same idempotency key
+        (the tool call's id), so a server that honours it does the call's side effect once."""
         timeout = self.limits.tool_timeout(action.tool)
         bound = f"its timeout of {timeout:g}s"
         if deadline.remaining() < timeout:
@@ -740,18 +772,28 @@ class RunExecutor:
         try:
             if self._is_mcp_tool(tenant, action.tool):
                 # Also bounded by the server's own timeout_seconds (and a hung server's session is dropped).
-                result = await asyncio.wait_for(self._toolbox(tenant).call(action.tool, action.arguments), timeout)
+                call = self._toolbox(tenant).call(action.tool, action.arguments, idempotency_key=idempotency_key)
+                result = await asyncio.wait_for(call, timeout)
             else:
                 result = await asyncio.wait_for(run_tool(action.tool, action.arguments), timeout)
-            # What cannot be recorded cannot be the result: every reader would refuse the event.
-            check_value(result)
-        except ToolError as exc:
-            return "error", None, recordable_text(str(exc), 2000)
-        except InvalidMessage as exc:
-            return "error", None, f"{action.tool} returned what cannot be recorded: {exc}"
-        except TimeoutError:
-            return "error", None, f"{action.tool} took longer than {bound}"
-        return "ok", result, None
+        except TimeoutError as exc:
+            raise ToolTimeout(f"{action.tool} took longer than {bound}") from exc
+        # What cannot be recorded cannot be the result: every reader would refuse the event.
+        check_value(result)
+        return result
+
+
+class ToolTimeout(Exception):
+    """One try at a tool call ran out of time (the message says which bound); it may pass if tried again."""
+
+
+def _may_pass(error: BaseException) -> bool:
+    """Whether trying a tool call again may succeed: it ran out of time, or its server was unreachable or crashed."""
+    return isinstance(error, ToolTimeout) or (isinstance(error, ToolServerError) and error.transient)
+
+
+def _tried(error: str, tries: int) -> str:
+    return error if tries <= 1 else f"{error} (tried {tries} times)"
 
 
 def _summary(content: Any, message: Mapping[str, Any]) -> str:

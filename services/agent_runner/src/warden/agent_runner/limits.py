@@ -1,7 +1,7 @@
-"""Time limits from the policy data: each run's deadline and each tool call's timeout.
+"""Time limits from the policy data: each run's deadline, each tool call's timeout and retries.
 
 Declared beside the rules that use them (`data.warden.limits`, `agents.<agent>.deadline_seconds`,
-`tools.<tool>.timeout_seconds`); the runner enforces them, since only it sees time pass. A run's
+`tools.<tool>.timeout_seconds`, `tools.<tool>.retries`); the runner enforces them, since only it sees time pass. A run's
 own `timeout_seconds` (from its submission) and the policy's deadline both apply: the stricter wins.
 """
 
@@ -15,6 +15,7 @@ from warden.errors import PermanentError
 
 DEFAULT_RUN_DEADLINE_SECONDS = 3600.0
 DEFAULT_TOOL_TIMEOUT_SECONDS = 60.0
+MAX_TOOL_RETRIES = 10
 
 
 def _seconds(value: Any, default: float) -> float:
@@ -32,6 +33,7 @@ class TimeLimits:
     tool_timeout_seconds: float = DEFAULT_TOOL_TIMEOUT_SECONDS
     agent_deadlines: Mapping[str, float] | None = None
     tool_timeouts: Mapping[str, float] | None = None
+    tool_retries: Mapping[str, int] | None = None
 
     @classmethod
     def from_policy_dir(cls, directory: Path) -> "TimeLimits":
@@ -55,6 +57,11 @@ class TimeLimits:
             tool_timeout_seconds=_seconds(limits.get("tool_timeout_seconds"), DEFAULT_TOOL_TIMEOUT_SECONDS),
             agent_deadlines=declared("agents", "deadline_seconds"),
             tool_timeouts=declared("tools", "timeout_seconds"),
+            tool_retries={
+                name: min(int(entry["retries"]), MAX_TOOL_RETRIES)
+                for name, entry in warden.get("tools", {}).items()
+                if isinstance(entry, dict) and _seconds(entry.get("retries"), 0.0) >= 1
+            },
         )
 
     def run_deadline(self, agent: str, submitted: float | None) -> tuple[float, str]:
@@ -66,3 +73,7 @@ class TimeLimits:
 
     def tool_timeout(self, tool: str) -> float:
         return (self.tool_timeouts or {}).get(tool, self.tool_timeout_seconds)
+
+    def retries(self, tool: str) -> int:
+        """How many more times a call of `tool` that failed in a way that may pass is tried (0: never)."""
+        return (self.tool_retries or {}).get(tool, 0)

@@ -34,7 +34,15 @@ from mcp import Client, Implementation, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import DEFAULT_MAX_SSE_EVENT_SIZE, streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS, METHOD_NOT_FOUND, CallToolResult, TextContent, Tool
+from mcp_types import (
+    CONNECTION_CLOSED,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    CallToolResult,
+    RequestParamsMeta,
+    TextContent,
+    Tool,
+)
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError, field_validator
 
 from warden.agent_runner.tools import ToolError
@@ -47,6 +55,8 @@ _T = TypeVar("_T")
 
 SERVER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 DEFAULT_TIMEOUT_SECONDS = 30.0
+# Where a call's idempotency key (Warden's tool call id) travels in the MCP request's `_meta`.
+IDEMPOTENCY_META_KEY = "dev.warden/idempotency-key"
 DEFAULT_MAX_RESULT_BYTES = 256 * 1024
 
 # Closing a session: the SDK stops a stdio server by closing its stdin, then SIGTERM after 2 s and
@@ -70,15 +80,19 @@ class ToolServerConfigError(PermanentError):
 class ToolServerError(ToolError):
     """A tool server is not there, crashed, timed out, answered with an error, or answered too much.
 
-    The message says which server (and tool, if any) and what happened.
+    The message says which server (and tool, if any) and what happened. `transient`: the server
+    could not be reached, crashed or did not answer in time, so the same call may work if tried
+    again (on a fresh session); an error the tool itself reported, or a result that was too large,
+    would come back the same.
     """
 
-    def __init__(self, server: str, problem: str, *, tool: str | None = None) -> None:
+    def __init__(self, server: str, problem: str, *, tool: str | None = None, transient: bool = False) -> None:
         where = f"MCP tool server {server!r}" + (f", tool {tool!r}" if tool is not None else "")
         super().__init__(f"{where}: {problem}")
         self.server = server
         self.tool = tool
         self.problem = problem
+        self.transient = transient
 
 
 # --- Configuration ---------------------------------------------------------------------------------
@@ -286,7 +300,7 @@ class _ServerSession:
         # A server is outside Warden: whatever its transport raises is reported, never let loose here.
         except Exception as error:
             if not self._opened.done():
-                self._opened.set_exception(ToolServerError(self.name, self._open_failure(error)))
+                self._opened.set_exception(ToolServerError(self.name, self._open_failure(error), transient=True))
             else:
                 log.info("MCP session ended by a transport failure", server=self.name, error=_describe(error))
         finally:
@@ -452,8 +466,11 @@ class McpToolbox:
                 listed += [_definition(name, tool) for tool in outcome]
         return listed, failures
 
-    async def call(self, name: str, arguments: Mapping[str, Any]) -> JsonValue:
+    async def call(self, name: str, arguments: Mapping[str, Any], *, idempotency_key: str | None = None) -> JsonValue:
         """Call the tool `<server>.<tool>` and return its result as JSON.
+
+        `idempotency_key` travels in the request's `_meta` (IDEMPOTENCY_META_KEY): a server that
+        honours it does a call's side effect once however often the call is tried.
 
         The result is the tool's structured content if it has any, else its content items as dicts
         (`{"type": "text", "text": ...}`). An unknown tool raises `ToolError`; a tool that reports an
@@ -472,8 +489,10 @@ class McpToolbox:
             await self._list_on(session)  # a tool the server added since this session last listed is found too
         if tool not in (session.tools or {}):
             raise ToolError(f"unknown tool {name!r}: MCP tool server {server!r} has no tool {tool!r}")
+        # An open map (`extra_items=Any`): a key of Warden's own sits beside the protocol's.
+        meta = cast(RequestParamsMeta, {IDEMPOTENCY_META_KEY: idempotency_key}) if idempotency_key else None
         result = await self._bounded(
-            session, lambda client: client.call_tool(tool, dict(arguments)), doing="call", tool=tool
+            session, lambda client: client.call_tool(tool, dict(arguments), meta=meta), doing="call", tool=tool
         )
         return self._json_result(session, tool, result)
 
@@ -540,9 +559,11 @@ class McpToolbox:
                 session.name,
                 f"the {doing} took longer than {timeout:g}s; the session was dropped and reopens on the next call",
                 tool=tool,
+                transient=True,
             ) from error
         except MCPError as error:
-            if _session_is_sound_after(error):
+            sound = _session_is_sound_after(error)
+            if sound:
                 problem = f"the server refused the {doing} with error {error.code}: {_limited(error.message)}"
             elif error.code == CONNECTION_CLOSED:
                 problem = f"the {doing} failed: {_describe(error)}{session.stderr_tail()}; it restarts on the next call"
@@ -553,12 +574,12 @@ class McpToolbox:
                     f"the {doing} failed with error {error.code}: {_limited(error.message)}; "
                     "the session was dropped and reopens on the next call"
                 )
-            raise ToolServerError(session.name, problem, tool=tool) from error
+            raise ToolServerError(session.name, problem, tool=tool, transient=not sound) from error
         # The server and its transport are outside Warden: anything they raise is the server's failure.
         except Exception as error:
             problem = f"the {doing} failed: {_describe(error)}{session.stderr_tail()}"
             self._discard(session)
-            raise ToolServerError(session.name, problem, tool=tool) from error
+            raise ToolServerError(session.name, problem, tool=tool, transient=True) from error
 
     def _json_result(self, session: _ServerSession, tool: str, result: CallToolResult) -> JsonValue:
         if result.is_error:
