@@ -42,6 +42,7 @@ from warden.agent_runner.limits import TimeLimits
 from warden.agent_runner.llm_agent import function_name
 from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServerError, ToolServersConfig
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
+from warden.agent_runner.policy_data import read_policy_data
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
 from warden.decoding import check_value, recordable_text
@@ -223,8 +224,10 @@ class RunExecutor:
         self.secret_arguments = SecretArguments.from_policy_dir(
             settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
         )
-        self.prices = ModelPrices.from_policy_dir(settings.policy_dir or shipped_policy_dir())
-        self.limits = TimeLimits.from_policy_dir(settings.policy_dir or shipped_policy_dir())
+        # What the runner enforces itself, read once from the same pack as the gate's.
+        policy_data = read_policy_data(settings.policy_dir or shipped_policy_dir())
+        self.prices = ModelPrices.from_policy_data(policy_data)
+        self.limits = TimeLimits.from_policy_data(policy_data)
         self.models = ModelClient()
         self.tool_servers = (
             ToolServersConfig.load(settings.tool_servers_file) if settings.tool_servers_file else ToolServersConfig()

@@ -5,13 +5,12 @@ Declared beside the rules that use them (`data.warden.limits`, `agents.<agent>.d
 own `timeout_seconds` (from its submission) and the policy's deadline both apply: the stricter wins.
 """
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warden.errors import PermanentError
+from warden.agent_runner.policy_data import read_policy_data
 
 DEFAULT_RUN_DEADLINE_SECONDS = 3600.0
 DEFAULT_TOOL_TIMEOUT_SECONDS = 60.0
@@ -37,11 +36,11 @@ class TimeLimits:
 
     @classmethod
     def from_policy_dir(cls, directory: Path) -> "TimeLimits":
-        data_file = directory / "data.json"
-        try:
-            warden = json.loads(data_file.read_text(encoding="utf-8")).get("warden", {})
-        except (OSError, ValueError) as error:
-            raise PermanentError(f"cannot read time limits from {data_file}: {error}") from error
+        return cls.from_policy_data(read_policy_data(directory))
+
+    @classmethod
+    def from_policy_data(cls, warden: Mapping[str, Any]) -> "TimeLimits":
+        """From `data.warden` (see warden.agent_runner.policy_data)."""
         limits = warden.get("limits", {})
 
         def declared(section: str, key: str) -> dict[str, float]:

@@ -5,11 +5,9 @@ exponential backoff and jitter, honouring the server's `retry-after`, up to the 
 `max_retries`; whatever is left is a `ModelError`, which fails the run on the record.
 """
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -141,12 +139,9 @@ class ModelPrices:
     per_million: Mapping[str, tuple[float, float]]
 
     @classmethod
-    def from_policy_dir(cls, directory: Path) -> "ModelPrices":
-        data_file = directory / "data.json"
-        try:
-            models = json.loads(data_file.read_text(encoding="utf-8")).get("warden", {}).get("models", {})
-        except (OSError, ValueError) as error:
-            raise PermanentError(f"cannot read model prices from {data_file}: {error}") from error
+    def from_policy_data(cls, warden: Mapping[str, Any]) -> "ModelPrices":
+        """From `data.warden` (see warden.agent_runner.policy_data)."""
+        models = warden.get("models", {})
         prices = {
             name: (
                 float(price.get("input_usd_per_million_tokens", 0)),
