@@ -33,7 +33,7 @@ decision := {"effect": "allow", "reasons": sort(grants)} if {
 }
 
 # The actions the gate asks about.
-actions := {"run.start", "tool.call", "model.call"}
+actions := {"run.start", "tool.call", "model.call", "approval.answer"}
 
 # Every request names these as non-empty strings; without them no other rule can judge it.
 required_fields := ["action", "tenant", "principal", "agent"]

@@ -32,6 +32,7 @@ allowed if {
 }
 
 grants contains msg if {
+	input.action != "approval.answer"
 	may_run_agent
 	some role in run_roles
 	msg := sprintf(
@@ -56,7 +57,9 @@ deny contains sprintf("unknown agent %s", [input.agent]) if {
 	not known_agent
 }
 
+# An approver need not be allowed to run the agent (see review.rego).
 deny contains msg if {
+	input.action != "approval.answer"
 	known_principal
 	known_agent
 	count(run_roles) == 0

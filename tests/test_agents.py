@@ -360,9 +360,23 @@ async def test_run_tool_rejects_an_unknown_tool() -> None:
     assert isinstance(caught.value, ToolError)
 
 
-def test_builtin_tools_are_the_five_documented_ones() -> None:
-    """The registry holds exactly math.add, text.echo, clock.sleep, web.fetch and http.post."""
-    assert set(BUILTIN_TOOLS) == {"math.add", "text.echo", "clock.sleep", "web.fetch", "http.post"}
+def test_builtin_tools_are_the_six_documented_ones() -> None:
+    """The registry holds exactly math.add, text.echo, clock.sleep, web.fetch, http.post and payments.refund."""
+    assert set(BUILTIN_TOOLS) == {"math.add", "text.echo", "clock.sleep", "web.fetch", "http.post", "payments.refund"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"order": "A-1"}, "missing amount"),
+        ({"order": "A-1", "amount": 0}, "must be more than 0"),
+        ({"order": "A-1", "amount": 10_001}, "at most 10000"),
+        ({"order": 7, "amount": 5}, "'order' must be a string"),
+    ],
+)
+async def test_payments_refund_checks_its_arguments(arguments: dict[str, JsonValue], problem: str) -> None:
+    with pytest.raises(ToolError, match=problem):
+        await run_tool("payments.refund", arguments)
 
 
 @pytest.mark.parametrize(

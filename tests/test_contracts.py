@@ -4,6 +4,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from warden.messages import (
     ENVELOPE_TYPES,
     MESSAGE_TYPES,
     UPCASTERS,
+    ApprovalAnswered,
+    ApprovalRequested,
+    AwaitedApproval,
     CommandRejected,
     DecisionMade,
     DecisionRefused,
@@ -37,7 +41,9 @@ from warden.messages import (
     Payload,
     RunDispatched,
     RunFailed,
+    RunPaused,
     RunQueued,
+    RunResumed,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
@@ -54,6 +60,7 @@ from warden.subjects import CHANNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
+APPROVAL_EXPIRY = datetime(2026, 12, 2, 12, 30, tzinfo=UTC)
 EXAMPLES: dict[str, Payload] = {
     "run.submitted": RunSubmitted(agent="researcher", input={"question": "why?", "depth": [1, 2.5, None]}),
     "tool_call.requested": ToolCallRequested(
@@ -114,6 +121,45 @@ EXAMPLES: dict[str, Payload] = {
     "stream.gap_detected": StreamGapDetected(stream="WARDEN_EVENTS", first_seq=120, last_seq=133),
     "decision.refused": DecisionRefused(
         decision_id="d-forged", tool_call_id="tc-1", reason="bad signature (forged or altered)", decision_seq=41
+    ),
+    "approval.answered": ApprovalAnswered(approval_id="d-2", approval_seq=44, approve=False, reason="not this one"),
+    "approval.requested": ApprovalRequested(
+        approval_id="d-2",
+        tool_call_id="tc-1",
+        step=2,
+        agent="refunds",
+        tool="payments.refund",
+        arguments={"order": "A-1", "amount": 5},
+        arguments_hash="sha256:00",
+        policy_revision="rev-7",
+        requested_by="carol",
+        approver_roles=["approver"],
+        expires_at=APPROVAL_EXPIRY,
+        reasons=["tool payments.refund requires human approval"],
+        decision=DecisionMade(
+            decision_id="d-2",
+            request_type="tool_call.requested",
+            request_id="01890a5d-ac96-774b-bcce-b302099a8058",
+            request_seq=9,
+            effect="require_approval",
+            policy_revision="rev-7",
+            evaluation_ms=0.2,
+            tool_call_id="tc-1",
+            arguments_hash="sha256:00",
+            expires_at=APPROVAL_EXPIRY,
+        ),
+    ),
+    "run.paused": RunPaused(
+        reason="1 tool call(s) await approval",
+        awaiting=[AwaitedApproval(approval_id="d-2", tool_call_id="tc-1", expires_at=APPROVAL_EXPIRY)],
+    ),
+    "run.resumed": RunResumed(
+        reason="every tool call it awaited has an answer",
+        resume=1,
+        decision_id="d-1",
+        priority=5,
+        agent="refunds",
+        request_seq=3,
     ),
 }
 

@@ -129,8 +129,9 @@ def test_the_wheel_installs_only_warden_import_names(built: tuple[Path, Path], t
 
 
 def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Path, Path], tmp_path: Path) -> None:
-    """The stack extra installed, `warden demo` in an empty directory shows a governed run, a denied one, and an
-    `llm` agent whose injected exfiltration is denied, with its tokens and cost."""
+    """The stack extra installed, `warden demo` in an empty directory shows a governed run, a denied one, an
+    `llm` agent whose injected exfiltration is denied, with its tokens and cost, and a refund that waits for a
+    human, is approved by another principal and runs."""
     wheel, pins = built
     bin_dir = _venv(tmp_path / "venv", wheel, pins, "stack")
     empty = tmp_path / "elsewhere"
@@ -145,6 +146,11 @@ def test_demo_runs_from_an_installed_copy_in_an_empty_directory(built: tuple[Pat
     assert "policy gate: DENY tool call" in output.split("alice asks the assistant")[1]
     assert "host evil.example.net is not in web.fetch's allowed domains" in output
     assert re.search(r"usage: 3 model turns, \d+ input \+ \d+ output tokens, 0\.\d{6} USD", output)
+    refund = output.split("carol asks for a refund")[1]
+    assert "--actor bob`: the answer does not count" in refund
+    assert "--actor dana`: the answer counts: approved by dana: checked the order" in refund
+    assert "dana APPROVES approval" in refund
+    assert "tool payments.refund: ok under decision" in refund
 
 
 def test_a_client_only_install_needs_nats_and_pydantic_and_talks_to_a_running_stack(

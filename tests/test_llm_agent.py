@@ -171,8 +171,9 @@ def call(function: str, arguments: dict[str, Any]) -> str:
 async def test_several_tool_calls_in_one_turn_are_each_gated_and_usage_is_summed(
     llm_settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
 ) -> None:
-    """One model turn asks for two tools: each is decided and run on its own, the model then answers;
-    tokens and cost are recorded per turn and summed per run, agent and tenant; spans carry GenAI attributes."""
+    """One model turn asks for two tools: both are decided first (asked together: neither depends on the
+    other's result), then run in order, and the model answers; tokens and cost are recorded per turn and
+    summed per run, agent and tenant; spans carry GenAI attributes."""
     SPANS.clear()
     await start_all(run_app, llm_settings)
     prompt = "\n".join(
@@ -190,9 +191,9 @@ async def test_several_tool_calls_in_one_turn_are_each_gated_and_usage_is_summed
         ("run.started", None),
         ("decision.made", "allow"),  # model call 1
         ("step.completed", None),
+        ("decision.made", "allow"),  # both tool calls of the turn, asked together
         ("decision.made", "allow"),
         ("tool_call.completed", "ok"),
-        ("decision.made", "allow"),
         ("tool_call.completed", "ok"),
         ("decision.made", "allow"),  # model call 2, with both results
         ("step.completed", None),

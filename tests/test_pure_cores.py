@@ -482,7 +482,11 @@ def test_a_service_is_handed_only_its_own_secrets(tmp_path: Path) -> None:
     target.mkdir()
     (target / "operator.nk").write_text("left from before")
     private_credentials(store.directory, Role.POLICY_GATE, target)
-    assert sorted(path.name for path in target.iterdir()) == ["decision-signing.key", "policy-gate.nk"]
+    assert sorted(path.name for path in target.iterdir()) == [
+        "decision-keys.pub",
+        "decision-signing.key",
+        "policy-gate.nk",
+    ]
     assert (target / "policy-gate.nk").read_bytes() == store.seed_file(Role.POLICY_GATE).read_bytes()
     assert {stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()} == {0o600}
     # A directory made before database roles existed has no password: the projector goes without.

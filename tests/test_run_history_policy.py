@@ -40,25 +40,20 @@ async def test_a_post_after_reading_a_web_page_waits_for_a_human_on_the_record(
     settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
 ) -> None:
     """The reporter fetches a page, then posts: the post's request carries the fetch, the policy asks for
-    approval (nothing can approve yet, so it does not run), and the refusal says why."""
+    approval (the run pauses, saying why), and the post runs once an approver answers."""
     await start_all(run_app, settings)
-    receipt = await WardenClient(nc, settings.subject_prefix).submit_run(
-        tenant="acme", agent="reporter", actor="alice", input={"report": "all quiet"}
+    client = WardenClient(nc, settings.subject_prefix)
+    receipt = await client.submit_run(tenant="acme", agent="reporter", actor="alice", input={"report": "all quiet"})
+    [pending] = await eventually(lambda: client.approval_requests("acme"), within=30)
+    assert pending.request.tool == "http.post"
+    assert pending.request.reasons[0] == (
+        "tool http.post sends data out, and this run has read untrusted content (web.fetch)"
     )
-    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
-    assert run["status"] == "succeeded", run["error"]
     events = await run_events(nc, settings, "acme", receipt.run_id)
     completed = [event.data for event in events if isinstance(event.data, ToolCallCompleted)]
-    assert [(call.tool, call.outcome, call.host) for call in completed] == [
-        ("web.fetch", "ok", "example.com"),
-        ("http.post", "refused", "example.com"),
-    ]
-    decisions = {e.data.tool_call_id: e.data for e in events if isinstance(e.data, DecisionMade)}
-    post_decision = decisions[completed[1].tool_call_id]
-    assert post_decision.effect == "require_approval"
-    assert (
-        post_decision.reasons[0] == "tool http.post sends data out, and this run has read untrusted content (web.fetch)"
-    )
+    assert [(call.tool, call.outcome, call.host) for call in completed] == [("web.fetch", "ok", "example.com")]
+    asked = next(e.data for e in events if isinstance(e.data, DecisionMade) and e.data.effect == "require_approval")
+    assert asked.tool_call_id == pending.request.tool_call_id
 
     request_row = await eventually(
         lambda: db.fetchrow(
@@ -67,3 +62,13 @@ async def test_a_post_after_reading_a_web_page_waits_for_a_human_on_the_record(
     )
     request = ToolCallRequested.model_validate_json(request_row["payload"])
     assert request.history == [CallFact(tool="web.fetch", outcome="ok", host="example.com")]
+
+    answered = await client.answer_approval(
+        tenant="acme", approval_id=pending.request.approval_id, actor="dana", approve=True
+    )
+    assert answered.counted
+    run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=30)
+    assert run["status"] == "succeeded", run["error"]
+    events = await run_events(nc, settings, "acme", receipt.run_id)
+    completed = [event.data for event in events if isinstance(event.data, ToolCallCompleted)]
+    assert [(call.tool, call.outcome) for call in completed] == [("web.fetch", "ok"), ("http.post", "ok")]

@@ -36,7 +36,7 @@ REPLAY_FOUND_GAPS = 3
 PROVISION_REFUSED = 4
 # The commands a client-only install can run: they need nothing but the client, which finds the
 # stack itself (WardenClient.connect_to_stack).
-CLIENT_COMMANDS = frozenset({"submit", "tail"})
+CLIENT_COMMANDS = frozenset({"submit", "tail", "approvals", "approve", "reject"})
 # The other commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
 STACK_COMMANDS = frozenset({"provision", "runs", "audit"})
 # What to install for the other commands, when a client-only install is asked for one.
@@ -286,6 +286,55 @@ def _tail_line(event: TailedEvent) -> str:
     return json.dumps({"stream_seq": event.stream_seq, **document})
 
 
+async def _approvals(args: argparse.Namespace) -> int:
+    async with await _client(args) as client:
+        requests = await client.approval_requests(args.tenant, pending_only=not args.all)
+    if args.json:
+        for found in requests:
+            document = found.request.model_dump(mode="json", exclude={"decision"})
+            print(json.dumps({"status": found.status, "run_id": found.run_id, **document}))
+        return 0
+    if not requests:
+        print(f"no {'' if args.all else 'pending '}approval requests in tenant {args.tenant}")
+        return 0
+    print(f"{'approval':<28} {'status':<9} {'run':<28} {'tool':<16} {'asked by':<10} {'approvers':<16} expires")
+    for found in requests:
+        request = found.request
+        print(
+            f"{request.approval_id:<28} {found.status:<9} {found.run_id:<28} {request.tool:<16} "
+            f"{request.requested_by:<10} {','.join(request.approver_roles):<16} {request.expires_at:%Y-%m-%d %H:%M:%S}"
+        )
+        print(f"    arguments {json.dumps(request.arguments)}; why: {'; '.join(request.reasons)}")
+    return 0
+
+
+async def _answer(args: argparse.Namespace) -> int:
+    approve = args.command == "approve"
+    async with await _client(args) as client:
+        answered = await client.answer_approval(
+            tenant=args.tenant,
+            approval_id=args.approval_id,
+            actor=args.actor,
+            approve=approve,
+            reason=args.reason or "",
+            wait_seconds=args.wait,
+        )
+    print(
+        json.dumps(
+            {
+                "approval_id": args.approval_id,
+                "answer": args.command,
+                "command_id": answered.receipt.command_id,
+                "duplicate": answered.receipt.duplicate,
+                "counted": answered.counted,
+                "decision": answered.effect,
+                "reasons": answered.reasons,
+            }
+        )
+    )
+    return 0 if answered.counted else 1
+
+
 async def _tail(args: argparse.Namespace) -> int:
     async with (
         await _client(args) as client,
@@ -415,6 +464,30 @@ def _add_submit_parser(commands: Any) -> None:
     submit.set_defaults(handler=_submit)
 
 
+def _add_approval_parsers(commands: Any) -> None:
+    approvals = commands.add_parser("approvals", help="list a tenant's tool calls awaiting approval")
+    approvals.add_argument("--tenant", required=True)
+    approvals.add_argument("--all", action="store_true", help="every request, answered and expired ones too")
+    approvals.add_argument("--json", action="store_true", help="one JSON object per request")
+    approvals.set_defaults(handler=_approvals)
+    for verb, help_text in (("approve", "approve a tool call awaiting approval"), ("reject", "reject one")):
+        answer = commands.add_parser(verb, help=help_text)
+        answer.add_argument("approval_id", metavar="ID", help="as `warden approvals` lists it")
+        answer.add_argument("--tenant", required=True)
+        answer.add_argument(
+            "--actor", required=True, help="who answers (a tenant's credential may answer only as its own actor)"
+        )
+        answer.add_argument("--reason", required=verb == "reject", help="why (kept in the audit)")
+        answer.add_argument(
+            "--wait",
+            type=float,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to wait for the gate's decision on the answer (default 10); exit 0 only if it counted",
+        )
+        answer.set_defaults(handler=_answer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -470,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(handler=_tail)
 
     _add_credentials_parser(commands)
+    _add_approval_parsers(commands)
 
     runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
     runs.add_argument("--tenant")

@@ -160,9 +160,10 @@ class CredentialStore:
 
 
 # What each service needs of the credentials directory, and nothing more: its own seed, and the
-# gate's signing key, the runners' trusted keys, the projector's database password.
+# gate's signing key (and the trusted keys, to check the decision an approval request carries),
+# the runners' trusted keys, the projector's database password.
 SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
-    Role.POLICY_GATE: (SIGNING_KEY_FILE,),
+    Role.POLICY_GATE: (SIGNING_KEY_FILE, TRUSTED_KEYS_FILE),
     Role.SCHEDULER: (),
     Role.AGENT_RUNNER: (TRUSTED_KEYS_FILE,),
     Role.AUDIT_PROJECTOR: (password_file_name(DatabaseRole.PROJECTOR),),

@@ -61,26 +61,57 @@ ASSISTANT_PROMPT = "\n".join(
 )
 
 
+async def _approve_refund(settings: Settings, seeds: dict[str, Path], refund: Receipt) -> None:
+    """The refund waits for a human: bob (no approver role) answers and it does not count; dana does."""
+    connect = settings.nats_url, settings.subject_prefix
+    async with await WardenClient.connect(*connect, seed_file=seeds["carol"]) as client:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not (waiting := [r for r in await client.approval_requests(TENANT) if r.run_id == refund.run_id]):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("the refund's approval request did not appear within 60s")
+            await asyncio.sleep(0.2)
+    request = waiting[0].request
+    print(
+        f"\n== carol asks for a refund; the policy puts it in front of a human ==\n"
+        f"  `warden approvals --tenant {TENANT}` lists approval {request.approval_id}: {request.tool} "
+        f"{json.dumps(request.arguments)}, asked by {request.requested_by}, for a principal with role "
+        f"[{', '.join(request.approver_roles)}], until {request.expires_at:%H:%M:%S} UTC. The run is paused: "
+        "no runner slot waits for it."
+    )
+    for approver in ("bob", "dana"):
+        async with await WardenClient.connect(*connect, seed_file=seeds[approver]) as client:
+            answered = await client.answer_approval(
+                tenant=TENANT, approval_id=request.approval_id, actor=approver, approve=True, reason="checked the order"
+            )
+        verdict = "counts" if answered.counted else "does not count"
+        print(
+            f"  `warden approve {request.approval_id} --actor {approver}`: the answer {verdict}: {answered.reasons[0]}"
+        )
+
+
 async def _show(settings: Settings) -> None:
-    # alice and bob each submit with a credential of their own, which NATS lets publish only as
-    # themselves: the principal the policy sees is who sent the run.
+    # Everyone submits and answers with a credential of their own, which NATS lets publish only
+    # as themselves: the principal the policy sees is who sent the command.
     assert settings.nats_credentials_dir is not None
     store = CredentialStore(settings.nats_credentials_dir, settings.subject_prefix)
-    seeds = {actor: _credential(store, actor) for actor in ("alice", "bob")}
+    seeds = {actor: _credential(store, actor) for actor in ("alice", "bob", "carol", "dana")}
     await apply_credentials(settings.state_dir.resolve(), store)
     allowed = await _submit_as(settings, seeds["alice"], "alice", {"question": "status?"})
     denied = await _submit_as(settings, seeds["bob"], "bob", {})
     assisted = await _submit_as(settings, seeds["alice"], "alice", {"prompt": ASSISTANT_PROMPT}, agent="assistant")
+    refund = await _submit_as(settings, seeds["carol"], "carol", {"order": "A-1001", "amount": 42.5}, agent="refunds")
     pool = await asyncpg.create_pool(settings.database_url_for(DatabaseRole.READER), min_size=1, max_size=2)
     assert pool is not None
     try:
-        for receipt in (allowed, denied, assisted):
+        await _approve_refund(settings, seeds, refund)
+        for receipt in (allowed, denied, assisted, refund):
             await _until_finished(pool, receipt.run_id)
         await asyncio.sleep(0.3)  # let the projector catch the last events of every run
         shown = (
             ("alice runs the demo agent", allowed),
             ("bob, a viewer, tries the same", denied),
             ("alice asks the assistant, an llm agent (offline test model); a tool result injects an order", assisted),
+            ("carol's refund: it waited, dana approved it, it ran", refund),
         )
         for title, receipt in shown:
             print(f"\n== {title}: run {receipt.run_id} (timeline from Postgres) ==")

@@ -50,7 +50,9 @@ async def run_timeline(db: Database, tenant: str, run_id: str, verifier: Decisio
 
 
 def _decision(data: dict[str, Any], tenant: str, run_id: str, verifier: DecisionVerifier | None) -> str:
-    call = "model call" if data.get("request_type") == "model_call.requested" else "tool call"
+    call = {"model_call.requested": "model call", "approval.answered": "answer on tool call"}.get(
+        data.get("request_type", ""), "tool call"
+    )
     what = f"{call} {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
     told = (
         f"{data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
@@ -76,7 +78,31 @@ def trusted_keys(settings: Settings) -> DecisionVerifier | None:
         return None
 
 
+def _describe_approval(type_name: str, actor: str, data: dict[str, Any]) -> str | None:
+    """A line for the messages of an approval: asked, the run paused, answered, the run resumed."""
+    match type_name:
+        case "approval.requested":
+            return (
+                f"runner: tool call {data['tool_call_id']} ({data['tool']} {json.dumps(data['arguments'])}) awaits "
+                f"approval {data['approval_id']} by a principal with role [{', '.join(data['approver_roles'])}], "
+                f"not {data['requested_by']}, until {data['expires_at']}"
+            )
+        case "run.paused":
+            return f"runner: run paused, its slot freed ({data['reason']})"
+        case "approval.answered":
+            verb = "APPROVES" if data["approve"] else "REJECTS"
+            said = f": {data['reason']}" if data.get("reason") else ""
+            return f"{actor} {verb} approval {data['approval_id']}{said}"
+        case "run.resumed":
+            return f"scheduler: resumed ({data['reason']})"
+    return None
+
+
 def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
+    return _describe_approval(type_name, actor, data) or _describe_run(type_name, actor, data)
+
+
+def _describe_run(type_name: str, actor: str, data: dict[str, Any]) -> str:
     match type_name:
         case "run.submitted":
             return f"{actor} asked for a run of agent {data['agent']} with input {json.dumps(data['input'])}"

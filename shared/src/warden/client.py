@@ -5,6 +5,7 @@ import contextlib
 import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -20,6 +21,8 @@ from warden.errors import InvalidMessage, PermanentError, RejectionCode, Retryab
 from warden.identity import SEED_SUFFIX, CredentialError, connect_options
 from warden.ids import new_id
 from warden.messages import (
+    ApprovalAnswered,
+    ApprovalRequested,
     CommandRejected,
     DecisionMade,
     Envelope,
@@ -50,6 +53,10 @@ except ImportError:  # pragma: no cover - depends on what the application instal
 
 class CommandTooLarge(PermanentError):
     """The command is over the size limit; it was not sent."""
+
+
+class UnknownApproval(PermanentError):
+    """No approval request with that id in the tenant's events."""
 
 
 class IdempotencyKeyTaken(PermanentError):
@@ -90,8 +97,57 @@ class TailedEvent:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A tool call that awaits (or awaited) approval, as its approval.requested event says."""
+
+    stream_seq: int  # where the request sits in the events stream (an answer names it)
+    run_id: str
+    request: ApprovalRequested
+    status: str = "pending"  # pending, approved, rejected, expired or closed (see `approval_status`)
+
+
+@dataclass(frozen=True)
+class AnswerOutcome:
+    """What became of an answer: the gate's decision on it, once made (None: not within the wait)."""
+
+    receipt: Receipt
+    effect: str | None  # allow (approved), deny (rejected or too late), require_approval (it does not count)
+    reasons: list[str]
+
+    @property
+    def counted(self) -> bool:
+        return self.effect in ("allow", "deny")
+
+
 # How long reading one stored command back may take (a duplicate submission's receipt).
 READ_TIMEOUT_SECONDS = 5.0
+
+
+def approval_status(request: ApprovalRequested, run_events: list[Envelope[Any]], now: datetime) -> str:
+    """Where an approval request stands, from its run's events: the first answer that counted
+    (a decision on the call from an answer: allow or deny) decides; else it is expired past its
+    expiry, closed once its call or run has ended, and pending otherwise."""
+    for envelope in run_events:
+        data = envelope.data
+        if (
+            isinstance(data, DecisionMade)
+            and data.request_type == ApprovalAnswered.TYPE
+            and data.tool_call_id == request.tool_call_id
+            and data.effect in ("allow", "deny")
+        ):
+            return "approved" if data.effect == "allow" else "rejected"
+    if request.expires_at <= now:
+        return "expired"
+    ended = any(
+        isinstance(envelope.data, RunSucceeded | RunFailed)
+        or (
+            getattr(envelope.data, "tool_call_id", None) == request.tool_call_id
+            and envelope.type == "tool_call.completed"
+        )
+        for envelope in run_events
+    )
+    return "closed" if ended else "pending"
 
 
 def _stack_seed_file(state_dir: Path) -> Path | None:
@@ -243,6 +299,102 @@ class WardenClient:
             source="warden-client",
         )
         return await self.publish_command(envelope, idempotency_key or run_id)
+
+    async def approval_requests(self, tenant: str, *, pending_only: bool = True) -> list[ApprovalRequest]:
+        """The tenant's approval requests with their status, oldest first; by default only the pending ones.
+
+        Read from the events stream (what a tenant's credential may read): every approval.requested
+        of the tenant, then the events of each run with one that has not expired, for its answers.
+        """
+        requests = []
+        for message in await self._stored(self.subjects.tenant_events_of_type(tenant, ApprovalRequested)):
+            try:
+                envelope = parse_envelope(message.data)
+            except InvalidMessage:
+                continue
+            if isinstance(envelope.data, ApprovalRequested) and envelope.tenant == tenant:
+                requests.append(ApprovalRequest(message.metadata.sequence.stream, envelope.entity_id, envelope.data))
+        now = datetime.now(UTC)
+        events_of: dict[str, list[Envelope[Any]]] = {}
+        found = []
+        for request in requests:
+            if pending_only and request.request.expires_at <= now:
+                continue  # expired: no need to read its run
+            if request.run_id not in events_of:
+                events_of[request.run_id] = await self._run_events(tenant, request.run_id)
+            status = approval_status(request.request, events_of[request.run_id], now)
+            if status == "pending" or not pending_only:
+                found.append(ApprovalRequest(request.stream_seq, request.run_id, request.request, status))
+        return found
+
+    async def answer_approval(
+        self,
+        *,
+        tenant: str,
+        approval_id: str,
+        actor: str,
+        approve: bool,
+        reason: str = "",
+        wait_seconds: float = 10.0,
+    ) -> AnswerOutcome:
+        """Approve or reject a tool call awaiting approval, as `actor` (the server holds a tenant's
+        credential to its own actor), and wait up to `wait_seconds` for the gate's decision on
+        the answer: whether it counts (four eyes, the approver's roles) and what it decided.
+
+        Raises `UnknownApproval` when the tenant has no such approval request.
+        """
+        requests = await self.approval_requests(tenant, pending_only=False)
+        named = next((found for found in requests if found.request.approval_id == approval_id), None)
+        if named is None:
+            raise UnknownApproval(f"tenant {tenant!r} has no approval request {approval_id!r}")
+        envelope = make_envelope(
+            ApprovalAnswered(approval_id=approval_id, approval_seq=named.stream_seq, approve=approve, reason=reason),
+            tenant=tenant,
+            entity_id=named.run_id,
+            actor=actor,
+            source="warden-client",
+        )
+        verb = "approve" if approve else "reject"
+        receipt = await self.publish_command(envelope, f"{approval_id}-{actor}-{verb}")
+        subject = self.subjects.event(tenant, DecisionMade, named.run_id)
+        try:
+            async with (
+                asyncio.timeout(wait_seconds),
+                contextlib.aclosing(self._events([subject], from_start=True, idle_timeout=None)) as events,
+            ):
+                async for event in events:
+                    data = event.envelope.data if event.envelope else None
+                    if isinstance(data, DecisionMade) and data.request_id == receipt.command_id:
+                        return AnswerOutcome(receipt, data.effect, list(data.reasons))
+        except TimeoutError:
+            pass
+        return AnswerOutcome(receipt, None, [f"no decision on the answer within {wait_seconds}s"])
+
+    async def _run_events(self, tenant: str, run_id: str) -> list[Envelope[Any]]:
+        envelopes = []
+        for message in await self._stored(self.subjects.run_events(tenant, run_id)):
+            with contextlib.suppress(InvalidMessage):
+                envelopes.append(parse_envelope(message.data))
+        return envelopes
+
+    async def _stored(self, filter_subject: str) -> list[Msg]:
+        """Every message of the events stream on `filter_subject` stored now, in stream order."""
+        found: list[Msg] = []
+        caught_up = asyncio.Event()
+
+        async def collect(message: Msg) -> None:
+            found.append(message)
+            if message.metadata.num_pending == 0:
+                caught_up.set()
+
+        reader = FilteredReader(self.nc, self.streams.events, filter_subject, collect)
+        await reader.start()
+        try:
+            if reader.pending_at_start:
+                await asyncio.wait_for(caught_up.wait(), READ_TIMEOUT_SECONDS)
+        finally:
+            await reader.stop()
+        return found
 
     async def outcome(self, tenant: str, receipt: Receipt, within: float) -> Outcome:
         """How a submitted run ended: rejected, denied, succeeded or failed; or `pending` after `within` seconds."""

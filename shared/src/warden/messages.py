@@ -233,6 +233,96 @@ class RunDispatched(Payload):
         description="The gate's signed decision that allowed the run: a runner starts no run without one that "
         "checks out.",
     )
+    resume: Count = Field(default=0, description="0 for the run's first dispatch; n for its n-th resume after a pause.")
+
+
+class ApprovalAnswered(Payload):
+    """A principal approves or rejects a tool call that awaits approval. Published by clients; decided by the gate.
+
+    The principal is the command's actor, which the server holds to the credential that sent it.
+    The gate decides whether the answer counts (four eyes, the approver's roles) and records that
+    as a decision on the tool call.
+    """
+
+    TYPE: ClassVar[str] = "approval.answered"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "run"
+
+    approval_id: Token
+    approval_seq: StreamSeq = Field(description="Where the approval.requested event sits in the events stream.")
+    approve: bool
+    reason: str = Field(default="", max_length=2000)
+
+
+class ApprovalRequested(Payload):
+    """A tool call waits for a human: what exactly is to be approved, by whom, until when.
+
+    Published by the agent runner on the gate's signed `require_approval` decision, which it
+    carries: the approval id is that decision's id, and the tool call, arguments hash, policy
+    revision and expiry are the ones the gate signed.
+    """
+
+    TYPE: ClassVar[str] = "approval.requested"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    approval_id: Token
+    tool_call_id: Token
+    step: int = Field(ge=0, le=INT32_MAX)
+    agent: Name
+    tool: Name
+    arguments: FreeJsonObject = Field(
+        default_factory=dict, description="As recorded: arguments the policy data marks secret are a keyed hash."
+    )
+    arguments_hash: str = Field(max_length=128)
+    policy_revision: str
+    requested_by: str = Field(max_length=256, description="The principal who asked for the run.")
+    approver_roles: list[Name] = Field(default_factory=list, max_length=64, description="Who may approve, by role.")
+    expires_at: datetime
+    reasons: list[str] = Field(default_factory=list)
+    decision: DecisionMade = Field(description="The gate's signed require_approval decision.")
+
+
+class AwaitedApproval(BaseModel):
+    """One tool call a paused run waits on."""
+
+    model_config = _MODEL_CONFIG
+
+    approval_id: Token
+    tool_call_id: Token
+    expires_at: datetime
+
+
+class RunPaused(Payload):
+    """The runner put the run aside until its tool calls in `awaiting` are answered (or expire).
+
+    Nothing of the run waits in memory: the runner's slot and the tenant's are free, and the
+    scheduler dispatches the run again (`run.resumed`) once every awaited call is answered.
+    """
+
+    TYPE: ClassVar[str] = "run.paused"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    reason: str = Field(max_length=2000)
+    awaiting: list[AwaitedApproval] = Field(min_length=1, max_length=MAX_CALL_FACTS)
+    resume: Count = Field(default=0, description="The dispatch it paused in (see run.dispatched's `resume`).")
+
+
+class RunResumed(Payload):
+    """The scheduler queues a paused run again: its awaited calls were answered, or one expired."""
+
+    TYPE: ClassVar[str] = "run.resumed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    reason: str = Field(max_length=2000)
+    resume: int = Field(ge=1, le=MAX_SAFE_INTEGER, description="This is the run's n-th resume.")
+    decision_id: Token
+    priority: int = Field(ge=0, le=9)
+    agent: Name
+    request_seq: StreamSeq = Field(description="The run.submitted command's position in the commands stream.")
+    decision: DecisionMade | None = Field(default=None, description="The gate's signed decision that allowed the run.")
 
 
 class RunStarted(Payload):
@@ -373,6 +463,10 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunFailed,
     StreamGapDetected,
     DecisionRefused,
+    ApprovalAnswered,
+    ApprovalRequested,
+    RunPaused,
+    RunResumed,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from warden.messages import (
+    ApprovalAnswered,
+    ApprovalRequested,
     CommandRejected,
     DecisionMade,
     DecisionRefused,
@@ -26,7 +28,9 @@ from warden.messages import (
     Payload,
     RunDispatched,
     RunFailed,
+    RunPaused,
     RunQueued,
+    RunResumed,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
@@ -67,7 +71,7 @@ INSTALLATION_ROLES: tuple[Role, ...] = (
 # Which messages each service writes: the one place that says it (the server enforces it).
 PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
     Role.POLICY_GATE: (DecisionMade, CommandRejected),
-    Role.SCHEDULER: (RunQueued, RunDispatched),
+    Role.SCHEDULER: (RunQueued, RunDispatched, RunResumed),
     Role.AGENT_RUNNER: (
         RunStarted,
         StepCompleted,
@@ -77,10 +81,12 @@ PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
         RunSucceeded,
         RunFailed,
         DecisionRefused,
+        ApprovalRequested,
+        RunPaused,
     ),
     Role.AUDIT_PROJECTOR: (StreamGapDetected,),
-    Role.OPERATOR: (RunSubmitted,),
-    Role.TENANT: (RunSubmitted,),
+    Role.OPERATOR: (RunSubmitted, ApprovalAnswered),
+    Role.TENANT: (RunSubmitted, ApprovalAnswered),
 }
 
 # Consumer names the services' durable consumers use (kept here so the grants below name them).
@@ -190,6 +196,8 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
             publish = [
                 *_publishes(subjects, role),
                 *_durable(streams.commands, GATE_CONSUMER),
+                # The approval request an answer names, read by its sequence.
+                *_direct_get(streams.events),
             ]
         case Role.SCHEDULER:
             publish = [

@@ -52,6 +52,8 @@ class FilteredReader:
         self.deliver_policy = deliver_policy
         self.start_seq = start_seq
         self.next_stream_seq: int | None = None  # once a message has arrived: where to go on from
+        # What the first consumer had to deliver when it was made: 0 means nothing is stored yet.
+        self.pending_at_start: int | None = None
         self.consumer_seq = 0
         self.generation = 0
         self.subscription: Subscription | None = None
@@ -97,11 +99,13 @@ class FilteredReader:
 
         subscription = await self.nc.subscribe(inbox, cb=deliver)
         try:
-            await self.js.add_consumer(self.stream, self._config(f"reader_{secrets.token_hex(12)}", inbox))
+            info = await self.js.add_consumer(self.stream, self._config(f"reader_{secrets.token_hex(12)}", inbox))
         except BaseException:
             await subscription.unsubscribe()
             raise
         previous, self.subscription = self.subscription, subscription
+        if self.pending_at_start is None:
+            self.pending_at_start = info.num_pending
         self.consumer_seq = 0
         self.last_heard = asyncio.get_running_loop().time()
         if previous is not None:

@@ -90,6 +90,10 @@ class Subjects:
         """Every tenant's and entity's events of one type, e.g. all `decision.made`."""
         return f"{self.prefix}.evt.*.{payload.ENTITY}.*.{payload.TYPE}"
 
+    def tenant_events_of_type(self, tenant: str, payload: type[Payload]) -> str:
+        """One tenant's events of one type, e.g. its `approval.requested`."""
+        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.{payload.ENTITY}.*.{payload.TYPE}"
+
     def tenant_events(self, tenant: str) -> str:
         return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.>"
 
@@ -174,7 +178,8 @@ CHANNELS: tuple[Channel, ...] = (
         name="commands",
         pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
-        published_by="clients (run.submitted), agent runner (tool_call.requested, model_call.requested)",
+        published_by="clients (run.submitted, approval.answered), agent runner (tool_call.requested, "
+        "model_call.requested)",
         consumed_by="policy gate, audit projector",
         description="Requests that need a decision. Stored before anything acts on them; "
         "the idempotency key travels as the Nats-Msg-Id header.",
@@ -184,7 +189,7 @@ CHANNELS: tuple[Channel, ...] = (
         pattern="{prefix}.evt.{tenant}.{entity}.{entity_id}.{type}",
         message_types=_types_of("event"),
         published_by="policy gate, scheduler, agent runner, audit projector (stream.gap_detected)",
-        consumed_by="audit projector, scheduler, agent runner, clients (tail)",
+        consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
         "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream are "
         "filed under the tenant _warden.",

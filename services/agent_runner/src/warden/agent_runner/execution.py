@@ -26,6 +26,7 @@ from nats.js.api import PubAck
 from pydantic import JsonValue
 
 from warden.agent_runner.actions import (
+    Agent,
     Fail,
     Finish,
     ModelCall,
@@ -36,10 +37,11 @@ from warden.agent_runner.actions import (
     UnknownAgent,
 )
 from warden.agent_runner.agents import AgentCatalogue
+from warden.agent_runner.approvals import Answered, ApprovalState, Awaiting, Void, approval_state, approver_roles
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory, call_facts, url_host
 from warden.agent_runner.limits import TimeLimits
-from warden.agent_runner.llm_agent import function_name
+from warden.agent_runner.llm_agent import LlmAgent, function_name
 from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServerError, ToolServersConfig
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
 from warden.agent_runner.policy_data import read_policy_data
@@ -49,6 +51,8 @@ from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
 from warden.identity import read_seed
 from warden.messages import (
+    ApprovalRequested,
+    AwaitedApproval,
     DecisionMade,
     DecisionRefused,
     Envelope,
@@ -56,6 +60,7 @@ from warden.messages import (
     Payload,
     RunDispatched,
     RunFailed,
+    RunPaused,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
@@ -225,7 +230,7 @@ class RunExecutor:
             settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
         )
         # What the runner enforces itself, read once from the same pack as the gate's.
-        policy_data = read_policy_data(settings.policy_dir or shipped_policy_dir())
+        self.policy_data = policy_data = read_policy_data(settings.policy_dir or shipped_policy_dir())
         self.prices = ModelPrices.from_policy_data(policy_data)
         self.limits = TimeLimits.from_policy_data(policy_data)
         self.models = ModelClient()
@@ -401,9 +406,10 @@ class RunExecutor:
         run_id = work.entity_id
         run = RunContext(work=work, submission=submission, recorded=recorded, deadline=self._deadline(work, submission))
         event = run.event
+        resume = work.data.resume
         await self._publish(
             event(RunStarted(decision_id=work.data.decision_id, worker=self.worker, attempt=attempt)),
-            f"{run_id}-started-{attempt}",
+            f"{run_id}-started-{attempt}" if resume == 0 else f"{run_id}-started-r{resume}-{attempt}",
         )
         history = recorded.ordered_steps()
         if history:
@@ -452,20 +458,18 @@ class RunExecutor:
                     if answered is None:
                         return  # the call was refused or failed: the run ended on the record
                     record = answered
-                    turn = answered.action
-                    assert isinstance(turn, ModelTurn)
-                    usage = usage.model_copy(
-                        update={
-                            "steps": usage.steps + 1,
-                            "model_calls": usage.model_calls + 1,
-                            "input_tokens": usage.input_tokens + turn.input_tokens,
-                            "output_tokens": usage.output_tokens + turn.output_tokens,
-                            "cost_usd": round(usage.cost_usd + turn.cost_usd, 9),
-                        }
-                    )
+                    usage = _after_model_call(usage, answered.action)
                 case ToolCall():
-                    record = await self._tool_call(run, step=step, action=action, usage=usage, history=history)
-                    usage = usage.model_copy(update={"steps": usage.steps + 1, "tool_calls": usage.tool_calls + 1})
+                    calls = _calls_asked_together(agent, submission.data.input, history, action)
+                    done, awaiting = await self._tool_calls(run, step=step, actions=calls, usage=usage, history=history)
+                    history += done
+                    usage = usage.model_copy(
+                        update={"steps": usage.steps + len(done), "tool_calls": usage.tool_calls + len(done)}
+                    )
+                    if awaiting:
+                        await self._pause(run, awaiting)
+                        return
+                    continue
                 case Finish():
                     await self._publish(
                         event(RunSucceeded(output=action.output, steps=usage.steps, tool_calls=usage.tool_calls)),
@@ -669,44 +673,156 @@ class RunExecutor:
         )
         return StepRecord(step=step, action=turn)
 
-    async def _tool_call(
-        self, run: RunContext, *, step: int, action: ToolCall, usage: RunUsage, history: list[StepRecord]
-    ) -> StepRecord:
-        """Ask the gate, wait for its decision, execute only on allow, and record what happened."""
+    async def _tool_calls(
+        self, run: RunContext, *, step: int, actions: list[ToolCall], usage: RunUsage, history: list[StepRecord]
+    ) -> tuple[list[StepRecord], list[AwaitedApproval]]:
+        """Ask the gate about calls made together (at `step` on), then run them in order, each only on allow.
+
+        Every call is asked about first, with the history before them all. Those that need a human
+        stop the run there: the calls before the first of them run and are recorded, and every call
+        that awaits approval gets its `approval.requested`, so several of one run may await at once.
+        Returns what ran (in order) and what awaits approval (empty when nothing does).
+        """
         work = run.work
-        run_id = work.entity_id
-        tool_call_id = self.tool_call_id(work.tenant, run_id, step)
+        facts = call_facts(history)
+        asks = []
+        for offset, action in enumerate(actions):
+            call_id = self.tool_call_id(work.tenant, work.entity_id, step + offset)
+            request = None
+            if action.invalid is None:
+                # What may be recorded: the arguments policy data marks secret only as a keyed hash. The
+                # request, the gate's input and the decision's binding all see this; the tool the clear ones.
+                request = ToolCallRequested(
+                    tool_call_id=call_id,
+                    step=step + offset,
+                    agent=work.data.agent,
+                    tool=action.tool,
+                    arguments=self.secret_arguments.conceal(action.tool, action.arguments),
+                    usage=usage.model_copy(
+                        update={"steps": usage.steps + offset, "tool_calls": usage.tool_calls + offset}
+                    ),
+                    history=facts,
+                    tool_digest=await self._tool_digest(work.tenant, action.tool),
+                )
+            asks.append((call_id, action, request))
+        verdicts = await asyncio.gather(
+            *(self._verdict(run, request, call_id) for call_id, _, request in asks if request is not None)
+        )
+        verdict_of = dict(zip((call_id for call_id, _, request in asks if request is not None), verdicts, strict=True))
+        awaiting = [
+            (call_id, request, verdict)
+            for call_id, _, request in asks
+            if request is not None and isinstance(verdict := verdict_of[call_id], Awaiting)
+        ]
+        done = []
+        for offset, (call_id, action, _) in enumerate(asks):
+            if call_id in {waiting for waiting, _, _ in awaiting}:
+                break
+            done.append(await self._finish_call(run, step + offset, call_id, action, verdict_of.get(call_id)))
+        for _, request, verdict in awaiting:
+            await self._request_approval(run, request, verdict.asked)
+        return done, [
+            AwaitedApproval(
+                approval_id=verdict.asked.decision_id,
+                tool_call_id=call_id,
+                expires_at=verdict.asked.expires_at or datetime.now(UTC),
+            )
+            for call_id, _, verdict in awaiting
+        ]
+
+    async def _verdict(
+        self, run: RunContext, request: ToolCallRequested, call_id: str
+    ) -> DecisionMade | ApprovalState | None:
+        """What a call may do: the gate's decision on it (None: none came in time), or, for a call
+        that needed approval, where its approval stands.
+
+        A call with a recorded require_approval decision is never asked again: its answers are
+        decisions on it too, recorded in the run's history.
+        """
+        bound = arguments_hash(bound_arguments(request))
+        work = run.work
+        signed = [
+            decision
+            for decision in run.recorded.decisions.get(call_id, [])
+            if decision.arguments_hash == bound and self.verifier.refusal(decision, work.tenant, work.entity_id) is None
+        ]
+        recorded = approval_state(signed, datetime.now(UTC))
+        if recorded is not None:
+            return recorded
+        # Decided before this attempt (a run resumed after a pause or a crash): asking again could
+        # store a second request once the duplicate window has passed.
+        for decision in signed:
+            if decision.request_type == ToolCallRequested.TYPE and _expired(decision) is None:
+                return decision
+        verdict = await self._ask_gate(run, request, call_id)
+        if verdict is not None and verdict.effect == "require_approval":
+            return approval_state([verdict], datetime.now(UTC)) or verdict
+        return verdict
+
+    async def _request_approval(self, run: RunContext, request: ToolCallRequested, asked: DecisionMade) -> None:
+        """Record what a human is asked to approve: the call, its arguments as recorded, who may answer, until when."""
+        assert asked.arguments_hash is not None
+        assert asked.expires_at is not None
+        requested = ApprovalRequested(
+            approval_id=asked.decision_id,
+            tool_call_id=request.tool_call_id,
+            step=request.step,
+            agent=request.agent,
+            tool=request.tool,
+            arguments=request.arguments,
+            arguments_hash=asked.arguments_hash,
+            policy_revision=asked.policy_revision,
+            requested_by=run.submission.actor,
+            approver_roles=approver_roles(self.policy_data, request.tool),
+            expires_at=asked.expires_at,
+            reasons=asked.reasons,
+            decision=asked,
+        )
+        await self._publish(run.event(requested), f"{request.tool_call_id}-approval")
+        log.info("tool call awaits approval", tool=request.tool, approval_id=asked.decision_id)
+
+    async def _pause(self, run: RunContext, awaiting: list[AwaitedApproval]) -> None:
+        """Put the run aside: nothing of it stays here; the scheduler dispatches it again once answered."""
+        resume = run.work.data.resume
+        reason = f"{len(awaiting)} tool call(s) await approval"
+        await self._publish(
+            run.event(RunPaused(reason=reason, awaiting=awaiting, resume=resume)),
+            f"{run.work.entity_id}-paused-{resume}",
+        )
+        log.info("run paused", awaiting=[waiting.approval_id for waiting in awaiting])
+
+    async def _finish_call(
+        self,
+        run: RunContext,
+        step: int,
+        tool_call_id: str,
+        action: ToolCall,
+        verdict: DecisionMade | ApprovalState | None,
+    ) -> StepRecord:
+        """Execute one call as its verdict allows (or not) and record what happened."""
+        work = run.work
         attributes = {
             "gen_ai.operation.name": "execute_tool",
             "gen_ai.tool.name": action.tool,
             "gen_ai.tool.call.id": tool_call_id,
-            "warden.run_id": run_id,
+            "warden.run_id": work.entity_id,
             "warden.step": step,
         }
         with span(SERVICE, f"execute_tool {action.tool}", attributes) as tool_span:
-            verdict: DecisionMade | None = None
             result: Any = None
             error: str | None = None
             outcome: Outcome
+            decision_id: str | None = None
             if action.invalid is not None:
-                # Nothing can run, so nothing is asked: the agent is told why, on the record.
+                # Nothing can run, so nothing was asked: the agent is told why, on the record.
                 outcome, error = "error", recordable_text(action.invalid, 2000)
+            elif isinstance(verdict, Void):
+                outcome, error, decision_id = "refused", f"approval void: {verdict.reason}", verdict.decision_id
             else:
-                # What may be recorded: the arguments policy data marks secret only as a keyed hash. The
-                # request, the gate's input and the decision's binding all see this; the tool the clear ones.
-                recorded_arguments = self.secret_arguments.conceal(action.tool, action.arguments)
-                request = ToolCallRequested(
-                    tool_call_id=tool_call_id,
-                    step=step,
-                    agent=work.data.agent,
-                    tool=action.tool,
-                    arguments=recorded_arguments,
-                    usage=usage,
-                    history=call_facts(history),
-                    tool_digest=await self._tool_digest(work.tenant, action.tool),
-                )
-                verdict = await self._ask_gate(run, request, tool_call_id)
-                outcome, result, error = await self._execute(work.tenant, action, verdict, run.deadline, tool_call_id)
+                decision = verdict.decision if isinstance(verdict, Answered) else verdict
+                assert not isinstance(decision, Awaiting)
+                decision_id = decision.decision_id if decision else None
+                outcome, result, error = await self._execute(work.tenant, action, decision, run.deadline, tool_call_id)
             tool_span.set_attribute("warden.outcome", outcome)
             if outcome != "ok":
                 tool_span.set_attribute("error.type", outcome)
@@ -714,7 +830,7 @@ class RunExecutor:
                 tool_call_id=tool_call_id,
                 step=step,
                 tool=action.tool,
-                decision_id=verdict.decision_id if verdict else None,
+                decision_id=decision_id,
                 outcome=outcome,
                 result=result,
                 error=error,
@@ -784,6 +900,37 @@ class RunExecutor:
         # What cannot be recorded cannot be the result: every reader would refuse the event.
         check_value(result)
         return result
+
+
+def _after_model_call(usage: RunUsage, turn: ModelTurn | ToolCall) -> RunUsage:
+    """A run's usage once a model call's turn is recorded."""
+    assert isinstance(turn, ModelTurn)
+    return usage.model_copy(
+        update={
+            "steps": usage.steps + 1,
+            "model_calls": usage.model_calls + 1,
+            "input_tokens": usage.input_tokens + turn.input_tokens,
+            "output_tokens": usage.output_tokens + turn.output_tokens,
+            "cost_usd": round(usage.cost_usd + turn.cost_usd, 9),
+        }
+    )
+
+
+# The most tool calls of one model turn asked about together.
+MAX_CALLS_ASKED_TOGETHER = 16
+
+
+def _calls_asked_together(
+    agent: Agent, run_input: Mapping[str, JsonValue], history: list[StepRecord], first: ToolCall
+) -> list[ToolCall]:
+    """The calls to ask the gate about at once: every call still to make of an `llm` agent's last
+    turn (the model asked for them together), else the one call. A scripted agent's next calls
+    wait for this one's result: the policy must see it before it judges them."""
+    if isinstance(agent, LlmAgent):
+        pending = agent.pending_tool_calls(run_input, history)
+        if pending and pending[0] == first:
+            return pending[:MAX_CALLS_ASKED_TOGETHER]
+    return [first]
 
 
 class ToolTimeout(Exception):

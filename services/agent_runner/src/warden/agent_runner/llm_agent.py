@@ -104,6 +104,15 @@ class LlmAgent:
         """The agent's name, as runs and policies refer to it."""
         return self.definition.name
 
+    def pending_tool_calls(self, run_input: Mapping[str, JsonValue], history: Sequence[StepRecord]) -> list[ToolCall]:
+        """The tool calls of the model's last turn the run has not made yet, in order.
+
+        The model asked for them together, before it saw any of their results, so none depends
+        on another's: the runner may ask the gate about all of them at once (and several may
+        await approval at once).
+        """
+        return Conversation.of(self.definition, run_input, history).pending
+
     def next_action(self, run_input: Mapping[str, JsonValue], history: Sequence[StepRecord]) -> Action:
         """A tool call the model asked for and the run has not made yet; else the model's final answer
         (`Finish`) or failure; else the next model call, with the whole conversation."""

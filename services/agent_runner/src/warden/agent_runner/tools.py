@@ -173,6 +173,24 @@ async def http_post(arguments: Mapping[str, JsonValue]) -> JsonValue:
     return {"url": url, "status": 202, "bytes": size, "offline": True}
 
 
+MAX_REFUND = 10_000
+
+
+async def payments_refund(arguments: Mapping[str, JsonValue]) -> JsonValue:
+    """`payments.refund`: {"order": string, "amount": number} → {"order", "amount", "status", "offline": true}.
+
+    A tool with a real-world effect, for the policies that put a human in front of one (the shipped
+    pack asks for approval). OFFLINE: no payment system is called; the arguments are checked and
+    the answer says what would have been refunded.
+    """
+    _expect_keys("payments.refund", arguments, "order", "amount")
+    order = _text("payments.refund", arguments, "order")
+    amount = _number("payments.refund", arguments, "amount")
+    if not 0 < amount <= MAX_REFUND:
+        raise ToolError(f"payments.refund: the amount must be more than 0 and at most {MAX_REFUND}, got {amount}")
+    return {"order": order, "amount": amount, "status": "refunded", "offline": True}
+
+
 BUILTIN_TOOLS: Mapping[str, Tool] = MappingProxyType(
     {
         "math.add": math_add,
@@ -180,6 +198,7 @@ BUILTIN_TOOLS: Mapping[str, Tool] = MappingProxyType(
         "clock.sleep": clock_sleep,
         "web.fetch": web_fetch,
         "http.post": http_post,
+        "payments.refund": payments_refund,
     }
 )
 
@@ -204,6 +223,12 @@ BUILTIN_TOOL_SCHEMAS: Mapping[str, tuple[str, dict[str, JsonValue]]] = MappingPr
         "http.post": (
             "Send data to a URL with an HTTP POST.",
             _object({"url": {"type": "string"}, "body": {"type": ["string", "object"]}}, "url", "body"),
+        ),
+        "payments.refund": (
+            "Refund an amount of an order to the customer.",
+            _object(
+                {"order": {"type": "string"}, "amount": {"type": "number", "exclusiveMinimum": 0}}, "order", "amount"
+            ),
         ),
     }
 )

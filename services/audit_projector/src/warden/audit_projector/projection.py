@@ -28,6 +28,8 @@ from warden.messages import (
     ENVELOPE_TYPES,
     MESSAGE_TYPES,
     PAYLOAD_TYPES,
+    ApprovalAnswered,
+    ApprovalRequested,
     CommandRejected,
     DecisionMade,
     DecisionRefused,
@@ -36,7 +38,9 @@ from warden.messages import (
     Payload,
     RunDispatched,
     RunFailed,
+    RunPaused,
     RunQueued,
+    RunResumed,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
@@ -604,6 +608,12 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     StreamGapDetected: lambda rows, envelope, data, trace_id: None,
     # A security event: kept in `events` (and shown by the timeline), changes no run.
     DecisionRefused: lambda rows, envelope, data, trace_id: None,
+    # Approvals are read from `events` and `decisions` (the `approvals` view in schema.sql); a
+    # pause or resume does not move a run's status, which only rises (see STATUS_RANK).
+    ApprovalAnswered: lambda rows, envelope, data, trace_id: None,
+    ApprovalRequested: lambda rows, envelope, data, trace_id: None,
+    RunPaused: lambda rows, envelope, data, trace_id: None,
+    RunResumed: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

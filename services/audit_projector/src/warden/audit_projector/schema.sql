@@ -183,3 +183,52 @@ CREATE TABLE IF NOT EXISTS tool_calls (
     PRIMARY KEY (tenant, tool_call_id)
 );
 CREATE INDEX IF NOT EXISTS tool_calls_by_run ON tool_calls (tenant, run_id, step);
+
+-- Approval requests and what became of them, read from the event log and the decisions: the
+-- request (what, by whom, until when), the first answer that counted (a decision on the call
+-- from an approval.answered command, with who gave it), and whether the call has run since.
+-- Status: approved, rejected, expired (no answer in time), closed (the call ended without an
+-- answer, e.g. its run failed) or pending.
+CREATE INDEX IF NOT EXISTS events_by_type ON events (type, tenant);
+CREATE OR REPLACE VIEW approvals AS
+    SELECT request.tenant,
+           request.payload->>'approval_id' AS approval_id,
+           request.entity_id AS run_id,
+           request.payload->>'tool_call_id' AS tool_call_id,
+           request.payload->>'tool' AS tool,
+           request.payload->'arguments' AS arguments,
+           request.payload->>'requested_by' AS requested_by,
+           request.payload->'approver_roles' AS approver_roles,
+           request.payload->>'policy_revision' AS policy_revision,
+           request.stream_seq AS request_seq,
+           request.stored_at AS requested_at,
+           (request.payload->>'expires_at')::timestamptz AS expires_at,
+           answer.decision_id AS answer_decision_id,
+           answer.effect AS answer_effect,
+           answer.decided_at AS answered_at,
+           answer_command.actor AS answered_by,
+           answer_command.payload->>'reason' AS answer_reason,
+           tool_calls.outcome AS call_outcome,
+           CASE
+               WHEN answer.effect = 'allow' THEN 'approved'
+               WHEN answer.effect = 'deny' THEN 'rejected'
+               WHEN (request.payload->>'expires_at')::timestamptz <= now() THEN 'expired'
+               WHEN tool_calls.outcome IS NOT NULL THEN 'closed'
+               ELSE 'pending'
+           END AS status
+    FROM events AS request
+    LEFT JOIN LATERAL (
+        SELECT decisions.* FROM decisions
+        WHERE decisions.tenant = request.tenant
+          AND decisions.run_id = request.entity_id
+          AND decisions.tool_call_id = request.payload->>'tool_call_id'
+          AND decisions.request_type = 'approval.answered'
+          AND decisions.effect IN ('allow', 'deny')
+        ORDER BY decisions.decided_at
+        LIMIT 1
+    ) AS answer ON true
+    LEFT JOIN events AS answer_command
+        ON answer_command.event_id = answer.request_id AND answer_command.type = 'approval.answered'
+    LEFT JOIN tool_calls
+        ON tool_calls.tenant = request.tenant AND tool_calls.tool_call_id = request.payload->>'tool_call_id'
+    WHERE request.type = 'approval.requested';

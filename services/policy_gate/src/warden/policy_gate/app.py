@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import structlog
 from faststream import FastStream
 from nats.aio.msg import Msg
@@ -13,20 +14,23 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
 from warden.bus import envelope_headers, heartbeat, retry_transient, watch_ground
-from warden.errors import RejectionCode
+from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
+    ApprovalAnswered,
+    ApprovalRequested,
     Envelope,
     make_envelope,
+    parse_envelope,
 )
 from warden.policy_gate.decide import PolicyDecider
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
-from warden.signing import DecisionSigner
+from warden.signing import DecisionSigner, DecisionVerifier
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
-from warden.wire import is_transient
+from warden.wire import TYPE_HEADER, is_transient
 
 SERVICE = "policy-gate"
 DURABLE_NAME = "policy_gate"
@@ -72,18 +76,20 @@ class Gate:
         self.unsettled: asyncio.Queue[tuple[Answer, asyncio.Future[PubAck]]] = asyncio.Queue()
         self.retrying: set[asyncio.Task[None]] = set()
 
-    def outcome(self, message: Msg) -> tuple[Envelope[Any], str]:
+    def outcome(self, message: Msg, approval: ApprovalRequested | str | None = None) -> tuple[Envelope[Any], str]:
         """The event that answers one command (a rejection or a decision) and its idempotency key.
 
-        Never raises: the answer depends only on the stored command, so a command that makes the
-        gate fail would fail on every delivery; it is rejected (`unprocessable`) at once instead.
+        `approval`: for an answer to an approval request, that request (see `approval_named_by`).
+        Never raises: the answer depends only on the stored commands and events, so a command
+        that makes the gate fail would fail on every delivery; it is rejected (`unprocessable`)
+        at once instead.
         """
         metadata = message.metadata
         seq = metadata.sequence.stream
         try:
             checked = self.rules.judge(message.subject, message.data, message.headers, seq)
             if isinstance(checked, Envelope):
-                return self._decided(checked, seq), f"decision-{metadata.stream}-{seq}"
+                return self._decided(checked, seq, approval), f"decision-{metadata.stream}-{seq}"
         except Exception as exc:
             log.exception("the gate failed on a command; rejecting it", subject=message.subject, stream_seq=seq)
             checked = rejection(
@@ -103,8 +109,40 @@ class Gate:
         # Keyed by the command's position: a redelivered command is rejected once.
         return answer, f"rejected-{metadata.stream}-{seq}"
 
-    def _decided(self, command: Envelope[Any], seq: int) -> Envelope[Any]:
-        verdict = self.decider.decide(command, seq)
+    async def approval_named_by(self, message: Msg) -> ApprovalRequested | str | None:
+        """For a valid answer to an approval request, the request it names (read by its sequence in
+        the events stream), or why that is not one; None for any other command.
+
+        A bus failure is raised: the command stays unacknowledged and comes again.
+        """
+        if not message.subject.endswith(f".{ApprovalAnswered.TYPE}"):
+            return None
+        try:
+            command = self.rules.judge(message.subject, message.data, message.headers, message.metadata.sequence.stream)
+        except Exception:  # `outcome` judges it again and records why
+            return None
+        if not isinstance(command, Envelope) or not isinstance(command.data, ApprovalAnswered):
+            return None
+        seq, approval_id = command.data.approval_seq, command.data.approval_id
+        try:
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.events, seq, direct=True), what="an approval request"
+            )
+        except nats.js.errors.NotFoundError:
+            return f"no approval request {approval_id} at events sequence {seq}"
+        try:
+            found = parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER))
+            self.subjects.check_envelope_subject(found, stored.subject or "")
+        except InvalidMessage as exc:
+            return f"events sequence {seq} is not a valid approval request: {exc}"
+        request = found.data
+        names_it = (found.tenant, found.entity_id) == (command.tenant, command.entity_id)
+        if not isinstance(request, ApprovalRequested) or not names_it or request.approval_id != approval_id:
+            return f"events sequence {seq} is not approval request {approval_id} of run {command.entity_id}"
+        return request
+
+    def _decided(self, command: Envelope[Any], seq: int, approval: ApprovalRequested | str | None) -> Envelope[Any]:
+        verdict = self.decider.decide(command, seq, approval)
         log.info(
             "decision made",
             run_id=command.entity_id,
@@ -125,7 +163,8 @@ class Gate:
     async def decide(self, message: Msg) -> None:
         """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""
         with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
-            event, key = self.outcome(message)
+            approval = await self.approval_named_by(message)
+            event, key = self.outcome(message, approval)
             answer = Answer(
                 message, self.subjects.expected_subject(event), event.to_bytes(), envelope_headers(event, key)
             )
@@ -243,7 +282,11 @@ class Gate:
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
-    decider = PolicyDecider(PolicyEngine.load(policy_dir), DecisionSigner.from_file(settings.signing_key_path()))
+    decider = PolicyDecider(
+        PolicyEngine.load(policy_dir),
+        DecisionSigner.from_file(settings.signing_key_path()),
+        DecisionVerifier.from_file(settings.trusted_keys_path()),
+    )
     log.info(
         "policies loaded",
         revision=decider.engine.revision,

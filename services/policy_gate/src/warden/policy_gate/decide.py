@@ -6,10 +6,13 @@ time budget, is a deny with the reason).
 """
 
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from warden.ids import new_id
 from warden.messages import (
+    ApprovalAnswered,
+    ApprovalRequested,
     DecisionMade,
     Effect,
     Envelope,
@@ -19,18 +22,41 @@ from warden.messages import (
     ToolCallRequested,
 )
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError
-from warden.signing import DecisionBinding, DecisionSigner, arguments_hash, bound_arguments
+from warden.signing import DecisionBinding, DecisionSigner, DecisionVerifier, arguments_hash, bound_arguments
 
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
 RUN_START = "run.start"
 TOOL_CALL = "tool.call"
 MODEL_CALL = "model.call"
+APPROVAL_ANSWER = "approval.answer"
 
 
-def policy_input(envelope: Envelope[Any]) -> dict[str, Any]:
-    """The document the Rego policies see (see policies/README.md): who asks what, and usage so far."""
+def policy_input(envelope: Envelope[Any], approval: ApprovalRequested | None = None) -> dict[str, Any]:
+    """The document the Rego policies see (see policies/README.md): who asks what, and usage so far.
+
+    For an answer to an approval request, `approval` is that request: the principal is who
+    answers, and the tool, its arguments and who asked for the run are the request's.
+    """
     data = envelope.data
+    if isinstance(data, ApprovalAnswered):
+        if approval is None:
+            raise TypeError("an answer is judged with the approval request it answers")
+        return {
+            "action": APPROVAL_ANSWER,
+            "tenant": envelope.tenant,
+            "principal": envelope.actor,
+            "agent": approval.agent,
+            "tool": {"name": approval.tool, "arguments": approval.arguments},
+            "model": None,
+            "approval": {
+                "id": approval.approval_id,
+                "requested_by": approval.requested_by,
+                "approve": data.approve,
+                "reason": data.reason,
+            },
+            "run": {"id": envelope.entity_id},
+        }
     model = None
     # What the run did before this request: its earlier tool calls (the runner's record of them).
     earlier = data.history if isinstance(data, ToolCallRequested | ModelCallRequested) else []
@@ -68,14 +94,25 @@ def decision(
     reasons: list[str],
     policy_revision: str,
     evaluation_ms: float,
+    expires_at: datetime | None = None,
+    approval: ApprovalRequested | None = None,
 ) -> DecisionMade:
-    """The decision on one request, signed over what binds it to that request (see warden.signing)."""
+    """The decision on one request, signed over what binds it to that request (see warden.signing).
+
+    A decision on an answer to an approval request is a decision on the tool call it approves:
+    it names that call and its arguments hash, and expires with the request.
+    """
     data = envelope.data
     call_id = None
+    bound_hash = None
     if isinstance(data, ToolCallRequested):
         call_id = data.tool_call_id
     elif isinstance(data, ModelCallRequested):
         call_id = data.call_id
+    if call_id is not None:
+        bound_hash = arguments_hash(bound_arguments(data))
+    if approval is not None:
+        call_id, bound_hash = approval.tool_call_id, approval.arguments_hash
     unsigned = DecisionMade(
         decision_id=new_id(),
         request_type=envelope.type,
@@ -86,7 +123,8 @@ def decision(
         policy_revision=policy_revision,
         evaluation_ms=evaluation_ms,
         tool_call_id=call_id,
-        arguments_hash=arguments_hash(bound_arguments(data)) if call_id is not None else None,
+        arguments_hash=bound_hash,
+        expires_at=expires_at,
     )
     signature = signer.sign(DecisionBinding.of(unsigned, envelope.tenant, envelope.entity_id))
     return unsigned.model_copy(update={"signing_key": signer.public_key, "signature": signature})
@@ -100,11 +138,20 @@ class PolicyDecider:
     enforced after the fact instead. A decision that took longer than the budget is a deny.
     """
 
-    def __init__(self, engine: PolicyEngine, signer: DecisionSigner) -> None:
+    def __init__(self, engine: PolicyEngine, signer: DecisionSigner, verifier: DecisionVerifier | None = None) -> None:
         self.engine = engine
         self.signer = signer
+        # The keys an approval request's decision may be signed with: the gate's own, and any
+        # still trusted after a rotation.
+        self.verifier = verifier or DecisionVerifier([signer.public_key])
 
-    def decide(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
+    def decide(
+        self, envelope: Envelope[Any], request_seq: int, approval: ApprovalRequested | str | None = None
+    ) -> DecisionMade:
+        """The decision on one command; for an answer to an approval request, `approval` is the
+        request it names as read from the events stream, or why it could not be read."""
+        if isinstance(envelope.data, ApprovalAnswered):
+            return self._decide_answer(envelope, request_seq, approval)
         started = time.perf_counter()
         data = envelope.data
         effect: Effect
@@ -129,6 +176,12 @@ class PolicyDecider:
         except PolicyEvaluationError as exc:
             effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
         elapsed_ms = (time.perf_counter() - started) * 1000
+        # A call that needs a human waits for one only so long: the runner refuses it after this.
+        expires_at = (
+            datetime.now(UTC) + timedelta(seconds=self.engine.approval_expiry_seconds)
+            if effect == "require_approval"
+            else None
+        )
         return decision(
             envelope,
             self.signer,
@@ -137,4 +190,83 @@ class PolicyDecider:
             reasons=reasons,
             policy_revision=self.engine.revision,
             evaluation_ms=round(elapsed_ms, 3),
+            expires_at=expires_at,
         )
+
+    def _decide_answer(
+        self, envelope: Envelope[Any], request_seq: int, approval: ApprovalRequested | str | None
+    ) -> DecisionMade:
+        """The decision on an answer to an approval request: a decision on the tool call it answers.
+
+        - allow: the answer counts and approves: the call may run (if, when it is about to, the
+          decision has not expired and names the call's arguments and policy revision);
+        - deny: the answer counts and rejects, or it came after the request expired;
+        - require_approval: the answer does not count (the policy says why: four eyes, roles);
+          the call still waits for one that does.
+
+        An answer that names no genuine approval request is denied bound to no call.
+        """
+        started = time.perf_counter()
+        answer = envelope.data
+        assert isinstance(answer, ApprovalAnswered)
+        problem = approval if isinstance(approval, str) else None
+        if isinstance(approval, ApprovalRequested):
+            problem = self._not_genuine(approval, envelope)
+        if problem is not None or not isinstance(approval, ApprovalRequested):
+            return decision(
+                envelope,
+                self.signer,
+                request_seq=request_seq,
+                effect="deny",
+                reasons=[problem or "the answer names no approval request"],
+                policy_revision=self.engine.revision,
+                evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+        effect: Effect
+        said = f": {answer.reason}" if answer.reason else ""
+        verb = "approved" if answer.approve else "rejected"
+        if approval.expires_at <= datetime.now(UTC):
+            effect = "deny"
+            reasons = [f"{verb} by {envelope.actor} after the request expired at {approval.expires_at.isoformat()}"]
+        else:
+            try:
+                result = self.engine.evaluate(policy_input(envelope, approval))
+                counts, grounds = result.effect == "allow", list(result.reasons)
+            except PolicyEvaluationError as exc:
+                counts, grounds = False, [f"policy evaluation failed (fail closed): {exc}"]
+            if counts:
+                effect = "allow" if answer.approve else "deny"
+                reasons = [f"{verb} by {envelope.actor}{said}", *grounds]
+            else:
+                effect = "require_approval"
+                reasons = [f"the answer of {envelope.actor} does not count; the call still awaits approval", *grounds]
+        return decision(
+            envelope,
+            self.signer,
+            request_seq=request_seq,
+            effect=effect,
+            reasons=reasons,
+            policy_revision=self.engine.revision,
+            evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
+            expires_at=approval.expires_at,
+            approval=approval,
+        )
+
+    def _not_genuine(self, approval: ApprovalRequested, answer: Envelope[Any]) -> str | None:
+        """Why an approval request is not one to answer (None: it is): it must carry this gate's
+        signed require_approval decision, and say what that decision binds."""
+        signed = approval.decision
+        refusal = self.verifier.refusal(signed, answer.tenant, answer.entity_id)
+        if refusal is not None:
+            return f"approval request {approval.approval_id} does not carry a decision of the gate's ({refusal})"
+        binds = (signed.effect, signed.decision_id, signed.tool_call_id, signed.arguments_hash, signed.policy_revision)
+        claims = (
+            "require_approval",
+            approval.approval_id,
+            approval.tool_call_id,
+            approval.arguments_hash,
+            approval.policy_revision,
+        )
+        if binds != claims or signed.expires_at != approval.expires_at:
+            return f"approval request {approval.approval_id} says other than the decision it carries"
+        return None

@@ -184,6 +184,23 @@ def _names(data: Mapping[str, Any], key: str) -> frozenset[str]:
     return frozenset(section) if isinstance(section, dict) else frozenset()
 
 
+# How long a call that needs approval waits for one when the data does not say (`approvals.expiry_seconds`).
+DEFAULT_APPROVAL_EXPIRY_SECONDS = 1800.0
+
+
+def _approval_expiry_seconds(data: Mapping[str, Any]) -> float:
+    warden = data.get("warden")
+    approvals = warden.get("approvals") if isinstance(warden, dict) else None
+    value = approvals.get("expiry_seconds") if isinstance(approvals, dict) else None
+    if value is None:
+        return DEFAULT_APPROVAL_EXPIRY_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 30 * 86_400:
+        raise PolicyLoadError(
+            DATA_FILE, None, None, f"approvals.expiry_seconds must be 0 < seconds <= 30 days, not {value!r}"
+        )
+    return float(value)
+
+
 class PolicyEngine:
     """The loaded policy pack, ready to decide requests in a fraction of a millisecond.
 
@@ -197,6 +214,7 @@ class PolicyEngine:
         self.revision: str = pack.revision()
         self._agents = _names(pack.data, "agents")
         self._tools = _names(pack.data, "tools")
+        self.approval_expiry_seconds = _approval_expiry_seconds(pack.data)
         self._local = threading.local()
         self._local.engine = _warmed_up(engine)
 

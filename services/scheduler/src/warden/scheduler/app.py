@@ -17,6 +17,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import nats.errors
@@ -29,7 +30,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
-from warden.bus import envelope_headers, is_stored, retry_transient, watch_ground
+from warden.bus import GroundLost, envelope_headers, is_stored, retry_transient, watch_ground
 from warden.errors import InvalidMessage
 from warden.messages import (
     MESSAGE_TYPES,
@@ -37,11 +38,12 @@ from warden.messages import (
     Payload,
     RunDispatched,
     RunQueued,
+    RunResumed,
     RunSubmitted,
     make_envelope,
     parse_envelope,
 )
-from warden.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, evolve, next_dispatches
+from warden.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, due_resumes, evolve, next_dispatches
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
 from warden.streams import StreamNames
@@ -175,16 +177,21 @@ class Scheduler:
         this batch's run.queued events) must be stored before any run.dispatched event is sent.
         """
         acks = await self.queue_allowed()
+        acks += await self.resume_paused()
         dispatches = []
         for run in next_dispatches(self.state, self.settings.tenant_concurrency):
             with consuming(SERVICE, "scheduler.dispatch", run.trace_headers, run_id=run.run_id):
                 dispatched = self.emit(
                     RunDispatched(
-                        decision_id=run.decision_id, agent=run.agent, request_seq=run.request_seq, decision=run.decision
+                        decision_id=run.decision_id,
+                        agent=run.agent,
+                        request_seq=run.request_seq,
+                        decision=run.decision,
+                        resume=run.resume,
                     ),
                     run.cause,
                 )
-                key = f"dispatched-{run.tenant}-{run.run_id}"
+                key = f"dispatched-{run.tenant}-{run.run_id}" + (f"-r{run.resume}" if run.resume else "")
                 acks.append(await self.publish(dispatched, self.subjects.work(run.tenant), self.streams.work, key))
                 # Headers now, inside the span, so the recording event continues the same trace.
                 dispatches.append((run, dispatched, envelope_headers(dispatched, key)))
@@ -204,6 +211,37 @@ class Scheduler:
             log.info(
                 "run dispatched", run_id=run.run_id, tenant=run.tenant, running=len(self.state.running[run.tenant])
             )
+
+    async def resume_paused(self) -> list[asyncio.Future[PubAck]]:
+        """Queue again every paused run whose awaited calls are all answered, or one of whose approvals expired."""
+        acks = []
+        for paused in due_resumes(self.state, datetime.now(UTC)):
+            run, resume = paused.run, paused.run.resume + 1
+            reason = (
+                "every tool call it awaited has an answer"
+                if not paused.awaiting
+                else f"the approval of tool call {min(paused.awaiting, key=paused.awaiting.__getitem__)} expired"
+            )
+            with consuming(SERVICE, "scheduler.resume", run.trace_headers, run_id=run.run_id):
+                resumed = self.emit(
+                    RunResumed(
+                        reason=reason,
+                        resume=resume,
+                        decision_id=run.decision_id,
+                        priority=run.priority,
+                        agent=run.agent,
+                        request_seq=run.request_seq,
+                        decision=run.decision,
+                    ),
+                    paused.cause,
+                )
+                key = f"resumed-{run.tenant}-{run.run_id}-{resume}"
+                acks.append(
+                    await self.publish(resumed, self.subjects.expected_subject(resumed), self.streams.events, key)
+                )
+            evolve(self.state, resumed)
+            log.info("run resumed", run_id=run.run_id, tenant=run.tenant, resume=resume, reason=reason)
+        return acks
 
     def apply(self, message: Msg) -> None:
         seq = self.last_seq = message.metadata.sequence.stream
@@ -255,6 +293,12 @@ class Scheduler:
         while True:
             try:
                 await self.serve()
+            except nats.js.errors.NotFoundError as exc:
+                # The stream went away under the fold (its consumer cannot be looked up or made):
+                # said as the ground watch says it, which may not have looked yet.
+                lost = f"the stream {self.streams.events}"
+                log.error("what this service reads from is gone; exiting to be restarted", lost=lost, error=repr(exc))
+                raise GroundLost(f"{lost} is gone: {exc}") from exc
             except (nats.errors.Error, TimeoutError) as exc:
                 if not is_transient(exc):
                     raise

@@ -2,18 +2,48 @@
 
 The state is rebuilt by folding the events stream from sequence 1 on every start, so the
 scheduler keeps nothing of its own: what it decided is in the stream (`run.queued`,
-`run.dispatched`) and what finished is too (`run.succeeded`, `run.failed`).
+`run.dispatched`, `run.resumed`) and what finished or paused is too (`run.succeeded`,
+`run.failed`, `run.paused`, and the decisions on answers to approval requests).
+
+A paused run holds no slot. It is resumed (queued again, then dispatched under the tenant's
+limit like any run) once every tool call it awaits has an answer that counts, or once the
+first of their approvals has expired, so that the runner records that call as refused.
 """
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
-from warden.messages import DecisionMade, Envelope, RunDispatched, RunFailed, RunQueued, RunSubmitted, RunSucceeded
+from warden.messages import (
+    ApprovalAnswered,
+    DecisionMade,
+    Envelope,
+    RunDispatched,
+    RunFailed,
+    RunPaused,
+    RunQueued,
+    RunResumed,
+    RunSubmitted,
+    RunSucceeded,
+)
 
 RunKey = tuple[str, str]  # (tenant, run_id)
-WATCHED_TYPES = frozenset({DecisionMade.TYPE, RunQueued.TYPE, RunDispatched.TYPE, RunSucceeded.TYPE, RunFailed.TYPE})
+WATCHED_TYPES = frozenset(
+    {
+        DecisionMade.TYPE,
+        RunQueued.TYPE,
+        RunDispatched.TYPE,
+        RunSucceeded.TYPE,
+        RunFailed.TYPE,
+        RunPaused.TYPE,
+        RunResumed.TYPE,
+    }
+)
+# An approval is taken as expired this long after its expiry, so that a runner whose clock is a
+# little behind the scheduler's sees it expired too (and does not pause the run again).
+EXPIRY_GRACE = timedelta(seconds=1)
 
 
 @dataclass
@@ -28,6 +58,19 @@ class QueuedRun:
     cause: Envelope[Any]  # the run.queued event: what a dispatch is caused by
     trace_headers: Mapping[str, str] = field(default_factory=dict)
     decision: DecisionMade | None = None  # the gate's signed allow, handed on to the runner
+    resume: int = 0  # 0 for a first dispatch, n for the n-th resume
+
+
+@dataclass
+class PausedRun:
+    """A run put aside until the tool calls it awaits are answered (or their approval expires)."""
+
+    run: QueuedRun  # what dispatching it again needs
+    awaiting: dict[str, datetime]  # tool call id -> when its approval expires
+    cause: Envelope[Any]  # the run.paused event: what its resume is caused by
+
+    def due(self, now: datetime) -> bool:
+        return not self.awaiting or min(self.awaiting.values()) + EXPIRY_GRACE <= now
 
 
 @dataclass
@@ -48,9 +91,23 @@ class SchedulerState:
     running: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     finished: set[RunKey] = field(default_factory=set)
     arrivals: int = 0
+    # What each dispatched run was queued as, so a paused one can be dispatched again.
+    dispatched: dict[RunKey, QueuedRun] = field(default_factory=dict)
+    paused: dict[RunKey, PausedRun] = field(default_factory=dict)
+    # The tool calls of runs in play whose approval has an answer that counts (it may come
+    # before the run.paused event that says the run waits for it).
+    answered: defaultdict[RunKey, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def is_known(self, key: RunKey) -> bool:
-        return key in self.queued or key[1] in self.running[key[0]] or key in self.finished
+        return key in self.queued or key[1] in self.running[key[0]] or key in self.finished or key in self.paused
+
+    def forget(self, key: RunKey) -> None:
+        self.allowed.pop(key, None)
+        self.queued.pop(key, None)
+        self.paused.pop(key, None)
+        self.dispatched.pop(key, None)
+        self.answered.pop(key, None)
+        self.running[key[0]].discard(key[1])
 
 
 def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str, str] | None = None) -> None:
@@ -59,8 +116,7 @@ def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str,
     key = (envelope.tenant, envelope.entity_id)
     data = envelope.data
     if isinstance(data, DecisionMade):
-        if data.request_type == RunSubmitted.TYPE and data.effect == "allow" and not state.is_known(key):
-            state.allowed[key] = AllowedRun(data.decision_id, data.request_seq, envelope, dict(headers or {}), data)
+        _decided(state, key, envelope, data, headers)
     elif isinstance(data, RunQueued):
         state.allowed.pop(key, None)
         if not state.is_known(key):
@@ -78,15 +134,54 @@ def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str,
                 data.decision,
             )
     elif isinstance(data, RunDispatched):
-        state.allowed.pop(key, None)
-        state.queued.pop(key, None)
-        if key not in state.finished:
-            state.running[key[0]].add(key[1])
-    elif isinstance(data, RunSucceeded | RunFailed):
-        state.allowed.pop(key, None)
-        state.queued.pop(key, None)
+        _dispatched(state, key, envelope, data)
+    elif isinstance(data, RunPaused):
         state.running[key[0]].discard(key[1])
+        run = state.dispatched.get(key)
+        if run is not None and key not in state.finished:
+            answered = state.answered[key]
+            awaiting = {
+                call.tool_call_id: call.expires_at for call in data.awaiting if call.tool_call_id not in answered
+            }
+            state.paused[key] = PausedRun(replace(run, resume=data.resume), awaiting, envelope)
+    elif isinstance(data, RunResumed):
+        paused = state.paused.pop(key, None)
+        if paused is not None:
+            state.queued[key] = replace(paused.run, resume=data.resume, cause=envelope, decision=data.decision)
+    elif isinstance(data, RunSucceeded | RunFailed):
+        state.forget(key)
         state.finished.add(key)
+
+
+def _decided(
+    state: SchedulerState, key: RunKey, envelope: Envelope[Any], data: DecisionMade, headers: Mapping[str, str] | None
+) -> None:
+    if data.request_type == RunSubmitted.TYPE and data.effect == "allow" and not state.is_known(key):
+        state.allowed[key] = AllowedRun(data.decision_id, data.request_seq, envelope, dict(headers or {}), data)
+    elif data.request_type == ApprovalAnswered.TYPE and data.effect in ("allow", "deny") and data.tool_call_id:
+        # An answer that counts: the call no longer waits (the runner acts on it, or refuses it).
+        state.answered[key].add(data.tool_call_id)
+        if key in state.paused:
+            state.paused[key].awaiting.pop(data.tool_call_id, None)
+
+
+def _dispatched(state: SchedulerState, key: RunKey, envelope: Envelope[Any], data: RunDispatched) -> None:
+    state.allowed.pop(key, None)
+    queued = state.queued.pop(key, None)
+    if key in state.finished:
+        return
+    state.running[key[0]].add(key[1])
+    if queued is not None:
+        state.dispatched[key] = queued
+    elif key not in state.dispatched:  # queued before the fold's start: its priority is not known here
+        state.dispatched[key] = QueuedRun(
+            key[0], key[1], data.agent, 5, data.decision_id, data.request_seq, 0, envelope, decision=data.decision
+        )
+
+
+def due_resumes(state: SchedulerState, now: datetime) -> list[PausedRun]:
+    """Paused runs to queue again now: nothing they await is unanswered, or an approval has expired."""
+    return [paused for paused in state.paused.values() if paused.due(now)]
 
 
 def next_dispatches(state: SchedulerState, tenant_limit: int) -> list[QueuedRun]:
