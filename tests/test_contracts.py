@@ -4,6 +4,7 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    MessageDeadLettered,
     ModelCallRequested,
     Payload,
     RunDispatched,
@@ -114,6 +116,16 @@ EXAMPLES: dict[str, Payload] = {
     "stream.gap_detected": StreamGapDetected(stream="WARDEN_EVENTS", first_seq=120, last_seq=133),
     "decision.refused": DecisionRefused(
         decision_id="d-forged", tool_call_id="tc-1", reason="bad signature (forged or altered)", decision_seq=41
+    ),
+    "message.dead_lettered": MessageDeadLettered(
+        stream="WARDEN_WORK",
+        stream_seq=9,
+        consumer="agent_runner",
+        reason="terminated by the consumer: invalid work item: unknown message type 'run.exploded'",
+        deliveries=1,
+        given_up_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        message_subject="warden.work.acme",
+        raw="eyJ0eXBlIjogInJ1bi5leHBsb2RlZCJ9",
     ),
 }
 
