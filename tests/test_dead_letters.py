@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -16,12 +17,13 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from tests.conftest import AppRunner, Servers, eventually, warden_cli
 from warden.agent_runner.app import build_app as build_runner
+from warden.audit_projector.advisories import MAX_DELIVERIES_TYPE, TERMINATED_TYPE, read_advisory
 from warden.audit_projector.app import build_app as build_projector
 from warden.audit_projector.install import install_database
 from warden.audit_projector.replay import replay
 from warden.bus import envelope_headers
-from warden.dead_letters import dead_letter_key
-from warden.messages import MessageDeadLettered, RunSubmitted, make_envelope
+from warden.dead_letters import Content, GivenUp, dead_letter_event, dead_letter_key
+from warden.messages import MAX_DEAD_LETTER_RAW_BYTES, MessageDeadLettered, RunSubmitted, make_envelope
 from warden.policy_gate.app import MAX_DELIVERIES
 from warden.policy_gate.app import build_app as build_gate
 from warden.settings import Settings
@@ -246,3 +248,36 @@ async def test_a_dead_letters_table_from_before_consumers_were_named_is_migrated
         await db.execute("INSERT INTO dead_letters (stream, stream_seq, consumer, reason) VALUES ('S', 7, 'gate', 'y')")
     with pytest.raises(asyncpg.NotNullViolationError):
         await db.execute("INSERT INTO dead_letters (stream, stream_seq, reason) VALUES ('S', 8, 'no consumer')")
+
+
+def test_advisories_are_read_for_what_was_given_up_and_why() -> None:
+    """Both advisory kinds name the message, the consumer and the reason; any other document is refused."""
+    common = '"timestamp": "2026-01-02T03:04:05.5Z", "stream": "W_COMMANDS", "consumer": "gate", "stream_seq": 7'
+    exceeded = read_advisory(f'{{"type": "{MAX_DELIVERIES_TYPE}", {common}, "deliveries": 5}}'.encode())
+    assert (exceeded.stream, exceeded.stream_seq, exceeded.consumer, exceeded.deliveries) == (
+        "W_COMMANDS",
+        7,
+        "gate",
+        5,
+    )
+    assert exceeded.reason == "max deliveries reached: delivered 5 times and never acknowledged"
+    terminated = read_advisory(f'{{"type": "{TERMINATED_TYPE}", {common}, "deliveries": 1, "reason": "bad"}}'.encode())
+    assert terminated.reason == "terminated by the consumer: bad"
+    for other in (b"[]", b"not json", f'{{"type": "io.nats.jetstream.advisory.v1.nak", {common}}}'.encode()):
+        with pytest.raises(ValueError, match="advisory"):
+            read_advisory(other)
+
+
+def test_a_dead_letter_carries_the_bytes_up_to_its_ceiling_and_names_larger_ones() -> None:
+    """Bytes up to MAX_DEAD_LETTER_RAW_BYTES travel in the event; a larger message is pointed at in its stream."""
+    given_up = GivenUp("W_COMMANDS", 7, "gate\x00", "why", 5, datetime.now(UTC))
+    small = dead_letter_event(given_up, Content("w.cmd.acme", b"\x00\xff"), source="test").data
+    assert (small.raw, small.raw_note, small.consumer) == (base64.b64encode(b"\x00\xff").decode(), None, "gate\\u0000")
+    large = Content("w.cmd.acme", b"x" * (MAX_DEAD_LETTER_RAW_BYTES + 1))
+    named = dead_letter_event(given_up, large, source="test")
+    assert named.data.raw is None
+    assert named.data.raw_note is not None
+    assert "see W_COMMANDS at sequence 7" in named.data.raw_note
+    assert len(named.to_bytes()) < STREAM_MAX_MSG_BYTES
+    largest = dead_letter_event(given_up, Content("s", b"x" * MAX_DEAD_LETTER_RAW_BYTES), source="test")
+    assert len(largest.to_bytes()) < STREAM_MAX_MSG_BYTES, "the largest copy still fits a stream's message"

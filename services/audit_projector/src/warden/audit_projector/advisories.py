@@ -160,6 +160,29 @@ class AdvisoryRecorder:
         try:
             content, missing = await self._content(given_up)
             event = dead_letter_event(given_up, content, source=self.source, missing=missing)
+        except ValueError as exc:
+            # Names no event can hold (not one of this installation's streams, say): retrying would
+            # stop every advisory behind it, so it is passed over, loudly, and stays in its stream.
+            log.error(
+                "an advisory no dead letter can record; passed over",
+                advisory_seq=message.metadata.sequence.stream,
+                stream=given_up.stream,
+                stream_seq=given_up.stream_seq,
+                error=str(exc),
+            )
+            await message.ack()
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.error(
+                "could not read the message of a dead letter; it will be tried again",
+                stream=given_up.stream,
+                stream_seq=given_up.stream_seq,
+                retry_in_s=RETRY_DELAY_SECONDS,
+                error=repr(exc),
+            )
+            await message.nak(delay=RETRY_DELAY_SECONDS)
+            return
+        try:
             await record_dead_letter(self.js, self.subjects, self.streams.events, event)
         except (nats.errors.Error, TimeoutError) as exc:
             log.error(
