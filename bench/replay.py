@@ -396,7 +396,7 @@ async def run_w4(nats_url: str, admin_database_url: str, events: int, mix: str =
     finally:
         nc = await admin_connect(nats_url)
         names = StreamNames.for_prefix(prefix)
-        for stream in (names.commands, names.events, names.work):
+        for stream in names.installation:
             await nc.jetstream().delete_stream(stream)
         await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()

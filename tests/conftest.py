@@ -116,7 +116,7 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
         yield settings
     finally:
         names = StreamNames.for_prefix(prefix)
-        for stream in (names.commands, names.events, names.work):
+        for stream in names.installation:
             await nc.jetstream().delete_stream(stream)
         await nc.jetstream().delete_key_value(names.scheduler)
         await nc.close()

@@ -37,6 +37,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    MessageDeadLettered,
     ModelCallRequested,
     Payload,
     RunDispatched,
@@ -160,6 +161,16 @@ EXAMPLES: dict[str, Payload] = {
         priority=5,
         agent="refunds",
         request_seq=3,
+    ),
+    "message.dead_lettered": MessageDeadLettered(
+        stream="WARDEN_WORK",
+        stream_seq=9,
+        consumer="agent_runner",
+        reason="terminated by the consumer: invalid work item: unknown message type 'run.exploded'",
+        deliveries=1,
+        given_up_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        message_subject="warden.work.acme",
+        raw="eyJ0eXBlIjogInJ1bi5leHBsb2RlZCJ9",
     ),
 }
 

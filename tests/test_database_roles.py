@@ -64,6 +64,17 @@ async def test_the_projector_appends_to_events_and_can_change_nothing_in_it(
     assert await projector.fetchval("SELECT count(*) FROM events WHERE tenant = 't'") == 1
 
 
+async def test_the_projector_only_adds_dead_letters(as_role: dict[DatabaseRole, asyncpg.Connection]) -> None:
+    """A dead letter, once recorded, cannot be rewritten or removed by the projector that wrote it."""
+    projector = as_role[DatabaseRole.PROJECTOR]
+    await projector.execute(
+        "INSERT INTO dead_letters (stream, stream_seq, consumer, reason) VALUES ('S', 1, 'c', 'gave up')"
+    )
+    for statement in ("UPDATE dead_letters SET reason = 'fine'", "DELETE FROM dead_letters", "TRUNCATE dead_letters"):
+        assert "permission denied" in await refused(projector, statement), statement
+    assert await as_role[DatabaseRole.READER].fetchval("SELECT reason FROM dead_letters") == "gave up"
+
+
 async def test_no_installation_role_is_a_superuser_or_owns_the_schema(
     settings: Settings, as_role: dict[DatabaseRole, asyncpg.Connection]
 ) -> None:

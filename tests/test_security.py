@@ -11,7 +11,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from tests.conftest import AppRunner, Servers, eventually, warden_cli
 from warden.client import Receipt, WardenClient
@@ -26,11 +26,11 @@ from warden.messages import (
     StreamGapDetected,
     make_envelope,
 )
-from warden.permissions import INSTALLATION_ROLES, PROJECTOR_CONSUMER, Role, inbox_prefix
+from warden.permissions import GATE_CONSUMER, INSTALLATION_ROLES, PROJECTOR_CONSUMER, Role, inbox_prefix
 from warden.policy_gate.app import build_app as build_gate
 from warden.reader import FilteredReader
 from warden.settings import Settings
-from warden.streams import ACCESS_SUBJECT, StreamNames
+from warden.streams import ACCESS_SUBJECT, TERMINATED_ADVISORY, StreamNames
 from warden.subjects import Subjects
 
 
@@ -418,3 +418,38 @@ async def test_no_identity_can_erase_or_forge_the_access_record(
             with pytest.raises(TimeoutError):
                 await attempt
         assert ACCESS_SUBJECT.lower() in await refused(session, ACCESS_SUBJECT), role
+
+
+async def test_only_the_projector_reads_the_advisories_and_no_identity_can_erase_or_forge_them(
+    settings: Settings, nc: NatsClient, connect_as: Connect
+) -> None:
+    """The stream of advisories on messages consumers gave up on denies delete and purge; every identity is
+    refused erasing it and publishing an advisory (only the server does); only the projector may consume it."""
+    names = StreamNames.for_prefix(settings.subject_prefix)
+    config: StreamConfig = (await nc.jetstream().stream_info(names.advisories)).config
+    assert (config.deny_delete, config.deny_purge) == (True, True)
+    forged = f"{TERMINATED_ADVISORY}.{names.commands}.{GATE_CONSUMER}"
+    for role in INSTALLATION_ROLES:
+        session = await connect_as(settings.seed_file_for(role))
+        js = session.nc.jetstream(timeout=1)
+        for attempt in (
+            js.delete_stream(names.advisories),
+            js.purge_stream(names.advisories),
+            js.delete_msg(names.advisories, 1),
+        ):
+            with pytest.raises(TimeoutError):
+                await attempt
+        assert forged.lower() in await refused(session, forged), role
+        if role is not Role.AUDIT_PROJECTOR:
+            create = f"$JS.API.CONSUMER.DURABLE.CREATE.{names.advisories}.{PROJECTOR_CONSUMER}"
+            assert create.lower() in await refused(session, create), role
+
+    projector = await connect_as(settings.seed_file_for(Role.AUDIT_PROJECTOR))
+    js = projector.nc.jetstream(timeout=2)
+    await js.add_consumer(
+        names.advisories, ConsumerConfig(durable_name=PROJECTOR_CONSUMER, ack_policy=AckPolicy.EXPLICIT)
+    )
+    subscription = await js.pull_subscribe_bind(durable=PROJECTOR_CONSUMER, stream=names.advisories)
+    with pytest.raises(TimeoutError):
+        await subscription.fetch(1, timeout=0.5)  # nothing to read yet, and no refusal
+    assert projector.refusals() == []

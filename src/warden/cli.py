@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -28,6 +29,8 @@ from warden.errors import WardenError
 from warden.messages import describe_validation_error
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from warden.settings import Settings
 
 # `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
@@ -38,7 +41,7 @@ PROVISION_REFUSED = 4
 # stack itself (WardenClient.connect_to_stack).
 CLIENT_COMMANDS = frozenset({"submit", "tail", "approvals", "approve", "reject"})
 # The other commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
-STACK_COMMANDS = frozenset({"provision", "runs", "audit"})
+STACK_COMMANDS = frozenset({"provision", "runs", "dead-letters", "audit"})
 # What to install for the other commands, when a client-only install is asked for one.
 STACK_EXTRA = "warden-control-plane[stack]"
 # The exit status when a command needs what this install lacks.
@@ -93,16 +96,21 @@ async def _demo(_: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _runs(args: argparse.Namespace, settings: Settings) -> int:
+async def _reader(settings: Settings) -> asyncpg.Connection:
+    """The audit database, as its read-only role."""
     import asyncpg  # noqa: PLC0415
 
+    try:
+        return await asyncpg.connect(settings.database_url_for(DatabaseRole.READER), timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
+
+
+async def _runs(args: argparse.Namespace, settings: Settings) -> int:
     from warden import read_model  # noqa: PLC0415
     from warden.timeline import run_timeline, trusted_keys  # noqa: PLC0415
 
-    try:
-        db = await asyncpg.connect(settings.database_url_for(DatabaseRole.READER), timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise NoStack(f"cannot reach Postgres ({exc}); is the stack running (`warden up`)?") from exc
+    db = await _reader(settings)
     try:
         if args.run:
             tenant = await read_model.tenant_of_run(db, args.run)
@@ -131,6 +139,49 @@ async def _runs(args: argparse.Namespace, settings: Settings) -> int:
             print(
                 f"  command {command.command_stream_seq:<6} {command.tenant:<12} {command.code}: {command.reason[:160]}"
             )
+    return 0
+
+
+async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from warden import read_model  # noqa: PLC0415
+    from warden.streams import StreamNames  # noqa: PLC0415
+
+    names = StreamNames.for_prefix(settings.subject_prefix)
+    # A short name means this installation's stream of that kind; anything else is a stream's own name.
+    stream = {"commands": names.commands, "events": names.events, "work": names.work}.get(args.stream, args.stream)
+    db = await _reader(settings)
+    try:
+        letters = await read_model.dead_letters(db, stream, args.limit)
+    finally:
+        await db.close()
+    if args.json:
+        for letter in letters:
+            record = {
+                "stream": letter.stream,
+                "stream_seq": letter.stream_seq,
+                "consumer": letter.consumer,
+                "reason": letter.reason,
+                "deliveries": letter.deliveries,
+                "recorded_at": letter.recorded_at.isoformat() if letter.recorded_at else None,
+                "subject": letter.subject,
+                "raw_base64": base64.b64encode(letter.raw).decode() if letter.raw is not None else None,
+                "raw_note": letter.raw_note,
+            }
+            print(json.dumps(record))
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    print(f"{'stream':<24} {'seq':>8} {'consumer':<16} {'tries':>5} {'given up at':<32} reason")
+    for letter in letters:
+        tries = "-" if letter.deliveries is None else str(letter.deliveries)
+        print(
+            f"{letter.stream:<24} {letter.stream_seq:>8} {letter.consumer:<16} {tries:>5} "
+            f"{letter.recorded_at or '-'!s:<32} {letter.reason}"
+        )
+        # repr() of the bytes: whatever a sender put in them, nothing reaches the terminal unescaped.
+        kept = f"{len(letter.raw)} bytes {letter.raw[:120]!r}" if letter.raw is not None else letter.raw_note
+        print(f"  {letter.subject or '-'}: {kept}")
     return 0
 
 
@@ -550,6 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--run", help="print this run's timeline")
     runs.add_argument("--limit", type=int, default=20)
     runs.set_defaults(handler=_runs)
+
+    dead = commands.add_parser(
+        "dead-letters", help="list messages a consumer gave up on (max deliveries, terminated), newest first"
+    )
+    dead.add_argument(
+        "--stream", help="only this stream's: commands, events, work, or a stream's name (default: every stream)"
+    )
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--json", action="store_true", help="JSON lines, with the message's bytes in base64")
+    dead.set_defaults(handler=_dead_letters)
 
     policy = commands.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
     policy_test = policy.add_parser("test", help="run the Rego unit tests (*_test.rego) and report")

@@ -167,3 +167,30 @@ def server_order(rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
     """
     by_stream = [list(group) for _, group in itertools.groupby(rows, key=lambda row: row["stream"])]
     return list(heapq.merge(*by_stream, key=lambda row: row["stored_at"]))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message a consumer gave up on (`warden dead-letters`), with its bytes when they were kept."""
+
+    stream: str
+    stream_seq: int
+    consumer: str
+    reason: str
+    deliveries: int | None
+    recorded_at: datetime | None  # when the consumer gave up; None for messages the projector could not store
+    subject: str | None
+    raw: bytes | None
+    raw_note: str | None  # why `raw` is None
+
+
+async def dead_letters(db: Database, stream: str | None, limit: int) -> list[DeadLetter]:
+    """The latest dead letters, newest first; of one stream, or of all when `stream` is None."""
+    rows = await db.fetch(
+        "SELECT stream, stream_seq, consumer, reason, deliveries, recorded_at, subject, raw, raw_note "
+        "FROM dead_letters WHERE $1::text IS NULL OR stream = $1 "
+        "ORDER BY recorded_at DESC NULLS LAST, stream, stream_seq DESC, consumer LIMIT $2",
+        stream,
+        limit,
+    )
+    return [DeadLetter(**dict(row)) for row in rows]

@@ -251,8 +251,7 @@ def _print_summary(
         f"  servers:   {origin}",
         f"  NATS:      {settings.nats_url}",
         f"  Postgres:  {redacted(settings.database_url)} (services log in as their own roles)",
-        f"  streams:   {streams.commands}, {streams.events}, {streams.work}"
-        + (f"  ({'; '.join(changes)})" if changes else ""),
+        f"  streams:   {', '.join(streams.installation)}" + (f"  ({'; '.join(changes)})" if changes else ""),
         f"  subjects:  {settings.subject_prefix}.cmd.<tenant>.<actor>.<type>, {settings.subject_prefix}.evt.<tenant>.>",
         *(f"  service:   {s.name} (pid {s.process.pid if s.process else '?'}), log {s.log_path}" for s in services),
         f"  identities: {settings.nats_credentials_dir} (NATS refuses any other; this machine's CLI is the operator)"

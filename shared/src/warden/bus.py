@@ -134,6 +134,23 @@ async def heartbeat(message: Msg, every: float) -> None:
             log.warning("heartbeat failed", error=repr(exc))
 
 
+# The most of a termination's reason the server is told (it goes into its advisory, and from there
+# into the dead letter).
+MAX_TERM_REASON_CHARS = 1000
+
+
+async def terminate(message: Msg, reason: str) -> None:
+    """Give up on a JetStream message for good, telling the server why.
+
+    The server puts the reason in its terminated advisory, from which the audit projector records
+    the dead letter. nats-py 2.16's `term()` sends no reason; the protocol takes one after `+TERM`,
+    and `respond` is nats-py's public way to publish on a message's reply (its ack) subject (the
+    server reads an acknowledgement's body, not the headers `respond` copies onto it).
+    """
+    text = " ".join(reason.split())[:MAX_TERM_REASON_CHARS] or "no reason given"
+    await message.respond(b"+TERM " + text.encode())
+
+
 # How often a service checks that the consumer (and stream) it reads from still exist, and how
 # many checks in a row must find it gone: a cluster electing a stream's leader (7 to 12 s here)
 # can answer "not found" for a while, and that is no reason to exit.

@@ -5,6 +5,8 @@ event, and the entity it is about. `MESSAGE_TYPES` is the registry that parsing,
 subject catalogue, the JSON Schemas and the AsyncAPI document are all built from.
 """
 
+import base64
+import binascii
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, cast
 
@@ -429,6 +431,52 @@ class StreamGapDetected(Payload):
     last_seq: StreamSeq
 
 
+# Dead letters carry the raw message up to this size, so that the event, in base64 with its
+# envelope, stays under the streams' 1 MiB ceiling; a larger one is named, not copied.
+MAX_DEAD_LETTER_RAW_BYTES = 512 * 1024
+
+
+def _decodable_base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not standard base64: {exc}") from None
+    return value
+
+
+Base64Text = Annotated[str, AfterValidator(_decodable_base64)]
+
+
+class MessageDeadLettered(Payload):
+    """A consumer gave up on a stored message: delivered as often as it allows, or terminated by it.
+
+    Written by the audit projector from the server's advisories, and by a consumer that gives up on
+    a message which then leaves its stream (an invalid work item); both use the idempotency key
+    `dead-letter-<stream>-<seq>-<consumer>`, so one giving-up is one event. Filed under the reserved
+    tenant `_warden`, entity `stream`, the stream's name as the entity id.
+    """
+
+    TYPE: ClassVar[str] = "message.dead_lettered"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "stream"
+
+    stream: Token
+    stream_seq: StreamSeq
+    consumer: str = Field(min_length=1, max_length=256, description="The consumer that gave up on it.")
+    reason: str = Field(min_length=1, max_length=2000)
+    deliveries: Count | None = Field(default=None, description="How often it had been delivered to that consumer.")
+    given_up_at: datetime = Field(description="When the consumer gave up: the server's advisory time, or its own.")
+    message_subject: str | None = Field(default=None, max_length=1024, description="The subject it was stored on.")
+    raw: Base64Text | None = Field(
+        default=None,
+        max_length=(MAX_DEAD_LETTER_RAW_BYTES + 2) // 3 * 4,
+        json_schema_extra={"contentEncoding": "base64"},
+        description="The message's bytes in standard base64, when they could be read and are at most "
+        f"{MAX_DEAD_LETTER_RAW_BYTES} bytes.",
+    )
+    raw_note: str | None = Field(default=None, max_length=2000, description="Why `raw` is absent, if it is.")
+
+
 class DecisionRefused(Payload):
     """A runner refused to act on a decision: a security event.
 
@@ -467,6 +515,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     ApprovalRequested,
     RunPaused,
     RunResumed,
+    MessageDeadLettered,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

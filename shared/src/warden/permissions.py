@@ -9,6 +9,8 @@ requests its work needs, so a compromised or buggy service cannot do another's j
 - only the scheduler hands work to runners;
 - only the provisioner creates or changes streams; nobody, the provisioner included, may delete
   or purge an audited stream or delete its messages (the streams deny both as well);
+- only the audit projector reads the server's advisories on messages consumers gave up on, and
+  no identity can forge one (none may publish on `$JS.EVENT.>`);
 - a tenant's client publishes commands for its tenant and reads that tenant's events only.
 
 Every identity receives replies on an inbox of its own (`inbox_prefix`), never on the shared
@@ -24,6 +26,7 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     DecisionRefused,
+    MessageDeadLettered,
     ModelCallRequested,
     Payload,
     RunDispatched,
@@ -83,8 +86,10 @@ PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
         DecisionRefused,
         ApprovalRequested,
         RunPaused,
+        # An invalid work item leaves the work queue once terminated: the runner records it first.
+        MessageDeadLettered,
     ),
-    Role.AUDIT_PROJECTOR: (StreamGapDetected,),
+    Role.AUDIT_PROJECTOR: (StreamGapDetected, MessageDeadLettered),
     Role.OPERATOR: (RunSubmitted, ApprovalAnswered),
     Role.TENANT: (RunSubmitted, ApprovalAnswered),
 }
@@ -189,7 +194,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *(
                     f"{JS_API}.STREAM.{verb}.{name}"
                     for verb in ("CREATE", "UPDATE", "INFO")
-                    for name in (streams.commands, streams.events, streams.work, kv_stream, streams.access)
+                    for name in (*streams.installation, kv_stream, streams.access)
                 ),
             ]
         case Role.POLICY_GATE:
@@ -233,7 +238,10 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *_publishes(subjects, role),
                 *(grant for stream in streams.audited for grant in _durable(stream, PROJECTOR_CONSUMER)),
                 *(f"{JS_API}.STREAM.INFO.{stream}" for stream in streams.audited),
-                *(f"{JS_API}.STREAM.MSG.GET.{stream}" for stream in streams.audited),
+                *(f"{JS_API}.STREAM.MSG.GET.{stream}" for stream in streams.consumed),
+                # The server's advisories on messages consumers gave up on, each recorded as a dead
+                # letter with the message's bytes (read from its stream above, while it is there).
+                *_durable(streams.advisories, PROJECTOR_CONSUMER),
                 # A replay reads each stream through consumers of its own (named replay_<random>),
                 # and it re-creates its durable consumers when it re-projects from the start.
                 *(

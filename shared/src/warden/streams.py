@@ -34,6 +34,15 @@ ACCESS_STREAM = "WARDEN_ACCESS"
 ACCESS_SUBJECT = "$JS.EVENT.ADVISORY.API"
 ACCESS_RETENTION_SECONDS = 30 * 24 * 3600.0
 
+# What the server says when a consumer gives up on a message: it was delivered as often as the
+# consumer allows (`<prefix>.<stream>.<consumer>`), or the consumer terminated it. Advisories are
+# core messages, lost when nobody listens, so each installation captures those about its own
+# streams in a stream of its own (see `advisory_subjects`). Kept 30 days: the audit projector
+# records each as a `message.dead_lettered` event (kept for good) as soon as it can.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+TERMINATED_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED"
+ADVISORY_RETENTION_SECONDS = 30 * 24 * 3600.0
+
 
 @dataclass(frozen=True)
 class StreamNames:
@@ -43,13 +52,18 @@ class StreamNames:
     events: str
     work: str
     scheduler: str  # a key-value bucket: where the scheduler's fold starts (see services/scheduler)
+    advisories: str  # the server's word on messages consumers gave up on (see MAX_DELIVERIES_ADVISORY)
     access: str = ACCESS_STREAM  # the account's, shared by its installations (see ACCESS_STREAM)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> "StreamNames":
         stem = prefix.upper().replace("-", "_")
         return cls(
-            commands=f"{stem}_COMMANDS", events=f"{stem}_EVENTS", work=f"{stem}_WORK", scheduler=f"{stem}_SCHEDULER"
+            commands=f"{stem}_COMMANDS",
+            events=f"{stem}_EVENTS",
+            work=f"{stem}_WORK",
+            scheduler=f"{stem}_SCHEDULER",
+            advisories=f"{stem}_ADVISORIES",
         )
 
     @property
@@ -57,12 +71,31 @@ class StreamNames:
         """The streams the audit trail is made of (work items are copies of audited commands)."""
         return (self.commands, self.events)
 
+    @property
+    def consumed(self) -> tuple[str, ...]:
+        """The streams the services consume: a message any consumer gives up on is a dead letter."""
+        return (self.commands, self.events, self.work)
+
+    @property
+    def installation(self) -> tuple[str, ...]:
+        """Every stream this installation alone owns (not the key-value bucket, nor the shared access stream)."""
+        return (*self.consumed, self.advisories)
+
+    def advisory_subjects(self) -> list[str]:
+        """The advisories about consumers giving up on this installation's messages, and no other's:
+        several installations (every test) may share one NATS account."""
+        return [
+            f"{advisory}.{stream}.*"
+            for advisory in (MAX_DELIVERIES_ADVISORY, TERMINATED_ADVISORY)
+            for stream in self.consumed
+        ]
+
 
 def _stream(
     name: str,
     *,
     description: str,
-    subject: str,
+    subjects: list[str],
     retention: RetentionPolicy,
     dedup_s: float,
     replicas: int,
@@ -72,7 +105,7 @@ def _stream(
     return StreamConfig(
         name=name,
         description=description,
-        subjects=[subject],
+        subjects=subjects,
         retention=retention,
         duplicate_window=dedup_s,
         storage=StorageType.FILE,
@@ -96,7 +129,7 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
         _stream(
             names.commands,
             description="Every command as received, valid or not: the audit trail's intake.",
-            subject=subjects.all_commands,
+            subjects=[subjects.all_commands],
             retention=RetentionPolicy.LIMITS,
             dedup_s=600.0,
             replicas=replicas,
@@ -104,7 +137,7 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
         _stream(
             names.events,
             description="Every decision and every step of every run: append-only.",
-            subject=subjects.all_events,
+            subjects=[subjects.all_events],
             retention=RetentionPolicy.LIMITS,
             dedup_s=120.0,
             replicas=replicas,
@@ -112,16 +145,27 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
         _stream(
             names.work,
             description="Runs waiting for an agent runner; each is removed once a runner acks it.",
-            subject=subjects.all_work,
+            subjects=[subjects.all_work],
             retention=RetentionPolicy.WORK_QUEUE,
             dedup_s=120.0,
             replicas=replicas,
             audited=False,
         ),
+        # Retained for a while rather than removed once recorded (a work queue): the server's own
+        # word stays beside the events made from it, to check them against.
+        _stream(
+            names.advisories,
+            description="The server's advisories on messages a consumer gave up on: max deliveries, terminated.",
+            subjects=names.advisory_subjects(),
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=120.0,
+            replicas=replicas,
+            max_age_s=ADVISORY_RETENTION_SECONDS,
+        ),
         _stream(
             names.access,
             description="Every JetStream API request on the account, as the server reports it (api_audit).",
-            subject=ACCESS_SUBJECT,
+            subjects=[ACCESS_SUBJECT],
             retention=RetentionPolicy.LIMITS,
             dedup_s=120.0,
             replicas=replicas,

@@ -22,7 +22,7 @@ _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A message whose subject names no valid tenant (characters NATS allows and Warden does not, or
 # a token too long to index) is filed under this tenant rather than lost.
 UNATTRIBUTED_TENANT = "_unattributed"
-# Events about the installation itself (a gap in a stream) rather than any tenant's work.
+# Events about the installation itself (a gap in a stream, a dead letter) rather than any tenant's work.
 SYSTEM_TENANT = "_warden"
 
 
@@ -188,11 +188,12 @@ CHANNELS: tuple[Channel, ...] = (
         name="events",
         pattern="{prefix}.evt.{tenant}.{entity}.{entity_id}.{type}",
         message_types=_types_of("event"),
-        published_by="policy gate, scheduler, agent runner, audit projector (stream.gap_detected)",
+        published_by="policy gate, scheduler, agent runner, "
+        "audit projector (stream.gap_detected, message.dead_lettered)",
         consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
-        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream are "
-        "filed under the tenant _warden.",
+        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream and "
+        "messages a consumer gave up on are filed under the tenant _warden.",
     ),
     Channel(
         name="work",

@@ -17,6 +17,7 @@ from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
 from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient, watch_ground
+from warden.dead_letters import give_up
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
 from warden.service import consumer_service, run_service
@@ -64,9 +65,12 @@ class Runner:
                     RejectionCode.SUBJECT_MISMATCH, f"a work item of {work.tenant!r} arrived on {message.subject!r}"
                 )
         except InvalidMessage as exc:
-            # Only the scheduler writes work items; a bad one can never run, so it is dropped loudly.
+            # Only the scheduler writes work items; a bad one can never run. Terminated, it leaves the
+            # work queue, so it is recorded as a dead letter, bytes and all, first.
             log.error("invalid work item; terminating it", error=str(exc), subject=message.subject)
-            await message.term()
+            await give_up(
+                self.js, self.subjects, self.streams.events, message, f"invalid work item: {exc}", source=SERVICE
+            )
             return
         if attempt > MAX_ATTEMPTS:
             failed = make_envelope(

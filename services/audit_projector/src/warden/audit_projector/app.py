@@ -10,6 +10,7 @@ from faststream import FastStream
 from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
+from warden.audit_projector.advisories import AdvisoryRecorder
 from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
 from warden.audit_projector.store import (
     RETRYABLE_DB_ERRORS,
@@ -104,6 +105,8 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 )
                 loops.start(projection.run(positions.get(stream, 0)))
                 loops.start(watch_ground(_consumer_check(js, stream), f"the consumer {DURABLE_NAME} on {stream}"))
+            # Only the active projector records dead letters, as it alone writes the projection.
+            loops.start(AdvisoryRecorder(js, subjects, streams, source=SERVICE).run())
             log.info("projecting", positions=positions)
         try:
             yield

@@ -13,7 +13,7 @@ import asyncpg
 import structlog
 
 from warden.admission import CommandRules
-from warden.audit_projector.store import READ_MODEL_TABLES, AuditStore, create_pool
+from warden.audit_projector.store import APPEND_ONLY_TABLES, READ_MODEL_TABLES, AuditStore, create_pool
 from warden.database import (
     DatabaseRole,
     database_name,
@@ -106,7 +106,9 @@ async def install_database(admin_url: str, database_url: str, credentials_dir: P
         await store.ensure_schema(list(streams.audited))
         await pool.execute(
             f"""
-            GRANT SELECT, INSERT ON events TO {_ident(projector)};
+            GRANT SELECT, INSERT ON {", ".join(APPEND_ONLY_TABLES)} TO {_ident(projector)};
+            -- Earlier versions let the projector update dead letters; nothing it does needs to.
+            REVOKE UPDATE ON dead_letters FROM {_ident(projector)};
             GRANT SELECT, INSERT, UPDATE ON {", ".join(READ_MODEL_TABLES)} TO {_ident(projector)};
             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {_ident(reader)};
             """

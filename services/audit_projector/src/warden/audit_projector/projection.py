@@ -1,8 +1,8 @@
 """The projector's pure core: stored stream messages in, table rows out, no I/O.
 
 Every message becomes one `events` row, valid or not (garbage is kept raw, with the reason). Valid
-envelopes also become merges into the `runs` and `tool_calls` read models and rows of `decisions`
-and `rejected_commands`. Row merges are order-independent (see schema.sql), so projecting the
+envelopes also become merges into the `runs` and `tool_calls` read models and rows of `decisions`,
+`rejected_commands` and `dead_letters`. Row merges are order-independent (see schema.sql), so projecting the
 commands and events streams concurrently, or replaying them, gives the same tables.
 
 `project` is the one code path for the live projector and for `warden audit replay`, so both give
@@ -12,6 +12,7 @@ the read-model rows of a batch per primary key in memory, exactly as the upserts
 one by one, so a batch sends one upsert per run instead of one per event.
 """
 
+import base64
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,7 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    MessageDeadLettered,
     ModelCallRequested,
     Payload,
     RunDispatched,
@@ -181,12 +183,45 @@ class RejectionRow(NamedTuple):
     rejection_event_id: str
 
 
+class DeadLetterRow(NamedTuple):
+    """A row of `dead_letters`: a message a consumer gave up on, one per message and consumer, the first kept."""
+
+    stream: str
+    stream_seq: int
+    consumer: str
+    reason: str
+    deliveries: int | None = None
+    recorded_at: datetime | None = None  # when the consumer gave up; None for the projector's own
+    subject: str | None = None
+    raw: bytes | None = None
+    raw_note: str | None = None  # why `raw` is absent
+    event_id: str | None = None  # the message.dead_lettered event it was projected from
+
+
+# The consumer named on the dead letters the projector writes itself: messages Postgres refused
+# even raw (see store.py), which were delivered to its `audit_projector` consumers.
+PROJECTOR_CONSUMER = "audit_projector"
+
+
+def unstorable_dead_letter(message: StoredMessage, reason: str) -> DeadLetterRow:
+    """The dead letter for a message Postgres refuses to store in any form: its bytes stay in the stream."""
+    return DeadLetterRow(
+        stream=message.stream,
+        stream_seq=message.seq,
+        consumer=PROJECTOR_CONSUMER,
+        reason=recordable_text(reason, 2000),
+        subject=recordable_text(message.subject, 1024),
+        raw_note=f"not stored: Postgres refused it; it is still in {message.stream} at sequence {message.seq}",
+    )
+
+
 EVENT_COLUMNS = EventRow._fields
 _new_event_row = tuple.__new__
 RUN_COLUMNS = RunRow._fields
 DECISION_COLUMNS = DecisionRow._fields
 TOOL_CALL_COLUMNS = ToolCallRow._fields
 REJECTION_COLUMNS = RejectionRow._fields
+DEAD_LETTER_COLUMNS = DeadLetterRow._fields
 
 # A run's status only moves up this ranking, whatever order its events are projected in.
 STATUS_RANK = {
@@ -278,6 +313,7 @@ class Rows:
     rejections: dict[tuple[str, int], RejectionRow] = field(default_factory=dict)
     decisions: dict[tuple[str, str], DecisionRow] = field(default_factory=dict)
     tool_calls: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    dead_letters: dict[tuple[str, int, str], DeadLetterRow] = field(default_factory=dict)
 
     def merge_run(self, row: RunRow) -> None:
         """Merge a whole runs row, by RUN_MERGE (as the upsert in store.py does)."""
@@ -327,6 +363,9 @@ class Rows:
     def add_rejection(self, row: RejectionRow) -> None:
         self.rejections.setdefault((row.tenant, row.command_stream_seq), row)  # ON CONFLICT DO NOTHING
 
+    def add_dead_letter(self, row: DeadLetterRow) -> None:
+        self.dead_letters.setdefault((row.stream, row.stream_seq, row.consumer), row)  # ON CONFLICT DO NOTHING
+
     def absorb(self, later: "Rows") -> None:
         """Add rows projected from messages that come after this one's (merges are associative)."""
         self.events += later.events
@@ -338,6 +377,8 @@ class Rows:
             self.add_decision(decision)
         for tool_call in later.tool_call_rows():
             self.merge_tool_call(tool_call)
+        for dead_letter in later.dead_letters.values():
+            self.add_dead_letter(dead_letter)
 
     def run_rows(self) -> list[RunRow]:
         """The merged runs rows in key order, so concurrent batches lock rows in one order."""
@@ -580,6 +621,25 @@ def _step_completed(rows: Rows, envelope: Envelope[Any], data: StepCompleted, tr
     rows.merge_run_values((envelope.tenant, envelope.entity_id), "unknown", values, added)
 
 
+def _message_dead_lettered(
+    rows: Rows, envelope: Envelope[Any], data: MessageDeadLettered, trace_id: str | None
+) -> None:
+    rows.add_dead_letter(
+        DeadLetterRow(
+            stream=data.stream,
+            stream_seq=data.stream_seq,
+            consumer=data.consumer,
+            reason=data.reason,
+            deliveries=data.deliveries,
+            recorded_at=data.given_up_at,
+            subject=data.message_subject,
+            raw=base64.b64decode(data.raw) if data.raw is not None else None,
+            raw_note=data.raw_note,
+            event_id=envelope.id,
+        )
+    )
+
+
 ReadModelProjector = Callable[[Rows, Envelope[Any], Any, str | None], None]
 
 # Looked up by the payload's exact class: one dict look-up, where isinstance() on pydantic models
@@ -614,6 +674,7 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     ApprovalRequested: lambda rows, envelope, data, trace_id: None,
     RunPaused: lambda rows, envelope, data, trace_id: None,
     RunResumed: lambda rows, envelope, data, trace_id: None,
+    MessageDeadLettered: _message_dead_lettered,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

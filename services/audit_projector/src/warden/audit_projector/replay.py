@@ -12,7 +12,7 @@ of a long history must be fast (and a replay is CPU-bound in Python):
 - Writing `events`: the target is fresh, so rows cannot conflict: each segment COPYs its rows, in
   chunks, while it projects the next chunk. Secondary indexes are built once all rows are in,
   and autovacuum waits until the end.
-- Read models (runs, tool_calls, decisions, rejected_commands): each segment returns its rows
+- Read models (runs, tool_calls, decisions, rejected_commands, dead_letters): each segment returns its rows
   merged per key (`projection.Rows`, the live upserts' rules in memory), and this process applies
   them in stream order, commands stream first, as one sequential replay would
   (`_ReadModelWriter`).
@@ -44,10 +44,12 @@ import structlog
 from warden.admission import CommandRules
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
+    DEAD_LETTER_COLUMNS,
     DECISION_COLUMNS,
     REJECTION_COLUMNS,
     RUN_COLUMNS,
     TOOL_CALL_COLUMNS,
+    DeadLetterRow,
     Rows,
 )
 from warden.audit_projector.replay_segment import (
@@ -108,8 +110,8 @@ class _ReadModelWriter:
     """Applies segments' read-model rows in stream order, leaving what the live upserts would leave.
 
     The target tables start empty, so:
-    - decisions and rejected_commands keep the first row per key (ON CONFLICT DO NOTHING): a row
-      whose key was written before is dropped here, and the rest are COPYed at once;
+    - decisions, rejected_commands and dead_letters keep the first row per key (ON CONFLICT DO
+      NOTHING): a row whose key was written before is dropped here, and the rest are COPYed at once;
     - a runs or tool_calls row merges with every later row of its key, so those are merged in
       memory (`Rows`) and COPYed once every segment is in. Should they pass MAX_PENDING keys,
       they are flushed early: COPYed into a staging table and merged in with the live
@@ -125,6 +127,7 @@ class _ReadModelWriter:
         self.flushed = False
         self.decision_keys: set[tuple[str, str]] = set()
         self.rejection_keys: set[tuple[str, int]] = set()
+        self.dead_letter_keys: set[tuple[str, int, str]] = set()
 
     async def apply(self, rows: Rows) -> None:
         decisions = [row for key, row in rows.decisions.items() if key not in self.decision_keys]
@@ -133,6 +136,9 @@ class _ReadModelWriter:
         self.rejection_keys.update(rows.rejections)
         await self._copy("decisions", DECISION_COLUMNS, decisions)
         await self._copy("rejected_commands", REJECTION_COLUMNS, rejections)
+        dead_letters = [row for key, row in rows.dead_letters.items() if key not in self.dead_letter_keys]
+        self.dead_letter_keys.update(rows.dead_letters)
+        await self._copy("dead_letters", DEAD_LETTER_COLUMNS, dead_letters)
         for run in rows.run_rows():
             self.pending.merge_run(run)
         for tool_call in rows.tool_call_rows():
@@ -380,7 +386,7 @@ async def _apply_in_order(
     applied = _Applied(dict.fromkeys(streams, 0))
     positions: dict[str, int] = {}
     gaps: list[Gap] = []
-    dead_letters: list[tuple[str, int, str]] = []
+    dead_letters: list[DeadLetterRow] = []
     connection = await connect_for_copy(url)
     try:
         async with connection.transaction():

@@ -21,10 +21,12 @@ from warden.admission import CommandRules
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
     EVENT_COLUMNS,
+    DeadLetterRow,
     Rows,
     StoredMessage,
     project,
     raw_event_row,
+    unstorable_dead_letter,
 )
 from warden.audit_projector.store import (
     CONTENT_REFUSALS,
@@ -82,7 +84,7 @@ class SegmentResult:
     rows: Rows = field(default_factory=Rows)
     cpu_seconds: float = 0.0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
-    dead_letters: list[tuple[str, int, str]] = field(default_factory=list)  # stream, sequence, reason
+    dead_letters: list[DeadLetterRow] = field(default_factory=list)  # messages Postgres refused even raw
 
 
 class _DryRun(Exception):
@@ -110,7 +112,7 @@ async def _settle_refusals(
                 refused_again = await _refused(connection, single)
                 if refused_again is not None:
                     text = recordable_text(f"{reason}; stored raw, refused again: {refused_again}", 2000)
-                    result.dead_letters.append((message.stream, message.seq, text))
+                    result.dead_letters.append(unstorable_dead_letter(message, text))
                     continue
             rows.absorb(single)
     return rows

@@ -128,14 +128,43 @@ CREATE TABLE IF NOT EXISTS stream_gaps (
     PRIMARY KEY (stream, first_seq)
 );
 
--- Messages the projector could not store in any form, not even raw: where they are and why. They
--- are still in JetStream; the projection moved past them so that one message cannot stop it.
+-- Messages a consumer gave up on: delivered as often as it allows, or terminated by it (from the
+-- `message.dead_lettered` events, see warden.dead_letters), and messages the projector itself
+-- could not store in any form, not even raw (consumer `audit_projector`, no event: they are still
+-- in JetStream, and the projection moved past them so that one message cannot stop it). One row
+-- per message and consumer; the projector only ever inserts.
 CREATE TABLE IF NOT EXISTS dead_letters (
-    stream     text   NOT NULL,
-    stream_seq bigint NOT NULL,
-    reason     text   NOT NULL,
-    PRIMARY KEY (stream, stream_seq)
+    stream      text        NOT NULL,
+    stream_seq  bigint      NOT NULL,
+    consumer    text        NOT NULL,
+    reason      text        NOT NULL,
+    deliveries  bigint,
+    recorded_at timestamptz,            -- when the consumer gave up (the server's advisory time)
+    subject     text,                   -- the NATS subject the message was stored on
+    raw         bytea,                  -- the message's bytes, when they could be read
+    raw_note    text,                   -- why `raw` is empty, when it is
+    event_id    text,                   -- the message.dead_lettered event this row comes from
+    PRIMARY KEY (stream, stream_seq, consumer)
 );
+-- Tables made before consumers' dead letters were recorded held only the projector's own.
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS consumer text NOT NULL DEFAULT 'audit_projector';
+ALTER TABLE dead_letters ALTER COLUMN consumer DROP DEFAULT;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS deliveries  bigint;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS recorded_at timestamptz;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS subject     text;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw         bytea;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS raw_note    text;
+ALTER TABLE dead_letters ADD COLUMN IF NOT EXISTS event_id    text;
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+        WHERE i.indrelid = 'dead_letters'::regclass AND i.indisprimary AND a.attname = 'consumer'
+    ) THEN
+        -- One message may be given up on by several consumers: each is its own dead letter.
+        ALTER TABLE dead_letters DROP CONSTRAINT dead_letters_pkey, ADD PRIMARY KEY (stream, stream_seq, consumer);
+    END IF;
+END $$;
 
 -- Fencing for the single active projector: each activation bumps the epoch, and every batch checks
 -- it, so a projector that lost its lock (a network blip) cannot keep writing beside its successor.

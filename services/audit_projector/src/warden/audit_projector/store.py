@@ -10,6 +10,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from warden.admission import CommandRules
 from warden.audit_projector.projection import (
+    DEAD_LETTER_COLUMNS,
     DECISION_COLUMNS,
     EVENT_COLUMNS,
     REJECTION_COLUMNS,
@@ -22,6 +23,7 @@ from warden.audit_projector.projection import (
     StoredMessage,
     project,
     raw_event_row,
+    unstorable_dead_letter,
 )
 from warden.decoding import recordable_text
 
@@ -34,8 +36,8 @@ Connection = asyncpg.Connection | PoolConnectionProxy
 PROJECTOR_LOCK_KEY = 0x5741_5244_454E  # "WARDEN"
 
 
-# Every table schema.sql creates. The projector only appends to `events`; it keeps the others
-# (the read model and its own bookkeeping) up to date.
+# Every table schema.sql creates. The projector only appends to `events` and `dead_letters`; it
+# keeps the others (the read model and its own bookkeeping) up to date.
 AUDIT_TABLES = (
     "events",
     "projector_positions",
@@ -47,7 +49,8 @@ AUDIT_TABLES = (
     "decisions",
     "tool_calls",
 )
-READ_MODEL_TABLES = tuple(table for table in AUDIT_TABLES if table != "events")
+APPEND_ONLY_TABLES = ("events", "dead_letters")
+READ_MODEL_TABLES = tuple(table for table in AUDIT_TABLES if table not in APPEND_ONLY_TABLES)
 
 
 def _placeholders(count: int) -> str:
@@ -99,7 +102,10 @@ MERGE_TOOL_CALL = (
     + MERGE_TOOL_CALL_ON_CONFLICT
 )
 
-INSERT_DEAD_LETTER = "INSERT INTO dead_letters (stream, stream_seq, reason) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+INSERT_DEAD_LETTER = (
+    f"INSERT INTO dead_letters ({', '.join(DEAD_LETTER_COLUMNS)}) VALUES ({_placeholders(len(DEAD_LETTER_COLUMNS))}) "
+    "ON CONFLICT DO NOTHING"
+)
 INSERT_GAP = "INSERT INTO stream_gaps (stream, first_seq, last_seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
 
 # Postgres refusing what a batch holds (a value, a constraint, a size limit), rather than being
@@ -310,6 +316,8 @@ class AuditStore:
             await connection.executemany(INSERT_DECISION, list(rows.decisions.values()))
         if rows.tool_calls:
             await connection.executemany(MERGE_TOOL_CALL, rows.tool_call_rows())
+        if rows.dead_letters:
+            await connection.executemany(INSERT_DEAD_LETTER, sorted(rows.dead_letters.values()))
 
     async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
         for message in messages:
@@ -327,4 +335,4 @@ class AuditStore:
             except CONTENT_REFUSALS as exc:
                 reason = recordable_text(f"{refusal}; stored raw, refused again: {exc}", 2000)
             log.error("dead-lettering a message", stream=message.stream, stream_seq=message.seq, reason=reason)
-            await connection.execute(INSERT_DEAD_LETTER, message.stream, message.seq, reason)
+            await connection.execute(INSERT_DEAD_LETTER, *unstorable_dead_letter(message, reason))

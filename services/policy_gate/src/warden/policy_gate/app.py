@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
-from warden.bus import envelope_headers, heartbeat, retry_transient, watch_ground
+from warden.bus import envelope_headers, heartbeat, retry_transient, terminate, watch_ground
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
     ApprovalAnswered,
@@ -34,9 +34,9 @@ from warden.wire import TYPE_HEADER, is_transient
 
 SERVICE = "policy-gate"
 DURABLE_NAME = "policy_gate"
-# A command whose outcome cannot be published after this many deliveries is left in the stream
-# (the audit trail still has it) rather than retried forever; the server emits a max-deliveries
-# advisory for it.
+# A command whose outcome cannot be published after this many deliveries is terminated, with the
+# reason, rather than retried forever; it stays in the commands stream (the audit trail still has
+# it), and the server's terminated advisory makes it a dead letter (see warden.dead_letters).
 MAX_DELIVERIES = 5
 RETRY_DELAY_SECONDS = 1.0
 # Commands delivered and not yet acknowledged, across all gate instances.
@@ -241,7 +241,7 @@ class Gate:
                 stream_seq=message.metadata.sequence.stream,
                 error=repr(error),
             )
-            await message.term()
+            await terminate(message, f"its answer could not be stored in {MAX_DELIVERIES} deliveries: {error!r}")
         else:
             log.warning("could not record outcome; will retry", error=repr(error))
             await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
