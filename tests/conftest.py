@@ -119,6 +119,7 @@ async def settings(servers: Servers) -> AsyncIterator[Settings]:
         for stream in names.installation:
             await nc.jetstream().delete_stream(stream)
         await nc.jetstream().delete_key_value(names.scheduler)
+        await nc.jetstream().delete_key_value(names.ledger)
         await nc.close()
         if servers.embedded is not None:
             await servers.embedded.authorize(dismiss=credentials)

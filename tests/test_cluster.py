@@ -231,7 +231,7 @@ async def test_provisioning_raises_replicas_everywhere_and_lowers_them_only_when
     js = cluster.nc.jetstream()
     subjects = Subjects(f"p{uuid.uuid4().hex[:10]}")
     names = StreamNames.for_prefix(subjects.prefix)
-    every = [*names.installation, f"KV_{names.scheduler}"]
+    every = [*names.installation, f"KV_{names.scheduler}", f"KV_{names.ledger}"]
 
     async def replicas() -> dict[str, int | None]:
         return {stream: (await js.stream_info(stream)).config.num_replicas for stream in every}

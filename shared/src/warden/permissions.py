@@ -186,7 +186,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
     """The permissions of one of an installation's own identities (not a tenant's)."""
     streams = StreamNames.for_prefix(subjects.prefix)
     inbox = f"{inbox_prefix(public_key)}.>"
-    kv_stream = f"KV_{streams.scheduler}"
+    kv_stream, ledger_stream = f"KV_{streams.scheduler}", f"KV_{streams.ledger}"
     match role:
         case Role.PROVISIONER:
             publish = [
@@ -194,7 +194,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *(
                     f"{JS_API}.STREAM.{verb}.{name}"
                     for verb in ("CREATE", "UPDATE", "INFO")
-                    for name in (*streams.installation, kv_stream, streams.access)
+                    for name in (*streams.installation, kv_stream, ledger_stream, streams.access)
                 ),
             ]
         case Role.POLICY_GATE:
@@ -232,6 +232,10 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 f"{JS_API}.STREAM.INFO.{streams.events}",
                 *_direct_get(streams.commands),
                 *_direct_get(streams.events),
+                # The budget ledger: balances read, and changed by compare-and-set.
+                f"{JS_API}.STREAM.INFO.{ledger_stream}",
+                f"{JS_API}.STREAM.MSG.GET.{ledger_stream}",
+                f"$KV.{streams.ledger}.>",
             ]
         case Role.AUDIT_PROJECTOR:
             publish = [

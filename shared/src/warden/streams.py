@@ -52,6 +52,7 @@ class StreamNames:
     events: str
     work: str
     scheduler: str  # a key-value bucket: where the scheduler's fold starts (see services/scheduler)
+    ledger: str  # a key-value bucket: the budgets' balances (see warden.agent_runner.budgets)
     advisories: str  # the server's word on messages consumers gave up on (see MAX_DELIVERIES_ADVISORY)
     access: str = ACCESS_STREAM  # the account's, shared by its installations (see ACCESS_STREAM)
 
@@ -63,6 +64,7 @@ class StreamNames:
             events=f"{stem}_EVENTS",
             work=f"{stem}_WORK",
             scheduler=f"{stem}_SCHEDULER",
+            ledger=f"{stem}_LEDGER",
             advisories=f"{stem}_ADVISORIES",
         )
 
@@ -247,13 +249,14 @@ def _differences(current: StreamConfig, declared: StreamConfig) -> list[Change]:
 
 
 async def _provision_bucket(js: JetStreamContext, bucket: str, replicas: int, force: bool, result: Provisioned) -> None:
-    """Create the scheduler's key-value bucket, or bring its replicas to the declared number, by the
-    same never-weaken rule as the streams (a bucket is a stream, `KV_<bucket>`)."""
+    """Create a key-value bucket (the scheduler's, the budget ledger), or bring its replicas to the
+    declared number, by the same never-weaken rule as the streams (a bucket is a stream, `KV_<bucket>`)."""
     stream = f"KV_{bucket}"
     try:
         current = (await js.stream_info(stream)).config
     except NotFoundError:
-        # One value, rewritten in place: nothing in it is history worth keeping.
+        # One value per key, rewritten in place (by compare-and-set on its revision, for the ledger):
+        # the history worth keeping is in the events stream.
         await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas))
         result.created.append(stream)
         return
@@ -293,7 +296,9 @@ async def provision(js: JetStreamContext, subjects: Subjects, replicas: int = 1,
             await js.update_stream(replace(config, **kept))
         result.changed += [change for change in changes if change not in refused]
         result.refused += refused
-    await _provision_bucket(js, StreamNames.for_prefix(subjects.prefix).scheduler, replicas, force, result)
+    names = StreamNames.for_prefix(subjects.prefix)
+    for bucket in (names.scheduler, names.ledger):
+        await _provision_bucket(js, bucket, replicas, force, result)
     for stream in result.created:
         log.info("stream created: %s", stream)
     for applied in result.changed:

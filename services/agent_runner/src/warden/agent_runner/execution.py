@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from nats.js.api import PubAck
 from pydantic import JsonValue
 
 from warden.agent_runner.actions import (
+    Action,
     Agent,
     Fail,
     Finish,
@@ -38,8 +39,18 @@ from warden.agent_runner.actions import (
 )
 from warden.agent_runner.agents import AgentCatalogue
 from warden.agent_runner.approvals import Answered, ApprovalState, Awaiting, Void, approval_state, approver_roles
+from warden.agent_runner.budgets import (
+    NANOS_PER_USD,
+    Amount,
+    Budget,
+    BudgetExceeded,
+    Budgets,
+    Ledger,
+    RunSpend,
+    model_call_estimate,
+)
 from warden.agent_runner.decision_feed import DecisionFeed
-from warden.agent_runner.history import RunHistory, call_facts, url_host
+from warden.agent_runner.history import RunHistory, call_facts, url_host, usage_of
 from warden.agent_runner.limits import TimeLimits
 from warden.agent_runner.llm_agent import LlmAgent, function_name
 from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServerError, ToolServersConfig
@@ -173,6 +184,7 @@ class RunContext:
     submission: Envelope[Any]
     recorded: RunHistory
     deadline: RunDeadline
+    spend: RunSpend = field(default_factory=RunSpend)
 
     def event(self, payload: Payload) -> Envelope[Any]:
         """An event of this run, caused by its work item."""
@@ -233,6 +245,8 @@ class RunExecutor:
         self.policy_data = policy_data = read_policy_data(settings.policy_dir or shipped_policy_dir())
         self.prices = ModelPrices.from_policy_data(policy_data)
         self.limits = TimeLimits.from_policy_data(policy_data)
+        self.budgets = Budgets.from_policy_data(policy_data)
+        self.ledger = Ledger(js, StreamNames.for_prefix(settings.subject_prefix).ledger)
         self.models = ModelClient()
         self.tool_servers = (
             ToolServersConfig.load(settings.tool_servers_file) if settings.tool_servers_file else ToolServersConfig()
@@ -414,7 +428,7 @@ class RunExecutor:
         history = recorded.ordered_steps()
         if history:
             log.info("resuming run", recorded_steps=len(history), attempt=attempt)
-        usage = recorded.usage()
+            await self._settle_recorded(run, history)
         try:
             agent = self.catalogue.get(work.data.agent)
         except UnknownAgent as exc:
@@ -424,7 +438,7 @@ class RunExecutor:
         while len(history) < MAX_STEPS:
             step = len(history)
             if (late := run.deadline.passed()) is not None:
-                failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=usage.steps)
+                failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=step)
                 await self._publish(event(failed), f"{run_id}-finished")
                 log.info("run passed its deadline", reason=late)
                 return
@@ -432,67 +446,107 @@ class RunExecutor:
                 action = agent.next_action(submission.data.input, history)
             except Exception as exc:  # an agent bug must end the run as failed, not kill the runner
                 action = Fail(reason=f"agent {agent.name} raised {type(exc).__name__}: {exc}")
-            match action:
-                case ModelTurn():
-                    await self._publish(
-                        event(
-                            StepCompleted(
-                                step=step,
-                                kind="model_turn",
-                                summary=action.summary,
-                                usage=TokenUsage(input_tokens=action.input_tokens, output_tokens=action.output_tokens),
-                            )
-                        ),
-                        f"{run_id}-step-{step}",
-                    )
-                    record = StepRecord(step=step, action=action)
-                    usage = usage.model_copy(
-                        update={
-                            "steps": usage.steps + 1,
-                            "input_tokens": usage.input_tokens + action.input_tokens,
-                            "output_tokens": usage.output_tokens + action.output_tokens,
-                        }
-                    )
-                case ModelCall():
-                    answered = await self._model_call(run, step=step, action=action, usage=usage, history=history)
-                    if answered is None:
-                        return  # the call was refused or failed: the run ended on the record
-                    record = answered
-                    usage = _after_model_call(usage, answered.action)
-                case ToolCall():
-                    calls = _calls_asked_together(agent, submission.data.input, history, action)
-                    done, awaiting = await self._tool_calls(run, step=step, actions=calls, usage=usage, history=history)
-                    history += done
-                    usage = usage.model_copy(
-                        update={"steps": usage.steps + len(done), "tool_calls": usage.tool_calls + len(done)}
-                    )
-                    if awaiting:
-                        await self._pause(run, awaiting)
-                        return
-                    continue
-                case Finish():
-                    await self._publish(
-                        event(RunSucceeded(output=action.output, steps=usage.steps, tool_calls=usage.tool_calls)),
-                        f"{run_id}-finished",
-                    )
-                    log.info("run succeeded", steps=usage.steps, tool_calls=usage.tool_calls)
-                    return
-                case Fail():
-                    await self._publish(
-                        event(RunFailed(reason=action.reason, error_type="AgentFailed", steps=usage.steps)),
-                        f"{run_id}-finished",
-                    )
-                    log.info("run failed", reason=action.reason)
-                    return
-            history.append(record)
+            try:
+                records = await self._step(run, agent, action, step=step, history=history)
+            except BudgetExceeded as exc:
+                failed = RunFailed(reason=f"budget exceeded: {exc}", error_type="BudgetExceeded", steps=step)
+                await self._publish(event(failed), f"{run_id}-finished")
+                log.info("run stopped by a budget", reason=str(exc))
+                return
+            if records is None:
+                return  # the run ended (or paused) on the record
+            history += records
         await self._publish(
             event(
                 RunFailed(
-                    reason=f"the agent took more than {MAX_STEPS} steps", error_type="StepLimit", steps=usage.steps
+                    reason=f"the agent took more than {MAX_STEPS} steps", error_type="StepLimit", steps=len(history)
                 )
             ),
             f"{run_id}-finished",
         )
+
+    async def _step(
+        self, run: RunContext, agent: Agent, action: Action, *, step: int, history: list[StepRecord]
+    ) -> list[StepRecord] | None:
+        """Take one action of the agent: the steps it recorded, or None when the run ended or paused."""
+        event, run_id = run.event, run.work.entity_id
+        usage = usage_of(history)
+        match action:
+            case ModelTurn():
+                completed = StepCompleted(
+                    step=step,
+                    kind="model_turn",
+                    summary=action.summary,
+                    usage=TokenUsage(input_tokens=action.input_tokens, output_tokens=action.output_tokens),
+                )
+                await self._publish(event(completed), f"{run_id}-step-{step}")
+                return [StepRecord(step=step, action=action)]
+            case ModelCall():
+                answered = await self._model_call(run, step=step, action=action, usage=usage, history=history)
+                return None if answered is None else [answered]
+            case ToolCall():
+                calls = _calls_asked_together(agent, run.submission.data.input, history, action)
+                done, awaiting = await self._tool_calls(run, step=step, actions=calls, usage=usage, history=history)
+                if awaiting:
+                    await self._pause(run, awaiting)
+                    return None
+                return done
+            case Finish():
+                succeeded = RunSucceeded(output=action.output, steps=usage.steps, tool_calls=usage.tool_calls)
+                await self._publish(event(succeeded), f"{run_id}-finished")
+                log.info("run succeeded", steps=usage.steps, tool_calls=usage.tool_calls)
+            case Fail():
+                failed = RunFailed(reason=action.reason, error_type="AgentFailed", steps=usage.steps)
+                await self._publish(event(failed), f"{run_id}-finished")
+                log.info("run failed", reason=action.reason)
+        return None
+
+    async def _reserve(self, run: RunContext, call_id: str, estimate: Amount) -> None:
+        """Hold a call's estimate against the run's budget and every shared budget it draws on;
+        `BudgetExceeded` (nothing held) when one of them would go over."""
+        agent, tenant = run.work.data.agent, run.work.tenant
+        limits = self.budgets.run(agent)
+        if limits is not None and (over := limits.overdrawn(run.spend.amount + estimate)) is not None:
+            raise BudgetExceeded(f"the run's budget would reach {over}")
+        held: list[Budget] = []
+        for budget in self.budgets.shared(tenant, agent):
+            refusal = await self.ledger.reserve(budget, call_id, estimate)
+            if refusal is not None:
+                for taken in held:
+                    await self.ledger.settle(taken, call_id, Amount())
+                raise BudgetExceeded(refusal)
+            held.append(budget)
+
+    async def _settle(self, run: RunContext, call_id: str, used: Amount) -> None:
+        """Replace a call's held estimate by what it used, in the run's spend and every shared budget."""
+        run.spend.amount = run.spend.amount + used
+        for budget in self.budgets.shared(run.work.tenant, run.work.data.agent):
+            await self.ledger.settle(budget, call_id, used)
+
+    async def _settle_recorded(self, run: RunContext, history: list[StepRecord]) -> None:
+        """Count what the recorded calls used towards the run's budget, and settle any hold an earlier
+        attempt left on a shared budget (a runner that died between a call and its settlement)."""
+        work = run.work
+        shared = self.budgets.shared(work.tenant, work.data.agent)
+        for record in history:
+            used = self._used(record)
+            if used is None:
+                continue
+            run.spend.amount = run.spend.amount + used
+            kind = "tc" if isinstance(record.action, ToolCall) else "mc"
+            call_id = self.tool_call_id(work.tenant, work.entity_id, record.step, kind)
+            for budget in shared:
+                await self.ledger.settle(budget, call_id, used)
+
+    def _used(self, record: StepRecord) -> Amount | None:
+        """What a recorded call used (None: the step was no call: a scripted model turn)."""
+        action = record.action
+        if isinstance(action, ToolCall):
+            return self.budgets.tool_call(action.tool) if record.outcome in ("ok", "error") else Amount()
+        if action.model is None:
+            return None
+        tokens = action.input_tokens + action.output_tokens
+        return Amount(tokens=tokens, cost_nanousd=round(action.cost_usd * NANOS_PER_USD))
 
     async def _ask_gate(
         self, run: RunContext, request: ToolCallRequested | ModelCallRequested, call_id: str
@@ -602,6 +656,8 @@ class RunExecutor:
             await self._publish(event(failed), f"{run_id}-finished")
             log.info("model call refused; run failed", model=action.model, reason=reason)
             return None
+        estimate = model_call_estimate(self.prices, action.model, action.messages, action.max_output_tokens)
+        await self._reserve(run, call_id, estimate)
         attributes = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "openai",
@@ -616,11 +672,14 @@ class RunExecutor:
                 offered = await self._offered_tools(work.tenant, action.tools)
                 reply = await asyncio.wait_for(self.models.complete(action, offered), max(deadline.remaining(), 0))
             except TimeoutError:
+                await self._settle(run, call_id, Amount())
                 late = deadline.passed() or f"the run's deadline of {deadline.seconds:g}s came during the model call"
                 failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=usage.steps)
                 await self._publish(event(failed), f"{run_id}-finished")
                 return None
             except ModelError as exc:
+                # A failed call is charged nothing: what the endpoint may have spent on it is unknown.
+                await self._settle(run, call_id, Amount())
                 model_span.set_attribute("error.type", type(exc.__cause__ or exc).__name__)
                 failed = RunFailed(reason=recordable_text(str(exc), 2000), error_type="ModelError", steps=usage.steps)
                 await self._publish(event(failed), f"{run_id}-finished")
@@ -641,6 +700,8 @@ class RunExecutor:
             if reply.finish_reason:
                 model_span.set_attribute("gen_ai.response.finish_reasons", [reply.finish_reason])
         cost = self.prices.cost_usd(action.model, reply.input_tokens, reply.output_tokens)
+        used = Amount(tokens=reply.input_tokens + reply.output_tokens, cost_nanousd=round(cost * NANOS_PER_USD))
+        await self._settle(run, call_id, used)
         content = reply.message.get("content")
         turn = ModelTurn(
             summary=_summary(content, reply.message),
@@ -813,6 +874,7 @@ class RunExecutor:
             error: str | None = None
             outcome: Outcome
             decision_id: str | None = None
+            over: BudgetExceeded | None = None
             if action.invalid is not None:
                 # Nothing can run, so nothing was asked: the agent is told why, on the record.
                 outcome, error = "error", recordable_text(action.invalid, 2000)
@@ -822,7 +884,20 @@ class RunExecutor:
                 decision = verdict.decision if isinstance(verdict, Answered) else verdict
                 assert not isinstance(decision, Awaiting)
                 decision_id = decision.decision_id if decision else None
-                outcome, result, error = await self._execute(work.tenant, action, decision, run.deadline, tool_call_id)
+                allowed = decision is not None and decision.effect == "allow"
+                charge = self.budgets.tool_call(action.tool)
+                try:
+                    if allowed:
+                        await self._reserve(run, tool_call_id, charge)
+                except BudgetExceeded as exc:
+                    over = exc
+                    outcome, error = "refused", f"budget exceeded: {exc}"
+                else:
+                    outcome, result, error = await self._execute(
+                        work.tenant, action, decision, run.deadline, tool_call_id
+                    )
+                    if allowed:
+                        await self._settle(run, tool_call_id, charge if outcome != "refused" else Amount())
             tool_span.set_attribute("warden.outcome", outcome)
             if outcome != "ok":
                 tool_span.set_attribute("error.type", outcome)
@@ -838,6 +913,8 @@ class RunExecutor:
             )
             await self._publish(run.event(completed), f"{tool_call_id}-completed")
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
+            if over is not None:
+                raise over  # the run ends here, on the record
             return StepRecord(
                 step=step, action=action, outcome=completed.outcome, result=result, error=error, host=completed.host
             )
@@ -900,20 +977,6 @@ class RunExecutor:
         # What cannot be recorded cannot be the result: every reader would refuse the event.
         check_value(result)
         return result
-
-
-def _after_model_call(usage: RunUsage, turn: ModelTurn | ToolCall) -> RunUsage:
-    """A run's usage once a model call's turn is recorded."""
-    assert isinstance(turn, ModelTurn)
-    return usage.model_copy(
-        update={
-            "steps": usage.steps + 1,
-            "model_calls": usage.model_calls + 1,
-            "input_tokens": usage.input_tokens + turn.input_tokens,
-            "output_tokens": usage.output_tokens + turn.output_tokens,
-            "cost_usd": round(usage.cost_usd + turn.cost_usd, 9),
-        }
-    )
 
 
 # The most tool calls of one model turn asked about together.

@@ -75,16 +75,21 @@ class RunHistory:
     def usage(self) -> RunUsage:
         """What the recorded steps consumed: a runner that takes the run over goes on counting from here,
         so a policy's caps see the whole run, not only this attempt."""
-        turns = [record.action for record in self.steps.values() if isinstance(record.action, ModelTurn)]
-        return RunUsage(
-            steps=len(self.steps),
-            tool_calls=sum(isinstance(record.action, ToolCall) for record in self.steps.values()),
-            input_tokens=sum(turn.input_tokens for turn in turns),
-            output_tokens=sum(turn.output_tokens for turn in turns),
-            # Only a real model's turns were calls (a scripted agent plays its turns).
-            model_calls=sum(turn.model is not None for turn in turns),
-            cost_usd=round(sum(turn.cost_usd for turn in turns), 9),
-        )
+        return usage_of(self.ordered_steps())
+
+
+def usage_of(steps: Sequence[StepRecord]) -> RunUsage:
+    """What these steps of a run consumed (see RunUsage)."""
+    turns = [record.action for record in steps if isinstance(record.action, ModelTurn)]
+    return RunUsage(
+        steps=len(steps),
+        tool_calls=sum(isinstance(record.action, ToolCall) for record in steps),
+        input_tokens=sum(turn.input_tokens for turn in turns),
+        output_tokens=sum(turn.output_tokens for turn in turns),
+        # Only a real model's turns were calls (a scripted agent plays its turns).
+        model_calls=sum(turn.model is not None for turn in turns),
+        cost_usd=round(sum(turn.cost_usd for turn in turns), 9),
+    )
 
 
 def call_facts(steps: Sequence[StepRecord]) -> list[CallFact]:
