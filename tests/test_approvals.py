@@ -135,6 +135,16 @@ async def test_a_refund_waits_without_a_slot_and_runs_once_another_principal_app
         request.expires_at,
     )
     assert sum(isinstance(e.data, RunResumed) for e in events) == 1
+    # The policy sees earlier approvals: the call after the refund carries it as approved.
+    echo_row = await eventually(
+        lambda: db.fetchrow(
+            "SELECT payload FROM events WHERE entity_id = $1 AND type = 'tool_call.requested' "
+            "AND payload->>'tool' = 'text.echo'",
+            run_id,
+        )
+    )
+    echo = ToolCallRequested.model_validate_json(echo_row["payload"])
+    assert [(fact.tool, fact.outcome, fact.approved) for fact in echo.history] == [("payments.refund", "ok", True)]
 
     await audit_tells_who_approved(db, client, run_id, request)
 

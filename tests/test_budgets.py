@@ -24,7 +24,7 @@ from warden.agent_runner.budgets import (
 )
 from warden.agent_runner.model_client import ModelPrices
 from warden.client import WardenClient
-from warden.messages import RunFailed, ToolCallCompleted
+from warden.messages import RunFailed, ToolCallCompleted, ToolCallRequested
 from warden.offline_model import OfflineModelServer
 from warden.settings import Settings
 from warden.streams import StreamNames
@@ -156,6 +156,13 @@ async def test_two_hundred_concurrent_runs_against_a_tenant_budget_admit_exactly
     assert (call.outcome, (call.error or "").startswith("budget exceeded: ")) == ("refused", True)
     [failed] = [event.data for event in events if isinstance(event.data, RunFailed)]
     assert failed.error_type == "BudgetExceeded"
+    # The policy sees what the tenant has spent (and holds) of its budget when it decides a call.
+    payload = await eventually(
+        lambda: db.fetchval("SELECT payload FROM events WHERE type = 'tool_call.requested' LIMIT 1"), within=10
+    )
+    request = ToolCallRequested.model_validate_json(payload)
+    assert request.tenant_usage is not None
+    assert 0 <= request.tenant_usage.tool_calls <= admitted
 
 
 async def test_a_model_call_over_its_agents_budget_does_not_start(

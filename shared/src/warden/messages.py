@@ -97,6 +97,17 @@ class CallFact(BaseModel):
     tool: Name
     outcome: Literal["ok", "error", "refused"]
     host: str | None = Field(default=None, max_length=256, description="The host of its `url` argument, if any.")
+    approved: bool = Field(default=False, description="It ran on a principal's approval (see approval.requested).")
+
+
+class TenantUsage(BaseModel):
+    """What a tenant has spent of its budget so far (the ledger's balance), as the policy sees it."""
+
+    model_config = _MODEL_CONFIG
+
+    tokens: Count = 0
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    tool_calls: Count = 0
 
 
 # The earlier calls a request carries: a run makes at most this many steps (the runner's MAX_STEPS).
@@ -123,6 +134,9 @@ class ModelCallRequested(Payload):
     history: list[CallFact] = Field(
         default_factory=list, max_length=MAX_CALL_FACTS, description="The run's tool calls before this one, in order."
     )
+    tenant_usage: TenantUsage | None = Field(
+        default=None, description="What the tenant has spent so far, when it has a budget (see docs/budgets.md)."
+    )
 
 
 class ToolCallRequested(Payload):
@@ -146,6 +160,9 @@ class ToolCallRequested(Payload):
         max_length=128,
         description="For a tool from an MCP server: sha256 of its name, description and input schema as the "
         "server describes it now; the policy compares it with the definition that was approved.",
+    )
+    tenant_usage: TenantUsage | None = Field(
+        default=None, description="What the tenant has spent so far, when it has a budget (see docs/budgets.md)."
     )
 
 

@@ -104,6 +104,7 @@ class StepRecord:
     result: JsonValue = None  # the tool's result when the outcome is "ok"
     error: str | None = None  # the tool's error text, or the refusal reason(s)
     host: str | None = None  # for a tool call with a `url` argument: its host
+    approved: bool = False  # the tool call ran on a principal's approval
 
 
 class Agent(Protocol):

@@ -137,6 +137,10 @@ class Budgets:
         """What one call of `tool` is charged: one tool call and its declared cost."""
         return Amount(tool_calls=1, cost_nanousd=self.tool_costs.get(tool, 0))
 
+    def tenant(self, tenant: str) -> Budget | None:
+        """The tenant's own budget, if it has one."""
+        return next((budget for budget in self.shared(tenant, "") if budget.key.startswith("tenant.")), None)
+
     def shared(self, tenant: str, agent: str) -> list[Budget]:
         """The budgets a call of this tenant's run of `agent` draws on, besides the run's own."""
         found = []

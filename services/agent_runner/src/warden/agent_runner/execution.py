@@ -77,6 +77,7 @@ from warden.messages import (
     RunSucceeded,
     RunUsage,
     StepCompleted,
+    TenantUsage,
     TokenUsage,
     ToolCallCompleted,
     ToolCallRequested,
@@ -517,6 +518,17 @@ class RunExecutor:
                 raise BudgetExceeded(refusal)
             held.append(budget)
 
+    async def _tenant_usage(self, run: RunContext) -> TenantUsage | None:
+        """What the run's tenant has spent (and holds) of its budget, for the policy; None without one."""
+        budget = self.budgets.tenant(run.work.tenant)
+        if budget is None:
+            return None
+        balance, _ = await self.ledger.balance(budget.key)
+        spent = balance.committed()
+        return TenantUsage(
+            tokens=spent.tokens, cost_usd=spent.cost_nanousd / NANOS_PER_USD, tool_calls=spent.tool_calls
+        )
+
     async def _settle(self, run: RunContext, call_id: str, used: Amount) -> None:
         """Replace a call's held estimate by what it used, in the run's spend and every shared budget."""
         run.spend.amount = run.spend.amount + used
@@ -644,6 +656,7 @@ class RunExecutor:
             max_output_tokens=action.max_output_tokens,
             usage=usage,
             history=call_facts(history),
+            tenant_usage=await self._tenant_usage(run),
         )
         verdict = await self._ask_gate(run, request, call_id)
         if verdict is None or verdict.effect != "allow":
@@ -746,6 +759,7 @@ class RunExecutor:
         """
         work = run.work
         facts = call_facts(history)
+        tenant_usage = await self._tenant_usage(run)
         asks = []
         for offset, action in enumerate(actions):
             call_id = self.tool_call_id(work.tenant, work.entity_id, step + offset)
@@ -764,6 +778,7 @@ class RunExecutor:
                     ),
                     history=facts,
                     tool_digest=await self._tool_digest(work.tenant, action.tool),
+                    tenant_usage=tenant_usage,
                 )
             asks.append((call_id, action, request))
         verdicts = await asyncio.gather(
@@ -915,8 +930,15 @@ class RunExecutor:
             log.info("tool call finished", tool=action.tool, outcome=outcome, decision_id=completed.decision_id)
             if over is not None:
                 raise over  # the run ends here, on the record
+            approved = isinstance(verdict, Answered) and verdict.decision.effect == "allow" and outcome != "refused"
             return StepRecord(
-                step=step, action=action, outcome=completed.outcome, result=result, error=error, host=completed.host
+                step=step,
+                action=action,
+                outcome=completed.outcome,
+                result=result,
+                error=error,
+                host=completed.host,
+                approved=approved,
             )
 
     async def _execute(

@@ -14,6 +14,7 @@ from pydantic import JsonValue
 from warden.agent_runner.actions import ModelTurn, StepRecord, ToolCall
 from warden.messages import (
     MAX_CALL_FACTS,
+    ApprovalAnswered,
     CallFact,
     DecisionMade,
     Envelope,
@@ -63,11 +64,21 @@ class RunHistory:
                     result=data.result,
                     error=data.error,
                     host=data.host,
+                    approved=self._ran_on_approval(data),
                 )
             case DecisionMade(tool_call_id=str() as tool_call_id):
                 self.decisions.setdefault(tool_call_id, []).append(data)
             case RunSucceeded() | RunFailed():
                 self.finished = True
+
+    def _ran_on_approval(self, completed: ToolCallCompleted) -> bool:
+        """Whether a call ran under an approval: the decision it names is an answer's allow (recorded before it)."""
+        return completed.outcome != "refused" and any(
+            decision.decision_id == completed.decision_id
+            and decision.request_type == ApprovalAnswered.TYPE
+            and decision.effect == "allow"
+            for decision in self.decisions.get(completed.tool_call_id, [])
+        )
 
     def ordered_steps(self) -> list[StepRecord]:
         return [self.steps[step] for step in sorted(self.steps)]
@@ -95,7 +106,7 @@ def usage_of(steps: Sequence[StepRecord]) -> RunUsage:
 def call_facts(steps: Sequence[StepRecord]) -> list[CallFact]:
     """The run's tool calls so far as the policy sees them (see CallFact): what, how it ended, where."""
     return [
-        CallFact(tool=record.action.tool, outcome=record.outcome, host=record.host)
+        CallFact(tool=record.action.tool, outcome=record.outcome, host=record.host, approved=record.approved)
         for record in steps
         if isinstance(record.action, ToolCall) and record.outcome is not None
     ][-MAX_CALL_FACTS:]

@@ -73,9 +73,12 @@ def policy_input(envelope: Envelope[Any], approval: ApprovalRequested | None = N
         model = {"name": data.model, "max_output_tokens": data.max_output_tokens}
     else:
         raise TypeError(f"{envelope.type} needs no decision")
+    tenant_usage = data.tenant_usage if isinstance(data, ToolCallRequested | ModelCallRequested) else None
     return {
         "action": action,
         "tenant": envelope.tenant,
+        # What the tenant has spent of its budget (null when it has none).
+        "tenant_usage": tenant_usage.model_dump() if tenant_usage is not None else None,
         # For a tool or model call, who asked for the run: the runner carries it on the request's actor.
         "principal": envelope.actor,
         "agent": data.agent,
