@@ -781,19 +781,19 @@ class RunExecutor:
                     tenant_usage=tenant_usage,
                 )
             asks.append((call_id, action, request))
-        verdicts = await asyncio.gather(
-            *(self._verdict(run, request, call_id) for call_id, _, request in asks if request is not None)
-        )
-        verdict_of = dict(zip((call_id for call_id, _, request in asks if request is not None), verdicts, strict=True))
+        asked = [(call_id, request) for call_id, _, request in asks if request is not None]
+        verdicts = await asyncio.gather(*(self._verdict(run, request, call_id) for call_id, request in asked))
+        verdict_of = dict(zip((call_id for call_id, _ in asked), verdicts, strict=True))
         awaiting = [
             (call_id, request, verdict)
-            for call_id, _, request in asks
-            if request is not None and isinstance(verdict := verdict_of[call_id], Awaiting)
+            for (call_id, request), verdict in zip(asked, verdicts, strict=True)
+            if isinstance(verdict, Awaiting)
         ]
+        waiting_ids = {call_id for call_id, _, _ in awaiting}
         done = []
         for offset, (call_id, action, _) in enumerate(asks):
-            if call_id in {waiting for waiting, _, _ in awaiting}:
-                break
+            if call_id in waiting_ids:
+                break  # calls after one that waits run once it is answered, in order
             done.append(await self._finish_call(run, step + offset, call_id, action, verdict_of.get(call_id)))
         for _, request, verdict in awaiting:
             await self._request_approval(run, request, verdict.asked)
