@@ -59,6 +59,15 @@ async def paused(nc: NatsClient, settings: Settings, run_id: str) -> list[Envelo
     return events if any(isinstance(event.data, RunPaused) for event in events) else []
 
 
+async def paused_refund(nc: NatsClient, settings: Settings) -> tuple[WardenClient, str, str]:
+    """carol's refund, submitted and paused on its approval: a client, the run id and the approval id."""
+    client = WardenClient(nc, settings.subject_prefix)
+    run_id = await submit_refund(client)
+    events = await eventually(lambda: paused(nc, settings, run_id), within=30)
+    approval_id = next(e.data.approval_id for e in events if isinstance(e.data, ApprovalRequested))
+    return client, run_id, approval_id
+
+
 async def submit_refund(client: WardenClient, **refund: Any) -> str:
     receipt = await client.submit_run(tenant="acme", agent="refunds", actor="carol", input=refund or REFUND)
     return receipt.run_id
@@ -180,10 +189,7 @@ async def test_a_rejected_refund_is_refused_on_the_record(
 ) -> None:
     """dana rejects: the call is refused with her reason and, as the refunds agent fails on a refusal, so is the run."""
     await start_all(run_app, settings)
-    client = WardenClient(nc, settings.subject_prefix)
-    run_id = await submit_refund(client)
-    events = await eventually(lambda: paused(nc, settings, run_id), within=30)
-    approval_id = next(e.data.approval_id for e in events if isinstance(e.data, ApprovalRequested))
+    client, run_id, approval_id = await paused_refund(nc, settings)
     answered = await client.answer_approval(
         tenant="acme", approval_id=approval_id, actor="dana", approve=False, reason="order already refunded"
     )
@@ -204,10 +210,7 @@ async def test_a_call_still_waiting_at_its_expiry_is_refused_and_a_late_answer_d
     and the runner refuses the call on the record; an approval that comes after that is denied."""
     short = settings.model_copy(update={"policy_dir": policies_with(tmp_path, expiry_seconds=2)})
     await start_all(run_app, short)
-    client = WardenClient(nc, settings.subject_prefix)
-    run_id = await submit_refund(client)
-    events = await eventually(lambda: paused(nc, settings, run_id), within=30)
-    approval_id = next(e.data.approval_id for e in events if isinstance(e.data, ApprovalRequested))
+    client, run_id, approval_id = await paused_refund(nc, settings)
     run = await eventually(await run_row(db, run_id, ("succeeded", "failed")), within=30)
     assert run["status"] == "failed"
     events = await run_events(nc, settings, "acme", run_id)
@@ -231,10 +234,7 @@ async def test_an_approval_given_under_another_policy_revision_does_not_hold(
     """The policy changes while the refund waits: dana's approval is made under the new revision, so it does
     not hold for a call asked under the old one, and the call is refused saying so."""
     apps = await start_all(run_app, settings)
-    client = WardenClient(nc, settings.subject_prefix)
-    run_id = await submit_refund(client)
-    events = await eventually(lambda: paused(nc, settings, run_id), within=30)
-    approval_id = next(e.data.approval_id for e in events if isinstance(e.data, ApprovalRequested))
+    client, run_id, approval_id = await paused_refund(nc, settings)
 
     apps["policy_gate"].exit()
     changed = policies_with(tmp_path)
@@ -321,10 +321,7 @@ async def test_the_cli_lists_approves_and_rejects(
 ) -> None:
     """`warden approvals` lists what waits; `warden approve` answers as the actor and says whether it counted."""
     await start_all(run_app, settings)
-    client = WardenClient(nc, settings.subject_prefix)
-    run_id = await submit_refund(client)
-    events = await eventually(lambda: paused(nc, settings, run_id), within=30)
-    approval_id = next(e.data.approval_id for e in events if isinstance(e.data, ApprovalRequested))
+    _, run_id, approval_id = await paused_refund(nc, settings)
     listed = await warden_cli(settings, "approvals", "--tenant", "acme")
     assert approval_id in listed
     assert "payments.refund" in listed
