@@ -230,6 +230,7 @@ def test_a_run_submission_becomes_a_run_start_input(tenant: str, priority: int) 
     assert document == {
         "action": "run.start",
         "tenant": tenant,
+        "tenant_usage": None,
         "principal": "alice",
         "agent": "researcher",
         "tool": None,
