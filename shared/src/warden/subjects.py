@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warden.errors import InvalidMessage, RejectionCode
-from warden.messages import MESSAGE_TYPES, Envelope, Payload
+from warden.messages import MESSAGE_TYPES, DecisionMade, Envelope, Payload
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -116,7 +116,17 @@ class Subjects:
             if _TOKEN.match(envelope.actor):
                 return f"{self.prefix}.cmd.{envelope.tenant}.{envelope.actor}.{data.TYPE}"
             return f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}"  # no subject can name this actor
-        return f"{self.prefix}.evt.{envelope.tenant}.{data.ENTITY}.{envelope.entity_id}.{data.TYPE}"
+        return f"{self.prefix}.evt.{envelope.tenant}.{entity_of_payload(data)}.{envelope.entity_id}.{data.TYPE}"
+
+    def decision_on(self, tenant: str, request: type[Payload], entity_id: str) -> str:
+        """Where the gate's decision on one request about `entity_id` is filed (see `entity_of_payload`)."""
+        _ensure_token(tenant, "tenant")
+        _ensure_token(entity_id, "entity id")
+        return f"{self.prefix}.evt.{tenant}.{request.ENTITY}.{entity_id}.{DecisionMade.TYPE}"
+
+    def decisions_on(self, request: type[Payload]) -> str:
+        """Every tenant's decisions on one kind of request, e.g. all decisions on halts."""
+        return f"{self.prefix}.evt.*.{request.ENTITY}.*.{DecisionMade.TYPE}"
 
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
         """Refuse an envelope whose tenant, actor or type disagrees with the subject it arrived on.
@@ -167,6 +177,16 @@ class Subjects:
     @property
     def all_work(self) -> str:
         return f"{self.prefix}.work.>"
+
+
+def entity_of_payload(data: Payload) -> str:
+    """The entity an event is filed under: its type's, except that a decision is filed under the
+    entity of the request it answers (a decision on a halt under `halt`), so that a reader can
+    follow the decisions on cancels and halts alone, from sequence 1, without those on every call."""
+    if isinstance(data, DecisionMade):
+        request = MESSAGE_TYPES.get(data.request_type)
+        return request.ENTITY if request is not None and request.KIND == "command" else DecisionMade.ENTITY
+    return data.ENTITY
 
 
 def _types_of(kind: str) -> tuple[str, ...]:
