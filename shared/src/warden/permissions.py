@@ -238,6 +238,8 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 f"{subjects.prefix}.cmd.*.{ModelCallRequested.TYPE}",
                 *_durable(streams.work, RUNNER_CONSUMER),
                 *_reads_in_order(streams.events),
+                # Whether its view of the cancels and halts in force has caught up (a random name).
+                f"{JS_API}.CONSUMER.INFO.{streams.events}.*",
                 f"{JS_API}.STREAM.INFO.{streams.events}",
                 *_direct_get(streams.commands),
                 *_direct_get(streams.events),

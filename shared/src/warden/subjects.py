@@ -124,6 +124,10 @@ class Subjects:
         _ensure_token(entity_id, "entity id")
         return f"{self.prefix}.evt.{tenant}.{request.ENTITY}.{entity_id}.{DecisionMade.TYPE}"
 
+    def tenant_decisions_on(self, tenant: str, request: type[Payload]) -> str:
+        """One tenant's decisions on one kind of request, e.g. its halts and lifts."""
+        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.{request.ENTITY}.*.{DecisionMade.TYPE}"
+
     def decisions_on(self, request: type[Payload]) -> str:
         """Every tenant's decisions on one kind of request, e.g. all decisions on halts."""
         return f"{self.prefix}.evt.*.{request.ENTITY}.*.{DecisionMade.TYPE}"

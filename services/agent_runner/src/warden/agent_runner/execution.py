@@ -38,6 +38,7 @@ from warden.agent_runner.actions import (
 )
 from warden.agent_runner.agents import AgentCatalogue
 from warden.agent_runner.approvals import Answered, ApprovalState, Awaiting, Void, approval_state, approver_roles
+from warden.agent_runner.controls import RunStopped, check_not_stopped, stopped_event
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory, call_facts, url_host
 from warden.agent_runner.limits import TimeLimits
@@ -47,6 +48,7 @@ from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrice
 from warden.agent_runner.policy_data import read_policy_data
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.controls import ControlFeed
 from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
 from warden.identity import read_seed
@@ -214,6 +216,7 @@ class RunExecutor:
         worker: str,
         decisions: DecisionFeed,
         verifier: DecisionVerifier,
+        controls: ControlFeed | None = None,
     ) -> None:
         self.settings = settings
         self.js = js
@@ -242,6 +245,7 @@ class RunExecutor:
         self.tool_definitions: dict[str, dict[str, ToolDefinition]] = {}
         self.unavailable_tools: set[tuple[str, str]] = set()
         self.decisions = decisions
+        self.controls = controls
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
 
@@ -376,7 +380,11 @@ class RunExecutor:
             if refusal is not None:
                 await self._refuse(work, verdict.decision_id if verdict else work.data.decision_id, refusal)
                 return
-            await self._run(work, submission, history, attempt)
+            try:
+                await self._run(work, submission, history, attempt)
+            except RunStopped as stop:
+                await self._publish(stopped_event(work, stop, SERVICE), f"{run_id}-finished")
+                log.info("run cancelled", reason=stop.cancelled.reason, control=stop.cancelled.control)
 
     def _deadline(self, work: Envelope[RunDispatched], submission: Envelope[Any]) -> RunDeadline:
         """Counted from the submission; a submission dated after its own dispatch (a client's clock
@@ -422,6 +430,7 @@ class RunExecutor:
             return
 
         while len(history) < MAX_STEPS:
+            check_not_stopped(self.controls, work)
             step = len(history)
             if (late := run.deadline.passed()) is not None:
                 failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=usage.steps)
@@ -507,6 +516,7 @@ class RunExecutor:
             source=SERVICE,
             caused_by=run.work,
         )
+        check_not_stopped(self.controls, run.work)  # no call starts once its run is stopped
         stored = await self._publish(envelope, call_id)
         expected = ExpectedDecision(
             tool_call_id=call_id,
@@ -611,6 +621,7 @@ class RunExecutor:
             "warden.run_id": run_id,
             "warden.decision_id": verdict.decision_id,
         }
+        check_not_stopped(self.controls, work)  # a stop that came while the gate decided
         with span(SERVICE, f"chat {action.model}", attributes, client=True) as model_span:
             try:
                 offered = await self._offered_tools(work.tenant, action.tools)
@@ -822,6 +833,7 @@ class RunExecutor:
                 decision = verdict.decision if isinstance(verdict, Answered) else verdict
                 assert not isinstance(decision, Awaiting)
                 decision_id = decision.decision_id if decision else None
+                check_not_stopped(self.controls, work)  # a stop that came while the gate decided
                 outcome, result, error = await self._execute(work.tenant, action, decision, run.deadline, tool_call_id)
             tool_span.set_attribute("warden.outcome", outcome)
             if outcome != "ok":
