@@ -391,7 +391,11 @@ async def _control(args: argparse.Namespace) -> int:
     async with await _client(args) as client:
         if args.command == "cancel":
             done = await client.cancel_run(
-                tenant=args.tenant, run_id=args.run_id, actor=args.actor, reason=args.reason or "", wait_seconds=args.wait
+                tenant=args.tenant,
+                run_id=args.run_id,
+                actor=args.actor,
+                reason=args.reason or "",
+                wait_seconds=args.wait,
             )
         elif args.command == "halt":
             done = await client.halt(
