@@ -15,7 +15,7 @@ import pytest
 from faststream import FastStream
 from nats.aio.client import Client as NatsClient
 
-from tests.conftest import REPO_ROOT, AppRunner, eventually
+from tests.conftest import REPO_ROOT, AppRunner, eventually, run_warden_cli, warden_cli
 from tests.test_governed_run import BUILDERS, run_events, run_row
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR
 from warden.client import WardenClient
@@ -273,6 +273,35 @@ async def test_only_principals_with_the_control_may_stop_work(
     assert cancel.effect == "deny"
     assert (await eventually(await run_row(db, run_id, ("succeeded", "failed")), within=30))["status"] == "succeeded"
     assert await client.halts("acme") == {}
+
+
+async def test_the_cli_halts_lists_and_resumes_and_says_when_it_was_refused(
+    controlled: Settings, run_app: AppRunner
+) -> None:
+    """`warden halt` prints the gate's decision and exits 1 when refused; `warden halts` lists the halt in
+    force; `warden resume` lifts it; `warden cancel` names the run it stops."""
+    await start(run_app, controlled, "policy_gate")
+    refused = await run_warden_cli(controlled, "halt", "--tenant", "acme", "--actor", "bob", "--reason", "why not")
+    assert refused.status == 1
+    assert json.loads(refused.stdout)["decision"] == "deny"
+    halted = json.loads(
+        await warden_cli(controlled, "halt", "--tenant", "acme", "--agent", "slow", "--actor", "alice", "--reason", "r")
+    )
+    assert (halted["decision"], halted["agent"]) == ("allow", "slow")
+    assert halted["reasons"][0] == "agent slow of tenant acme halted by alice: r"
+    listed = [json.loads(line) for line in (await warden_cli(controlled, "halts", "--tenant", "acme")).splitlines()]
+    assert [(found["scope"], found["decision_id"]) for found in listed] == [("agent-slow", halted["decision_id"])]
+    resumed = json.loads(
+        await warden_cli(controlled, "resume", "--tenant", "acme", "--agent", "slow", "--actor", "alice")
+    )
+    assert resumed["decision"] == "allow"
+    assert await warden_cli(controlled, "halts", "--tenant", "acme", "--json") == ""
+    cancelled = json.loads(await warden_cli(controlled, "cancel", "R1", "--tenant", "acme", "--actor", "alice"))
+    assert (cancelled["run_id"], cancelled["decision"], cancelled["reasons"][0]) == (
+        "R1",
+        "allow",
+        "cancelled by alice",
+    )
 
 
 async def test_a_forged_halt_is_not_obeyed(

@@ -162,7 +162,7 @@ def approval_status(request: ApprovalRequested, run_events: list[Envelope[Any]],
     if request.expires_at <= now:
         return "expired"
     ended = any(
-        isinstance(envelope.data, RunSucceeded | RunFailed)
+        isinstance(envelope.data, RunSucceeded | RunFailed | RunCancelled)
         or (
             getattr(envelope.data, "tool_call_id", None) == request.tool_call_id
             and envelope.type == "tool_call.completed"

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +39,8 @@ if TYPE_CHECKING:  # a client-only install lists halts without the signing libra
 # token can be this.
 TENANT_SCOPE = "_tenant"
 _SAFE_AGENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}$")
+# A view that has not caught up in this long is opened again (a consumer lost while it read).
+CATCH_UP_SECONDS = 30.0
 CONTROL_TYPES = frozenset({RunCancelRequested.TYPE, HaltRequested.TYPE, HaltLiftRequested.TYPE})
 
 
@@ -126,20 +127,22 @@ class ControlFeed:
         subjects: Subjects,
         stream: str,
         verifier: "DecisionVerifier",
-        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.js = js
         self.subjects = subjects
         self.stream = stream
         self.verifier = verifier
         self.view = ControlView()
-        self.on_change = on_change
         self.caught_up = asyncio.Event()
+        self.seen = 0  # messages folded since the consumer was made
+        self.stored: int | None = None  # what it had to deliver when it was made (None: not asked yet)
         self.subscription: Any = None
 
     async def open(self) -> None:
-        """Subscribe and return once every decision stored before now is folded."""
-        self.view, self.caught_up = ControlView(), asyncio.Event()
+        """Subscribe and return once every decision stored before now is folded (TimeoutError: not
+        within CATCH_UP_SECONDS, which a caller's retry of passing bus failures takes as one)."""
+        await self.close()
+        self.view, self.caught_up, self.seen, self.stored = ControlView(), asyncio.Event(), 0, None
         self.subscription = await ordered_subscription(
             self.js,
             [self.subjects.decisions_on(RunCancelRequested), self.subjects.decisions_on(HaltRequested)],
@@ -147,10 +150,16 @@ class ControlFeed:
             self._on_message,
             deliver_policy=DeliverPolicy.ALL,
         )
+        # Caught up once the callback has folded as many messages as the consumer had delivered or
+        # still had to deliver when asked: delivered is not yet folded (callbacks queue in nats-py).
         info = await self.subscription.consumer_info()
-        if info.num_pending == 0 and info.delivered.stream_seq == 0:
-            self.caught_up.set()  # nothing stored yet
-        await self.caught_up.wait()
+        self.stored = info.delivered.consumer_seq + info.num_pending
+        self._check_caught_up()
+        await asyncio.wait_for(self.caught_up.wait(), CATCH_UP_SECONDS)
+
+    def _check_caught_up(self) -> None:
+        if self.stored is not None and self.seen >= self.stored:
+            self.caught_up.set()
 
     async def close(self) -> None:
         if self.subscription is not None:
@@ -164,7 +173,6 @@ class ControlFeed:
         except InvalidMessage:
             pass
         else:
-            if self.view.apply(envelope, message.metadata.sequence.stream, self.verifier) and self.on_change:
-                self.on_change()
-        if message.metadata.num_pending == 0:
-            self.caught_up.set()
+            self.view.apply(envelope, message.metadata.sequence.stream, self.verifier)
+        self.seen += 1
+        self._check_caught_up()

@@ -202,8 +202,8 @@ CHANNELS: tuple[Channel, ...] = (
         name="commands",
         pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
-        published_by="clients (run.submitted, approval.answered), agent runner (tool_call.requested, "
-        "model_call.requested)",
+        published_by="clients (run.submitted, approval.answered, run.cancel_requested, halt.requested, "
+        "halt.lift_requested), agent runner (tool_call.requested, model_call.requested)",
         consumed_by="policy gate, audit projector",
         description="Requests that need a decision. Stored before anything acts on them; "
         "the idempotency key travels as the Nats-Msg-Id header.",
@@ -216,7 +216,8 @@ CHANNELS: tuple[Channel, ...] = (
         "audit projector (stream.gap_detected, message.dead_lettered)",
         consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
-        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream and "
+        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; decisions on cancels and halts are filed "
+        "under entities cancel and halt; holes found in a stream and "
         "messages a consumer gave up on are filed under the tenant _warden.",
     ),
     Channel(

@@ -17,6 +17,7 @@ from warden.messages import (
     CallFact,
     DecisionMade,
     Envelope,
+    RunCancelled,
     RunFailed,
     RunStarted,
     RunSucceeded,
@@ -66,7 +67,7 @@ class RunHistory:
                 )
             case DecisionMade(tool_call_id=str() as tool_call_id):
                 self.decisions.setdefault(tool_call_id, []).append(data)
-            case RunSucceeded() | RunFailed():
+            case RunSucceeded() | RunFailed() | RunCancelled():
                 self.finished = True
 
     def ordered_steps(self) -> list[StepRecord]:
