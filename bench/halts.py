@@ -1,6 +1,6 @@
 """Halts: how soon after a halt is stored the calls in its scope stop starting, and its runs end, under load.
 
-    uv run --group bench python -m bench.halts [--repetitions 20] [--runs 16]
+    uv run --group bench python -m bench.halts [--repetitions 50] [--runs 16]
     uv run --group bench python -m bench.run --only halts --name halts
 
 Each repetition starts `runs` runs of a scripted agent that calls a tool every 50 ms in tenant
@@ -15,7 +15,7 @@ Each repetition starts `runs` runs of a scripted agent that calls a tool every 5
 
 Then the halt is lifted, the `globex` runs are cancelled, and the next repetition begins. The
 services run as separate processes (gate, scheduler, runner), as in production.
-Writes bench/results/halts.json.
+Writes bench/results/halts_only.json (`bench.run --only halts --name halts` writes halts.json, .md, .png).
 """
 
 import argparse
@@ -39,7 +39,7 @@ from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.wire import ordered_subscription
 
-RESULTS = REPO_ROOT / "bench" / "results" / "halts.json"
+RESULTS = REPO_ROOT / "bench" / "results" / "halts_only.json"
 AGENT = {
     "name": "busy",
     "description": "Calls clock.sleep for 50 ms, ninety times: a run that is always about to start a call.",
@@ -190,7 +190,7 @@ async def main_async(repetitions: int, runs: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repetitions", type=int, default=20)
+    parser.add_argument("--repetitions", type=int, default=50)
     parser.add_argument("--runs", type=int, default=16, help="runs in the halt's scope per repetition")
     args = parser.parse_args()
     results = asyncio.run(main_async(args.repetitions, args.runs))

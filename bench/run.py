@@ -65,7 +65,7 @@ async def run_all(quick: bool, only: set[str]) -> dict[str, Any]:
                 )
                 print(durability, "W3llm", json.dumps(section["W3llm"]), flush=True)
             if "halts" in only:
-                section["halts"] = await run_halts(nats_url, admin_url, repetitions=max(int(20 * scale), 2), runs=16)
+                section["halts"] = await run_halts(nats_url, admin_url, repetitions=max(int(50 * scale), 2), runs=16)
                 print(durability, "halts", json.dumps({k: v for k, v in section["halts"].items() if k != "raw"}))
             results[durability] = section
     if "W3" in only:
