@@ -33,14 +33,26 @@ decision := {"effect": "allow", "reasons": sort(grants)} if {
 }
 
 # The actions the gate asks about.
-actions := {"run.start", "tool.call", "model.call", "approval.answer"}
+actions := {"run.start", "tool.call", "model.call", "approval.answer", "run.cancel", "halt", "halt.lift"}
+
+# Stopping work (controls.rego) is about a run or a scope, not about running an agent.
+control_actions := {"run.cancel", "halt", "halt.lift"}
+
+control_action if input.action in control_actions
+
+agent_action if not control_action
 
 # Every request names these as non-empty strings; without them no other rule can judge it.
-required_fields := ["action", "tenant", "principal", "agent"]
+required_fields := ["action", "tenant", "principal"]
 
 deny contains sprintf("input.%s must be a non-empty string", [field]) if {
 	some field in required_fields
 	not non_empty_string(input[field])
+}
+
+deny contains "input.agent must be a non-empty string" if {
+	agent_action
+	not non_empty_string(input.agent)
 }
 
 deny contains sprintf("unknown action %s (expected one of: %s)", [input.action, concat(", ", sort(actions))]) if {

@@ -32,6 +32,7 @@ allowed if {
 }
 
 grants contains msg if {
+	agent_action
 	input.action != "approval.answer"
 	may_run_agent
 	some role in run_roles
@@ -53,12 +54,14 @@ deny contains sprintf("principal %s is not known in tenant %s", [input.principal
 }
 
 deny contains sprintf("unknown agent %s", [input.agent]) if {
+	agent_action
 	non_empty_string(input.agent)
 	not known_agent
 }
 
 # An approver need not be allowed to run the agent (see review.rego).
 deny contains msg if {
+	agent_action
 	input.action != "approval.answer"
 	known_principal
 	known_agent

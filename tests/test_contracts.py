@@ -37,9 +37,13 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    HaltLiftRequested,
+    HaltRequested,
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    RunCancelled,
+    RunCancelRequested,
     RunDispatched,
     RunFailed,
     RunPaused,
@@ -172,6 +176,10 @@ EXAMPLES: dict[str, Payload] = {
         message_subject="warden.work.acme",
         raw="eyJ0eXBlIjogInJ1bi5leHBsb2RlZCJ9",
     ),
+    "run.cancel_requested": RunCancelRequested(reason="wrong input"),
+    "halt.requested": HaltRequested(agent="slow", reason="incident 42"),
+    "halt.lift_requested": HaltLiftRequested(agent=None, reason="incident over"),
+    "run.cancelled": RunCancelled(reason="cancelled by alice: wrong input", decision_id="d-9", control="cancel"),
 }
 
 

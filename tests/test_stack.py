@@ -104,7 +104,7 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         held = {service: sorted(path.name for path in directory.iterdir()) for service, directory in handed.items()}
         assert held == {
             "policy_gate": ["decision-keys.pub", "decision-signing.key", "policy-gate.nk"],
-            "scheduler": ["scheduler.nk"],
+            "scheduler": ["decision-keys.pub", "scheduler.nk"],
             "agent_runner": ["agent-runner.nk", "decision-keys.pub"],
             "audit_projector": ["audit-projector.nk", "postgres-projector.password"],
         }

@@ -39,7 +39,7 @@ REPLAY_FOUND_GAPS = 3
 PROVISION_REFUSED = 4
 # The commands a client-only install can run: they need nothing but the client, which finds the
 # stack itself (WardenClient.connect_to_stack).
-CLIENT_COMMANDS = frozenset({"submit", "tail", "approvals", "approve", "reject"})
+CLIENT_COMMANDS = frozenset({"submit", "tail", "approvals", "approve", "reject", "cancel", "halt", "resume", "halts"})
 # The other commands that talk to a running stack (or to the servers WARDEN_NATS_URL names).
 STACK_COMMANDS = frozenset({"provision", "runs", "dead-letters", "audit"})
 # What to install for the other commands, when a client-only install is asked for one.
@@ -386,6 +386,62 @@ async def _answer(args: argparse.Namespace) -> int:
     return 0 if answered.counted else 1
 
 
+async def _control(args: argparse.Namespace) -> int:
+    """`warden cancel`, `halt` and `resume`: send the command, wait for the gate's decision, print it."""
+    async with await _client(args) as client:
+        if args.command == "cancel":
+            done = await client.cancel_run(
+                tenant=args.tenant,
+                run_id=args.run_id,
+                actor=args.actor,
+                reason=args.reason or "",
+                wait_seconds=args.wait,
+            )
+        elif args.command == "halt":
+            done = await client.halt(
+                tenant=args.tenant, agent=args.agent, actor=args.actor, reason=args.reason, wait_seconds=args.wait
+            )
+        else:
+            done = await client.lift_halt(
+                tenant=args.tenant, agent=args.agent, actor=args.actor, reason=args.reason or "", wait_seconds=args.wait
+            )
+    print(
+        json.dumps(
+            {
+                "command": args.command,
+                "tenant": args.tenant,
+                **({"run_id": args.run_id} if args.command == "cancel" else {"agent": args.agent}),
+                "command_id": done.receipt.command_id,
+                "duplicate": done.receipt.duplicate,
+                "decision": done.effect,
+                "decision_id": done.decision_id,
+                "decided_at": done.decided_at.isoformat() if done.decided_at else None,
+                "reasons": done.reasons,
+            }
+        )
+    )
+    return 0 if done.in_force else 1
+
+
+async def _halts(args: argparse.Namespace) -> int:
+    async with await _client(args) as client:
+        halts = await client.halts(args.tenant)
+    for scope, control in sorted(halts.items()):
+        print(
+            json.dumps(
+                {
+                    "scope": scope,
+                    "decision_id": control.decision_id,
+                    "reason": control.reason,
+                    "since": control.decided_at.isoformat(),
+                }
+            )
+        )
+    if not halts and not args.json:
+        print(f"no halt in force in tenant {args.tenant}", file=sys.stderr)
+    return 0
+
+
 async def _tail(args: argparse.Namespace) -> int:
     async with (
         await _client(args) as client,
@@ -539,6 +595,28 @@ def _add_approval_parsers(commands: Any) -> None:
         answer.set_defaults(handler=_answer)
 
 
+def _add_control_parsers(commands: Any) -> None:
+    wait_help = "how long to wait for the gate's decision (default 10); exit 0 only if it allowed the command"
+    cancel = commands.add_parser("cancel", help="cancel a run: queued, it never starts; running, it ends cancelled")
+    cancel.add_argument("run_id", metavar="RUN")
+    halt = commands.add_parser("halt", help="halt every run of a tenant, or of one agent (the kill switch)")
+    resume = commands.add_parser("resume", help="lift a halt: held runs go on")
+    for parser in (cancel, halt, resume):
+        parser.add_argument("--tenant", required=True)
+        parser.add_argument("--actor", required=True, help="who asks (a tenant's credential: only its own actor)")
+        parser.add_argument("--wait", type=float, default=10.0, metavar="SECONDS", help=wait_help)
+        parser.set_defaults(handler=_control)
+    for parser in (halt, resume):
+        parser.add_argument("--agent", help="only this agent's runs (default: the whole tenant)")
+    cancel.add_argument("--reason", help="why (kept in the audit and on the run)")
+    halt.add_argument("--reason", required=True, help="why (kept in the audit and on every run it ends)")
+    resume.add_argument("--reason", help="why (kept in the audit)")
+    halts = commands.add_parser("halts", help="list a tenant's halts in force, one JSON object per line")
+    halts.add_argument("--tenant", required=True)
+    halts.add_argument("--json", action="store_true", help="print nothing but the JSON lines")
+    halts.set_defaults(handler=_halts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden", description="Policy-aware orchestration for AI agents.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -595,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_credentials_parser(commands)
     _add_approval_parsers(commands)
+    _add_control_parsers(commands)
 
     runs = commands.add_parser("runs", help="list runs from the audit tables, or show one run's timeline")
     runs.add_argument("--tenant")

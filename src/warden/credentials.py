@@ -161,10 +161,11 @@ class CredentialStore:
 
 # What each service needs of the credentials directory, and nothing more: its own seed, and the
 # gate's signing key (and the trusted keys, to check the decision an approval request carries),
-# the runners' trusted keys, the projector's database password.
+# the runners' and the scheduler's trusted keys (the scheduler obeys only signed cancels and
+# halts), the projector's database password.
 SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
     Role.POLICY_GATE: (SIGNING_KEY_FILE, TRUSTED_KEYS_FILE),
-    Role.SCHEDULER: (),
+    Role.SCHEDULER: (TRUSTED_KEYS_FILE,),
     Role.AGENT_RUNNER: (TRUSTED_KEYS_FILE,),
     Role.AUDIT_PROJECTOR: (password_file_name(DatabaseRole.PROJECTOR),),
 }

@@ -17,7 +17,7 @@ import asyncpg
 
 Database = asyncpg.Pool | asyncpg.Connection
 # Statuses a run ends in: after one of these, the run's rows change no more.
-FINAL_STATUSES = ("succeeded", "failed", "denied")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled", "denied")
 
 
 @dataclass(frozen=True)

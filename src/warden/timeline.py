@@ -54,6 +54,8 @@ def _decision(data: dict[str, Any], tenant: str, run_id: str, verifier: Decision
         data.get("request_type", ""), "tool call"
     )
     what = f"{call} {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
+    if data.get("request_type") == "run.cancel_requested":
+        what = "the cancel of the run"
     told = (
         f"{data['effect'].upper()} {what} ({'; '.join(data['reasons'])}) "
         f"[policy {data['policy_revision']}, {data['evaluation_ms']} ms, decision {data['decision_id']}"
@@ -99,7 +101,21 @@ def _describe_approval(type_name: str, actor: str, data: dict[str, Any]) -> str 
 
 
 def _describe(type_name: str, actor: str, data: dict[str, Any]) -> str:
-    return _describe_approval(type_name, actor, data) or _describe_run(type_name, actor, data)
+    return (
+        _describe_approval(type_name, actor, data)
+        or _describe_stop(type_name, actor, data)
+        or _describe_run(type_name, actor, data)
+    )
+
+
+def _describe_stop(type_name: str, actor: str, data: dict[str, Any]) -> str | None:
+    match type_name:
+        case "run.cancel_requested":
+            said = f": {data['reason']}" if data.get("reason") else ""
+            return f"{actor} asks that the run be cancelled{said}"
+        case "run.cancelled":
+            return f"run CANCELLED ({data['control']}, decision {data['decision_id']}): {data['reason']}"
+    return None
 
 
 def _describe_run(type_name: str, actor: str, data: dict[str, Any]) -> str:
@@ -138,6 +154,7 @@ def _describe_run(type_name: str, actor: str, data: dict[str, Any]) -> str:
             return f"run SUCCEEDED after {turns} model turns and {data['tool_calls']} tool calls"
         case "run.failed":
             return f"run FAILED: {data['reason']}"
+
         case "decision.refused":
             what = f"call {data['tool_call_id']}" if data.get("tool_call_id") else "the run"
             return (

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import JsonValue
 
+from warden.controls import Control, ControlView, scope_token
 from warden.endpoints import NoStack, credentials_dir, read_endpoints
 from warden.errors import InvalidMessage, PermanentError, RejectionCode, RetryableError
 from warden.identity import SEED_SUFFIX, CredentialError, connect_options
@@ -26,6 +27,11 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     Envelope,
+    HaltLiftRequested,
+    HaltRequested,
+    Payload,
+    RunCancelled,
+    RunCancelRequested,
     RunFailed,
     RunSubmitted,
     RunSucceeded,
@@ -82,7 +88,7 @@ class Receipt:
 class Outcome:
     """How a run ended, as far as its events tell: its status and the reasons given."""
 
-    status: str  # rejected, denied, awaiting_approval, succeeded, failed, or pending (no outcome yet)
+    status: str  # rejected, denied, awaiting_approval, succeeded, failed, cancelled, or pending (no outcome yet)
     reasons: list[str]
 
 
@@ -120,6 +126,22 @@ class AnswerOutcome:
         return self.effect in ("allow", "deny")
 
 
+@dataclass(frozen=True)
+class ControlOutcome:
+    """What became of a cancel, a halt or a lift: the gate's decision on it (effect None: not within the wait)."""
+
+    receipt: Receipt
+    effect: str | None  # allow: in force from the moment the decision was stored; deny: refused
+    reasons: list[str]
+    decision_id: str | None = None
+    decision_seq: int | None = None  # where the decision sits in the events stream
+    decided_at: datetime | None = None
+
+    @property
+    def in_force(self) -> bool:
+        return self.effect == "allow"
+
+
 # How long reading one stored command back may take (a duplicate submission's receipt).
 READ_TIMEOUT_SECONDS = 5.0
 
@@ -140,7 +162,7 @@ def approval_status(request: ApprovalRequested, run_events: list[Envelope[Any]],
     if request.expires_at <= now:
         return "expired"
     ended = any(
-        isinstance(envelope.data, RunSucceeded | RunFailed)
+        isinstance(envelope.data, RunSucceeded | RunFailed | RunCancelled)
         or (
             getattr(envelope.data, "tool_call_id", None) == request.tool_call_id
             and envelope.type == "tool_call.completed"
@@ -370,6 +392,81 @@ class WardenClient:
             pass
         return AnswerOutcome(receipt, None, [f"no decision on the answer within {wait_seconds}s"])
 
+    async def cancel_run(
+        self, *, tenant: str, run_id: str, actor: str, reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Ask that a run stop, as `actor`, and wait for the gate's decision. Once an allow is stored,
+        a queued run never starts and a running one ends `cancelled` before its next step or call."""
+        envelope = make_envelope(
+            RunCancelRequested(reason=reason), tenant=tenant, entity_id=run_id, actor=actor, source="warden-client"
+        )
+        return await self._control(envelope, RunCancelRequested, f"cancel-{run_id}-{actor}", wait_seconds)
+
+    async def halt(
+        self, *, tenant: str, actor: str, reason: str, agent: str | None = None, wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Halt every run of a tenant (or of one of its agents) until the halt is lifted (the kill switch)."""
+        envelope = make_envelope(
+            HaltRequested(agent=agent, reason=reason),
+            tenant=tenant,
+            entity_id=scope_token(agent),
+            actor=actor,
+            source="warden-client",
+        )
+        # Keyed by the command itself: halting again after a lift is a new halt, not a duplicate.
+        return await self._control(envelope, HaltRequested, envelope.id, wait_seconds)
+
+    async def lift_halt(
+        self, *, tenant: str, actor: str, agent: str | None = None, reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Lift the halt of a tenant (or of one agent): held runs go on."""
+        envelope = make_envelope(
+            HaltLiftRequested(agent=agent, reason=reason),
+            tenant=tenant,
+            entity_id=scope_token(agent),
+            actor=actor,
+            source="warden-client",
+        )
+        return await self._control(envelope, HaltLiftRequested, envelope.id, wait_seconds)
+
+    async def halts(self, tenant: str) -> dict[str, Control]:
+        """The tenant's halts in force, by scope token (`_tenant`, `agent-<name>`), as the gate recorded them.
+
+        Read with the tenant's own credential and not checked against the gate's key: this is a
+        listing; the scheduler and runners check every signature before they act.
+        """
+        view = ControlView()
+        for message in await self._stored(self.subjects.tenant_decisions_on(tenant, HaltRequested)):
+            with contextlib.suppress(InvalidMessage):
+                view.apply(parse_envelope(message.data), message.metadata.sequence.stream, None)
+        return {scope: control for (owner, scope), control in view.halts.items() if owner == tenant}
+
+    async def _control(
+        self, envelope: Envelope[Any], request: type[Payload], key: str, wait_seconds: float
+    ) -> ControlOutcome:
+        receipt = await self.publish_command(envelope, key)
+        subject = self.subjects.decision_on(envelope.tenant, request, envelope.entity_id)
+        try:
+            async with (
+                asyncio.timeout(wait_seconds),
+                contextlib.aclosing(self._events([subject], from_start=True, idle_timeout=None)) as events,
+            ):
+                async for event in events:
+                    data = event.envelope.data if event.envelope else None
+                    if isinstance(data, DecisionMade) and data.request_id == receipt.command_id:
+                        assert event.envelope is not None
+                        return ControlOutcome(
+                            receipt,
+                            data.effect,
+                            list(data.reasons),
+                            data.decision_id,
+                            event.stream_seq,
+                            event.envelope.time,
+                        )
+        except TimeoutError:
+            pass
+        return ControlOutcome(receipt, None, [f"no decision within {wait_seconds}s"])
+
     async def _run_events(self, tenant: str, run_id: str) -> list[Envelope[Any]]:
         envelopes = []
         for message in await self._stored(self.subjects.run_events(tenant, run_id)):
@@ -418,6 +515,8 @@ class WardenClient:
                         return Outcome("succeeded", [])
                     if isinstance(data, RunFailed):
                         return Outcome("failed", [data.reason])
+                    if isinstance(data, RunCancelled):
+                        return Outcome("cancelled", [data.reason])
         except TimeoutError:
             pass
         return Outcome("pending", [f"no outcome within {within}s"])

@@ -432,6 +432,65 @@ class RunFailed(Payload):
     steps: Count = 0
 
 
+class RunCancelRequested(Payload):
+    """A principal asks that one run stop: queued, it never starts; running, it ends `cancelled`.
+
+    Published by clients; decided by the gate (action `run.cancel`). Its entity is `cancel` and its
+    entity id the run's, so the decision lands on `<prefix>.evt.<tenant>.cancel.<run_id>.decision.made`,
+    which the scheduler and every runner follow from sequence 1 without reading any run's events.
+    """
+
+    TYPE: ClassVar[str] = "run.cancel_requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "cancel"
+
+    reason: str = Field(default="", max_length=2000)
+
+
+class HaltRequested(Payload):
+    """A principal stops every run of a tenant, or of one agent in it (the kill switch).
+
+    Published by clients; decided by the gate (action `halt`). Its entity is `halt` and its entity
+    id the scope's token (warden.controls.scope_token), so a halt and its lift share one subject.
+    While the halt is in force no model or tool call in its scope starts, running runs end
+    `cancelled` and queued ones are held.
+    """
+
+    TYPE: ClassVar[str] = "halt.requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "halt"
+
+    agent: Name | None = Field(default=None, description="The agent halted; None: the whole tenant.")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class HaltLiftRequested(Payload):
+    """A principal lifts a halt: held runs in its scope go on. Decided by the gate (action `halt.lift`)."""
+
+    TYPE: ClassVar[str] = "halt.lift_requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "halt"
+
+    agent: Name | None = Field(default=None, description="The agent whose halt is lifted; None: the tenant's.")
+    reason: str = Field(default="", max_length=2000)
+
+
+class RunCancelled(Payload):
+    """The run ended because it was cancelled or its scope halted: no call of it starts after this.
+
+    Published by the runner (a run under way, checked before every step and call) or by the
+    scheduler (a run queued, allowed or paused, which then never starts).
+    """
+
+    TYPE: ClassVar[str] = "run.cancelled"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "run"
+
+    reason: str = Field(max_length=4000)
+    decision_id: Token = Field(description="The gate's decision that cancelled the run or halted its scope.")
+    control: Literal["cancel", "halt"]
+
+
 class StreamGapDetected(Payload):
     """Sequences of an audited stream were missing (deleted or purged) when the audit projector reached them.
 
@@ -533,6 +592,10 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     RunPaused,
     RunResumed,
     MessageDeadLettered,
+    RunCancelRequested,
+    HaltRequested,
+    HaltLiftRequested,
+    RunCancelled,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

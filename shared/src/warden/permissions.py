@@ -26,9 +26,13 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     DecisionRefused,
+    HaltLiftRequested,
+    HaltRequested,
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    RunCancelled,
+    RunCancelRequested,
     RunDispatched,
     RunFailed,
     RunPaused,
@@ -74,7 +78,8 @@ INSTALLATION_ROLES: tuple[Role, ...] = (
 # Which messages each service writes: the one place that says it (the server enforces it).
 PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
     Role.POLICY_GATE: (DecisionMade, CommandRejected),
-    Role.SCHEDULER: (RunQueued, RunDispatched, RunResumed),
+    # The scheduler ends a cancelled run that never started; the runner one under way.
+    Role.SCHEDULER: (RunQueued, RunDispatched, RunResumed, RunCancelled),
     Role.AGENT_RUNNER: (
         RunStarted,
         StepCompleted,
@@ -86,12 +91,13 @@ PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
         DecisionRefused,
         ApprovalRequested,
         RunPaused,
+        RunCancelled,
         # An invalid work item leaves the work queue once terminated: the runner records it first.
         MessageDeadLettered,
     ),
     Role.AUDIT_PROJECTOR: (StreamGapDetected, MessageDeadLettered),
-    Role.OPERATOR: (RunSubmitted, ApprovalAnswered),
-    Role.TENANT: (RunSubmitted, ApprovalAnswered),
+    Role.OPERATOR: (RunSubmitted, ApprovalAnswered, RunCancelRequested, HaltRequested, HaltLiftRequested),
+    Role.TENANT: (RunSubmitted, ApprovalAnswered, RunCancelRequested, HaltRequested, HaltLiftRequested),
 }
 
 # Consumer names the services' durable consumers use (kept here so the grants below name them).
@@ -200,6 +206,9 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
         case Role.POLICY_GATE:
             publish = [
                 *_publishes(subjects, role),
+                # A decision is filed under the entity of its request: cancels and halts have their own.
+                subjects.decisions_on(RunCancelRequested),
+                subjects.decisions_on(HaltRequested),
                 *_durable(streams.commands, GATE_CONSUMER),
                 # The approval request an answer names, read by its sequence.
                 *_direct_get(streams.events),
@@ -229,6 +238,8 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 f"{subjects.prefix}.cmd.*.{ModelCallRequested.TYPE}",
                 *_durable(streams.work, RUNNER_CONSUMER),
                 *_reads_in_order(streams.events),
+                # Whether its view of the cancels and halts in force has caught up (a random name).
+                f"{JS_API}.CONSUMER.INFO.{streams.events}.*",
                 f"{JS_API}.STREAM.INFO.{streams.events}",
                 *_direct_get(streams.commands),
                 *_direct_get(streams.events),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warden.errors import InvalidMessage, RejectionCode
-from warden.messages import MESSAGE_TYPES, Envelope, Payload
+from warden.messages import MESSAGE_TYPES, DecisionMade, Envelope, Payload
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -116,7 +116,21 @@ class Subjects:
             if _TOKEN.match(envelope.actor):
                 return f"{self.prefix}.cmd.{envelope.tenant}.{envelope.actor}.{data.TYPE}"
             return f"{self.prefix}.cmd.{envelope.tenant}.{data.TYPE}"  # no subject can name this actor
-        return f"{self.prefix}.evt.{envelope.tenant}.{data.ENTITY}.{envelope.entity_id}.{data.TYPE}"
+        return f"{self.prefix}.evt.{envelope.tenant}.{entity_of_payload(data)}.{envelope.entity_id}.{data.TYPE}"
+
+    def decision_on(self, tenant: str, request: type[Payload], entity_id: str) -> str:
+        """Where the gate's decision on one request about `entity_id` is filed (see `entity_of_payload`)."""
+        _ensure_token(tenant, "tenant")
+        _ensure_token(entity_id, "entity id")
+        return f"{self.prefix}.evt.{tenant}.{request.ENTITY}.{entity_id}.{DecisionMade.TYPE}"
+
+    def tenant_decisions_on(self, tenant: str, request: type[Payload]) -> str:
+        """One tenant's decisions on one kind of request, e.g. its halts and lifts."""
+        return f"{self.prefix}.evt.{_ensure_token(tenant, 'tenant')}.{request.ENTITY}.*.{DecisionMade.TYPE}"
+
+    def decisions_on(self, request: type[Payload]) -> str:
+        """Every tenant's decisions on one kind of request, e.g. all decisions on halts."""
+        return f"{self.prefix}.evt.*.{request.ENTITY}.*.{DecisionMade.TYPE}"
 
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
         """Refuse an envelope whose tenant, actor or type disagrees with the subject it arrived on.
@@ -169,6 +183,16 @@ class Subjects:
         return f"{self.prefix}.work.>"
 
 
+def entity_of_payload(data: Payload) -> str:
+    """The entity an event is filed under: its type's, except that a decision is filed under the
+    entity of the request it answers (a decision on a halt under `halt`), so that a reader can
+    follow the decisions on cancels and halts alone, from sequence 1, without those on every call."""
+    if isinstance(data, DecisionMade):
+        request = MESSAGE_TYPES.get(data.request_type)
+        return request.ENTITY if request is not None and request.KIND == "command" else DecisionMade.ENTITY
+    return data.ENTITY
+
+
 def _types_of(kind: str) -> tuple[str, ...]:
     return tuple(name for name, model in MESSAGE_TYPES.items() if kind == model.KIND)
 
@@ -178,8 +202,8 @@ CHANNELS: tuple[Channel, ...] = (
         name="commands",
         pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
-        published_by="clients (run.submitted, approval.answered), agent runner (tool_call.requested, "
-        "model_call.requested)",
+        published_by="clients (run.submitted, approval.answered, run.cancel_requested, halt.requested, "
+        "halt.lift_requested), agent runner (tool_call.requested, model_call.requested)",
         consumed_by="policy gate, audit projector",
         description="Requests that need a decision. Stored before anything acts on them; "
         "the idempotency key travels as the Nats-Msg-Id header.",
@@ -192,7 +216,8 @@ CHANNELS: tuple[Channel, ...] = (
         "audit projector (stream.gap_detected, message.dead_lettered)",
         consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
-        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; holes found in a stream and "
+        "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; decisions on cancels and halts are filed "
+        "under entities cancel and halt; holes found in a stream and "
         "messages a consumer gave up on are filed under the tenant _warden.",
     ),
     Channel(

@@ -17,6 +17,7 @@ from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
 from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient, watch_ground
+from warden.controls import ControlFeed
 from warden.dead_letters import give_up
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
@@ -41,13 +42,17 @@ class Runner:
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         self.decisions = DecisionFeed(js, self.subjects, self.streams.events)
+        verifier = DecisionVerifier.from_file(settings.trusted_keys_path())
+        # Cancels and halts in force, rebuilt from sequence 1 on every start: halts survive restarts.
+        self.controls = ControlFeed(js, self.subjects, self.streams.events, verifier)
         self.executor = RunExecutor(
             settings,
             js,
             catalogue=AgentCatalogue.load(settings.agents_dir or SHIPPED_AGENTS_DIR),
             worker=worker,
             decisions=self.decisions,
-            verifier=DecisionVerifier.from_file(settings.trusted_keys_path()),
+            verifier=verifier,
+            controls=self.controls,
         )
         self.slots = asyncio.Semaphore(settings.runner_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -121,6 +126,8 @@ class Runner:
         )
         # The decision feed is open before any run is taken, so no run asks for a decision it cannot see.
         await retry_transient(self.decisions.open, what="the decision feed")
+        # And no run is taken before every stop stored so far is known.
+        await retry_transient(self.controls.open, what="the cancels and halts in force")
         try:
             await self._take_work(subscription)
         finally:
@@ -129,6 +136,7 @@ class Runner:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.decisions.close()
+            await self.controls.close()
             await self.executor.models.close()
             await asyncio.gather(*(toolbox.aclose() for toolbox in self.executor.toolboxes.values()))
             # Work delivered and never fetched would otherwise hold the connection's drain, at

@@ -49,6 +49,7 @@ from warden.agent_runner.budgets import (
     RunSpend,
     model_call_estimate,
 )
+from warden.agent_runner.controls import RunStopped, check_not_stopped, stopped_event
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.history import RunHistory, call_facts, url_host, usage_of
 from warden.agent_runner.limits import TimeLimits
@@ -58,6 +59,7 @@ from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrice
 from warden.agent_runner.policy_data import read_policy_data
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.controls import ControlFeed
 from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
 from warden.identity import read_seed
@@ -227,6 +229,7 @@ class RunExecutor:
         worker: str,
         decisions: DecisionFeed,
         verifier: DecisionVerifier,
+        controls: ControlFeed | None = None,
     ) -> None:
         self.settings = settings
         self.js = js
@@ -257,6 +260,7 @@ class RunExecutor:
         self.tool_definitions: dict[str, dict[str, ToolDefinition]] = {}
         self.unavailable_tools: set[tuple[str, str]] = set()
         self.decisions = decisions
+        self.controls = controls
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
 
@@ -391,7 +395,11 @@ class RunExecutor:
             if refusal is not None:
                 await self._refuse(work, verdict.decision_id if verdict else work.data.decision_id, refusal)
                 return
-            await self._run(work, submission, history, attempt)
+            try:
+                await self._run(work, submission, history, attempt)
+            except RunStopped as stop:
+                await self._publish(stopped_event(work, stop, SERVICE), f"{run_id}-finished")
+                log.info("run cancelled", reason=stop.cancelled.reason, control=stop.cancelled.control)
 
     def _deadline(self, work: Envelope[RunDispatched], submission: Envelope[Any]) -> RunDeadline:
         """Counted from the submission; a submission dated after its own dispatch (a client's clock
@@ -437,6 +445,7 @@ class RunExecutor:
             return
 
         while len(history) < MAX_STEPS:
+            check_not_stopped(self.controls, work)
             step = len(history)
             if (late := run.deadline.passed()) is not None:
                 failed = RunFailed(reason=late, error_type="DeadlineExceeded", steps=step)
@@ -573,6 +582,7 @@ class RunExecutor:
             source=SERVICE,
             caused_by=run.work,
         )
+        check_not_stopped(self.controls, run.work)  # no call starts once its run is stopped
         stored = await self._publish(envelope, call_id)
         expected = ExpectedDecision(
             tool_call_id=call_id,
@@ -669,6 +679,7 @@ class RunExecutor:
             await self._publish(event(failed), f"{run_id}-finished")
             log.info("model call refused; run failed", model=action.model, reason=reason)
             return None
+        check_not_stopped(self.controls, work)  # a stop that came while the gate decided (before anything is held)
         estimate = model_call_estimate(self.prices, action.model, action.messages, action.max_output_tokens)
         await self._reserve(run, call_id, estimate)
         attributes = {
@@ -901,6 +912,7 @@ class RunExecutor:
                 decision_id = decision.decision_id if decision else None
                 allowed = decision is not None and decision.effect == "allow"
                 charge = self.budgets.tool_call(action.tool)
+                check_not_stopped(self.controls, work)  # a stop that came while the gate decided
                 try:
                     if allowed:
                         await self._reserve(run, tool_call_id, charge)

@@ -18,6 +18,7 @@ from warden.messages import (
     CallFact,
     DecisionMade,
     Envelope,
+    RunCancelled,
     RunFailed,
     RunStarted,
     RunSucceeded,
@@ -68,7 +69,7 @@ class RunHistory:
                 )
             case DecisionMade(tool_call_id=str() as tool_call_id):
                 self.decisions.setdefault(tool_call_id, []).append(data)
-            case RunSucceeded() | RunFailed():
+            case RunSucceeded() | RunFailed() | RunCancelled():
                 self.finished = True
 
     def _ran_on_approval(self, completed: ToolCallCompleted) -> bool:

@@ -35,9 +35,13 @@ from warden.messages import (
     DecisionMade,
     DecisionRefused,
     Envelope,
+    HaltLiftRequested,
+    HaltRequested,
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    RunCancelled,
+    RunCancelRequested,
     RunDispatched,
     RunFailed,
     RunPaused,
@@ -234,6 +238,7 @@ STATUS_RANK = {
     "running": 4,
     "succeeded": 5,
     "failed": 5,
+    "cancelled": 5,
     "denied": 5,
 }
 _DECISION_STATUS = {"allow": "allowed", "deny": "denied", "require_approval": "awaiting_approval"}
@@ -604,6 +609,10 @@ def _run_failed(rows: Rows, envelope: Envelope[Any], data: RunFailed, trace_id: 
     _run_change(rows, envelope, trace_id, "failed", finished_at=envelope.time, error=data.reason)
 
 
+def _run_cancelled(rows: Rows, envelope: Envelope[Any], data: RunCancelled, trace_id: str | None) -> None:
+    _run_change(rows, envelope, trace_id, "cancelled", finished_at=envelope.time, error=data.reason)
+
+
 def _step_completed(rows: Rows, envelope: Envelope[Any], data: StepCompleted, trace_id: str | None) -> None:
     # The most frequent message by far, so `_run_change` spelt out.
     values = ((_CORRELATION_ID, envelope.correlation_id), (_TRACE_ID, trace_id))
@@ -675,6 +684,11 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     RunPaused: lambda rows, envelope, data, trace_id: None,
     RunResumed: lambda rows, envelope, data, trace_id: None,
     MessageDeadLettered: _message_dead_lettered,
+    RunCancelled: _run_cancelled,
+    # Kept in `events`; their decisions go to `decisions` (a halt's under its scope token, in run_id).
+    RunCancelRequested: lambda rows, envelope, data, trace_id: None,
+    HaltRequested: lambda rows, envelope, data, trace_id: None,
+    HaltLiftRequested: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

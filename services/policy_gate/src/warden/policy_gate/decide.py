@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from warden.controls import CONTROL_TYPES, control_hash, scope_token
 from warden.ids import new_id
 from warden.messages import (
     ApprovalAnswered,
@@ -16,7 +17,10 @@ from warden.messages import (
     DecisionMade,
     Effect,
     Envelope,
+    HaltLiftRequested,
+    HaltRequested,
     ModelCallRequested,
+    RunCancelRequested,
     RunSubmitted,
     RunUsage,
     ToolCallRequested,
@@ -30,6 +34,40 @@ RUN_START = "run.start"
 TOOL_CALL = "tool.call"
 MODEL_CALL = "model.call"
 APPROVAL_ANSWER = "approval.answer"
+RUN_CANCEL = "run.cancel"
+HALT = "halt"
+HALT_LIFT = "halt.lift"
+_CONTROL_ACTIONS = {RunCancelRequested.TYPE: RUN_CANCEL, HaltRequested.TYPE: HALT, HaltLiftRequested.TYPE: HALT_LIFT}
+
+
+def control_input(envelope: Envelope[Any]) -> dict[str, Any]:
+    """The policy input for a cancel, a halt or a lift: who asks to stop what (see policies/controls.rego)."""
+    data = envelope.data
+    agent = data.agent if isinstance(data, HaltRequested | HaltLiftRequested) else None
+    control: dict[str, Any] = {"reason": data.reason}
+    if isinstance(data, HaltRequested | HaltLiftRequested):
+        control["scope"] = "agent" if agent is not None else "tenant"
+    return {
+        "action": _CONTROL_ACTIONS[envelope.type],
+        "tenant": envelope.tenant,
+        "principal": envelope.actor,
+        "agent": agent,
+        "tool": None,
+        "model": None,
+        "control": control,
+        "run": {"id": envelope.entity_id} if isinstance(data, RunCancelRequested) else None,
+    }
+
+
+def control_summary(envelope: Envelope[Any]) -> str:
+    """The first reason of an allow on a control: what a cancelled run's record says of it."""
+    data = envelope.data
+    said = f": {data.reason}" if data.reason else ""
+    if isinstance(data, RunCancelRequested):
+        return f"cancelled by {envelope.actor}{said}"
+    scope = f"agent {data.agent} of tenant {envelope.tenant}" if data.agent else f"tenant {envelope.tenant}"
+    verb = "halted" if isinstance(data, HaltRequested) else "halt lifted"
+    return f"{scope} {verb} by {envelope.actor}{said}"
 
 
 def policy_input(envelope: Envelope[Any], approval: ApprovalRequested | None = None) -> dict[str, Any]:
@@ -108,6 +146,8 @@ def decision(
     data = envelope.data
     call_id = None
     bound_hash = None
+    if envelope.type in CONTROL_TYPES:
+        bound_hash = control_hash(envelope.type, envelope.entity_id)
     if isinstance(data, ToolCallRequested):
         call_id = data.tool_call_id
     elif isinstance(data, ModelCallRequested):
@@ -155,6 +195,8 @@ class PolicyDecider:
         request it names as read from the events stream, or why it could not be read."""
         if isinstance(envelope.data, ApprovalAnswered):
             return self._decide_answer(envelope, request_seq, approval)
+        if envelope.type in CONTROL_TYPES:
+            return self._decide_control(envelope, request_seq)
         started = time.perf_counter()
         data = envelope.data
         effect: Effect
@@ -194,6 +236,41 @@ class PolicyDecider:
             policy_revision=self.engine.revision,
             evaluation_ms=round(elapsed_ms, 3),
             expires_at=expires_at,
+        )
+
+    def _decide_control(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
+        """The decision on a cancel, a halt or a lift; an allow's first reason says what it does.
+
+        A halt is filed under its scope's token: one that names another scope than the token it is
+        sent under is denied, so a halt of one agent cannot be passed off as the tenant's.
+        """
+        started = time.perf_counter()
+        data = envelope.data
+        effect: Effect
+        if isinstance(data, HaltRequested | HaltLiftRequested) and envelope.entity_id != scope_token(data.agent):
+            effect = "deny"
+            reasons = [
+                f"a halt of {data.agent or 'the tenant'} is filed under {scope_token(data.agent)!r}, "
+                f"not {envelope.entity_id!r}"
+            ]
+        else:
+            try:
+                result = self.engine.evaluate(control_input(envelope))
+                effect, reasons = result.effect, list(result.reasons)
+            except PolicyEvaluationError as exc:
+                effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
+            if effect == "require_approval":  # a stop is never put off until someone answers
+                effect = "deny"
+            if effect == "allow":
+                reasons = [control_summary(envelope), *reasons]
+        return decision(
+            envelope,
+            self.signer,
+            request_seq=request_seq,
+            effect=effect,
+            reasons=reasons,
+            policy_revision=self.engine.revision,
+            evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
     def _decide_answer(

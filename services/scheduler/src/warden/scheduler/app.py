@@ -31,11 +31,13 @@ from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
 from warden.bus import GroundLost, envelope_headers, is_stored, retry_transient, watch_ground
+from warden.controls import ControlFeed
 from warden.errors import InvalidMessage
 from warden.messages import (
     MESSAGE_TYPES,
     Envelope,
     Payload,
+    RunCancelled,
     RunDispatched,
     RunQueued,
     RunResumed,
@@ -43,9 +45,18 @@ from warden.messages import (
     make_envelope,
     parse_envelope,
 )
-from warden.scheduler.core import WATCHED_TYPES, RunKey, SchedulerState, due_resumes, evolve, next_dispatches
+from warden.scheduler.core import (
+    WATCHED_TYPES,
+    RunKey,
+    SchedulerState,
+    cancelled_runs,
+    due_resumes,
+    evolve,
+    next_dispatches,
+)
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
+from warden.signing import DecisionVerifier
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
@@ -77,6 +88,8 @@ class Scheduler:
         self.first_seen: dict[RunKey, int] = {}
         self.watermark_kept = 0
         self.watermark_written_at = 0.0
+        self.verifier = DecisionVerifier.from_file(settings.trusted_keys_path())
+        self.controls: ControlFeed | None = None
 
     @functools.cached_property
     def js(self) -> JetStreamContext:
@@ -176,10 +189,12 @@ class Scheduler:
         restart, and the work item, keyed by the run, is not stored twice. So the work items (with
         this batch's run.queued events) must be stored before any run.dispatched event is sent.
         """
-        acks = await self.queue_allowed()
+        acks = await self.cancel_stopped()
+        acks += await self.queue_allowed()
         acks += await self.resume_paused()
         dispatches = []
-        for run in next_dispatches(self.state, self.settings.tenant_concurrency):
+        view = self.controls.view if self.controls is not None else None
+        for run in next_dispatches(self.state, self.settings.tenant_concurrency, view):
             with consuming(SERVICE, "scheduler.dispatch", run.trace_headers, run_id=run.run_id):
                 dispatched = self.emit(
                     RunDispatched(
@@ -211,6 +226,34 @@ class Scheduler:
             log.info(
                 "run dispatched", run_id=run.run_id, tenant=run.tenant, running=len(self.state.running[run.tenant])
             )
+
+    async def cancel_stopped(self) -> list[asyncio.Future[PubAck]]:
+        """End every cancelled run that is not under way (allowed, queued or paused): it never starts.
+
+        Keyed like the runner's end of a run (`<run>-finished`), so a run ends once whoever ends it.
+        """
+        if self.controls is None:
+            return []
+        acks = []
+        for stopped in cancelled_runs(self.state, self.controls.view):
+            with consuming(SERVICE, "scheduler.cancel", stopped.trace_headers, run_id=stopped.run_id):
+                cancelled = self.emit(
+                    RunCancelled(
+                        reason=stopped.control.reason, decision_id=stopped.control.decision_id, control="cancel"
+                    ),
+                    stopped.cause,
+                )
+                acks.append(
+                    await self.publish(
+                        cancelled,
+                        self.subjects.expected_subject(cancelled),
+                        self.streams.events,
+                        f"{stopped.run_id}-finished",
+                    )
+                )
+            evolve(self.state, cancelled)
+            log.info("run cancelled before it started", run_id=stopped.run_id, tenant=stopped.tenant)
+        return acks
 
     async def resume_paused(self) -> list[asyncio.Future[PubAck]]:
         """Queue again every paused run whose awaited calls are all answered, or one of whose approvals expired."""
@@ -311,6 +354,12 @@ class Scheduler:
         kv, start = await self.start_of_fold()
         self.last_seq = start - 1
         self.watermark_kept = start
+        # Cancels and halts in force, folded from sequence 1 (not the watermark: a halt may be older
+        # than every run in play), before anything is dispatched.
+        if self.controls is not None:
+            await self.controls.close()
+        self.controls = ControlFeed(self.js, self.subjects, self.streams.events, self.verifier)
+        await retry_transient(self.controls.open, what="the cancels and halts in force")
         inbox: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def enqueue(message: Msg) -> None:
@@ -359,6 +408,7 @@ class Scheduler:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
+            await self.controls.close()
 
     @staticmethod
     async def _caught_up(batch: list[Msg], subscription: JetStreamContext.PushSubscription) -> bool:

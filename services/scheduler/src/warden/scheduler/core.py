@@ -3,7 +3,8 @@
 The state is rebuilt by folding the events stream from sequence 1 on every start, so the
 scheduler keeps nothing of its own: what it decided is in the stream (`run.queued`,
 `run.dispatched`, `run.resumed`) and what finished or paused is too (`run.succeeded`,
-`run.failed`, `run.paused`, and the decisions on answers to approval requests).
+`run.failed`, `run.cancelled`, `run.paused`, and the decisions on answers to approval requests).
+Cancels and halts come from a view of their own (warden.controls), folded from sequence 1.
 
 A paused run holds no slot. It is resumed (queued again, then dispatched under the tenant's
 limit like any run) once every tool call it awaits has an answer that counts, or once the
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from warden.controls import Control, ControlView
 from warden.messages import (
     ApprovalAnswered,
     DecisionMade,
     Envelope,
+    RunCancelled,
     RunDispatched,
     RunFailed,
     RunPaused,
@@ -39,6 +42,7 @@ WATCHED_TYPES = frozenset(
         RunFailed.TYPE,
         RunPaused.TYPE,
         RunResumed.TYPE,
+        RunCancelled.TYPE,
     }
 )
 # An approval is taken as expired this long after its expiry, so that a runner whose clock is a
@@ -148,7 +152,7 @@ def evolve(state: SchedulerState, envelope: Envelope[Any], headers: Mapping[str,
         paused = state.paused.pop(key, None)
         if paused is not None:
             state.queued[key] = replace(paused.run, resume=data.resume, cause=envelope, decision=data.decision)
-    elif isinstance(data, RunSucceeded | RunFailed):
+    elif isinstance(data, RunSucceeded | RunFailed | RunCancelled):
         state.forget(key)
         state.finished.add(key)
 
@@ -184,13 +188,45 @@ def due_resumes(state: SchedulerState, now: datetime) -> list[PausedRun]:
     return [paused for paused in state.paused.values() if paused.due(now)]
 
 
-def next_dispatches(state: SchedulerState, tenant_limit: int) -> list[QueuedRun]:
-    """Queued runs to dispatch now: most urgent first, then oldest, never over a tenant's limit."""
+@dataclass(frozen=True)
+class Stopped:
+    """A run the scheduler ends before it starts (or starts again): it was cancelled."""
+
+    tenant: str
+    run_id: str
+    control: Control
+    cause: Envelope[Any]  # what its run.cancelled is caused by
+    trace_headers: Mapping[str, str]
+
+
+def cancelled_runs(state: SchedulerState, controls: ControlView) -> list[Stopped]:
+    """Runs not under way that a cancel names: allowed, queued or paused, they end here and never start.
+
+    A halt cancels none of them: it holds queued runs (see `next_dispatches`) until it is lifted.
+    """
+    stopped = []
+    waiting: list[tuple[RunKey, AllowedRun | QueuedRun]] = [*state.allowed.items(), *state.queued.items()]
+    for key, run in waiting:
+        if (cancel := controls.cancels.get(key)) is not None:
+            stopped.append(Stopped(key[0], key[1], cancel, run.cause, run.trace_headers))
+    for key, paused in state.paused.items():
+        if (cancel := controls.cancels.get(key)) is not None:
+            stopped.append(Stopped(key[0], key[1], cancel, paused.cause, paused.run.trace_headers))
+    return stopped
+
+
+def next_dispatches(state: SchedulerState, tenant_limit: int, controls: ControlView | None = None) -> list[QueuedRun]:
+    """Queued runs to dispatch now: most urgent first, then oldest, never over a tenant's limit.
+
+    A run in a halted scope is held: it keeps its place and takes no slot until the halt is lifted.
+    """
     free = {
         tenant: tenant_limit - len(state.running[tenant]) for tenant in {run.tenant for run in state.queued.values()}
     }
     chosen = []
     for run in sorted(state.queued.values(), key=lambda run: (run.priority, run.order)):
+        if controls is not None and controls.halt_over(run.tenant, run.agent) is not None:
+            continue
         if free[run.tenant] > 0:
             free[run.tenant] -= 1
             chosen.append(run)
