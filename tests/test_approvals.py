@@ -492,3 +492,22 @@ async def test_an_approval_survives_a_restart_of_every_service_nats_and_postgres
             await db.close()
     finally:
         await stop_stack(process)
+
+
+async def test_a_cancelled_run_closes_its_pending_approval(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """alice cancels carol's paused refund: the run ends cancelled without the call, and its request is no
+    longer pending, in the client's listing or in the approvals view."""
+    await start_all(run_app, settings)
+    client, run_id, approval_id = await paused_refund(nc, settings)
+    cancelled = await client.cancel_run(tenant="acme", run_id=run_id, actor="alice", reason="customer withdrew")
+    assert cancelled.effect == "allow"
+    await eventually(await run_row(db, run_id, ("cancelled",)), within=30)
+    assert await client.approval_requests("acme") == []
+    row = await eventually(
+        lambda: db.fetchrow("SELECT status FROM approvals WHERE approval_id = $1 AND status = 'closed'", approval_id)
+    )
+    assert row["status"] == "closed"
+    events = await run_events(nc, settings, "acme", run_id)
+    assert not any(isinstance(e.data, ToolCallCompleted) for e in events)

@@ -243,6 +243,7 @@ CREATE OR REPLACE VIEW approvals AS
                WHEN answer.effect = 'deny' THEN 'rejected'
                WHEN (request.payload->>'expires_at')::timestamptz <= now() THEN 'expired'
                WHEN tool_calls.outcome IS NOT NULL THEN 'closed'
+               WHEN runs.finished_at IS NOT NULL THEN 'closed'
                ELSE 'pending'
            END AS status
     FROM events AS request
@@ -260,4 +261,5 @@ CREATE OR REPLACE VIEW approvals AS
         ON answer_command.event_id = answer.request_id AND answer_command.type = 'approval.answered'
     LEFT JOIN tool_calls
         ON tool_calls.tenant = request.tenant AND tool_calls.tool_call_id = request.payload->>'tool_call_id'
+    LEFT JOIN runs ON runs.tenant = request.tenant AND runs.run_id = request.entity_id
     WHERE request.type = 'approval.requested';
