@@ -97,9 +97,15 @@ def tool_servers(http_url: str, rug_pull: bool = False) -> dict[str, Any]:
 
 async def honest_digests(http_url: str) -> dict[str, str]:
     """What the notes servers' tools look like when approved: pinned in the tests' policy data."""
-    config = ToolServersConfig.model_validate({"tenants": {"acme": {"servers": tool_servers(http_url)}}})
+    servers = tool_servers(http_url)
+    for server in servers.values():
+        # Generous for this one listing: a busy machine can take seconds to start a stdio server, and
+        # a tool missing here would be missing from the policy data (an "unknown tool" in the test).
+        server["timeout_seconds"] = 30
+    config = ToolServersConfig.model_validate({"tenants": {"acme": {"servers": servers}}})
     async with McpToolbox.for_tenant(config, "acme") as toolbox:
-        listed, _ = await toolbox.listing()  # the ghost server is not there
+        listed, failures = await toolbox.listing()
+    assert set(failures) == {"ghost"}, failures  # only the server that is not there
     return {definition.name: definition.digest for definition in listed if definition.server.endswith("notes")}
 
 
