@@ -69,5 +69,19 @@ test_a_model_call_without_usage_is_denied if {
 	request := json.patch(model_call("acme", "alice", "warden-test-model", 0, 0, 0), [{"op": "remove", "path": "/run/usage"}])
 	decision := authz.decision with input as request
 	decision.effect == "deny"
-	"model.call needs run.usage with input_tokens, output_tokens and cost_usd as numbers" in decision.reasons
+	"model.call needs run.usage with input_tokens and output_tokens as whole numbers (their sum below 2^53) and cost_usd as a number of at most 10^9" in decision.reasons
+}
+
+test_token_counts_past_2_to_the_53_are_refused if {
+	decision := authz.decision with input as model_call("acme", "alice", "gpt-4o-mini", 9007199254740991, 2, 0)
+	decision.effect == "deny"
+	"model.call needs run.usage with input_tokens and output_tokens as whole numbers (their sum below 2^53) and cost_usd as a number of at most 10^9" in decision.reasons
+}
+
+# Costs print rounded to micro-USD, so both engines print 1e-07 (and every other cost) alike.
+test_costs_are_printed_in_micro_usd if {
+	decision := authz.decision with input as model_call("acme", "alice", "gpt-4o-mini", 1, 2, 0.0000001)
+	"run R1 is under its caps: 3 of 20000 tokens, 0 of 0.05 USD" in decision.reasons
+	over := authz.decision with input as model_call("acme", "alice", "gpt-4o-mini", 1, 2, 0.1234567)
+	"run R1 has cost 0.123457 USD; agent assistant may spend at most 0.05 USD per run" in over.reasons
 }

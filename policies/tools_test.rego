@@ -129,7 +129,7 @@ test_tool_call_without_usage_is_denied if {
 	# object.union merges objects recursively, so the run is replaced, not merged.
 	request := object.union(object.remove(tool_call("alice", "demo", "math.add", {}, 0), ["run"]), {"run": {"id": "R1"}})
 	decision := authz.decision with input as request
-	decision == {"effect": "deny", "reasons": ["tool.call needs run.usage.tool_calls as a number"]}
+	decision == {"effect": "deny", "reasons": ["tool.call needs run.usage.tool_calls as a whole number below 2^53"]}
 }
 
 test_tool_call_without_a_configured_cap_is_denied if {
@@ -245,4 +245,35 @@ test_a_post_off_its_allowed_domains_is_denied_whatever_the_history if {
 	request := object.union(post_after([]), {"tool": {"arguments": {"url": "https://evil.example.net/", "body": "x"}}})
 	decision := authz.decision with input as request
 	decision.effect == "deny"
+}
+
+# lower() of non-ASCII letters differs between engines (OPA lowers U+0130 to an ASCII "i"), so a
+# host is checked to be ASCII before it is lowered: this one is refused on both, not allowed on OPA.
+test_a_host_with_non_ascii_letters_is_refused if {
+	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", {"url": "https://\u0130nfo.example.com/"}, 0)
+	decision == {"effect": "deny", "reasons": ["tool web.fetch needs a url argument that is an http(s) url with a plain host name"]}
+}
+
+test_an_upper_case_scheme_and_host_are_allowed if {
+	decision := authz.decision with input as tool_call("alice", "demo", "web.fetch", {"url": "HTTPS://WWW.EXAMPLE.COM/"}, 0)
+	"host www.example.com is in web.fetch's allowed domains" in decision.reasons
+	decision.effect == "allow"
+}
+
+# Past 2^53 regorus and OPA add and print numbers differently: such a count is refused, not judged.
+test_a_tool_call_count_past_2_to_the_53_is_refused if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 9007199254740993)
+	decision == {"effect": "deny", "reasons": ["tool.call needs run.usage.tool_calls as a whole number below 2^53"]}
+}
+
+test_a_fractional_tool_call_count_is_refused if {
+	decision := authz.decision with input as tool_call("alice", "demo", "math.add", {}, 2.5)
+	decision == {"effect": "deny", "reasons": ["tool.call needs run.usage.tool_calls as a whole number below 2^53"]}
+}
+
+# With no tool name there is no "unknown tool ..." reason (regorus's VM once gave "<undefined>").
+test_a_tool_call_with_arguments_but_no_name_has_one_reason if {
+	request := object.union(tool_call("alice", "demo", "math.add", {}, 0), {"tool": {"name": "", "arguments": {}}})
+	decision := authz.decision with input as request
+	decision == {"effect": "deny", "reasons": ["tool.call needs tool.name as a non-empty string"]}
 }
