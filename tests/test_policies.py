@@ -451,3 +451,11 @@ def test_a_reason_printing_an_undefined_value_is_left_out_as_the_interpreter_doe
     engine = PolicyEngine.load(pack)
     assert engine.evaluate({}).reasons == engine.evaluate_interpreted({}).reasons == ("always",)
     assert engine.evaluate({"tool": {"name": "x"}}).reasons == ("always", "unknown tool x")
+
+
+def test_a_policy_file_sorting_before_authz_keeps_the_tests_passing(pack: Path) -> None:
+    """A pack file loaded before authz.rego leaves every Rego test passing (tests name data.warden.authz in full)."""
+    (pack / "aaa.rego").write_text('package warden.authz\n\nimport rego.v1\n\nextra_rule if input.action == "x"\n')
+    report = run_policy_tests(pack)
+    assert report.failed == [], report.render()
+    assert report.ok
