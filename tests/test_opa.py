@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 
 from tests.strategies import policy_inputs
 from tests.test_policies import POLICIES, corpus, run_start, tool_call
@@ -120,7 +120,7 @@ def test_non_ascii_hosts_are_refused_by_both_engines(
     assert regorus_decisions(regorus, request) == (on_opa, on_opa)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None)
 @given(request=policy_inputs())
 def test_opa_decides_generated_requests_as_regorus_does(
     opa: OpaEngine, regorus: PolicyEngine, request: dict[str, Any]
