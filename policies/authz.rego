@@ -9,9 +9,16 @@
 # Anything else is a deny by default: a request is allowed only because a rule says so.
 #
 # Rules are split over files by subject (runs.rego, tools.rego) but all live in this package.
-# Written for both regorus (in-process in the gate) and OPA: regorus treats `not x[_]` over an
-# empty or missing collection as undefined where OPA gives true, so negations here go through
-# helper rules or count(...) == 0 instead.
+# Written for both regorus (in-process in the gate) and OPA (tests/test_opa.py holds them to the
+# same decisions), so some things are never written here:
+#   - `not x[_]` over an empty or missing collection: undefined in regorus, true in OPA. Use
+#     count(...) == 0 or negate a helper rule.
+#   - `not f(ref)` where ref may be undefined (`not is_number(input.run.usage.tool_calls)`): true in
+#     regorus, but OPA first binds ref to a variable outside the `not`, so the whole rule is
+#     undefined there. Put the reference inside a helper rule and negate the rule (`not has_agent`).
+#   - A rule head built from a value that may be undefined (`sprintf("unknown tool %s", [tool_name])`):
+#     the interpreter and OPA leave the element out, regorus's compiled VM adds "<undefined>". The
+#     body names the value first (`tool_name`) so every engine skips the rule.
 package warden.authz
 
 import rego.v1
@@ -47,13 +54,17 @@ required_fields := ["action", "tenant", "principal"]
 
 deny contains sprintf("input.%s must be a non-empty string", [field]) if {
 	some field in required_fields
-	not non_empty_string(input[field])
+	not has_field(field)
 }
+
+has_field(field) if non_empty_string(input[field])
 
 deny contains "input.agent must be a non-empty string" if {
 	agent_action
-	not non_empty_string(input.agent)
+	not has_agent
 }
+
+has_agent if non_empty_string(input.agent)
 
 deny contains sprintf("unknown action %s (expected one of: %s)", [input.action, concat(", ", sort(actions))]) if {
 	non_empty_string(input.action)
@@ -64,3 +75,24 @@ non_empty_string(value) if {
 	is_string(value)
 	value != ""
 }
+
+# Numbers both engines hold alike. regorus keeps a number as a double, OPA as an exact decimal, so
+# past 2^53 they add, compare and print it differently (2^64 + 3 prints as 18446744073709552000 in
+# one and 18446744073709551619 in the other): a count beyond that is refused, never judged.
+max_safe_integer := 9007199254740991
+
+whole_count(value) if {
+	is_number(value)
+	abs(value) <= max_safe_integer
+	value == round(value)
+}
+
+# An amount of USD: at most a billion, so that in micro-USD it is still a whole number below 2^53.
+usd_amount(value) if {
+	is_number(value)
+	abs(value) <= 1000000000
+}
+
+# An amount as reasons print it: rounded to micro-USD. Printed as given, 1e-07 reads "1e-07" in OPA
+# (the input's own digits) and "0.0000001" in regorus; a rounded result prints alike in both.
+usd(value) := round(value * 1000000) / 1000000

@@ -1,10 +1,13 @@
 # Unit tests for the decision document itself: its shape, deny by default, how reasons combine.
 # Helpers for every *_test.rego file of this package live here.
+#
+# Tests name the decision in full, `data.warden.authz.decision`, not through `import data.warden.authz`:
+# in regorus 0.13 a rule reached through an imported alias under `with input as` comes out
+# undefined when its file is not the package's first (a policy file named `aaa.rego`) and rules it
+# depends on are in files loaded after it, and every test asking for a positive decision failed.
 package warden.authz_test
 
 import rego.v1
-
-import data.warden.authz
 
 # --- Helpers shared by the test files ------------------------------------------------------------
 
@@ -33,14 +36,14 @@ fetch(url) := tool_call("alice", "researcher", "web.fetch", {"url": url}, 0)
 # --- Tests -------------------------------------------------------------------------------------
 
 test_decision_is_an_object_with_effect_and_reasons if {
-	decision := authz.decision with input as run_start("acme", "alice", "researcher")
+	decision := data.warden.authz.decision with input as run_start("acme", "alice", "researcher")
 	decision.effect == "allow"
 	is_array(decision.reasons)
 	count(decision.reasons) > 0
 }
 
 test_empty_input_is_denied_with_a_reason_per_missing_field if {
-	decision := authz.decision with input as {}
+	decision := data.warden.authz.decision with input as {}
 	decision.effect == "deny"
 	decision.reasons == [
 		"input.action must be a non-empty string",
@@ -51,27 +54,27 @@ test_empty_input_is_denied_with_a_reason_per_missing_field if {
 }
 
 test_empty_string_fields_are_denied if {
-	decision := authz.decision with input as run_start("acme", "", "researcher")
+	decision := data.warden.authz.decision with input as run_start("acme", "", "researcher")
 	decision.effect == "deny"
 	"input.principal must be a non-empty string" in decision.reasons
 }
 
 test_unknown_action_is_denied if {
 	request := object.union(run_start("acme", "alice", "researcher"), {"action": "run.delete"})
-	decision := authz.decision with input as request
+	decision := data.warden.authz.decision with input as request
 	decision.effect == "deny"
 	decision.reasons == ["unknown action run.delete (expected one of: approval.answer, halt, halt.lift, model.call, run.cancel, run.start, tool.call)"]
 }
 
 test_nothing_granted_means_deny_by_default if {
-	decision := authz.decision with input as run_start("acme", "alice", "researcher")
+	decision := data.warden.authz.decision with input as run_start("acme", "alice", "researcher")
 		with data.warden.authz.allowed as false
 	decision == {"effect": "deny", "reasons": ["no rule allows this request (deny by default)"]}
 }
 
 test_deny_reasons_come_from_every_failing_rule if {
 	request := tool_call("bob", "slow", "web.fetch", {"url": "https://evil.com/"}, 10)
-	decision := authz.decision with input as request
+	decision := data.warden.authz.decision with input as request
 	decision.effect == "deny"
 	decision.reasons == [
 		"host evil.com is not in web.fetch's allowed domains [example.com, docs.python.org]",
@@ -83,7 +86,7 @@ test_deny_reasons_come_from_every_failing_rule if {
 
 test_deny_wins_over_require_approval if {
 	request := tool_call("carol", "refunds", "payments.refund", {"amount": 5}, 3)
-	decision := authz.decision with input as request
+	decision := data.warden.authz.decision with input as request
 	decision.effect == "deny"
 	decision.reasons == ["run R1 has already made 3 tool calls; agent refunds may make at most 3 per run"]
 }

@@ -23,8 +23,6 @@ halt_of_an_agent if {
 	input.control.scope == "agent"
 }
 
-has_agent if non_empty_string(input.agent)
-
 allowed if {
 	control_action
 	may_control

@@ -16,10 +16,14 @@ model_allowed_for_tenant if model_name in tenant_models
 
 run_usage := object.get(input, ["run", "usage"], {})
 
-tokens_used := run_usage.input_tokens + run_usage.output_tokens if {
-	is_number(run_usage.input_tokens)
-	is_number(run_usage.output_tokens)
+tokens_used := total if {
+	whole_count(run_usage.input_tokens)
+	whole_count(run_usage.output_tokens)
+	total := run_usage.input_tokens + run_usage.output_tokens
+	abs(total) <= max_safe_integer
 }
+
+cost_used := run_usage.cost_usd if usd_amount(run_usage.cost_usd)
 
 # The agent's own caps, else the defaults for every run.
 token_cap := object.get(data.warden.agents, [input.agent, "max_tokens_per_run"], data.warden.limits.max_tokens_per_run)
@@ -28,7 +32,7 @@ cost_cap := object.get(data.warden.agents, [input.agent, "max_cost_usd_per_run"]
 
 under_token_cap if tokens_used < token_cap
 
-under_cost_cap if run_usage.cost_usd < cost_cap
+under_cost_cap if cost_used < cost_cap
 
 allowed if {
 	model_call
@@ -46,6 +50,7 @@ deny contains "model.call needs model.name as a non-empty string" if {
 
 deny contains sprintf("unknown model %s: the policy data has no price for it", [model_name]) if {
 	model_call
+	model_name
 	not known_model
 }
 
@@ -56,30 +61,32 @@ deny contains sprintf("tenant %s may not use model %s", [input.tenant, model_nam
 	not model_allowed_for_tenant
 }
 
-deny contains "model.call needs run.usage with input_tokens, output_tokens and cost_usd as numbers" if {
+deny contains "model.call needs run.usage with input_tokens and output_tokens as whole numbers (their sum below 2^53) and cost_usd as a number of at most 10^9" if {
 	model_call
 	not usage_counted
 }
 
 usage_counted if {
 	is_number(tokens_used)
-	is_number(run_usage.cost_usd)
+	is_number(cost_used)
 }
 
 deny contains msg if {
 	model_call
 	is_number(tokens_used)
+	has_agent # printed with %s: see tools.rego
 	not under_token_cap
 	msg := sprintf("run %v has used %v tokens; agent %s may use at most %v per run", [run_id, tokens_used, input.agent, token_cap])
 }
 
 deny contains msg if {
 	model_call
-	is_number(run_usage.cost_usd)
+	is_number(cost_used)
+	has_agent
 	not under_cost_cap
 	msg := sprintf(
 		"run %v has cost %v USD; agent %s may spend at most %v USD per run",
-		[run_id, run_usage.cost_usd, input.agent, cost_cap]
+		[run_id, usd(cost_used), input.agent, usd(cost_cap)]
 	)
 }
 
@@ -89,7 +96,7 @@ grants contains sprintf("tenant %s may use model %s", [input.tenant, model_name]
 	known_model
 }
 
-grants contains sprintf("run %v is under its caps: %v of %v tokens, %v of %v USD", [run_id, tokens_used, token_cap, run_usage.cost_usd, cost_cap]) if {
+grants contains sprintf("run %v is under its caps: %v of %v tokens, %v of %v USD", [run_id, tokens_used, token_cap, usd(cost_used), usd(cost_cap)]) if {
 	model_call
 	under_token_cap
 	under_cost_cap

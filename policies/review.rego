@@ -62,6 +62,7 @@ deny contains sprintf("%s asked for this run and may not answer its own request 
 
 deny contains msg if {
 	approval_answer
+	approval_tool
 	known_principal
 	not may_approve
 	msg := sprintf(

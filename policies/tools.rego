@@ -27,6 +27,7 @@ deny contains "tool.call needs tool.name as a non-empty string" if {
 
 deny contains sprintf("unknown tool %s", [tool_name]) if {
 	tool_call
+	tool_name
 	not known_tool
 }
 
@@ -55,13 +56,16 @@ arguments_allowed if host_allowed
 # The url's host, lower-cased, without port or trailing dot. The authority must be a plain host
 # name (and optional port): userinfo ("a@b"), backslashes, percent-encoding or spaces make it
 # undefined, so urls that different parsers read differently are refused rather than guessed at.
+# It is checked to be ASCII before it is lowered: lower() of other letters differs between
+# engines (OPA lowers U+0130 to an ASCII "i", so "İnfo.example.com" would become an allowed
+# host there), and no host name needs them (internationalised names travel as xn--).
 url_host := host if {
 	url := input.tool.arguments.url
 	is_string(url)
-	parts := regex.find_all_string_submatch_n(`^https?://([^/?#]*)`, lower(url), 1)
+	parts := regex.find_all_string_submatch_n(`^[hH][tT][tT][pP][sS]?://([^/?#]*)`, url, 1)
 	authority := parts[0][1]
-	regex.match(`^[a-z0-9-]+(\.[a-z0-9-]+)*\.?(:[0-9]{1,5})?$`, authority)
-	host := trim_suffix(split(authority, ":")[0], ".")
+	regex.match(`^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?(:[0-9]{1,5})?$`, authority)
+	host := trim_suffix(split(lower(authority), ":")[0], ".")
 }
 
 host_allowed if {
@@ -102,6 +106,8 @@ deny contains sprintf("argument %s of tool %s is secret and arrived in clear", [
 	tool_call
 	# Over the arguments given (not a lookup of each marked name, which may be undefined: regorus's
 	# compiled VM then takes `not concealed(value)` as true, where OPA and its interpreter do not).
+	# Arguments that are no object hold no names (regorus's interpreter fails on `some .. in` them).
+	is_object(input.tool.arguments)
 	some name, value in input.tool.arguments
 	name in object.get(data.warden.tools, [tool_name, "secret_arguments"], [])
 	not concealed(value)
@@ -165,21 +171,28 @@ grants contains sprintf("tool %s is as approved (%s)", [tool_name, pinned_digest
 tool_call_cap := object.get(data.warden.agents, [input.agent, "max_tool_calls"], data.warden.limits.max_tool_calls_per_run)
 
 # Calls the run has already made; the call being decided would be number tool_calls_made + 1.
-tool_calls_made := input.run.usage.tool_calls if is_number(input.run.usage.tool_calls)
+tool_calls_made := input.run.usage.tool_calls if whole_count(input.run.usage.tool_calls)
+
+has_tool_calls_made if is_number(tool_calls_made)
+
+has_tool_call_cap if is_number(tool_call_cap)
 
 under_tool_call_cap if tool_calls_made < tool_call_cap
 
-run_id := object.get(input, ["run", "id"], "(unknown)")
+default run_id := "(unknown)"
 
-deny contains "tool.call needs run.usage.tool_calls as a number" if {
+run_id := input.run.id if non_empty_string(input.run.id)
+
+deny contains "tool.call needs run.usage.tool_calls as a whole number below 2^53" if {
 	tool_call
-	not is_number(input.run.usage.tool_calls)
+	not has_tool_calls_made
 }
 
 deny contains msg if {
 	tool_call
 	is_number(tool_calls_made)
 	is_number(tool_call_cap)
+	has_agent # printed with %s below: OPA prints a number there as "%!s(float64=1.5)", regorus as "1.5"
 	not under_tool_call_cap
 	msg := sprintf(
 		"run %v has already made %v tool calls; agent %s may make at most %v per run",
@@ -189,7 +202,8 @@ deny contains msg if {
 
 deny contains sprintf("no tool-call cap is configured for agent %s", [input.agent]) if {
 	tool_call
-	not is_number(tool_call_cap)
+	has_agent
+	not has_tool_call_cap
 }
 
 grants contains sprintf("tool call %v of at most %v for run %v", [tool_calls_made + 1, tool_call_cap, run_id]) if {
@@ -209,7 +223,9 @@ approval contains sprintf("tool %s requires human approval", [tool_name]) if {
 # The run has read content no one vouches for: an earlier call that ran (outcome "ok") of a tool
 # whose output is marked untrusted (a fetched web page can carry instructions for the model).
 read_untrusted contains call.tool if {
-	some call in object.get(input, ["run", "history", "tool_calls"], [])
+	calls := object.get(input, ["run", "history", "tool_calls"], [])
+	is_array(calls)
+	some call in calls
 	call.outcome == "ok"
 	object.get(data.warden.tools, [call.tool, "untrusted_output"], false) == true
 }

@@ -236,3 +236,135 @@ def hostile_commands(draw: st.DrawFn, prefix: str, key_scopes: tuple[str, ...] =
         return HostileCommand(kind, subject, body, {"Nats-Msg-Id": f"{victim}:run.submitted:squat-{draw(tokens())}"})
     # bad_tenant_token: characters NATS allows in a subject and Warden does not in a tenant.
     return HostileCommand(kind, f"{prefix}.cmd.{tenant}@corp.run.submitted", body)
+
+
+# --- Policy inputs (the gate's input document, policies/README.md), friendly and hostile ---------
+
+# A field that is absent from the input document altogether (not null).
+_ABSENT = object()
+
+# Values that are no valid field: wrong types, empties, numbers past what a double holds exactly.
+_ODD_VALUES: list[JsonValue] = [None, "", 0, -1, 2**53 + 1, 2**64, 1.5, True, [], {}, "İ", "\u0130nfo"]
+_HUGE_NUMBERS = [2**53 - 1, 2**53, 2**53 + 1, 2**63, 2**64 + 3, 10**30, -(2**63), 1e300, 1e-7, 0.1]
+
+
+def _counters() -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.integers(min_value=0, max_value=2),
+        st.integers(min_value=0, max_value=25),
+        st.sampled_from([*_HUGE_NUMBERS, _ABSENT, None, "3", -5, 2.5]),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+
+
+def _urls() -> st.SearchStrategy[Any]:
+    hosts = ["example.com", "www.example.com", "docs.python.org", "EXAMPLE.com.", "example.com:8443",
+             "example.com.evil.net", "notexample.com", "example.com@evil.com", "evİl.example.com",
+             "\u0130nfo.example.com", "docs.pyth\u0130n.org", "exampl\u00e9.com", "ex\u212aample.com",
+             "xn--exmple-cua.com", "", "example.com\\@evil.com", "ex%61mple.com"]  # fmt: skip
+    schemes = ["https://", "http://", "HTTPS://", "ftp://", "", "httpſ://"]
+    built = st.builds(lambda scheme, host, path: scheme + host + path, st.sampled_from(schemes), st.sampled_from(hosts),
+                      st.sampled_from(["", "/", "/x?y=1#z", "/\u0130"]))  # fmt: skip
+    return built | st.sampled_from([7, None, ["https://example.com"]]) | texts(max_size=20)
+
+
+def _arguments() -> st.SearchStrategy[Any]:
+    secret = st.sampled_from(["hmac-sha256:" + "ab" * 32, "hmac-sha256:" + "AB" * 32, "Bearer s3cr3t", 42, None])
+    named = st.fixed_dictionaries({}, optional={"url": _urls(), "authorization": secret, "a": _counters()})
+    return named | st.sampled_from([None, [], "url", _ABSENT])
+
+
+def _history() -> st.SearchStrategy[Any]:
+    call = st.fixed_dictionaries(
+        {},
+        optional={
+            "tool": st.sampled_from(["web.fetch", "web.fetch", "http.post", "math.add", 3]),
+            "outcome": st.sampled_from(["ok", "ok", "error", "denied", None, 1]),
+            "host": st.sampled_from(["example.com", None]),
+            "approved": st.booleans() | st.none(),
+        },
+    )
+    return st.fixed_dictionaries(
+        {}, optional={"tool_calls": st.lists(call, max_size=3) | st.sampled_from([None, {}, "x"])}
+    )
+
+
+def _drop_absent(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_absent(v) for k, v in value.items() if v is not _ABSENT}
+    if isinstance(value, list):
+        return [_drop_absent(v) for v in value if v is not _ABSENT]
+    return value
+
+
+POLICY_ACTIONS = ["run.start", "tool.call", "model.call", "approval.answer", "run.cancel", "halt", "halt.lift"]
+_POLICY_TOOLS = ["math.add", "text.echo", "web.fetch", "http.post", "clock.sleep", "payments.refund",
+                 "time.get_current_time", "nosuch.tool"]  # fmt: skip
+# Tools each agent of the starter data may call, the ones with rules of their own first.
+_AGENT_TOOLS = {
+    "demo": ["web.fetch", "math.add"],
+    "researcher": ["web.fetch"],
+    "reporter": ["web.fetch", "http.post"],
+    "refunds": ["payments.refund", "text.echo"],
+    "assistant": ["http.post", "time.get_current_time"],
+}
+_PINNED_DIGEST = "sha256:f5f61883b7c0671fdf991226a36f6cf3a1a67087e64f736cb4aba06f860e5de6"
+
+
+def _odd() -> st.SearchStrategy[Any]:
+    return st.sampled_from([*_ODD_VALUES, *_HUGE_NUMBERS, _ABSENT]) | texts(max_size=8)
+
+
+@st.composite
+def policy_inputs(draw: st.DrawFn) -> dict[str, Any]:
+    """An input document for `data.warden.authz.decision` (policies/README.md), for every action.
+
+    A well-formed request over the starter data's names, then up to three of its fields made hostile:
+    missing, mistyped, empty, non-ASCII, or numbers past what a double holds exactly.
+    """
+    action = draw(st.sampled_from(POLICY_ACTIONS) | st.just("tool.call"))  # tool calls have the most rules
+    principals = [("acme", "alice"), ("acme", "bob"), ("acme", "carol"), ("acme", "dana"), ("globex", "gina"),
+                  ("globex", "hank"), ("acme", "mallory")]  # fmt: skip
+    tenant, principal = draw(st.sampled_from(principals))
+    agents = ["demo", "researcher", "reporter", "slow", "refunds", "assistant", "nosuch"]
+    agent = draw(st.sampled_from(agents))
+    if draw(st.booleans()):  # half the time, a principal who may run the agent and a tool it may call
+        tenant, principal = ("acme", "carol") if agent == "refunds" else ("acme", "alice")
+    own_tools = _AGENT_TOOLS.get(agent, _POLICY_TOOLS)
+    tool = {"name": draw(st.sampled_from(own_tools) | st.sampled_from(_POLICY_TOOLS)), "arguments": draw(_arguments())}
+    if draw(st.integers(0, 3)) == 0:
+        tool["digest"] = draw(st.sampled_from([_PINNED_DIGEST, "sha256:00"]))
+    usage = {k: draw(_counters()) for k in ("steps", "tool_calls", "input_tokens", "output_tokens")}
+    usage["cost_usd"] = draw(st.sampled_from([0, 0.01, 0.049, 0.05, 0.5, 1.0, 2]) | _counters())
+    document: dict[str, Any] = {
+        "action": action,
+        "tenant": tenant,
+        "principal": principal,
+        "agent": agent,
+        "tool": tool if action in {"tool.call", "approval.answer"} else None,
+        "model": None,
+        "run": {"id": draw(st.sampled_from(["R1", "run-\u0130"])), "usage": usage, "history": draw(_history())},
+    }
+    if action == "model.call":
+        document["model"] = {"name": draw(st.sampled_from(["warden-test-model", "gpt-4o-mini", "llama3.2", "gpt-5"])),
+                             "max_output_tokens": draw(_counters())}  # fmt: skip
+    if action == "approval.answer":
+        document["approval"] = {"id": "A1", "requested_by": draw(st.sampled_from(["alice", "carol", "dana"])),
+                                "approve": draw(st.booleans()), "reason": draw(texts(max_size=8))}  # fmt: skip
+    if action in {"run.cancel", "halt", "halt.lift"}:
+        scope = draw(st.sampled_from(["tenant", "agent"]))
+        document["control"] = {"reason": draw(texts(max_size=8)), "scope": scope}
+        document["agent"] = document["agent"] if scope == "agent" else None
+        document["run"] = {"id": "R1"} if action == "run.cancel" else None
+    paths = [("action",), ("tenant",), ("principal",), ("agent",), ("tool",), ("tool", "name"), ("tool", "arguments"),
+             ("tool", "digest"), ("run",), ("run", "id"), ("run", "usage"), ("run", "usage", "tool_calls"),
+             ("run", "usage", "input_tokens"), ("run", "usage", "cost_usd"), ("run", "history"), ("model",),
+             ("model", "name"), ("approval",), ("approval", "requested_by"), ("control",),
+             ("control", "scope")]  # fmt: skip
+    for path in draw(st.lists(st.sampled_from(paths), max_size=3)):
+        parent = document
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None  # type: ignore[assignment]
+        if isinstance(parent, dict):
+            parent[path[-1]] = draw(_odd() | st.sampled_from(POLICY_ACTIONS) | st.sampled_from(agents))
+    return _drop_absent(document)  # type: ignore[no-any-return]

@@ -437,3 +437,25 @@ def test_compiled_decisions_equal_the_interpreters(engine: PolicyEngine) -> None
         assert (compiled.effect, compiled.reasons) == (interpreted.effect, interpreted.reasons), request
         effects.add(compiled.effect)
     assert effects == {"allow", "deny", "require_approval"}
+
+
+def test_a_reason_printing_an_undefined_value_is_left_out_as_the_interpreter_does(tmp_path: Path) -> None:
+    """Where the compiled VM prints "<undefined>" into a reason, the gate's decision is the interpreter's."""
+    pack = write_pack(
+        tmp_path / "p",
+        "package warden.authz\n\nimport rego.v1\n\n"
+        'decision := {"effect": "deny", "reasons": sort(deny)}\n\n'
+        'deny contains "always"\n\n'
+        'deny contains sprintf("unknown tool %s", [input.tool.name]) if not input.known\n',
+    )
+    engine = PolicyEngine.load(pack)
+    assert engine.evaluate({}).reasons == engine.evaluate_interpreted({}).reasons == ("always",)
+    assert engine.evaluate({"tool": {"name": "x"}}).reasons == ("always", "unknown tool x")
+
+
+def test_a_policy_file_sorting_before_authz_keeps_the_tests_passing(pack: Path) -> None:
+    """A pack file loaded before authz.rego leaves every Rego test passing (tests name data.warden.authz in full)."""
+    (pack / "aaa.rego").write_text('package warden.authz\n\nimport rego.v1\n\nextra_rule if input.action == "x"\n')
+    report = run_policy_tests(pack)
+    assert report.failed == [], report.render()
+    assert report.ok

@@ -255,6 +255,8 @@ class PolicyEngine:
         The compiled VM answers first. Anything but a well-formed decision from it (undefined,
         which is how the VM reports a rule conflict or a builtin error, or a failure) is
         evaluated again by the interpreter, the reference: its answer, or its precise error, stands.
+        So is a decision with "<undefined>" in a reason: the VM prints that for a value that is
+        undefined where the interpreter (and OPA) leave the element out of the set.
         """
         vm = self._vm()
         if vm:
@@ -263,6 +265,8 @@ class PolicyEngine:
                 # pydantic-core's JSON codec: a fifth of the json module's time on these documents.
                 vm.set_input_json(pydantic_core.to_json(input_document).decode())
                 effect, reasons = _check_decision(pydantic_core.from_json(vm.execute()))
+                if any(_RVM_UNDEFINED in reason for reason in reasons):
+                    raise PolicyEvaluationError("the compiled VM printed an undefined value")
             except (PolicyEvaluationError, ValueError):
                 pass
             except BaseException as exc:

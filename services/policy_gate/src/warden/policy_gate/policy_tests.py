@@ -84,7 +84,9 @@ class PolicyTestReport:
 
 
 @dataclass(frozen=True)
-class _TestRule:
+class PolicyTestRule:
+    """One `test_*` rule of a `*_test` package, where it starts."""
+
     package: str  # without "data."
     name: str
     file: str
@@ -101,10 +103,11 @@ def _ref_path(ref: Mapping[str, Any]) -> list[str] | None:
     return None
 
 
-def _test_rules(engine: Any) -> list[_TestRule]:
+def find_test_rules(engine: Any) -> list[PolicyTestRule]:
+    """Every `test_*` rule of every `*_test` package loaded into a regorus engine, in file and line order."""
     # Discovered from regorus's AST rather than by scanning text, so a `test_` inside a string or
     # comment is never mistaken for a rule.
-    rules: dict[tuple[str, str], _TestRule] = {}
+    rules: dict[tuple[str, str], PolicyTestRule] = {}
     for module in json.loads(engine.get_ast_as_json()):
         ast = module["ast"]
         package_path = _ref_path(ast["package"]["refr"])
@@ -123,7 +126,7 @@ def _test_rules(engine: Any) -> list[_TestRule]:
                 continue
             key = (package, path[0])
             # A test may be written as several rule bodies; it is one test, reported where it starts.
-            rules.setdefault(key, _TestRule(package, path[0], module["source"]["file"], int(head["span"]["line"])))
+            rules.setdefault(key, PolicyTestRule(package, path[0], module["source"]["file"], int(head["span"]["line"])))
     return sorted(rules.values(), key=lambda r: (r.file, r.line))
 
 
@@ -135,7 +138,7 @@ def run_policy_tests(directory: Path) -> PolicyTestReport:
     """
     engine = read_pack(directory, include_tests=True).build_engine()
     results = []
-    for test in _test_rules(engine):
+    for test in find_test_rules(engine):
         name = f"{test.package}.{test.name}"
         started = time.perf_counter()
         try:
