@@ -263,14 +263,23 @@ class PolicyDecider:
                 effect = "deny"
             if effect == "allow":
                 reasons = [control_summary(envelope), *reasons]
+        return self._signed(
+            envelope,
+            request_seq,
+            started,
+            effect=effect,
+            reasons=reasons,
+        )
+
+    def _signed(self, envelope: Envelope[Any], request_seq: int, started: float, **outcome: Any) -> DecisionMade:
+        """A decision made from `started` (perf_counter) until now, under the loaded policy revision."""
         return decision(
             envelope,
             self.signer,
             request_seq=request_seq,
-            effect=effect,
-            reasons=reasons,
             policy_revision=self.engine.revision,
             evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
+            **outcome,
         )
 
     def _decide_answer(
@@ -293,14 +302,12 @@ class PolicyDecider:
         if isinstance(approval, ApprovalRequested):
             problem = self._not_genuine(approval, envelope)
         if problem is not None or not isinstance(approval, ApprovalRequested):
-            return decision(
+            return self._signed(
                 envelope,
-                self.signer,
-                request_seq=request_seq,
+                request_seq,
+                started,
                 effect="deny",
                 reasons=[problem or "the answer names no approval request"],
-                policy_revision=self.engine.revision,
-                evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
             )
         effect: Effect
         said = f": {answer.reason}" if answer.reason else ""
@@ -320,14 +327,12 @@ class PolicyDecider:
             else:
                 effect = "require_approval"
                 reasons = [f"the answer of {envelope.actor} does not count; the call still awaits approval", *grounds]
-        return decision(
+        return self._signed(
             envelope,
-            self.signer,
-            request_seq=request_seq,
+            request_seq,
+            started,
             effect=effect,
             reasons=reasons,
-            policy_revision=self.engine.revision,
-            evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
             expires_at=approval.expires_at,
             approval=approval,
         )
