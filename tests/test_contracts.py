@@ -42,6 +42,7 @@ from warden.messages import (
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    PolicyActivated,
     RunCancelled,
     RunCancelRequested,
     RunDispatched,
@@ -96,6 +97,8 @@ EXAMPLES: dict[str, Payload] = {
         reasons=["agent researcher needs approval after hours"],
         policy_revision="rev-7",
         evaluation_ms=0.42,
+        input={"action": "run.start", "tenant": "acme", "principal": "alice", "agent": "researcher"},
+        input_hash="sha256:" + "0" * 64,
     ),
     "run.queued": RunQueued(decision_id="d-1", priority=3, agent="demo", request_seq=1),
     "run.dispatched": RunDispatched(
@@ -180,6 +183,13 @@ EXAMPLES: dict[str, Payload] = {
     "halt.requested": HaltRequested(agent="slow", reason="incident 42"),
     "halt.lift_requested": HaltLiftRequested(agent=None, reason="incident over"),
     "run.cancelled": RunCancelled(reason="cancelled by alice: wrong input", decision_id="d-9", control="cancel"),
+    "policy.activated": PolicyActivated(
+        revision="sha256:0123456789abcdef",
+        files={"authz.rego": "package warden.authz\n", "data.json": "{}"},
+        cause="start",
+        activated_by="policy-gate",
+        origin="/etc/warden/policies",
+    ),
 }
 
 

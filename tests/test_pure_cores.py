@@ -270,6 +270,7 @@ class ScriptedEngine:
     """Stands in for the Rego engine: knows one agent and one tool, answers as told."""
 
     revision = "sha256:scripted"
+    secret_arguments: dict[str, frozenset[str]] = {}  # noqa: RUF012  (read only)
 
     def __init__(self, answer: PolicyResult | PolicyEvaluationError) -> None:
         self.answer = answer

@@ -216,6 +216,49 @@ class DecisionMade(Payload):
         max_length=256,
         description="Ed25519 signature over what binds the decision to its request (warden.signing.DecisionBinding).",
     )
+    input: FreeJsonObject | None = Field(
+        default=None,
+        description="The policy input document the decision was made on, as the engine evaluated it (or would "
+        "have, for a decision made before any policy ran), so it can be evaluated again with no other context. "
+        "Arguments the policy data marks secret are a hash. None on decisions recorded before inputs were kept, "
+        "and on an answer that names no approval request the gate could read.",
+    )
+    input_hash: str | None = Field(
+        default=None,
+        max_length=128,
+        description="warden.signing.input_hash of `input`; covered by the signature, so a signed decision proves "
+        "what it was decided on.",
+    )
+
+
+class PolicyActivated(Payload):
+    """A policy gate began deciding under a policy bundle: at start-up, or on a promote or a rollback.
+
+    Carries the bundle's files, so that the revision every decision names can be read back, and
+    evaluated again, from the audit alone. Filed under the reserved tenant `_warden`, entity
+    `policy`, the revision (`sha256-<hex>`) as the entity id. Gates that activate the same revision
+    for the same reason publish it under one idempotency key, so several gates make one event.
+    """
+
+    TYPE: ClassVar[str] = "policy.activated"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "policy"
+
+    revision: str = Field(max_length=128, description="The bundle's revision (warden.policy_bundle.revision_of).")
+    files: dict[str, str] = Field(
+        description="The bundle: each policy file (not its tests) and data.json, by name, as UTF-8 text."
+    )
+    cause: Literal["start", "promote", "rollback"]
+    activated_by: str = Field(
+        max_length=256, description="Who caused it: the principal of a promote or rollback, else the gate."
+    )
+    reason: str = Field(default="", max_length=2000)
+    origin: str = Field(
+        max_length=1024,
+        description="Where the bundle was read from: the gate's configured directory, or the lifecycle event "
+        "that carried it (`events:<seq>`).",
+    )
+    previous_revision: str | None = Field(default=None, max_length=128, description="What it replaced, if anything.")
 
 
 class RunQueued(Payload):
@@ -596,6 +639,7 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     HaltRequested,
     HaltLiftRequested,
     RunCancelled,
+    PolicyActivated,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

@@ -4,7 +4,7 @@ The server enforces these (see `docs/security.md`); nothing here is checked by W
 Each identity may publish and subscribe only its own subjects and call only the JetStream API
 requests its work needs, so a compromised or buggy service cannot do another's job:
 
-- only the policy gate publishes decisions and rejections;
+- only the policy gate publishes decisions, rejections and the policy bundles it puts in force;
 - only the agent runner publishes a run's progress and requests tool calls;
 - only the scheduler hands work to runners;
 - only the provisioner creates or changes streams; nobody, the provisioner included, may delete
@@ -31,6 +31,7 @@ from warden.messages import (
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    PolicyActivated,
     RunCancelled,
     RunCancelRequested,
     RunDispatched,
@@ -77,7 +78,7 @@ INSTALLATION_ROLES: tuple[Role, ...] = (
 
 # Which messages each service writes: the one place that says it (the server enforces it).
 PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
-    Role.POLICY_GATE: (DecisionMade, CommandRejected),
+    Role.POLICY_GATE: (DecisionMade, CommandRejected, PolicyActivated),
     # The scheduler ends a cancelled run that never started; the runner one under way.
     Role.SCHEDULER: (RunQueued, RunDispatched, RunResumed, RunCancelled),
     Role.AGENT_RUNNER: (

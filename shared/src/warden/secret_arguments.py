@@ -39,16 +39,28 @@ def secret_argument_names(policy_dir: Path) -> dict[str, frozenset[str]]:
     path = policy_dir / POLICY_DATA_FILE
     if not path.exists():
         return {}  # a pack without data marks nothing
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return secret_argument_names_of(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def secret_argument_names_of(data: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """`secret_argument_names` of a data document already read."""
     tools = data.get("warden", {}).get("tools", {})
     names: dict[str, frozenset[str]] = {}
     for tool, settings in tools.items():
         marked = settings.get("secret_arguments", []) if isinstance(settings, dict) else []
         if not isinstance(marked, list) or not all(isinstance(name, str) for name in marked):
-            raise ValueError(f"{policy_dir / POLICY_DATA_FILE}: tools.{tool}.secret_arguments must be a list of names")
+            raise ValueError(f"tools.{tool}.secret_arguments must be a list of names")
         if marked:
             names[tool] = frozenset(marked)
     return names
+
+
+def is_concealed(value: Any) -> bool:
+    """Whether a secret argument's value is in the concealed form (the runner's keyed hash)."""
+    return isinstance(value, str) and value.startswith(CONCEALED_PREFIX) and len(value) == len(CONCEALED_PREFIX) + 64
 
 
 class SecretArguments:

@@ -2,10 +2,11 @@
 
 A decision binds itself to the one request it answers: its id, tenant, run, tool call, the
 request's own id and stream sequence, a hash of the tool's arguments, the effect, the policy
-revision and the expiry (if any). The gate signs those fields; a runner acts only on a decision
-whose signature checks out against a key it trusts *and* whose fields name the very request it
-published. A decision forged by anyone who can write the events stream, altered on the way, or
-borrowed from another request (same tool call id, other arguments) is refused.
+revision, the expiry (if any) and a hash of the policy input it was made on. The gate signs those
+fields; a runner acts only on a decision whose signature checks out against a key it trusts *and*
+whose fields name the very request it published. A decision forged by anyone who can write the
+events stream, altered on the way, or borrowed from another request (same tool call id, other
+arguments) is refused.
 
 Keys are files: the gate's signing key (32 random bytes, base64, mode 600) and the list of public
 keys runners trust (one base64 key per line; `#` starts a comment). Rotation: add the new public
@@ -45,6 +46,11 @@ def arguments_hash(arguments: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def input_hash(document: Mapping[str, Any]) -> str:
+    """A decision's policy input, hashed in the same canonical form as arguments (see `arguments_hash`)."""
+    return arguments_hash(document)
+
+
 def bound_arguments(request: ToolCallRequested | ModelCallRequested) -> dict[str, Any]:
     """What a decision on a call is made on, and its hash binds: a tool call's arguments, or a model
     call's model and output cap (a decision on one model cannot be spent on another)."""
@@ -67,6 +73,9 @@ class DecisionBinding:
     effect: str
     policy_revision: str
     expires_at: str | None
+    # The hash of the policy input it was made on; None on decisions signed before inputs were
+    # kept, whose signed bytes leave the field out, so they still verify.
+    input_hash: str | None = None
 
     @classmethod
     def of(cls, decision: DecisionMade, tenant: str, run_id: str) -> "DecisionBinding":
@@ -82,6 +91,7 @@ class DecisionBinding:
             effect=decision.effect,
             policy_revision=decision.policy_revision,
             expires_at=expires,
+            input_hash=decision.input_hash,
         )
 
     def signed_bytes(self) -> bytes:
@@ -89,7 +99,10 @@ class DecisionBinding:
         mistaken for a decision's."""
         # vars(), not dataclasses.asdict(): the fields are flat, and asdict's deep copy cost more
         # than the JSON itself.
-        return b"warden-decision-v1\n" + json.dumps(vars(self), sort_keys=True, separators=(",", ":")).encode()
+        fields = vars(self)
+        if self.input_hash is None:
+            fields = {name: value for name, value in fields.items() if name != "input_hash"}
+        return b"warden-decision-v1\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _public_key_text(key: nacl.signing.VerifyKey) -> str:

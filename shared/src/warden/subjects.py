@@ -174,6 +174,15 @@ class Subjects:
         parts = nats_subject.split(".")
         return parts[4] if len(parts) > 4 else ""
 
+    # The policy in force: installation-wide, under the reserved tenant
+    def policy_event(self, payload: type[Payload], entity_id: str) -> str:
+        """Where an event about the installation's policy is filed (`policy.activated` under its revision's token)."""
+        return self.event(SYSTEM_TENANT, payload, entity_id)
+
+    def policy_events_of_type(self, payload: type[Payload]) -> str:
+        """Every event of one type about the installation's policy, e.g. every `policy.activated`."""
+        return f"{self.prefix}.evt.{SYSTEM_TENANT}.{payload.ENTITY}.*.{payload.TYPE}"
+
     # Work handed from the scheduler to agent runners
     def work(self, tenant: str) -> str:
         return f"{self.prefix}.work.{_ensure_token(tenant, 'tenant')}"
@@ -217,8 +226,9 @@ CHANNELS: tuple[Channel, ...] = (
         consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
         "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; decisions on cancels and halts are filed "
-        "under entities cancel and halt; holes found in a stream and "
-        "messages a consumer gave up on are filed under the tenant _warden.",
+        "under entities cancel and halt; holes found in a stream, "
+        "messages a consumer gave up on, and the policy bundles gates put in force "
+        "({prefix}.evt._warden.policy.{revision}.policy.activated) are filed under the tenant _warden.",
     ),
     Channel(
         name="work",

@@ -40,6 +40,7 @@ from warden.messages import (
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
+    PolicyActivated,
     RunCancelled,
     RunCancelRequested,
     RunDispatched,
@@ -150,6 +151,7 @@ class DecisionRow(NamedTuple):
     evaluation_ms: float
     decided_at: datetime
     trace_id: str | None
+    input: str | None = None  # the policy input it was made on (JSON); None on decisions recorded before
 
 
 class ToolCallRow(NamedTuple):
@@ -525,6 +527,7 @@ def _decision_row(envelope: Envelope[Any], data: DecisionMade, trace_id: str | N
         evaluation_ms=data.evaluation_ms,
         decided_at=envelope.time,
         trace_id=trace_id,
+        input=_json(data.input) if data.input is not None else None,
     )
 
 
@@ -689,6 +692,8 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     RunCancelRequested: lambda rows, envelope, data, trace_id: None,
     HaltRequested: lambda rows, envelope, data, trace_id: None,
     HaltLiftRequested: lambda rows, envelope, data, trace_id: None,
+    # Kept in `events`, bundle and all: `warden policy replay` reads a revision's files from there.
+    PolicyActivated: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

@@ -192,6 +192,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     PRIMARY KEY (tenant, decision_id)
 );
 CREATE INDEX IF NOT EXISTS decisions_by_run ON decisions (tenant, run_id);
+-- The policy input each decision was made on (DecisionMade.input), to evaluate it again under
+-- another bundle; null for decisions recorded before inputs were kept.
+ALTER TABLE decisions ADD COLUMN IF NOT EXISTS input jsonb;
 
 -- One row per tool call: what was asked (commands stream), and what came of it (events stream).
 CREATE TABLE IF NOT EXISTS tool_calls (

@@ -22,6 +22,7 @@ from warden.messages import (
     make_envelope,
     parse_envelope,
 )
+from warden.policy_gate.activation import SERVICE, activation, describe
 from warden.policy_gate.decide import PolicyDecider
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
 from warden.service import consumer_service, run_service
@@ -32,7 +33,6 @@ from warden.subjects import Subjects
 from warden.telemetry import consuming
 from warden.wire import TYPE_HEADER, is_transient
 
-SERVICE = "policy-gate"
 DURABLE_NAME = "policy_gate"
 # A command whose outcome cannot be published after this many deliveries is terminated, with the
 # reason, rather than retried forever; it stays in the commands stream (the audit trail still has
@@ -66,8 +66,11 @@ class Gate:
     a whole backlog at a time: ack what JetStream stored, nak or term what it did not.
     """
 
-    def __init__(self, settings: Settings, js: JetStreamContext, decider: PolicyDecider) -> None:
+    def __init__(
+        self, settings: Settings, js: JetStreamContext, decider: PolicyDecider, policy_origin: str = "(given)"
+    ) -> None:
         self.settings = settings
+        self.policy_origin = policy_origin
         self.js = js
         self.decider = decider
         self.subjects = Subjects(settings.subject_prefix)
@@ -246,7 +249,24 @@ class Gate:
             log.warning("could not record outcome; will retry", error=repr(error))
             await message.nak(delay=RETRY_DELAY_SECONDS * message.metadata.num_delivered)
 
+    async def record_activation(self, event: Envelope[Any], key: str) -> None:
+        """Store the `policy.activated` event of the bundle now in force (before deciding under it)."""
+        stored = await retry_transient(
+            lambda: self.js.publish(
+                self.subjects.expected_subject(event),
+                event.to_bytes(),
+                headers=envelope_headers(event, key),
+                stream=self.streams.events,
+            ),
+            what="the policy.activated event",
+        )
+        log.info("policy activated", duplicate=stored.duplicate, stream_seq=stored.seq, **describe(event))
+
     async def run(self) -> None:
+        # The bundle is on the record before the first decision that names its revision.
+        await self.record_activation(
+            *activation(self.decider.engine, cause="start", activated_by=SERVICE, origin=self.policy_origin)
+        )
         settling = asyncio.create_task(self.settle())
         # A push consumer shared by every gate instance through the queue group: JetStream spreads
         # commands across them and redelivers what an instance leaves unacknowledged. Push, not
@@ -282,8 +302,11 @@ class Gate:
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
+    engine = PolicyEngine.load(policy_dir)
+    # Refused at start (BundleTooLarge), not at the first decision: its files must fit the record.
+    activation(engine, cause="start", activated_by=SERVICE, origin=str(policy_dir))
     decider = PolicyDecider(
-        PolicyEngine.load(policy_dir),
+        engine,
         DecisionSigner.from_file(settings.signing_key_path()),
         DecisionVerifier.from_file(settings.trusted_keys_path()),
     )
@@ -297,7 +320,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     return consumer_service(
         settings,
         SERVICE,
-        lambda broker: Gate(settings, broker.connection.jetstream(), decider).run(),
+        lambda broker: Gate(settings, broker.connection.jetstream(), decider, str(policy_dir)).run(),
         lambda js: watch_ground(
             lambda: js.consumer_info(commands, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {commands}"
         ),

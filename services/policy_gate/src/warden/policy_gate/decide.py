@@ -3,13 +3,27 @@
 The rules that do not need Rego live here, beside the call to it: an unknown tool or agent is
 denied before any policy runs, and the gate fails closed (an evaluation error, or one over its
 time budget, is a deny with the reason).
+
+Every decision records the input document it was made on (`DecisionMade.input`), exactly as the
+engine evaluated it, or would have for a decision made before any policy ran, and signs its hash:
+`warden policy replay` evaluates it again under another bundle with no other context. A secret
+argument (one the policy data marks secret) reaches the gate concealed by the runner; one that
+arrives in clear anyway is replaced, before the engine sees it, by the gate's own keyed hash
+(`CLEAR_SECRET_PREFIX`), which the policy refuses as it refuses the clear value, so the value is
+in no decision, and the recorded input is still what was evaluated.
 """
 
+import hashlib
+import hmac
+import json
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from warden.controls import CONTROL_TYPES, control_hash, scope_token
+from warden.decoding import MAX_DEPTH
 from warden.ids import new_id
 from warden.messages import (
     ApprovalAnswered,
@@ -26,7 +40,15 @@ from warden.messages import (
     ToolCallRequested,
 )
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError
-from warden.signing import DecisionBinding, DecisionSigner, DecisionVerifier, arguments_hash, bound_arguments
+from warden.secret_arguments import is_concealed
+from warden.signing import (
+    DecisionBinding,
+    DecisionSigner,
+    DecisionVerifier,
+    arguments_hash,
+    bound_arguments,
+    input_hash,
+)
 
 # A decision that took longer than this is a deny: the gate fails closed.
 POLICY_BUDGET_MS = 1000
@@ -37,6 +59,18 @@ APPROVAL_ANSWER = "approval.answer"
 RUN_CANCEL = "run.cancel"
 HALT = "halt"
 HALT_LIFT = "halt.lift"
+# How deep a tool call's arguments may nest and still be recorded in its decision's input, inside
+# every event that carries that decision (an approval request: envelope, data, decision, input,
+# tool, arguments), under the decoding rules' limit on a whole message. Deeper ones are denied
+# before any policy runs, with no input: fail closed, rather than a decision no reader could read.
+MAX_RECORDED_ARGUMENT_DEPTH = MAX_DEPTH - 8
+ARGUMENTS_TOO_DEEP = (
+    f"the tool call's arguments nest more than {MAX_RECORDED_ARGUMENT_DEPTH} levels deep: too deep to record "
+    "with its decision (fail closed)"
+)
+# The form a secret argument that arrived in clear takes in the input: not the runner's concealed
+# form (`hmac-sha256:`), so the policy still refuses it as "arrived in clear".
+CLEAR_SECRET_PREFIX = "gate-hmac-sha256:"
 _CONTROL_ACTIONS = {RunCancelRequested.TYPE: RUN_CANCEL, HaltRequested.TYPE: HALT, HaltLiftRequested.TYPE: HALT_LIFT}
 
 
@@ -68,6 +102,17 @@ def control_summary(envelope: Envelope[Any]) -> str:
     scope = f"agent {data.agent} of tenant {envelope.tenant}" if data.agent else f"tenant {envelope.tenant}"
     verb = "halted" if isinstance(data, HaltRequested) else "halt lifted"
     return f"{scope} {verb} by {envelope.actor}{said}"
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects deep `value` nests (0 for a scalar)."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            pending.extend((member, depth + 1) for member in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def policy_input(envelope: Envelope[Any], approval: ApprovalRequested | None = None) -> dict[str, Any]:
@@ -137,11 +182,13 @@ def decision(
     evaluation_ms: float,
     expires_at: datetime | None = None,
     approval: ApprovalRequested | None = None,
+    input_document: dict[str, Any] | None = None,
 ) -> DecisionMade:
     """The decision on one request, signed over what binds it to that request (see warden.signing).
 
     A decision on an answer to an approval request is a decision on the tool call it approves:
-    it names that call and its arguments hash, and expires with the request.
+    it names that call and its arguments hash, and expires with the request. `input_document`:
+    the policy input it was made on, recorded and bound by its hash.
     """
     data = envelope.data
     call_id = None
@@ -169,8 +216,24 @@ def decision(
         arguments_hash=bound_hash,
         expires_at=expires_at,
     )
+    if input_document is not None:
+        # Copied in, not validated again: it is made of the command's fields, validated when the
+        # command was read, and validating it as free-form JSON would cost more than the decision.
+        unsigned = unsigned.model_copy(update={"input": input_document, "input_hash": input_hash(input_document)})
     signature = signer.sign(DecisionBinding.of(unsigned, envelope.tenant, envelope.entity_id))
     return unsigned.model_copy(update={"signing_key": signer.public_key, "signature": signature})
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What one policy engine makes of one request: the effect, why, and the input it was made on."""
+
+    effect: Effect
+    reasons: list[str]
+    input: dict[str, Any] | None
+    expires_at: datetime | None = None
+    # For an answer to a genuine approval request: that request, whose call the decision binds.
+    approves: ApprovalRequested | None = None
 
 
 class PolicyDecider:
@@ -179,6 +242,9 @@ class PolicyDecider:
     A worker thread would cost a GIL hand-off per decision (milliseconds while the loop is busy)
     to guard against a slow policy, and Rego evaluation always terminates: so the budget is
     enforced after the fact instead. A decision that took longer than the budget is a deny.
+
+    `engine` is the bundle in force; replacing it (a promote, a rollback) takes effect from the
+    next decision: each decision reads it once, so it is made, and names, one revision.
     """
 
     def __init__(self, engine: PolicyEngine, signer: DecisionSigner, verifier: DecisionVerifier | None = None) -> None:
@@ -187,30 +253,59 @@ class PolicyDecider:
         # The keys an approval request's decision may be signed with: the gate's own, and any
         # still trusted after a rotation.
         self.verifier = verifier or DecisionVerifier([signer.public_key])
+        # Keys the hash of a secret that arrived in clear: a plain hash of a short secret could be
+        # guessed back by trying candidates. Derived from the signing key, which only gates hold.
+        self._clear_secret_key = hmac.new(bytes(signer.key), b"warden: clear secret arguments", hashlib.sha256).digest()
 
     def decide(
         self, envelope: Envelope[Any], request_seq: int, approval: ApprovalRequested | str | None = None
     ) -> DecisionMade:
         """The decision on one command; for an answer to an approval request, `approval` is the
         request it names as read from the events stream, or why it could not be read."""
-        if isinstance(envelope.data, ApprovalAnswered):
-            return self._decide_answer(envelope, request_seq, approval)
-        if envelope.type in CONTROL_TYPES:
-            return self._decide_control(envelope, request_seq)
+        engine = self.engine
         started = time.perf_counter()
+        judged = self.judge(engine, envelope, approval)
+        return decision(
+            envelope,
+            self.signer,
+            request_seq=request_seq,
+            effect=judged.effect,
+            reasons=judged.reasons,
+            policy_revision=engine.revision,
+            evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
+            expires_at=judged.expires_at,
+            approval=judged.approves,
+            input_document=judged.input,
+        )
+
+    def judge(
+        self, engine: PolicyEngine, envelope: Envelope[Any], approval: ApprovalRequested | str | None = None
+    ) -> Judgement:
+        """What `engine` decides on one command, unsigned: the enforced decision, or a shadow's."""
+        if isinstance(envelope.data, ApprovalAnswered):
+            return self._judge_answer(engine, envelope, approval)
+        if envelope.type in CONTROL_TYPES:
+            return self._judge_control(engine, envelope)
+        return self._judge_request(engine, envelope)
+
+    def _judge_request(self, engine: PolicyEngine, envelope: Envelope[Any]) -> Judgement:
+        """A run's start, a tool call or a model call."""
         data = envelope.data
+        if isinstance(data, ToolCallRequested) and nesting(data.arguments) > MAX_RECORDED_ARGUMENT_DEPTH:
+            return Judgement("deny", [ARGUMENTS_TOO_DEEP], None)
+        document = self.without_clear_secrets(engine, policy_input(envelope))
         effect: Effect
         reasons: list[str]
         try:
-            if isinstance(data, ToolCallRequested) and not self.engine.knows_tool(data.tool):
+            if isinstance(data, ToolCallRequested) and not engine.knows_tool(data.tool):
                 effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
-            elif isinstance(data, RunSubmitted) and not self.engine.knows_agent(data.agent):
+            elif isinstance(data, RunSubmitted) and not engine.knows_agent(data.agent):
                 effect, reasons = (
                     "deny",
                     [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
                 )
             else:
-                result = self.engine.evaluate(policy_input(envelope))
+                result = engine.evaluate(document)
                 effect, reasons = result.effect, list(result.reasons)
                 if result.evaluation_ms > POLICY_BUDGET_MS:
                     effect = "deny"
@@ -220,32 +315,22 @@ class PolicyDecider:
                     ]
         except PolicyEvaluationError as exc:
             effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
-        elapsed_ms = (time.perf_counter() - started) * 1000
         # A call that needs a human waits for one only so long: the runner refuses it after this.
         expires_at = (
-            datetime.now(UTC) + timedelta(seconds=self.engine.approval_expiry_seconds)
+            datetime.now(UTC) + timedelta(seconds=engine.approval_expiry_seconds)
             if effect == "require_approval"
             else None
         )
-        return decision(
-            envelope,
-            self.signer,
-            request_seq=request_seq,
-            effect=effect,
-            reasons=reasons,
-            policy_revision=self.engine.revision,
-            evaluation_ms=round(elapsed_ms, 3),
-            expires_at=expires_at,
-        )
+        return Judgement(effect, reasons, document, expires_at)
 
-    def _decide_control(self, envelope: Envelope[Any], request_seq: int) -> DecisionMade:
-        """The decision on a cancel, a halt or a lift; an allow's first reason says what it does.
+    def _judge_control(self, engine: PolicyEngine, envelope: Envelope[Any]) -> Judgement:
+        """A cancel, a halt or a lift; an allow's first reason says what it does.
 
         A halt is filed under its scope's token: one that names another scope than the token it is
         sent under is denied, so a halt of one agent cannot be passed off as the tenant's.
         """
-        started = time.perf_counter()
         data = envelope.data
+        document = control_input(envelope)
         effect: Effect
         if isinstance(data, HaltRequested | HaltLiftRequested) and envelope.entity_id != scope_token(data.agent):
             effect = "deny"
@@ -255,7 +340,7 @@ class PolicyDecider:
             ]
         else:
             try:
-                result = self.engine.evaluate(control_input(envelope))
+                result = engine.evaluate(document)
                 effect, reasons = result.effect, list(result.reasons)
             except PolicyEvaluationError as exc:
                 effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
@@ -263,28 +348,11 @@ class PolicyDecider:
                 effect = "deny"
             if effect == "allow":
                 reasons = [control_summary(envelope), *reasons]
-        return self._signed(
-            envelope,
-            request_seq,
-            started,
-            effect=effect,
-            reasons=reasons,
-        )
+        return Judgement(effect, reasons, document)
 
-    def _signed(self, envelope: Envelope[Any], request_seq: int, started: float, **outcome: Any) -> DecisionMade:
-        """A decision made from `started` (perf_counter) until now, under the loaded policy revision."""
-        return decision(
-            envelope,
-            self.signer,
-            request_seq=request_seq,
-            policy_revision=self.engine.revision,
-            evaluation_ms=round((time.perf_counter() - started) * 1000, 3),
-            **outcome,
-        )
-
-    def _decide_answer(
-        self, envelope: Envelope[Any], request_seq: int, approval: ApprovalRequested | str | None
-    ) -> DecisionMade:
+    def _judge_answer(
+        self, engine: PolicyEngine, envelope: Envelope[Any], approval: ApprovalRequested | str | None
+    ) -> Judgement:
         """The decision on an answer to an approval request: a decision on the tool call it answers.
 
         - allow: the answer counts and approves: the call may run (if, when it is about to, the
@@ -293,22 +361,17 @@ class PolicyDecider:
         - require_approval: the answer does not count (the policy says why: four eyes, roles);
           the call still waits for one that does.
 
-        An answer that names no genuine approval request is denied bound to no call.
+        An answer that names no genuine approval request is denied bound to no call; its input is
+        the one it would have been judged on, or None when no request could be read at all.
         """
-        started = time.perf_counter()
         answer = envelope.data
         assert isinstance(answer, ApprovalAnswered)
-        problem = approval if isinstance(approval, str) else None
-        if isinstance(approval, ApprovalRequested):
-            problem = self._not_genuine(approval, envelope)
-        if problem is not None or not isinstance(approval, ApprovalRequested):
-            return self._signed(
-                envelope,
-                request_seq,
-                started,
-                effect="deny",
-                reasons=[problem or "the answer names no approval request"],
-            )
+        if not isinstance(approval, ApprovalRequested):
+            return Judgement("deny", [approval or "the answer names no approval request"], None)
+        document = self.without_clear_secrets(engine, policy_input(envelope, approval))
+        problem = self._not_genuine(approval, envelope)
+        if problem is not None:
+            return Judgement("deny", [problem], document)
         effect: Effect
         said = f": {answer.reason}" if answer.reason else ""
         verb = "approved" if answer.approve else "rejected"
@@ -317,7 +380,7 @@ class PolicyDecider:
             reasons = [f"{verb} by {envelope.actor} after the request expired at {approval.expires_at.isoformat()}"]
         else:
             try:
-                result = self.engine.evaluate(policy_input(envelope, approval))
+                result = engine.evaluate(document)
                 counts, grounds = result.effect == "allow", list(result.reasons)
             except PolicyEvaluationError as exc:
                 counts, grounds = False, [f"policy evaluation failed (fail closed): {exc}"]
@@ -327,15 +390,25 @@ class PolicyDecider:
             else:
                 effect = "require_approval"
                 reasons = [f"the answer of {envelope.actor} does not count; the call still awaits approval", *grounds]
-        return self._signed(
-            envelope,
-            request_seq,
-            started,
-            effect=effect,
-            reasons=reasons,
-            expires_at=approval.expires_at,
-            approval=approval,
-        )
+        return Judgement(effect, reasons, document, approval.expires_at, approval)
+
+    def without_clear_secrets(self, engine: PolicyEngine, document: dict[str, Any]) -> dict[str, Any]:
+        """`document` with every secret tool argument that is not concealed replaced by the gate's
+        keyed hash of it (see the module's docstring); the same document when there is none."""
+        tool = document.get("tool")
+        if not isinstance(tool, dict):
+            return document
+        secret = engine.secret_arguments.get(tool["name"], frozenset())
+        arguments: Mapping[str, Any] = tool.get("arguments") or {}
+        clear = [name for name in secret if name in arguments and not is_concealed(arguments[name])]
+        if not clear:
+            return document
+        hidden = {name: self._clear_secret_digest(arguments[name]) for name in clear}
+        return {**document, "tool": {**tool, "arguments": {**arguments, **hidden}}}
+
+    def _clear_secret_digest(self, value: Any) -> str:
+        canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return CLEAR_SECRET_PREFIX + hmac.new(self._clear_secret_key, canonical.encode(), hashlib.sha256).hexdigest()
 
     def _not_genuine(self, approval: ApprovalRequested, answer: Envelope[Any]) -> str | None:
         """Why an approval request is not one to answer (None: it is): it must carry this gate's

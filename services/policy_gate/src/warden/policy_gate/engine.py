@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import threading
@@ -17,14 +16,14 @@ import pydantic_core
 import regorus
 
 from warden.errors import PermanentError
-from warden.secret_arguments import POLICY_DATA_FILE, shipped_policy_dir
+from warden.policy_bundle import TEST_SUFFIX, PolicyBundle, bundle_file_names, revision_of
+from warden.secret_arguments import POLICY_DATA_FILE, secret_argument_names_of, shipped_policy_dir
 
 SHIPPED_POLICY_DIR = shipped_policy_dir()
 
 DECISION_QUERY = "data.warden.authz.decision"
 DECISION_PACKAGE = "warden.authz"
 DATA_FILE = POLICY_DATA_FILE
-TEST_SUFFIX = "_test.rego"
 
 Effect = Literal["allow", "deny", "require_approval"]
 EFFECTS: frozenset[str] = frozenset({"allow", "deny", "require_approval"})
@@ -116,13 +115,13 @@ class _Pack:
     data: Mapping[str, Any]
 
     def revision(self) -> str:
-        digest = hashlib.sha256()
-        for source in sorted((*self.policies, self.data_source), key=lambda s: s.relative_path):
-            # Length-prefixed, so no two different packs can hash the same byte stream.
-            name = source.relative_path.encode()
-            digest.update(f"{len(name)}:".encode() + name + f"{len(source.content)}:".encode())
-            digest.update(source.content)
-        return "sha256:" + digest.hexdigest()[:16]
+        return revision_of({source.relative_path: source.content for source in (*self.policies, self.data_source)})
+
+    def bundle(self) -> PolicyBundle:
+        """The files the revision names, as text: what a `policy.activated` event records."""
+        return PolicyBundle(
+            {source.relative_path: source.content.decode() for source in (*self.policies, self.data_source)}
+        )
 
     def build_engine(self) -> Any:
         engine = regorus.Engine()
@@ -145,37 +144,53 @@ class _Pack:
         return vm
 
 
-def _read_sources(directory: Path, names: Sequence[Path]) -> tuple[_Source, ...]:
-    sources = []
-    for path in names:
-        content = path.read_bytes()
-        display = str(path)
-        try:
-            content.decode()
-        except UnicodeDecodeError as exc:
-            raise PolicyLoadError(display, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-        sources.append(_Source(display, path.relative_to(directory).as_posix(), content))
-    return tuple(sources)
+def _checked_text(display: str, relative: str, content: bytes) -> _Source:
+    try:
+        content.decode()
+    except UnicodeDecodeError as exc:
+        raise PolicyLoadError(display, None, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return _Source(display, relative, content)
 
 
 def read_pack(directory: Path, *, include_tests: bool) -> _Pack:
     if not directory.is_dir():
         raise PolicyLoadError(str(directory), None, None, "not a directory")
-    # Only the directory's top level, sorted, so the load order (and so the revision) is stable.
-    rego_files = sorted(p for p in directory.glob("*.rego") if include_tests or not p.name.endswith(TEST_SUFFIX))
+    *rego_files, data_path = bundle_file_names(directory, include_tests=include_tests)
     if not rego_files:
         raise PolicyLoadError(str(directory), None, None, "no .rego policy files")
-    data_path = directory / DATA_FILE
     if not data_path.is_file():
         raise PolicyLoadError(str(data_path), None, None, "missing: the policies need their data document")
-    (data_source,) = _read_sources(directory, [data_path])
+    sources = [
+        _checked_text(str(path), path.relative_to(directory).as_posix(), path.read_bytes())
+        for path in (*rego_files, data_path)
+    ]
+    return _pack_of(sources)
+
+
+def pack_of_bundle(bundle: PolicyBundle, origin: str) -> _Pack:
+    """The pack a bundle's files make, as `read_pack` would read them from a directory; errors name
+    each file as `<origin>/<name>` (origin: where the bundle came from, e.g. `revision sha256:..`)."""
+    names = sorted(name for name in bundle.files if name.endswith(".rego") and not name.endswith(TEST_SUFFIX))
+    if not names:
+        raise PolicyLoadError(origin, None, None, "no .rego policy files")
+    if DATA_FILE not in bundle.files:
+        raise PolicyLoadError(f"{origin}/{DATA_FILE}", None, None, "missing: the policies need their data document")
+    sources = [_Source(f"{origin}/{name}", name, bundle.files[name].encode()) for name in (*names, DATA_FILE)]
+    return _pack_of(sources)
+
+
+def _pack_of(sources: Sequence[_Source]) -> _Pack:
+    """The last source is the data document; the others are policies."""
+    *policies, data_source = sources
     try:
         data = json.loads(data_source.content)
     except json.JSONDecodeError as exc:
-        raise PolicyLoadError(str(data_path), exc.lineno, exc.colno, f"invalid JSON: {exc.msg}") from exc
+        raise PolicyLoadError(data_source.display_path, exc.lineno, exc.colno, f"invalid JSON: {exc.msg}") from exc
     if not isinstance(data, dict):
-        raise PolicyLoadError(str(data_path), None, None, "must hold a JSON object (it becomes the root of data)")
-    return _Pack(_read_sources(directory, rego_files), data_source, data)
+        raise PolicyLoadError(
+            data_source.display_path, None, None, "must hold a JSON object (it becomes the root of data)"
+        )
+    return _Pack(tuple(policies), data_source, data)
 
 
 def _names(data: Mapping[str, Any], key: str) -> frozenset[str]:
@@ -215,6 +230,10 @@ class PolicyEngine:
         self._agents = _names(pack.data, "agents")
         self._tools = _names(pack.data, "tools")
         self.approval_expiry_seconds = _approval_expiry_seconds(pack.data)
+        try:
+            self.secret_arguments = secret_argument_names_of(pack.data)
+        except ValueError as exc:
+            raise PolicyLoadError(pack.data_source.display_path, None, None, str(exc)) from exc
         self._local = threading.local()
         self._local.engine = _warmed_up(engine)
 
@@ -224,12 +243,29 @@ class PolicyEngine:
 
         Raises PolicyLoadError naming the file (and line and column where known) that is wrong.
         """
-        pack = read_pack(directory, include_tests=False)
+        return cls._of_pack(read_pack(directory, include_tests=False), str(directory))
+
+    @classmethod
+    def from_bundle(cls, bundle: PolicyBundle, origin: str) -> PolicyEngine:
+        """Load a bundle given as files (a candidate sent by an operator); errors name `origin`."""
+        return cls._of_pack(pack_of_bundle(bundle, origin), origin)
+
+    @classmethod
+    def _of_pack(cls, pack: _Pack, origin: str) -> PolicyEngine:
         engine = pack.build_engine()
         # Without this package the decision would be undefined for every input: refuse to start.
         if f"data.{DECISION_PACKAGE}" not in engine.get_packages():
-            raise PolicyLoadError(str(directory), None, None, f"no policy file declares package {DECISION_PACKAGE}")
+            raise PolicyLoadError(origin, None, None, f"no policy file declares package {DECISION_PACKAGE}")
         return cls(pack, engine)
+
+    @property
+    def bundle(self) -> PolicyBundle:
+        """The files this engine was loaded from (its revision's), as text."""
+        return self._pack.bundle()
+
+    def warm_up(self) -> None:
+        """Build this thread's compiled VM now, not inside the first decision made on it."""
+        self._vm()
 
     def _engine(self) -> Any:
         engine = getattr(self._local, "engine", None)
