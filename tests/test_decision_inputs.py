@@ -38,6 +38,7 @@ from warden.policy_gate.decide import (
     CLEAR_SECRET_PREFIX,
     MAX_RECORDED_ARGUMENT_DEPTH,
     PolicyDecider,
+    judge_input,
 )
 from warden.policy_gate.engine import PolicyEngine
 from warden.secret_arguments import SecretArguments
@@ -212,6 +213,8 @@ async def test_every_decision_records_the_input_it_was_made_on(
         assert by_request[evaluated.id].data.effect == "allow"
     assert by_request[answers[0].id].data.input["action"] == "approval.answer"
 
+    assert_replay_agrees(engine, made)
+
     async def projected() -> list[asyncpg.Record]:
         try:
             return await db.fetch("SELECT decision_id, input FROM decisions")
@@ -221,6 +224,14 @@ async def test_every_decision_records_the_input_it_was_made_on(
     rows = await eventually(lambda: _at_least(projected, len(made)))
     inputs = {row["decision_id"]: json.loads(row["input"]) if row["input"] else None for row in rows}
     assert inputs == {envelope.data.decision_id: envelope.data.input for envelope in made}
+
+
+def assert_replay_agrees(engine: PolicyEngine, made: list[Envelope[Any]]) -> None:
+    """`warden policy replay` re-decides each recorded input with the gate's own rules: they must agree."""
+    for envelope in made:
+        verdict = envelope.data
+        if verdict.input is not None:
+            assert judge_input(engine, verdict.input) == (verdict.effect, tuple(verdict.reasons)), verdict
 
 
 async def _at_least(fetch: Callable[[], Any], count: int) -> Any:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 # `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
 REPLAY_FOUND_GAPS = 3
+# `warden policy replay` exits with this status when a candidate bundle flips a recorded decision's effect.
+POLICY_REPLAY_FLIPS = 7
 # `warden provision` exits with this status when it left a change undone that would weaken a stream.
 PROVISION_REFUSED = 4
 # The commands a client-only install can run: they need nothing but the client, which finds the
@@ -265,6 +267,74 @@ async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from warden.policy_gate.policy_tests import policy_test_command  # noqa: PLC0415
 
     return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir or SHIPPED_POLICY_DIR)
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO 8601 date or time (UTC unless it says otherwise), or an age such as 30m, 12h, 7d."""
+    now = now or datetime.now(UTC)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: give an ISO 8601 time (2026-11-30T12:00Z) or an age (30m, 12h, 7d)"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def _policy_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.decision_history import read_decisions  # noqa: PLC0415
+    from warden.policy_gate.policy_replay import replay_decisions  # noqa: PLC0415
+
+    since = parse_since(args.since) if args.since else None
+    candidate = Path(args.candidate)
+
+    def progress(what: str) -> Any:
+        def report(done: int, total: int) -> None:
+            if not args.quiet:
+                print(f"warden: {what} {done} of {total} decisions", file=sys.stderr, flush=True)
+
+        return report
+
+    async with await _client(args) as client:
+        history = await read_decisions(
+            client.nc, client.subjects.prefix, tenant=args.tenant, since=since, progress=progress("read")
+        )
+    # Evaluation is CPU-bound and runs in worker processes; the event loop has nothing to do meanwhile.
+    report = replay_decisions(history.decisions, candidate, workers=args.workers, progress=progress("replayed"))
+    if args.json:
+        print(json.dumps({**report.as_json(), "unreadable": history.unreadable}))
+    else:
+        _print_policy_replay(report, args.limit)
+    if history.unreadable:
+        print(f"warden: {history.unreadable} message(s) on decision subjects were not decisions", file=sys.stderr)
+    return POLICY_REPLAY_FLIPS if report.effect_flips else 0
+
+
+def _print_policy_replay(report: Any, limit: int) -> None:
+    print(
+        f"candidate {report.candidate_revision}: {report.replayed} decisions replayed in {report.seconds:.2f} s "
+        f"({report.decisions_per_second:,.0f}/s): {report.unchanged} unchanged, "
+        f"{len(report.effect_flips)} effect flips, {len(report.reason_changes)} with other reasons"
+        + (f"; {report.without_input} recorded without their input (not replayed)" if report.without_input else "")
+    )
+    for transition, count in sorted(report.transitions().items()):
+        print(f"  {transition}: {count}")
+    if not report.flips:
+        return
+    shown = sorted(report.flips, key=lambda flip: (not flip.effect_flipped, flip.recorded.stream_seq))[:limit]
+    print(f"{'time':<27} {'tenant':<10} {'run':<28} {'request':<20} {'recorded':<17} {'candidate':<17} reasons now")
+    for flip in shown:
+        recorded = flip.recorded
+        now_reasons = "; ".join(reason for reason in flip.reasons if reason not in recorded.reasons) or "(fewer)"
+        print(
+            f"{recorded.time[:26]:<27} {recorded.tenant:<10} {recorded.run_id:<28} {recorded.request_type:<20} "
+            f"{recorded.effect:<17} {flip.effect:<17} {now_reasons}"
+        )
+    if len(report.flips) > limit:
+        print(f"... and {len(report.flips) - limit} more (--limit, or --json for all)")
 
 
 async def _provision(args: argparse.Namespace, settings: Settings) -> int:
@@ -531,6 +601,26 @@ def _add_credentials_parser(commands: Any) -> None:
         command.set_defaults(handler=_credentials)
 
 
+def _add_policy_parser(commands: Any) -> None:
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
+    policy_test = policy.add_parser("test", help="run the Rego unit tests (*_test.rego) and report")
+    policy_test.add_argument("directory", nargs="?", help="policy directory (default: WARDEN_POLICY_DIR)")
+    policy_test.set_defaults(handler=_policy_test)
+    policy_replay = policy.add_parser(
+        "replay",
+        help="re-decide the recorded decisions on a candidate policy bundle and report those that would change; "
+        f"exits {POLICY_REPLAY_FLIPS} if an effect flips",
+    )
+    policy_replay.add_argument("--candidate", required=True, help="the candidate policy directory")
+    policy_replay.add_argument("--tenant", help="only this tenant's decisions (default: every tenant's)")
+    policy_replay.add_argument("--since", help="only decisions from then on: an ISO 8601 time or an age (30m, 12h, 7d)")
+    policy_replay.add_argument("--workers", type=int, help="evaluating processes (default: one per CPU, at most 8)")
+    policy_replay.add_argument("--limit", type=int, default=50, help="flips to list (default 50)")
+    policy_replay.add_argument("--json", action="store_true", help="the whole report, every flip, as one JSON object")
+    policy_replay.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    policy_replay.set_defaults(handler=_policy_replay)
+
+
 def _add_database_parser(commands: Any) -> None:
     database = commands.add_parser("database", help="the audit database").add_subparsers(
         dest="database_command", required=True
@@ -691,10 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--json", action="store_true", help="JSON lines, with the message's bytes in base64")
     dead.set_defaults(handler=_dead_letters)
 
-    policy = commands.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command", required=True)
-    policy_test = policy.add_parser("test", help="run the Rego unit tests (*_test.rego) and report")
-    policy_test.add_argument("directory", nargs="?", help="policy directory (default: WARDEN_POLICY_DIR)")
-    policy_test.set_defaults(handler=_policy_test)
+    _add_policy_parser(commands)
 
     audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
     replay = audit.add_parser(

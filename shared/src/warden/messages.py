@@ -218,10 +218,11 @@ class DecisionMade(Payload):
     )
     input: FreeJsonObject | None = Field(
         default=None,
-        description="The policy input document the decision was made on, as the engine evaluated it (or would "
-        "have, for a decision made before any policy ran), so it can be evaluated again with no other context. "
-        "Arguments the policy data marks secret are a hash. None on decisions recorded before inputs were kept, "
-        "and on an answer that names no approval request the gate could read.",
+        description="The policy input document the decision was made on, as the engine evaluated it, so it can be "
+        "decided again with no other context (`warden policy replay`). Arguments the policy data marks secret are "
+        "a hash. None when the gate decided without asking the policy, on grounds the input does not hold (an "
+        "answer to a request that is not genuine or has expired, a halt filed under another scope, arguments "
+        "nested too deep), and on decisions recorded before inputs were kept.",
     )
     input_hash: str | None = Field(
         default=None,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -43,6 +44,7 @@ class FilteredReader:
         *,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         start_seq: int | None = None,
+        start_time: datetime | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -51,6 +53,7 @@ class FilteredReader:
         self.callback = callback
         self.deliver_policy = deliver_policy
         self.start_seq = start_seq
+        self.start_time = start_time  # with DeliverPolicy.BY_START_TIME: the first message stored at or after it
         self.next_stream_seq: int | None = None  # once a message has arrived: where to go on from
         # What the first consumer had to deliver when it was made: 0 means nothing is stored yet.
         self.pending_at_start: int | None = None
@@ -79,6 +82,7 @@ class FilteredReader:
             deliver_subject=inbox,
             deliver_policy=policy,
             opt_start_seq=start,
+            opt_start_time=self.start_time if policy is DeliverPolicy.BY_START_TIME else None,
             ack_policy=AckPolicy.NONE,
             max_deliver=1,
             flow_control=True,

@@ -132,6 +132,11 @@ class Subjects:
         """Every tenant's decisions on one kind of request, e.g. all decisions on halts."""
         return f"{self.prefix}.evt.*.{request.ENTITY}.*.{DecisionMade.TYPE}"
 
+    def decisions(self, tenant: str | None = None) -> str:
+        """Every decision the gate recorded, on any request: one tenant's, or (None) every tenant's."""
+        scope = "*" if tenant is None else _ensure_token(tenant, "tenant")
+        return f"{self.prefix}.evt.{scope}.*.*.{DecisionMade.TYPE}"
+
     def check_envelope_subject(self, envelope: Envelope[Any], nats_subject: str) -> None:
         """Refuse an envelope whose tenant, actor or type disagrees with the subject it arrived on.
 

@@ -95,13 +95,7 @@ def control_input(envelope: Envelope[Any]) -> dict[str, Any]:
 
 def control_summary(envelope: Envelope[Any]) -> str:
     """The first reason of an allow on a control: what a cancelled run's record says of it."""
-    data = envelope.data
-    said = f": {data.reason}" if data.reason else ""
-    if isinstance(data, RunCancelRequested):
-        return f"cancelled by {envelope.actor}{said}"
-    scope = f"agent {data.agent} of tenant {envelope.tenant}" if data.agent else f"tenant {envelope.tenant}"
-    verb = "halted" if isinstance(data, HaltRequested) else "halt lifted"
-    return f"{scope} {verb} by {envelope.actor}{said}"
+    return control_summary_of(control_input(envelope))
 
 
 def nesting(value: Any) -> int:
@@ -294,34 +288,21 @@ class PolicyDecider:
         if isinstance(data, ToolCallRequested) and nesting(data.arguments) > MAX_RECORDED_ARGUMENT_DEPTH:
             return Judgement("deny", [ARGUMENTS_TOO_DEEP], None)
         document = self.without_clear_secrets(engine, policy_input(envelope))
-        effect: Effect
-        reasons: list[str]
-        try:
-            if isinstance(data, ToolCallRequested) and not engine.knows_tool(data.tool):
-                effect, reasons = "deny", [f"unknown tool {data.tool!r}: it is not in the policy data's tool catalogue"]
-            elif isinstance(data, RunSubmitted) and not engine.knows_agent(data.agent):
-                effect, reasons = (
-                    "deny",
-                    [f"unknown agent {data.agent!r}: it is not in the policy data's agent catalogue"],
-                )
-            else:
-                result = engine.evaluate(document)
-                effect, reasons = result.effect, list(result.reasons)
-                if result.evaluation_ms > POLICY_BUDGET_MS:
-                    effect = "deny"
-                    reasons = [
-                        f"policy evaluation took {result.evaluation_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms "
-                        "budget (fail closed)"
-                    ]
-        except PolicyEvaluationError as exc:
-            effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
+        started = time.perf_counter()
+        effect, reasons = judge_input(engine, document)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if elapsed_ms > POLICY_BUDGET_MS:
+            effect = "deny"
+            reasons = (
+                f"policy evaluation took {elapsed_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms budget (fail closed)",
+            )
         # A call that needs a human waits for one only so long: the runner refuses it after this.
         expires_at = (
             datetime.now(UTC) + timedelta(seconds=engine.approval_expiry_seconds)
             if effect == "require_approval"
             else None
         )
-        return Judgement(effect, reasons, document, expires_at)
+        return Judgement(effect, list(reasons), document, expires_at)
 
     def _judge_control(self, engine: PolicyEngine, envelope: Envelope[Any]) -> Judgement:
         """A cancel, a halt or a lift; an allow's first reason says what it does.
@@ -330,25 +311,15 @@ class PolicyDecider:
         sent under is denied, so a halt of one agent cannot be passed off as the tenant's.
         """
         data = envelope.data
-        document = control_input(envelope)
-        effect: Effect
         if isinstance(data, HaltRequested | HaltLiftRequested) and envelope.entity_id != scope_token(data.agent):
-            effect = "deny"
-            reasons = [
+            misfiled = (
                 f"a halt of {data.agent or 'the tenant'} is filed under {scope_token(data.agent)!r}, "
                 f"not {envelope.entity_id!r}"
-            ]
-        else:
-            try:
-                result = engine.evaluate(document)
-                effect, reasons = result.effect, list(result.reasons)
-            except PolicyEvaluationError as exc:
-                effect, reasons = "deny", [f"policy evaluation failed (fail closed): {exc}"]
-            if effect == "require_approval":  # a stop is never put off until someone answers
-                effect = "deny"
-            if effect == "allow":
-                reasons = [control_summary(envelope), *reasons]
-        return Judgement(effect, reasons, document)
+            )
+            return Judgement("deny", [misfiled], None)
+        document = control_input(envelope)
+        effect, reasons = judge_input(engine, document)
+        return Judgement(effect, list(reasons), document)
 
     def _judge_answer(
         self, engine: PolicyEngine, envelope: Envelope[Any], approval: ApprovalRequested | str | None
@@ -371,26 +342,13 @@ class PolicyDecider:
         document = self.without_clear_secrets(engine, policy_input(envelope, approval))
         problem = self._not_genuine(approval, envelope)
         if problem is not None:
-            return Judgement("deny", [problem], document)
-        effect: Effect
-        said = f": {answer.reason}" if answer.reason else ""
-        verb = "approved" if answer.approve else "rejected"
+            return Judgement("deny", [problem], None)
         if approval.expires_at <= datetime.now(UTC):
-            effect = "deny"
-            reasons = [f"{verb} by {envelope.actor} after the request expired at {approval.expires_at.isoformat()}"]
-        else:
-            try:
-                result = engine.evaluate(document)
-                counts, grounds = result.effect == "allow", list(result.reasons)
-            except PolicyEvaluationError as exc:
-                counts, grounds = False, [f"policy evaluation failed (fail closed): {exc}"]
-            if counts:
-                effect = "allow" if answer.approve else "deny"
-                reasons = [f"{verb} by {envelope.actor}{said}", *grounds]
-            else:
-                effect = "require_approval"
-                reasons = [f"the answer of {envelope.actor} does not count; the call still awaits approval", *grounds]
-        return Judgement(effect, reasons, document, approval.expires_at, approval)
+            verb = "approved" if answer.approve else "rejected"
+            late = f"{verb} by {envelope.actor} after the request expired at {approval.expires_at.isoformat()}"
+            return Judgement("deny", [late], None, approval.expires_at, approval)
+        effect, reasons = judge_input(engine, document)
+        return Judgement(effect, list(reasons), document, approval.expires_at, approval)
 
     def without_clear_secrets(self, engine: PolicyEngine, document: dict[str, Any]) -> dict[str, Any]:
         """`document` with every secret tool argument that is not concealed replaced by the gate's
@@ -428,3 +386,63 @@ class PolicyDecider:
         if binds != claims or signed.expires_at != approval.expires_at:
             return f"approval request {approval.approval_id} says other than the decision it carries"
         return None
+
+
+def _said(reason: object) -> str:
+    return f": {reason}" if reason else ""
+
+
+def control_summary_of(document: Mapping[str, Any]) -> str:
+    """`control_summary` from a control's policy input (see `control_input`), which holds all it says."""
+    actor, control = document.get("principal"), document.get("control") or {}
+    said = _said(control.get("reason"))
+    if document.get("action") == RUN_CANCEL:
+        return f"cancelled by {actor}{said}"
+    agent, tenant = document.get("agent"), document.get("tenant")
+    scope = f"agent {agent} of tenant {tenant}" if agent else f"tenant {tenant}"
+    verb = "halted" if document.get("action") == HALT else "halt lifted"
+    return f"{scope} {verb} by {actor}{said}"
+
+
+def judge_input(engine: PolicyEngine, document: Mapping[str, Any]) -> tuple[Effect, tuple[str, ...]]:
+    """The gate's decision on one policy input, from the input alone: the Rego decision, with the
+    rules the gate adds around it (an unknown agent or tool is denied before any policy runs; an
+    evaluation error is a deny; a stop is never put off for approval; an answer to an approval
+    request counts only if the policy allows it). `warden policy replay` re-decides recorded
+    inputs with it, so what a candidate bundle is judged by is what the gate would do.
+
+    What is not in the input is left to the caller: the time budget, an answer's expiry, the
+    genuineness of the request it answers, a halt filed under another scope.
+    """
+    action = document.get("action")
+    effect: Effect
+    try:
+        tool_name, agent = (document.get("tool") or {}).get("name"), document.get("agent")
+        if action == TOOL_CALL and not (isinstance(tool_name, str) and engine.knows_tool(tool_name)):
+            return "deny", (f"unknown tool {tool_name!r}: it is not in the policy data's tool catalogue",)
+        if action == RUN_START and not (isinstance(agent, str) and engine.knows_agent(agent)):
+            return "deny", (f"unknown agent {agent!r}: it is not in the policy data's agent catalogue",)
+        result = engine.evaluate(document)
+        effect, reasons = result.effect, result.reasons
+    except PolicyEvaluationError as exc:
+        failed = ((f"policy evaluation failed (fail closed): {exc}"),)
+        if action == APPROVAL_ANSWER:
+            return "require_approval", (_DOES_NOT_COUNT.format(actor=document.get("principal")), *failed)
+        return "deny", failed
+    if action in _CONTROL_ACTIONS.values():
+        if effect == "require_approval":
+            effect = "deny"
+        if effect == "allow":
+            reasons = (control_summary_of(document), *reasons)
+        return effect, reasons
+    if action == APPROVAL_ANSWER:
+        answer = document.get("approval") or {}
+        if effect != "allow":
+            return "require_approval", (_DOES_NOT_COUNT.format(actor=document.get("principal")), *reasons)
+        verb = "approved" if answer.get("approve") else "rejected"
+        said = f"{verb} by {document.get('principal')}{_said(answer.get('reason'))}"
+        return ("allow" if answer.get("approve") else "deny"), (said, *reasons)
+    return effect, reasons
+
+
+_DOES_NOT_COUNT = "the answer of {actor} does not count; the call still awaits approval"

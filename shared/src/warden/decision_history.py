@@ -1,0 +1,139 @@
+"""The gate's recorded decisions, read back from the events stream: what `warden policy replay` re-evaluates.
+
+Only nats-py is needed: the decisions are read with an ordered, filtered consumer (warden.reader),
+so a tenant's credential reads its own tenant's and an operator's every tenant's. Each decision
+event is read as JSON rather than validated into its model: a replay of months of history reads
+hundreds of thousands of them, and the fields it needs are checked one by one here (a message
+that is not a well-formed decision is counted, never guessed at).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pydantic_core
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from warden.reader import FilteredReader
+from warden.streams import StreamNames
+from warden.subjects import Subjects
+
+# A read that hears nothing for this long while messages are still pending has stalled.
+READ_STALL_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RecordedDecision:
+    """One decision as the gate recorded it: what it decided, under which revision, on which input."""
+
+    stream_seq: int
+    decision_id: str
+    tenant: str
+    run_id: str
+    request_type: str
+    time: str
+    effect: str
+    reasons: tuple[str, ...]
+    policy_revision: str
+    # The policy input the decision was made on; None for a decision recorded before inputs were.
+    input: dict[str, Any] | None
+
+
+@dataclass
+class DecisionHistory:
+    """What a read of the recorded decisions found."""
+
+    decisions: list[RecordedDecision]
+    # Messages on a decision subject that are not a well-formed decision event (none, normally).
+    unreadable: int = 0
+
+
+def decision_from_event(stream_seq: int, body: bytes) -> RecordedDecision | None:
+    """The recorded decision in one stored `decision.made` event, or None if it is not one."""
+    try:
+        envelope = pydantic_core.from_json(body)
+        data = envelope["data"]
+        reasons = data["reasons"]
+        recorded_input = data.get("input")
+        decision = RecordedDecision(
+            stream_seq=stream_seq,
+            decision_id=data["decision_id"],
+            tenant=envelope["tenant"],
+            run_id=envelope["entity_id"],
+            request_type=data["request_type"],
+            time=envelope["time"],
+            effect=data["effect"],
+            reasons=tuple(reasons),
+            policy_revision=data["policy_revision"],
+            input=recorded_input,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    well_formed = (
+        envelope.get("type") == "decision.made"
+        and all(isinstance(value, str) for value in (decision.decision_id, decision.tenant, decision.effect))
+        and all(isinstance(reason, str) for reason in reasons)
+        and (recorded_input is None or isinstance(recorded_input, dict))
+    )
+    return decision if well_formed else None
+
+
+async def read_decisions(
+    nc: NatsClient,
+    prefix: str,
+    *,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DecisionHistory:
+    """Every decision stored now (one tenant's, or all), from `since` on, in stream order.
+
+    `progress(read, total)` is called now and then on a long read.
+    """
+    subjects = Subjects(prefix)
+    history = DecisionHistory([])
+    done = asyncio.Event()
+    total = 0
+
+    async def collect(message: Msg) -> None:
+        metadata = message.metadata
+        decision = decision_from_event(metadata.sequence.stream, message.data)
+        if decision is None:
+            history.unreadable += 1
+        else:
+            history.decisions.append(decision)
+        read = len(history.decisions) + history.unreadable
+        if progress is not None and read % 10_000 == 0:
+            progress(read, total)
+        if metadata.num_pending == 0:
+            done.set()
+
+    reader = FilteredReader(
+        nc,
+        StreamNames.for_prefix(prefix).events,
+        subjects.decisions(tenant),
+        collect,
+        deliver_policy=DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL,
+        start_time=since,
+    )
+    await reader.start()
+    try:
+        total = reader.pending_at_start or 0
+        while total and not done.is_set():
+            before = len(history.decisions) + history.unreadable
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), READ_STALL_SECONDS)
+            if not done.is_set() and len(history.decisions) + history.unreadable == before:
+                raise TimeoutError(f"reading the recorded decisions stalled after {before} of {total}")
+    finally:
+        await reader.stop()
+    if progress is not None:
+        progress(len(history.decisions) + history.unreadable, total)
+    return history
