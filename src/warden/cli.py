@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,24 +287,26 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 async def _policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     from warden.decision_history import read_decisions  # noqa: PLC0415
-    from warden.policy_gate.policy_replay import replay_decisions  # noqa: PLC0415
+    from warden.policy_gate.policy_replay import PolicyReplay  # noqa: PLC0415
 
     since = parse_since(args.since) if args.since else None
     candidate = Path(args.candidate)
 
-    def progress(what: str) -> Any:
-        def report(done: int, total: int) -> None:
-            if not args.quiet:
-                print(f"warden: {what} {done} of {total} decisions", file=sys.stderr, flush=True)
+    last_said = 0.0
 
-        return report
+    def progress(replayed: int, read: int) -> None:
+        nonlocal last_said
+        if not args.quiet and time.monotonic() - last_said >= 1.0:
+            last_said = time.monotonic()
+            print(f"warden: {replayed} of {read} decisions read so far replayed", file=sys.stderr, flush=True)
 
-    async with await _client(args) as client:
-        history = await read_decisions(
-            client.nc, client.subjects.prefix, tenant=args.tenant, since=since, progress=progress("read")
-        )
-    # Evaluation is CPU-bound and runs in worker processes; the event loop has nothing to do meanwhile.
-    report = replay_decisions(history.decisions, candidate, workers=args.workers, progress=progress("replayed"))
+    # Each decision goes to the candidate's judges as it is read: reading and judging overlap.
+    with PolicyReplay(candidate, workers=args.workers, progress=progress) as replay:
+        async with await _client(args) as client:
+            history = await read_decisions(
+                client.nc, client.subjects.prefix, tenant=args.tenant, since=since, sink=replay.add
+            )
+        report = replay.finish()
     if args.json:
         print(json.dumps({**report.as_json(), "unreadable": history.unreadable}))
     else:

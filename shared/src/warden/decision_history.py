@@ -92,24 +92,29 @@ async def read_decisions(
     tenant: str | None = None,
     since: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sink: Callable[[RecordedDecision], None] | None = None,
 ) -> DecisionHistory:
     """Every decision stored now (one tenant's, or all), from `since` on, in stream order.
 
-    `progress(read, total)` is called now and then on a long read.
+    Each is handed to `sink` as it is read, if given (the history returned then holds none), else
+    kept in the history. `progress(read, total)` is called now and then on a long read.
     """
     subjects = Subjects(prefix)
     history = DecisionHistory([])
+    keep = sink or history.decisions.append
     done = asyncio.Event()
     total = 0
+    read = 0
 
     async def collect(message: Msg) -> None:
+        nonlocal read
         metadata = message.metadata
         decision = decision_from_event(metadata.sequence.stream, message.data)
         if decision is None:
             history.unreadable += 1
         else:
-            history.decisions.append(decision)
-        read = len(history.decisions) + history.unreadable
+            keep(decision)
+        read += 1
         if progress is not None and read % 10_000 == 0:
             progress(read, total)
         if metadata.num_pending == 0:
@@ -127,13 +132,13 @@ async def read_decisions(
     try:
         total = reader.pending_at_start or 0
         while total and not done.is_set():
-            before = len(history.decisions) + history.unreadable
+            before = read
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), READ_STALL_SECONDS)
-            if not done.is_set() and len(history.decisions) + history.unreadable == before:
+            if not done.is_set() and read == before:
                 raise TimeoutError(f"reading the recorded decisions stalled after {before} of {total}")
     finally:
         await reader.stop()
     if progress is not None:
-        progress(len(history.decisions) + history.unreadable, total)
+        progress(read, total)
     return history

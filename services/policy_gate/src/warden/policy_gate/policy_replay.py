@@ -13,12 +13,13 @@ judged in worker processes (one engine each), in chunks; the comparison stays he
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,101 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def _chunks(decisions: Sequence[RecordedDecision]) -> Iterator[list[RecordedDecision]]:
-    for start in range(0, len(decisions), CHUNK):
-        yield list(decisions[start : start + CHUNK])
+Outcome = tuple[str, tuple[str, ...]]
+
+
+class PolicyReplay:
+    """Re-decides recorded decisions on a candidate bundle as they are handed in, then reports.
+
+    Decisions may be added while they are still being read: chunks go to the worker processes as
+    they fill, so reading, starting the workers and judging overlap. Up to `IN_PROCESS_BELOW`
+    decisions are judged in this process (starting workers would cost more); the workers start
+    once that many are waiting. Use as a context manager, or call `close`.
+    """
+
+    def __init__(
+        self, candidate: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        self.started = time.perf_counter()
+        self.candidate = candidate
+        # Loaded here even when workers judge: a candidate that does not load fails at once, naming
+        # the file and line, rather than in every worker.
+        self.engine = PolicyEngine.load(candidate)
+        self.report = PolicyReplayReport(candidate_revision=self.engine.revision)
+        self.workers = default_workers() if workers is None else workers
+        self.progress = progress
+        self.added = 0
+        self._waiting: list[RecordedDecision] = []
+        self._judging: collections.deque[tuple[list[RecordedDecision], concurrent.futures.Future[list[Outcome]]]] = (
+            collections.deque()
+        )
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> PolicyReplay:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def add(self, decision: RecordedDecision) -> None:
+        self.added += 1
+        if decision.input is None:
+            self.report.without_input += 1
+            return
+        self._waiting.append(decision)
+        if self._pool is None and self.workers > 1 and len(self._waiting) >= IN_PROCESS_BELOW:
+            # Spawned, not forked: a fork would copy this process's engine, bound to its thread.
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_load_worker,
+                initargs=(str(self.candidate),),
+            )
+        if self._pool is not None:
+            while len(self._waiting) >= CHUNK:
+                self._submit(self._waiting[:CHUNK])
+                del self._waiting[:CHUNK]
+            self._compare_done()
+
+    def _submit(self, chunk: list[RecordedDecision]) -> None:
+        assert self._pool is not None
+        inputs = [decision.input for decision in chunk if decision.input is not None]
+        self._judging.append((chunk, self._pool.submit(_judge_chunk, inputs)))
+
+    def _compare_done(self, *, wait: bool = False) -> None:
+        """Compare the judged chunks at the front of the queue (all of them, waiting, if `wait`)."""
+        while self._judging and (wait or self._judging[0][1].done()):
+            chunk, outcomes = self._judging.popleft()
+            self._compare(chunk, outcomes.result())
+
+    def _compare(self, chunk: Sequence[RecordedDecision], outcomes: Sequence[Outcome]) -> None:
+        report = self.report
+        for recorded, (effect, reasons) in zip(chunk, outcomes, strict=True):
+            report.replayed += 1
+            if effect == recorded.effect and reasons == recorded.reasons:
+                report.unchanged += 1
+            else:
+                report.flips.append(Flip(recorded, effect, reasons))
+        if self.progress is not None:
+            self.progress(report.replayed, self.added - report.without_input)
+
+    def finish(self) -> PolicyReplayReport:
+        """Judge what is left and wait for the workers: the whole report."""
+        if self._pool is None:
+            for start in range(0, len(self._waiting), CHUNK):
+                chunk = self._waiting[start : start + CHUNK]
+                self._compare(chunk, [judge_input(self.engine, d.input) for d in chunk if d.input is not None])
+        elif self._waiting:
+            self._submit(self._waiting)
+        self._waiting = []
+        self._compare_done(wait=True)
+        self.report.seconds = time.perf_counter() - self.started
+        return self.report
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 def replay_decisions(
@@ -142,43 +235,7 @@ def replay_decisions(
 
     Raises PolicyLoadError (naming the file) when the candidate does not load.
     """
-    started = time.perf_counter()
-    engine = PolicyEngine.load(candidate)  # fails here, once, with the file and line, if it cannot load
-    report = PolicyReplayReport(candidate_revision=engine.revision)
-    judged = [decision for decision in decisions if decision.input is not None]
-    report.without_input = len(decisions) - len(judged)
-    workers = default_workers() if workers is None else workers
-    chunks = list(_chunks(judged))
-    if workers <= 1 or len(judged) < IN_PROCESS_BELOW:
-        outcomes: Iterator[list[tuple[str, tuple[str, ...]]]] = (
-            [judge_input(engine, d.input) for d in chunk if d.input is not None] for chunk in chunks
-        )
-        _compare_all(report, chunks, outcomes, len(judged), progress)
-    else:
-        # Spawned, not forked: a fork would copy this process's engine, bound to its thread.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_load_worker, initargs=(str(candidate),)
-        ) as pool:
-            inputs = ([d.input for d in chunk if d.input is not None] for chunk in chunks)
-            _compare_all(report, chunks, pool.map(_judge_chunk, inputs), len(judged), progress)
-    report.seconds = time.perf_counter() - started
-    return report
-
-
-def _compare_all(
-    report: PolicyReplayReport,
-    chunks: Sequence[Sequence[RecordedDecision]],
-    outcomes: Iterator[list[tuple[str, tuple[str, ...]]]],
-    total: int,
-    progress: Callable[[int, int], None] | None,
-) -> None:
-    for chunk, results in zip(chunks, outcomes, strict=True):
-        for recorded, (effect, reasons) in zip(chunk, results, strict=True):
-            report.replayed += 1
-            if effect == recorded.effect and reasons == recorded.reasons:
-                report.unchanged += 1
-            else:
-                report.flips.append(Flip(recorded, effect, reasons))
-        if progress is not None:
-            progress(report.replayed, total)
+    with PolicyReplay(candidate, workers=workers, progress=progress) as replay:
+        for decision in decisions:
+            replay.add(decision)
+        return replay.finish()
