@@ -288,14 +288,7 @@ class PolicyDecider:
         if isinstance(data, ToolCallRequested) and nesting(data.arguments) > MAX_RECORDED_ARGUMENT_DEPTH:
             return Judgement("deny", [ARGUMENTS_TOO_DEEP], None)
         document = self.without_clear_secrets(engine, policy_input(envelope))
-        started = time.perf_counter()
         effect, reasons = judge_input(engine, document)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if elapsed_ms > POLICY_BUDGET_MS:
-            effect = "deny"
-            reasons = (
-                f"policy evaluation took {elapsed_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms budget (fail closed)",
-            )
         # A call that needs a human waits for one only so long: the runner refuses it after this.
         expires_at = (
             datetime.now(UTC) + timedelta(seconds=engine.approval_expiry_seconds)
@@ -424,6 +417,9 @@ def judge_input(engine: PolicyEngine, document: Mapping[str, Any]) -> tuple[Effe
             return "deny", (f"unknown agent {agent!r}: it is not in the policy data's agent catalogue",)
         result = engine.evaluate(document)
         effect, reasons = result.effect, result.reasons
+        if action in (RUN_START, TOOL_CALL, MODEL_CALL) and result.evaluation_ms > POLICY_BUDGET_MS:
+            took = f"policy evaluation took {result.evaluation_ms:.0f} ms, over the {POLICY_BUDGET_MS} ms budget"
+            return "deny", (f"{took} (fail closed)",)
     except PolicyEvaluationError as exc:
         failed = ((f"policy evaluation failed (fail closed): {exc}"),)
         if action == APPROVAL_ANSWER:
