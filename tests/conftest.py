@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import warden.service
 from warden.audit_projector.install import drop_roles, install_database
 from warden.credentials import CredentialStore, superuser
 from warden.database import database_name, with_database, without_login
@@ -152,8 +153,14 @@ AppRunner = Callable[[FastStream], Awaitable[None]]
 
 
 @pytest.fixture
-async def run_app() -> AsyncIterator[AppRunner]:
-    """Start FastStream apps in this event loop; every one is stopped when the test ends."""
+async def run_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AppRunner]:
+    """Start FastStream apps in this event loop; every one is stopped when the test ends.
+
+    A service whose consumer loop fails sends itself SIGTERM, and a stopping service exits the process
+    when its shutdown overruns its deadline. In-process, that process is pytest: the app is left to
+    stop on the signal, so the test fails on what it waited for, instead of the whole run ending.
+    """
+    monkeypatch.setattr(warden.service, "_arm_shutdown_deadline", lambda seconds: None)
     tasks: list[tuple[FastStream, asyncio.Task[None]]] = []
 
     async def start(app: FastStream) -> None:

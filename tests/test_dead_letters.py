@@ -94,10 +94,12 @@ async def test_a_command_whose_answer_cannot_be_stored_is_a_dead_letter_once_it_
     the dead letter waits (the advisory kept) until the events stream takes it, then carries the command's bytes."""
     js = nc.jetstream()
     streams = StreamNames.for_prefix(settings.subject_prefix)
-    events = (await js.stream_info(streams.events)).config
-    await js.update_stream(replace(events, max_msg_size=64))  # every answer, and every dead letter, is refused
     await run_app(build_projector(settings))
     await run_app(build_gate(settings))
+    # The gate records its bundle (policy.activated) before it decides anything; only then is the stream shrunk.
+    await eventually(lambda: db.fetchval("SELECT count(*) FROM events WHERE type = 'policy.activated'"))
+    events = (await js.stream_info(streams.events)).config
+    await js.update_stream(replace(events, max_msg_size=64))  # every answer, and every dead letter, is refused
     body = b"not json at all"
     subject = Subjects(settings.subject_prefix).command("acme", RunSubmitted.TYPE, "alice")
     seq = (await js.publish(subject, body)).seq
