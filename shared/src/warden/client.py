@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from warden.messages import (
 )
 from warden.permissions import Role
 from warden.policy_bundle import PolicyBundle
+from warden.policy_lifecycle import Lifecycle
 from warden.reader import FilteredReader
 from warden.streams import STREAM_MAX_MSG_BYTES, StreamNames
 from warden.subjects import SYSTEM_TENANT, Subjects
@@ -161,22 +163,15 @@ class PolicyStatus:
 
 def policy_status(events: list[tuple[int, Envelope[Any]]]) -> PolicyStatus:
     """Fold `policy.activated` and `policy.changed` events (in stream order) as the gates fold them."""
-    active: str | None = None
-    shadow: str | None = None
-    earlier: list[str] = []
+    lifecycle: Lifecycle[str | None] = Lifecycle(None, lambda revision: revision or "")
     changes = []
     for seq, envelope in events:
         data = envelope.data
         if isinstance(data, PolicyActivated) and data.cause == "start":
-            active = data.revision
+            # A gate's start: its configured bundle, or where the lifecycle had taken it.
+            lifecycle.active = data.revision
         elif isinstance(data, PolicyChanged):
-            if data.change == "shadow":
-                shadow = data.revision
-            elif data.change == "promote" and data.revision == shadow:
-                earlier.append(data.previous_revision)
-                active, shadow = data.revision, None
-            elif data.change == "rollback" and earlier and earlier[-1] == data.revision:
-                active = earlier.pop()
+            lifecycle.apply(data, seq, functools.partial(str, data.revision))
             changes.append(
                 {
                     "stream_seq": seq,
@@ -187,7 +182,8 @@ def policy_status(events: list[tuple[int, Envelope[Any]]]) -> PolicyStatus:
                     "reason": data.reason,
                 }
             )
-    return PolicyStatus(active, shadow, earlier[-1] if earlier else None, changes)
+    earlier = lifecycle.earlier[-1] if lifecycle.earlier else None
+    return PolicyStatus(lifecycle.active, lifecycle.shadow, earlier, changes)
 
 
 # How long reading one stored command back may take (a duplicate submission's receipt).

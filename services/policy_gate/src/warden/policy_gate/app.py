@@ -31,6 +31,7 @@ from warden.policy_gate.activation import SERVICE, activation, describe
 from warden.policy_gate.decide import PolicyDecider, judge_input
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
 from warden.policy_gate.lifecycle import PolicyLifecycle
+from warden.policy_lifecycle import follow_policy_changes
 from warden.reader import FilteredReader
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
@@ -304,62 +305,45 @@ class Gate:
             except TimeoutError:
                 log.warning("a policy change is stored but not folded in yet", stream_seq=stream_seq)
 
-    async def on_policy_changed(self, message: Msg) -> None:
+    async def on_policy_changed(self, changed: PolicyChanged, seq: int) -> None:
         """Fold one `policy.changed` in; a promote or rollback followed live is recorded before it takes effect."""
-        seq = message.metadata.sequence.stream
-        try:
-            envelope = parse_envelope(message.data, type_hint=(message.headers or {}).get(TYPE_HEADER))
-        except InvalidMessage as exc:
-            log.error("an unreadable policy.changed event; not followed", stream_seq=seq, error=str(exc))
-            envelope = None
-        changed = envelope.data if envelope is not None else None
-        if isinstance(changed, PolicyChanged):
-            following = self.lifecycle.next_active(changed)
-            if following is not None and self.following_live:
-                # On the record before the first decision under it (a restart records its start instead).
-                await self.record_activation(
-                    *activation(
-                        following,
-                        cause="promote" if changed.change == "promote" else "rollback",
-                        activated_by=changed.changed_by,
-                        origin=f"events:{seq}",
-                        reason=changed.reason,
-                        previous_revision=self.lifecycle.active.revision,
-                        lifecycle_seq=seq,
-                    )
+        following = self.lifecycle.next_active(changed)
+        if following is not None and self.following_live:
+            # On the record before the first decision under it (a restart records its start instead).
+            await self.record_activation(
+                *activation(
+                    following,
+                    cause="promote" if changed.change == "promote" else "rollback",
+                    activated_by=changed.changed_by,
+                    origin=f"events:{seq}",
+                    reason=changed.reason,
+                    previous_revision=self.lifecycle.active.revision,
+                    lifecycle_seq=seq,
                 )
-            problem = self.lifecycle.apply(changed, seq)
-            if problem is not None:
-                log.error("policy change not followed", stream_seq=seq, problem=problem)
-            # Between two decisions: each decision reads the engine once (see PolicyDecider).
-            self.decider.engine = self.lifecycle.active
-            log.info(
-                "policy lifecycle moved",
-                change=changed.change,
-                revision=changed.revision,
-                active=self.lifecycle.active.revision,
-                shadow=self.lifecycle.shadow.revision if self.lifecycle.shadow else None,
-                stream_seq=seq,
             )
+        problem = self.lifecycle.follow(changed, seq)
+        if problem is not None:
+            log.error("policy change not followed", stream_seq=seq, problem=problem)
+        # Between two decisions: each decision reads the engine once (see PolicyDecider).
+        self.decider.engine = self.lifecycle.active
+        log.info(
+            "policy lifecycle moved",
+            change=changed.change,
+            revision=changed.revision,
+            active=self.lifecycle.active.revision,
+            shadow=self.lifecycle.shadow.revision if self.lifecycle.shadow else None,
+            stream_seq=seq,
+        )
         async with self.lifecycle_moved:
             self.lifecycle_seq = seq
             self.lifecycle_moved.notify_all()
 
     async def follow_lifecycle(self) -> FilteredReader:
         """Fold the policy lifecycle from the stream's start, return once caught up, and go on following it."""
-        caught_up = asyncio.Event()
-
-        async def on_message(message: Msg) -> None:
-            await self.on_policy_changed(message)
-            if message.metadata.num_pending == 0:
-                caught_up.set()
-
-        reader = FilteredReader(
-            self.nc, self.streams.events, self.subjects.policy_events_of_type(PolicyChanged), on_message
+        reader = await retry_transient(
+            lambda: follow_policy_changes(self.nc, self.settings.subject_prefix, self.on_policy_changed),
+            what="the policy lifecycle",
         )
-        await retry_transient(reader.start, what="the policy lifecycle's reader")
-        if reader.pending_at_start:
-            await caught_up.wait()
         self.following_live = True
         return reader
 

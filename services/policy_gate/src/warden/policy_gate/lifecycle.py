@@ -1,32 +1,27 @@
 """The policy lifecycle a gate follows: the bundle in force, the shadow beside it, and what a rollback returns to."""
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from warden.messages import Envelope, PolicyChanged, PolicyChangeRequested, make_envelope
 from warden.policy_bundle import PolicyBundle, PolicyBundleError, revision_token
 from warden.policy_gate.activation import SERVICE, activation
 from warden.policy_gate.engine import PolicyEngine, PolicyLoadError
+from warden.policy_lifecycle import Lifecycle
 from warden.subjects import SYSTEM_TENANT
 
 
-@dataclass
-class PolicyLifecycle:
-    """Where one gate's policy stands, folded from the `policy.changed` events in stream order.
+class PolicyLifecycle(Lifecycle[PolicyEngine]):
+    """A gate's policy lifecycle: each bundle as a loaded engine, so that a promote or a rollback
+    only moves engines already loaded, and the gate switches between two decisions, with no pause.
 
-    Every gate folds the same events from the stream's start, so every gate (a restarted or a
-    new one too) ends on the same bundle in force and the same shadow. A promote or a rollback
-    only moves engines already loaded: the gate switches between two decisions, with no pause.
+    Besides following the lifecycle, the gate judges whether a change can be made (`refusal`)
+    and records the allowed ones (`change_event`).
     """
 
-    active: PolicyEngine
-    shadow: PolicyEngine | None = None
-    # The bundles in force before each promote still standing, the latest last: what rollbacks return to.
-    earlier: list[PolicyEngine] = field(default_factory=list)
-    # Where the bundle in force came from: the gate's directory, or the event that put it in force.
-    origin: str = ""
-    # A candidate loaded to judge a shadow command, kept for the event that loads it (by revision).
-    _candidates: dict[str, PolicyEngine] = field(default_factory=dict)
+    def __init__(self, active: PolicyEngine, origin: str = "") -> None:
+        super().__init__(active, lambda engine: engine.revision, origin=origin)
+        # A candidate loaded to judge a shadow command, kept for the event that loads it (by revision).
+        self._candidates: dict[str, PolicyEngine] = {}
 
     def refusal(self, change: PolicyChangeRequested) -> str | None:
         """Why this gate cannot make `change` now (None: it can); the reason a deny records."""
@@ -95,41 +90,22 @@ class PolicyLifecycle:
         # Keyed by the command: a redelivered command records its change once.
         return event, f"policy-changed-{request_seq}"
 
-    def next_active(self, changed: PolicyChanged) -> PolicyEngine | None:
-        """The bundle a promote or rollback puts in force, if this gate can follow it (else None)."""
-        if changed.change == "promote" and self.shadow is not None and self.shadow.revision == changed.revision:
-            return self.shadow
-        if changed.change == "rollback" and self.earlier and self.earlier[-1].revision == changed.revision:
-            return self.earlier[-1]
-        return None
+    def follow(self, changed: PolicyChanged, stream_seq: int) -> str | None:
+        """Fold one `policy.changed` in (see `Lifecycle.apply`); a shadow's engine is the one loaded
+        to judge its command when this gate judged it, else loaded from the event's files."""
+        problem: list[str] = []
 
-    def apply(self, changed: PolicyChanged, stream_seq: int) -> str | None:
-        """Fold one `policy.changed` event in; why it could not be followed, if it could not.
-
-        A change this gate cannot follow (a promote of another shadow than its own: two changes
-        decided at once by two gates) leaves its state as it was, and says so.
-        """
-        origin = f"events:{stream_seq}"
-        if changed.change == "shadow":
+        def shadow() -> PolicyEngine | None:
             bundle = PolicyBundle(changed.files or {})
             candidate = self._candidates.pop(bundle.revision, None)
             if candidate is None:
                 try:
-                    candidate = PolicyEngine.from_bundle(bundle, origin)
+                    candidate = PolicyEngine.from_bundle(bundle, f"events:{stream_seq}")
                 except (PolicyLoadError, PolicyBundleError) as exc:
-                    return f"the shadow bundle of {origin} does not load here: {exc}"
-            self.shadow = candidate
-            self._candidates.clear()
-            return None
-        following = self.next_active(changed)
-        if following is None:
-            return (
-                f"cannot follow the {changed.change} to {changed.revision} ({origin}): this gate holds no such bundle"
-            )
-        if changed.change == "promote":
-            self.earlier.append(self.active)
-            self.shadow = None
-        else:
-            self.earlier.pop()
-        self.active, self.origin = following, origin
-        return None
+                    problem.append(f"the shadow bundle of events:{stream_seq} does not load here: {exc}")
+                    return None
+            return candidate
+
+        refused = self.apply(changed, stream_seq, shadow)
+        self._candidates.clear()
+        return problem[0] if problem else refused
