@@ -13,10 +13,13 @@ from tests.test_decision_inputs import request, stored
 from tests.test_policies import POLICIES
 from tests.test_policy_replay import edited_pack
 from tests.test_signed_decisions import publish
+from warden.agent_runner.app import build_app as build_runner
+from warden.client import WardenClient
 from warden.messages import DecisionMade, DecisionShadowed, Envelope, PolicyActivated, PolicyChanged, ToolCallRequested
 from warden.messages import parse_envelope as parse
 from warden.policy_bundle import PolicyBundle
 from warden.policy_gate.app import build_app as build_gate
+from warden.scheduler.app import build_app as build_scheduler
 from warden.settings import Settings
 from warden.streams import StreamNames
 from warden.subjects import SYSTEM_TENANT, Subjects
@@ -219,3 +222,47 @@ async def stored_now(nc: NatsClient, settings: Settings, subject: str) -> int:
         StreamNames.for_prefix(settings.subject_prefix).events, subjects_filter=subject
     )
     return sum((info.state.subjects or {}).values())
+
+
+def echoed(made: DecisionMade) -> Any:
+    """The text a decision's recorded input says the echo was asked with."""
+    document: Any = made.input
+    return document["tool"]["arguments"]["text"]
+
+
+async def test_the_runner_enforces_the_promoted_bundles_data(
+    settings: Settings, nc: NatsClient, run_app: AppRunner, tmp_path: Path
+) -> None:
+    """After a promote that marks an argument secret, the running agent runner conceals it (so the gate,
+    now on that bundle, allows the call); after the rollback it sends it as it did before."""
+    agents = tmp_path / "agents"
+    agents.mkdir()
+    step = {"tool_call": {"tool": "text.echo", "arguments": {"text": "hello"}}}
+    definition = {"name": "demo", "description": "echoes", "on_refusal": "fail", "steps": [step]}
+    (agents / "demo.json").write_text(json.dumps(definition))
+    with_agents = settings.model_copy(update={"agents_dir": agents})
+    await run_app(build_gate(with_agents))
+    for build in (build_scheduler, build_runner):
+        await run_app(build(with_agents))
+    candidate = edited_pack(tmp_path, lambda data: data["tools"]["text.echo"].update(secret_arguments=["text"]))
+    assert (await policy_change(settings, "shadow", str(candidate)))[0] == 0
+    assert (await policy_change(settings, "promote"))[0] == 0
+
+    async def echo_decision(run_id: str) -> DecisionMade:
+        client = WardenClient(nc, settings.subject_prefix)
+        await client.submit_run(tenant="acme", agent="demo", actor="alice", run_id=run_id)
+        subject = Subjects(settings.subject_prefix).decision_on("acme", ToolCallRequested, run_id)
+        made: list[DecisionMade] = [
+            parse(message.data).data for message in await stored(nc, settings, subject, 2, within=30)
+        ]
+        return next(decision for decision in made if decision.request_type == ToolCallRequested.TYPE)
+
+    concealed = await echo_decision("r-promoted")
+    assert concealed.effect == "allow", concealed.reasons
+    assert str(echoed(concealed)).startswith("hmac-sha256:")
+    assert concealed.policy_revision == PolicyBundle.read(candidate).revision
+
+    assert (await policy_change(settings, "rollback"))[0] == 0
+    clear = await echo_decision("r-rolled-back")
+    assert (clear.effect, clear.policy_revision) == ("allow", ACTIVE)
+    assert echoed(clear) == "hello"
