@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from faststream import FastStream
 from nats.aio.client import Client as NatsClient
 
@@ -15,10 +16,19 @@ from tests.test_policy_replay import edited_pack
 from tests.test_signed_decisions import publish
 from warden.agent_runner.app import build_app as build_runner
 from warden.client import WardenClient
-from warden.messages import DecisionMade, DecisionShadowed, Envelope, PolicyActivated, PolicyChanged, ToolCallRequested
+from warden.messages import (
+    DecisionMade,
+    DecisionShadowed,
+    Envelope,
+    PolicyActivated,
+    PolicyChange,
+    PolicyChanged,
+    ToolCallRequested,
+)
 from warden.messages import parse_envelope as parse
 from warden.policy_bundle import PolicyBundle
 from warden.policy_gate.app import build_app as build_gate
+from warden.policy_lifecycle import Lifecycle
 from warden.scheduler.app import build_app as build_scheduler
 from warden.settings import Settings
 from warden.streams import StreamNames
@@ -266,3 +276,50 @@ async def test_the_runner_enforces_the_promoted_bundles_data(
     clear = await echo_decision("r-rolled-back")
     assert (clear.effect, clear.policy_revision) == ("allow", ACTIVE)
     assert echoed(clear) == "hello"
+
+
+def changed(change: PolicyChange, revision: str, previous: str, seq: int) -> PolicyChanged:
+    return PolicyChanged(
+        change=change,
+        revision=revision,
+        previous_revision=previous,
+        files={} if change == "shadow" else None,
+        changed_by="operator",
+        decision_id=f"d{seq}",
+        request_seq=seq,
+    )
+
+
+def test_the_lifecycle_folds_shadows_promotes_and_rollbacks() -> None:
+    """Promotes stack the bundles they replace and rollbacks return to them in turn; a change that names
+    another bundle than the one held is not followed, and leaves the state as it was."""
+    fold: Lifecycle[str] = Lifecycle("A", str)
+    assert fold.apply(changed("shadow", "B", "A", 1), 1, lambda: "B") is None
+    assert (fold.active, fold.shadow) == ("A", "B")
+    assert fold.apply(changed("promote", "C", "A", 2), 2, lambda: None) is not None  # not the shadow held
+    assert (fold.active, fold.shadow, fold.earlier) == ("A", "B", [])
+    assert fold.apply(changed("promote", "B", "A", 3), 3, lambda: None) is None
+    assert (fold.active, fold.shadow, fold.earlier, fold.origin) == ("B", None, ["A"], "events:3")
+    fold.apply(changed("shadow", "C", "B", 4), 4, lambda: "C")
+    fold.apply(changed("promote", "C", "B", 5), 5, lambda: None)
+    assert (fold.active, fold.earlier) == ("C", ["A", "B"])
+    assert fold.apply(changed("rollback", "A", "C", 6), 6, lambda: None) is not None  # B comes back first
+    fold.apply(changed("rollback", "B", "C", 7), 7, lambda: None)
+    fold.apply(changed("rollback", "A", "B", 8), 8, lambda: None)
+    assert (fold.active, fold.shadow, fold.earlier) == ("A", None, [])
+    assert fold.apply(changed("shadow", "D", "A", 9), 9, lambda: None) is not None  # it did not load here
+    assert fold.shadow is None
+
+
+async def test_a_bundle_too_large_for_a_command_is_not_sent(
+    settings: Settings, nc: NatsClient, run_app: AppRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle over the command size limit is refused by the client, saying its size and the limit; nothing
+    reaches the gate."""
+    await run_app(build_gate(settings))
+    monkeypatch.setenv("WARDEN_MAX_COMMAND_BYTES", "4096")
+    result = await run_warden_cli(settings, "policy", "shadow", str(narrower(tmp_path)))
+    assert result.status == 1
+    assert "-byte command; commands may be at most 4096 bytes" in result.stderr, result.stderr
+    decisions = f"{settings.subject_prefix}.evt.{SYSTEM_TENANT}.policy.*.{DecisionMade.TYPE}"
+    assert await stored_now(nc, settings, decisions) == 0

@@ -1,6 +1,7 @@
 """The policy gate: every command passes here first; bad ones are rejected, the rest decided by Rego."""
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,9 +167,10 @@ class Gate:
         return request
 
     def _decided(self, command: Envelope[Any], seq: int, approval: ApprovalRequested | str | None) -> Envelope[Any]:
-        refusal = None
-        if isinstance(command.data, PolicyChangeRequested):
-            refusal = self.lifecycle.refusal(command.data)
+        change = command.data
+        refusal = (
+            functools.partial(self.lifecycle.refusal, change) if isinstance(change, PolicyChangeRequested) else None
+        )
         verdict = self.decider.decide(command, seq, approval, refusal=refusal)
         log.info(
             "decision made",

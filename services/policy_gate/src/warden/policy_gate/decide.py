@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -277,21 +277,22 @@ class PolicyDecider:
         request_seq: int,
         approval: ApprovalRequested | str | None = None,
         *,
-        refusal: str | None = None,
+        refusal: Callable[[], str | None] | None = None,
     ) -> DecisionMade:
         """The decision on one command; for an answer to an approval request, `approval` is the
         request it names as read from the events stream, or why it could not be read.
 
-        `refusal`: why the gate cannot carry the command out whatever the policy says (a policy
-        change the lifecycle cannot make: a candidate that does not load, no shadow to promote).
-        The policy is asked first, so one who may not change policy is told that; an allow then
-        becomes a deny for this reason, with no input: the input does not hold it.
+        `refusal`: asked only once the policy allows, why the gate cannot carry the command out
+        (a policy change the lifecycle cannot make: a candidate that does not load, no shadow to
+        promote), or None. So one who may not change policy is told that, and no candidate is
+        loaded for them; an allow it refuses becomes a deny with that reason and no input (the
+        input does not hold it).
         """
         engine = self.engine
         started = time.perf_counter()
         judged = self.judge(engine, envelope, approval)
-        if refusal is not None and judged.effect == "allow":
-            judged = Judgement("deny", [refusal], None)
+        if judged.effect == "allow" and refusal is not None and (refused := refusal()) is not None:
+            judged = Judgement("deny", [refused], None)
         return decision(
             envelope,
             self.signer,
