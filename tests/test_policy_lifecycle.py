@@ -17,20 +17,25 @@ from tests.test_signed_decisions import publish
 from warden.agent_runner.app import build_app as build_runner
 from warden.client import WardenClient
 from warden.messages import (
+    POLICY_LIFECYCLE,
     DecisionMade,
     DecisionShadowed,
     Envelope,
     PolicyActivated,
     PolicyChange,
     PolicyChanged,
+    PolicyChangeRequested,
     ToolCallRequested,
+    make_envelope,
 )
 from warden.messages import parse_envelope as parse
 from warden.policy_bundle import PolicyBundle
 from warden.policy_gate.app import build_app as build_gate
+from warden.policy_gate.decide import decision
 from warden.policy_lifecycle import Lifecycle
 from warden.scheduler.app import build_app as build_scheduler
 from warden.settings import Settings
+from warden.signing import DecisionSigner
 from warden.streams import StreamNames
 from warden.subjects import SYSTEM_TENANT, Subjects
 
@@ -323,3 +328,44 @@ async def test_a_bundle_too_large_for_a_command_is_not_sent(
     assert "-byte command; commands may be at most 4096 bytes" in result.stderr, result.stderr
     decisions = f"{settings.subject_prefix}.evt.{SYSTEM_TENANT}.policy.*.{DecisionMade.TYPE}"
     assert await stored_now(nc, settings, decisions) == 0
+
+
+async def test_a_redelivered_policy_change_keeps_the_decision_stored_first(
+    settings: Settings, nc: NatsClient, run_app: AppRunner, tmp_path: Path
+) -> None:
+    """A policy change whose decision was stored on an earlier delivery (the gate stopped before recording
+    the change) is recorded under that decision, which stands: no second decision is stored."""
+    bundle = PolicyBundle.read(narrower(tmp_path))
+    change = make_envelope(
+        PolicyChangeRequested(change="shadow", files=dict(bundle.files), revision=bundle.revision),
+        tenant=SYSTEM_TENANT,
+        entity_id=POLICY_LIFECYCLE,
+        actor="operator",
+        source="test",
+    )
+    seq = await publish(nc, settings, change)
+    signer = DecisionSigner.from_file(settings.signing_key_path())
+    first = decision(
+        change,
+        signer,
+        request_seq=seq,
+        effect="allow",
+        reasons=["stored first"],
+        policy_revision=ACTIVE,
+        evaluation_ms=1,
+    )
+    recorded = make_envelope(
+        first, tenant=SYSTEM_TENANT, entity_id=POLICY_LIFECYCLE, actor="policy-gate", source="policy-gate"
+    )
+    commands = StreamNames.for_prefix(settings.subject_prefix).commands
+    await publish(nc, settings, recorded, key=f"decision-{commands}-{seq}")
+
+    await run_app(build_gate(settings))
+    subjects = Subjects(settings.subject_prefix)
+    [message] = await stored(nc, settings, subjects.policy_events_of_type(PolicyChanged), 1)
+    recorded_change = parse(message.data).data
+    assert isinstance(recorded_change, PolicyChanged)
+    assert (recorded_change.decision_id, recorded_change.revision) == (first.decision_id, bundle.revision)
+    decisions = subjects.decision_on(SYSTEM_TENANT, PolicyChangeRequested, POLICY_LIFECYCLE)
+    assert await stored_now(nc, settings, decisions) == 1
+    assert (await status(settings))["shadow"] == bundle.revision

@@ -273,8 +273,12 @@ class Gate:
         with consuming(SERVICE, "policy_gate.change_policy", message.headers, stream_seq=seq):
             event, key = self.outcome(message)
         try:
-            await self._store(event, key, what="the decision on a policy change")
+            stored_decision = await self._store(event, key, what="the decision on a policy change")
             made = event.data
+            if stored_decision.duplicate:
+                # A redelivery: the decision stored first stands (the lifecycle may have moved since),
+                # and its change is recorded if it was allowed and this delivery's was cut short.
+                made = await self._recorded(stored_decision.seq)
             if isinstance(made, DecisionMade) and made.effect == "allow":
                 command = self.rules.judge(message.subject, message.data, message.headers, seq)
                 assert isinstance(command, Envelope)
@@ -285,6 +289,17 @@ class Gate:
             await self._give_up_or_redeliver(message, exc)
             return
         await message.ack()
+
+    async def _recorded(self, seq: int) -> Any:
+        """The payload of the event stored at `seq` in the events stream (None if it is not there or not valid)."""
+        try:
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.events, seq, direct=True), what="a recorded decision"
+            )
+            return parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER)).data
+        except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
+            log.error("the decision on a policy change could not be read back", stream_seq=seq, error=repr(exc))
+            return None
 
     async def _store(self, event: Envelope[Any], key: str, *, what: str) -> PubAck:
         return await retry_transient(
