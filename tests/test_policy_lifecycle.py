@@ -359,6 +359,24 @@ async def test_a_redelivered_policy_change_keeps_the_decision_stored_first(
     )
     commands = StreamNames.for_prefix(settings.subject_prefix).commands
     await publish(nc, settings, recorded, key=f"decision-{commands}-{seq}")
+    # And a rollback allowed on an earlier delivery that the lifecycle no longer allows: taken as done.
+    rollback = make_envelope(
+        PolicyChangeRequested(change="rollback"),
+        tenant=SYSTEM_TENANT,
+        entity_id=POLICY_LIFECYCLE,
+        actor="operator",
+        source="test",
+    )
+    rollback_seq = await publish(nc, settings, rollback)
+    allowed = decision(
+        rollback, signer, request_seq=rollback_seq, effect="allow", reasons=[], policy_revision=ACTIVE, evaluation_ms=1
+    )
+    await publish(
+        nc,
+        settings,
+        make_envelope(allowed, tenant=SYSTEM_TENANT, entity_id=POLICY_LIFECYCLE, actor="gate", source="gate"),
+        key=f"decision-{commands}-{rollback_seq}",
+    )
 
     await run_app(build_gate(settings))
     subjects = Subjects(settings.subject_prefix)
@@ -367,5 +385,12 @@ async def test_a_redelivered_policy_change_keeps_the_decision_stored_first(
     assert isinstance(recorded_change, PolicyChanged)
     assert (recorded_change.decision_id, recorded_change.revision) == (first.decision_id, bundle.revision)
     decisions = subjects.decision_on(SYSTEM_TENANT, PolicyChangeRequested, POLICY_LIFECYCLE)
-    assert await stored_now(nc, settings, decisions) == 1
+    assert await stored_now(nc, settings, decisions) == 2
+
+    async def both_acknowledged() -> bool:
+        info = await nc.jetstream().consumer_info(commands, "policy_gate")
+        return bool(info.ack_floor.stream_seq >= rollback_seq and info.num_ack_pending == 0)
+
+    await eventually(both_acknowledged)
+    assert await stored_now(nc, settings, subjects.policy_events_of_type(PolicyChanged)) == 1
     assert (await status(settings))["shadow"] == bundle.revision

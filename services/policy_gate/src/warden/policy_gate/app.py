@@ -282,9 +282,14 @@ class Gate:
             if isinstance(made, DecisionMade) and made.effect == "allow":
                 command = self.rules.judge(message.subject, message.data, message.headers, seq)
                 assert isinstance(command, Envelope)
-                changed, changed_key = self.lifecycle.change_event(command, made.decision_id, seq)
-                stored = await self._store(changed, changed_key, what="the policy.changed event")
-                await self._folded(stored.seq)
+                recording = self.lifecycle.change_event(command, made.decision_id, seq)
+                if recording is None:
+                    log.info(
+                        "a redelivered policy change the lifecycle no longer allows (followed already)", stream_seq=seq
+                    )
+                else:
+                    stored = await self._store(*recording, what="the policy.changed event")
+                    await self._folded(stored.seq)
         except nats.errors.Error as exc:
             await self._give_up_or_redeliver(message, exc)
             return

@@ -59,17 +59,19 @@ class PolicyLifecycle(Lifecycle[PolicyEngine]):
 
     def change_event(
         self, change: Envelope[Any], decision_id: str, request_seq: int
-    ) -> tuple[Envelope[PolicyChanged], str]:
-        """The `policy.changed` event that records an allowed change (checked by `refusal`), and its key."""
+    ) -> tuple[Envelope[PolicyChanged], str] | None:
+        """The `policy.changed` event that records an allowed change, and its key; None when the
+        lifecycle no longer allows it (a redelivered promote or rollback, already folded in)."""
         data = change.data
         assert isinstance(data, PolicyChangeRequested)
         if data.change == "shadow":
             revision, files = PolicyBundle(data.files or {}).revision, data.files
-        elif data.change == "promote":
-            assert self.shadow is not None
+        elif data.change == "promote" and self.shadow is not None:
             revision, files = self.shadow.revision, None
-        else:
+        elif data.change == "rollback" and self.earlier:
             revision, files = self.earlier[-1].revision, None
+        else:
+            return None
         event = make_envelope(
             PolicyChanged(
                 change=data.change,
