@@ -1,5 +1,5 @@
 # Who may change the installation's policy (action "policy.change"): load a candidate bundle as
-# the shadow, promote it, roll back.
+# the shadow, promote it or withdraw it, roll back.
 #
 # The policy decides every decision, so changing it is the most powerful thing anyone can do:
 # only a principal of the installation's own tenant `_warden` whose role says

@@ -14,8 +14,8 @@ policy_change(tenant, principal, change) := {
 	"policy": {"change": change, "revision": "sha256:0123456789abcdef", "reason": "ticket 7"},
 }
 
-test_the_policy_administrator_may_shadow_promote_and_roll_back if {
-	every change in ["shadow", "promote", "rollback"] {
+test_the_policy_administrator_may_shadow_promote_withdraw_and_roll_back if {
+	every change in ["shadow", "promote", "rollback", "withdraw"] {
 		decision := data.warden.authz.decision with input as policy_change("_warden", "operator", change)
 		decision == {
 			"effect": "allow",

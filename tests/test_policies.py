@@ -426,7 +426,7 @@ def corpus() -> list[dict[str, Any]]:
                                  "tenant": tenant})  # fmt: skip
     # Policy changes: the installation's administrator, others of its tenant, other tenants' principals.
     for tenant, principal in [("_warden", "operator"), ("_warden", "auditor"), ("_warden", "mallory"), *principals]:
-        for change in ("shadow", "promote", "rollback", None):
+        for change in ("shadow", "promote", "rollback", "withdraw", None):
             policy = {"change": change, "revision": None, "reason": ""} if change else None
             requests.append({"action": "policy.change", "tenant": tenant, "principal": principal, "agent": None,
                              "tool": None, "model": None, "run": None, "policy": policy})  # fmt: skip

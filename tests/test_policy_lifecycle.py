@@ -87,7 +87,8 @@ async def test_a_shadow_records_disagreements_and_changes_no_live_decision(
     settings: Settings, nc: NatsClient, run_app: AppRunner, tmp_path: Path
 ) -> None:
     """With a candidate loaded as the shadow, each live decision it would make otherwise is recorded as
-    decision.shadowed (both revisions, effects and reasons), and the live decisions stay the active bundle's."""
+    decision.shadowed (both revisions, effects and reasons), and the live decisions stay the active bundle's;
+    withdrawn, it judges nothing more."""
     await run_app(build_gate(settings))
     candidate = narrower(tmp_path)
     code, shadowed = await policy_change(settings, "shadow", str(candidate), "--reason", "narrow web.fetch")
@@ -118,6 +119,21 @@ async def test_a_shadow_records_disagreements_and_changes_no_live_decision(
     # The fetch both bundles allow alike records no disagreement.
     await asyncio.sleep(0.5)
     assert await stored_now(nc, settings, f"{subjects.prefix}.evt.acme.policy.>") == 1
+
+    # Withdrawn, the shadow judges nothing more, and nothing was ever enforced.
+    code, withdrawn = await policy_change(settings, "withdraw", "--revision", revision)
+    assert code == 0, withdrawn
+    assert (await status(settings))["shadow"] is None
+    await publish(nc, settings, fetch("r-after-withdrawal"))
+    after = (await decided(nc, settings, ["r-after-withdrawal"]))["r-after-withdrawal"]
+    assert (after.effect, after.policy_revision) == ("allow", ACTIVE)
+    await asyncio.sleep(0.5)
+    assert await stored_now(nc, settings, f"{subjects.prefix}.evt.acme.policy.>") == 1
+    code, nothing = await policy_change(settings, "withdraw")
+    assert (code, nothing["reasons"]) == (
+        1,
+        ["there is no shadow bundle to withdraw: load one first (warden policy shadow DIR)"],
+    )
 
 
 async def test_promote_switches_every_gate_without_a_gap_and_rollback_returns(
@@ -314,6 +330,10 @@ def test_the_lifecycle_folds_shadows_promotes_and_rollbacks() -> None:
     assert (fold.active, fold.shadow, fold.earlier) == ("A", None, [])
     assert fold.apply(changed("shadow", "D", "A", 9), 9, lambda: None) is not None  # it did not load here
     assert fold.shadow is None
+    fold.apply(changed("shadow", "E", "A", 10), 10, lambda: "E")
+    assert fold.apply(changed("withdraw", "F", "A", 11), 11, lambda: None) is not None  # not the shadow held
+    assert fold.apply(changed("withdraw", "E", "A", 12), 12, lambda: None) is None
+    assert (fold.active, fold.shadow, fold.earlier) == ("A", None, [])
 
 
 async def test_a_bundle_too_large_for_a_command_is_not_sent(

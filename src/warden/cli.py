@@ -287,6 +287,11 @@ async def _policy_change(args: argparse.Namespace, settings: Settings) -> int:
             done = await client.promote_policy(
                 actor=args.actor, revision=args.revision, reason=args.reason, wait_seconds=args.wait
             )
+        elif change == "withdraw":
+            revision = args.revision
+            done = await client.withdraw_policy(
+                actor=args.actor, revision=args.revision, reason=args.reason, wait_seconds=args.wait
+            )
         else:
             done = await client.rollback_policy(actor=args.actor, reason=args.reason, wait_seconds=args.wait)
     print(
@@ -680,13 +685,14 @@ def _add_policy_parser(commands: Any) -> None:
         ),
         ("promote", "put the shadow bundle in force in every gate, without a restart"),
         ("rollback", "put back in force the bundle that was in force before the last promote"),
+        ("withdraw", "unload the shadow bundle from every gate without promoting it"),
     )
     for name, help_text in changes:
         change = policy.add_parser(name, help=f"{help_text}; exit 0 only if the gate allowed it")
         if name == "shadow":
             change.add_argument("directory", help="the candidate policy directory (its *.rego and data.json)")
-        if name == "promote":
-            change.add_argument("--revision", help="promote only if the shadow is this revision")
+        if name in ("promote", "withdraw"):
+            change.add_argument("--revision", help=f"{name} only if the shadow is this revision")
         change.add_argument(
             "--actor",
             default="operator",

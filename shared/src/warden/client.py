@@ -520,6 +520,14 @@ class WardenClient:
         envelope = self._policy_change(PolicyChangeRequested(change="rollback", reason=reason), actor)
         return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
 
+    async def withdraw_policy(
+        self, *, actor: str = "operator", revision: str | None = None, reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Unload the shadow bundle from every gate without promoting it (`revision`: only if it is that one)."""
+        change = PolicyChangeRequested(change="withdraw", revision=revision, reason=reason)
+        envelope = self._policy_change(change, actor)
+        return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
+
     async def policy_status(self) -> PolicyStatus:
         """The bundle in force, the shadow and the changes so far, read from the events stream."""
         events = []

@@ -262,15 +262,16 @@ class PolicyActivated(Payload):
     previous_revision: str | None = Field(default=None, max_length=128, description="What it replaced, if anything.")
 
 
-PolicyChange = Literal["shadow", "promote", "rollback"]
+PolicyChange = Literal["shadow", "promote", "rollback", "withdraw"]
 # Where policy change commands are filed: one entity id for the installation's policy lifecycle.
 POLICY_LIFECYCLE = "lifecycle"
 
 
 class PolicyChangeRequested(Payload):
     """A principal asks to change the installation's policy: load a candidate bundle as the shadow
-    beside the one in force (`shadow`, with its files), put the shadow in force (`promote`), or go
-    back to the bundle in force before the last promote (`rollback`).
+    beside the one in force (`shadow`, with its files), put the shadow in force (`promote`), go
+    back to the bundle in force before the last promote (`rollback`), or unload the shadow
+    without promoting it (`withdraw`).
 
     Published under the reserved tenant `_warden`, entity `policy`, entity id `lifecycle`; decided
     by the gate (action `policy.change`), like any command: only a policy administrator may.
@@ -284,26 +285,26 @@ class PolicyChangeRequested(Payload):
     files: dict[str, str] | None = Field(
         default=None,
         description="For a shadow: the candidate bundle, each policy file (not its tests) and data.json by name, "
-        "as UTF-8 text (warden.policy_bundle.PolicyBundle). None for a promote or a rollback.",
+        "as UTF-8 text (warden.policy_bundle.PolicyBundle). None for any other change.",
     )
     revision: str | None = Field(
         default=None,
         max_length=128,
-        description="For a shadow, the candidate's revision as its sender computed it; for a promote, the shadow "
-        "revision the sender means to put in force (refused if another is loaded). Optional.",
+        description="For a shadow, the candidate's revision as its sender computed it; for a promote or a "
+        "withdrawal, the shadow revision the sender means (refused if another is loaded). Optional.",
     )
     reason: str = Field(default="", max_length=2000)
 
     @model_validator(mode="after")
     def _files_only_for_a_shadow(self) -> "PolicyChangeRequested":
         if (self.change == "shadow") != (self.files is not None):
-            raise ValueError("a shadow carries the candidate's files; a promote or a rollback carries none")
+            raise ValueError("a shadow carries the candidate's files; no other change carries any")
         return self
 
 
 class PolicyChanged(Payload):
-    """The policy lifecycle moved: a candidate bundle was loaded as the shadow, the shadow promoted,
-    or the bundle in force rolled back. Every gate follows these events from the stream's start,
+    """The policy lifecycle moved: a candidate bundle was loaded as the shadow, the shadow promoted
+    or withdrawn, or the bundle in force rolled back. Every gate follows these events from the stream's start,
     so every gate, a restarted or a new one too, decides under the same bundle and shadow.
 
     Published by the gate that allowed the change, after its decision; filed under the reserved
@@ -317,7 +318,7 @@ class PolicyChanged(Payload):
     change: PolicyChange
     revision: str = Field(
         max_length=128,
-        description="The bundle concerned: the shadow loaded, the one promoted, or the one rolled back to.",
+        description="The bundle concerned: the shadow loaded, promoted or withdrawn, or the one rolled back to.",
     )
     previous_revision: str = Field(max_length=128, description="The bundle in force when the change was decided.")
     files: dict[str, str] | None = Field(default=None, description="For a shadow: the candidate bundle's files.")

@@ -59,6 +59,11 @@ class Lifecycle(Generic[Bundle]):
         decided at once by two gates) leaves the state as it was.
         """
         origin = f"events:{stream_seq}"
+        if changed.change == "withdraw":
+            if self.shadow is None or self.revision_of(self.shadow) != changed.revision:
+                return f"cannot follow the withdrawal of {changed.revision} ({origin}): it is not the shadow here"
+            self.shadow = None
+            return None
         if changed.change == "shadow":
             loaded = shadow()
             if loaded is None:

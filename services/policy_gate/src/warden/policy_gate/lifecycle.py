@@ -27,11 +27,12 @@ class PolicyLifecycle(Lifecycle[PolicyEngine]):
         """Why this gate cannot make `change` now (None: it can); the reason a deny records."""
         if change.change == "shadow":
             return self._shadow_refusal(change)
-        if change.change == "promote":
+        if change.change in ("promote", "withdraw"):
+            verb = "promote" if change.change == "promote" else "withdraw"
             if self.shadow is None:
-                return "there is no shadow bundle to promote: load one first (warden policy shadow DIR)"
+                return f"there is no shadow bundle to {verb}: load one first (warden policy shadow DIR)"
             if change.revision is not None and change.revision != self.shadow.revision:
-                return f"the shadow bundle is {self.shadow.revision}, not {change.revision}: nothing was promoted"
+                return f"the shadow bundle is {self.shadow.revision}, not {change.revision}: nothing to {verb}"
             return None
         if not self.earlier:
             return (
@@ -61,12 +62,12 @@ class PolicyLifecycle(Lifecycle[PolicyEngine]):
         self, change: Envelope[Any], decision_id: str, request_seq: int
     ) -> tuple[Envelope[PolicyChanged], str] | None:
         """The `policy.changed` event that records an allowed change, and its key; None when the
-        lifecycle no longer allows it (a redelivered promote or rollback, already folded in)."""
+        lifecycle no longer allows it (a redelivered promote, rollback or withdrawal, followed already)."""
         data = change.data
         assert isinstance(data, PolicyChangeRequested)
         if data.change == "shadow":
             revision, files = PolicyBundle(data.files or {}).revision, data.files
-        elif data.change == "promote" and self.shadow is not None:
+        elif data.change in ("promote", "withdraw") and self.shadow is not None:
             revision, files = self.shadow.revision, None
         elif data.change == "rollback" and self.earlier:
             revision, files = self.earlier[-1].revision, None
