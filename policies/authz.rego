@@ -40,14 +40,23 @@ decision := {"effect": "allow", "reasons": sort(grants)} if {
 }
 
 # The actions the gate asks about.
-actions := {"run.start", "tool.call", "model.call", "approval.answer", "run.cancel", "halt", "halt.lift"}
+actions := {
+	"run.start", "tool.call", "model.call", "approval.answer", "run.cancel", "halt", "halt.lift",
+	"policy.change",
+}
 
 # Stopping work (controls.rego) is about a run or a scope, not about running an agent.
 control_actions := {"run.cancel", "halt", "halt.lift"}
 
 control_action if input.action in control_actions
 
-agent_action if not control_action
+# Changing the installation's policy (policy.rego) is about no agent either.
+policy_action if input.action == "policy.change"
+
+agent_action if {
+	not control_action
+	not policy_action
+}
 
 # Every request names these as non-empty strings; without them no other rule can judge it.
 required_fields := ["action", "tenant", "principal"]

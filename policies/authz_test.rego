@@ -63,7 +63,7 @@ test_unknown_action_is_denied if {
 	request := object.union(run_start("acme", "alice", "researcher"), {"action": "run.delete"})
 	decision := data.warden.authz.decision with input as request
 	decision.effect == "deny"
-	decision.reasons == ["unknown action run.delete (expected one of: approval.answer, halt, halt.lift, model.call, run.cancel, run.start, tool.call)"]
+	decision.reasons == ["unknown action run.delete (expected one of: approval.answer, halt, halt.lift, model.call, policy.change, run.cancel, run.start, tool.call)"]
 }
 
 test_nothing_granted_means_deny_by_default if {

@@ -66,7 +66,8 @@ class StandInJetStream:
 async def _settle(
     outcome: "asyncio.Future[PubAck]", command: StandInCommand, js: StandInJetStream | None = None
 ) -> list[str]:
-    gate = Gate(Settings(subject_prefix="settle"), cast(Any, js or StandInJetStream()), cast(Any, None))
+    connection = SimpleNamespace(jetstream=lambda: js or StandInJetStream())
+    gate = Gate(Settings(subject_prefix="settle"), cast(Any, connection), cast(Any, SimpleNamespace(engine=None)))
     answer = Answer(cast(Msg, command), "settle.evt.acme.command.7.command.rejected", b"{}", {})
     gate.unsettled.put_nowait((answer, outcome))
     settling = asyncio.create_task(gate.settle())

@@ -424,6 +424,12 @@ def corpus() -> list[dict[str, Any]]:
                 arguments = {"url": urls[0], "authorization": secret}
                 requests.append({**tool_call("web.fetch", arguments, agent=agent, principal=principal),
                                  "tenant": tenant})  # fmt: skip
+    # Policy changes: the installation's administrator, others of its tenant, other tenants' principals.
+    for tenant, principal in [("_warden", "operator"), ("_warden", "auditor"), ("_warden", "mallory"), *principals]:
+        for change in ("shadow", "promote", "rollback", "withdraw", None):
+            policy = {"change": change, "revision": None, "reason": ""} if change else None
+            requests.append({"action": "policy.change", "tenant": tenant, "principal": principal, "agent": None,
+                             "tool": None, "model": None, "run": None, "policy": policy})  # fmt: skip
     return requests
 
 

@@ -20,6 +20,7 @@ from warden.identity import CredentialError, connect_options, public_key, read_s
 from warden.messages import (
     CommandRejected,
     DecisionMade,
+    PolicyChangeRequested,
     RunDispatched,
     RunStarted,
     RunSubmitted,
@@ -321,6 +322,25 @@ async def test_a_tenant_credential_cannot_submit_as_another_actor(
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(client.submit_run(tenant="acme", agent="demo", actor="bob"), 3)
     assert f"{settings.subject_prefix}.cmd.acme.bob.run.submitted".lower() in " ".join(alice.refusals())
+
+
+async def test_a_tenant_credential_cannot_send_a_policy_change(
+    settings: Settings, tenants: Tenants, connect_as: Connect
+) -> None:
+    """Only the operator's credential may send a policy change: alice's is refused by the server, under the
+    installation's tenant and under her own."""
+    alice = await connect_as(tenants.acme)
+    client = WardenClient(alice.nc, settings.subject_prefix)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.rollback_policy(actor="alice", wait_seconds=1), 3)
+    own = make_envelope(
+        PolicyChangeRequested(change="promote"), tenant="acme", entity_id="lifecycle", actor="alice", source="t"
+    )
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(client.publish_command(own), 3)
+    refused = " ".join(alice.refusals())
+    for tenant in ("_warden", "acme"):
+        assert f"{settings.subject_prefix}.cmd.{tenant}.alice.policy.change_requested".lower() in refused
 
 
 async def test_a_command_claiming_another_actor_is_rejected_on_the_record(

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -268,6 +269,60 @@ async def _policy_test(args: argparse.Namespace, settings: Settings) -> int:
     from warden.policy_gate.policy_tests import policy_test_command  # noqa: PLC0415
 
     return policy_test_command(Path(args.directory) if args.directory else settings.policy_dir or SHIPPED_POLICY_DIR)
+
+
+async def _policy_change(args: argparse.Namespace, settings: Settings) -> int:
+    """`warden policy shadow`, `promote` and `rollback`: send the change, wait for the gate's decision, print it."""
+    from warden.policy_bundle import PolicyBundle  # noqa: PLC0415
+
+    change = args.policy_command
+    revision = None
+    async with await _client(args) as client:
+        if change == "shadow":
+            bundle = PolicyBundle.read(Path(args.directory))
+            revision = bundle.revision
+            done = await client.shadow_policy(bundle, actor=args.actor, reason=args.reason, wait_seconds=args.wait)
+        elif change == "promote":
+            revision = args.revision
+            done = await client.promote_policy(
+                actor=args.actor, revision=args.revision, reason=args.reason, wait_seconds=args.wait
+            )
+        elif change == "withdraw":
+            revision = args.revision
+            done = await client.withdraw_policy(
+                actor=args.actor, revision=args.revision, reason=args.reason, wait_seconds=args.wait
+            )
+        else:
+            done = await client.rollback_policy(actor=args.actor, reason=args.reason, wait_seconds=args.wait)
+    print(
+        json.dumps(
+            {
+                "change": change,
+                "revision": revision,
+                "actor": args.actor,
+                "command_id": done.receipt.command_id,
+                "decision": done.effect,
+                "decision_id": done.decision_id,
+                "reasons": done.reasons,
+            }
+        )
+    )
+    return 0 if done.in_force else 1
+
+
+async def _policy_status(args: argparse.Namespace, settings: Settings) -> int:
+    async with await _client(args) as client:
+        status = await client.policy_status()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status)))
+        return 0
+    print(f"active:      {status.active or '(no gate has recorded one)'}")
+    print(f"shadow:      {status.shadow or '(none)'}")
+    print(f"rollback to: {status.rollback_to or '(nothing: no promote to undo)'}")
+    for change in status.changes:
+        when, what, revision = change["time"][:19], change["change"], change["revision"]
+        print(f"  {when}  {what:<8} {revision}  by {change['by']}  {change['reason']}")
+    return 0
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -620,6 +675,35 @@ def _add_policy_parser(commands: Any) -> None:
     policy_replay.add_argument("--json", action="store_true", help="the whole report, every flip, as one JSON object")
     policy_replay.add_argument("--quiet", action="store_true", help="no progress on stderr")
     policy_replay.set_defaults(handler=_policy_replay)
+    changes = (
+        (
+            "shadow",
+            "load a candidate bundle into every gate beside the one in force: each live decision is also "
+            "judged on it, and each disagreement recorded (decision.shadowed), never enforced",
+        ),
+        ("promote", "put the shadow bundle in force in every gate, without a restart"),
+        ("rollback", "put back in force the bundle that was in force before the last promote"),
+        ("withdraw", "unload the shadow bundle from every gate without promoting it"),
+    )
+    for name, help_text in changes:
+        change = policy.add_parser(name, help=f"{help_text}; exit 0 only if the gate allowed it")
+        if name == "shadow":
+            change.add_argument("directory", help="the candidate policy directory (its *.rego and data.json)")
+        if name in ("promote", "withdraw"):
+            change.add_argument("--revision", help=f"{name} only if the shadow is this revision")
+        change.add_argument(
+            "--actor",
+            default="operator",
+            help="who asks: a policy administrator of the tenant _warden (default operator)",
+        )
+        change.add_argument("--reason", default="", help="why (kept in the audit)")
+        change.add_argument(
+            "--wait", type=float, default=10.0, metavar="SECONDS", help="how long to wait for the decision"
+        )
+        change.set_defaults(handler=_policy_change)
+    status = policy.add_parser("status", help="the bundle in force, the shadow, and the changes so far")
+    status.add_argument("--json", action="store_true", help="as one JSON object")
+    status.set_defaults(handler=_policy_status)
 
 
 def _add_database_parser(commands: Any) -> None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from warden.errors import InvalidMessage, PermanentError, RejectionCode, Retryab
 from warden.identity import SEED_SUFFIX, CredentialError, connect_options
 from warden.ids import new_id
 from warden.messages import (
+    POLICY_LIFECYCLE,
     ApprovalAnswered,
     ApprovalRequested,
     CommandRejected,
@@ -30,6 +32,9 @@ from warden.messages import (
     HaltLiftRequested,
     HaltRequested,
     Payload,
+    PolicyActivated,
+    PolicyChanged,
+    PolicyChangeRequested,
     RunCancelled,
     RunCancelRequested,
     RunFailed,
@@ -39,9 +44,11 @@ from warden.messages import (
     parse_envelope,
 )
 from warden.permissions import Role
+from warden.policy_bundle import PolicyBundle
+from warden.policy_lifecycle import Lifecycle
 from warden.reader import FilteredReader
-from warden.streams import StreamNames
-from warden.subjects import Subjects
+from warden.streams import STREAM_MAX_MSG_BYTES, StreamNames
+from warden.subjects import SYSTEM_TENANT, Subjects
 from warden.wire import (
     connect,
     is_transient,
@@ -128,7 +135,8 @@ class AnswerOutcome:
 
 @dataclass(frozen=True)
 class ControlOutcome:
-    """What became of a cancel, a halt or a lift: the gate's decision on it (effect None: not within the wait)."""
+    """What became of a cancel, a halt, a lift or a policy change: the gate's decision on it (effect
+    None: not within the wait)."""
 
     receipt: Receipt
     effect: str | None  # allow: in force from the moment the decision was stored; deny: refused
@@ -140,6 +148,42 @@ class ControlOutcome:
     @property
     def in_force(self) -> bool:
         return self.effect == "allow"
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    """Where the installation's policy stands, as its events tell: the bundle in force, the shadow
+    beside it, what a rollback would return to, and the changes so far (oldest first)."""
+
+    active: str | None  # the revision last put in force (None: no gate has recorded one)
+    shadow: str | None
+    rollback_to: str | None
+    changes: list[dict[str, Any]]
+
+
+def policy_status(events: list[tuple[int, Envelope[Any]]]) -> PolicyStatus:
+    """Fold `policy.activated` and `policy.changed` events (in stream order) as the gates fold them."""
+    lifecycle: Lifecycle[str | None] = Lifecycle(None, lambda revision: revision or "")
+    changes = []
+    for seq, envelope in events:
+        data = envelope.data
+        if isinstance(data, PolicyActivated) and data.cause == "start":
+            # A gate's start: its configured bundle, or where the lifecycle had taken it.
+            lifecycle.active = data.revision
+        elif isinstance(data, PolicyChanged):
+            lifecycle.apply(data, seq, functools.partial(str, data.revision))
+            changes.append(
+                {
+                    "stream_seq": seq,
+                    "time": envelope.time.isoformat(),
+                    "change": data.change,
+                    "revision": data.revision,
+                    "by": data.changed_by,
+                    "reason": data.reason,
+                }
+            )
+    earlier = lifecycle.earlier[-1] if lifecycle.earlier else None
+    return PolicyStatus(lifecycle.active, lifecycle.shadow, earlier, changes)
 
 
 # How long reading one stored command back may take (a duplicate submission's receipt).
@@ -440,6 +484,63 @@ class WardenClient:
             with contextlib.suppress(InvalidMessage):
                 view.apply(parse_envelope(message.data), message.metadata.sequence.stream, None)
         return {scope: control for (owner, scope), control in view.halts.items() if owner == tenant}
+
+    async def shadow_policy(
+        self, bundle: PolicyBundle, *, actor: str = "operator", reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Load `bundle` (`PolicyBundle.read(directory)`) into every gate as the shadow beside the
+        bundle in force: each live decision is also judged on it, and each disagreement recorded
+        (`decision.shadowed`), never enforced. Decided by the gate: only a policy administrator may.
+
+        Raises `CommandTooLarge` when the bundle does not fit in one command.
+        """
+        change = PolicyChangeRequested(
+            change="shadow", files=dict(bundle.files), revision=bundle.revision, reason=reason
+        )
+        envelope = self._policy_change(change, actor)
+        limit = min(self.max_command_bytes, STREAM_MAX_MSG_BYTES)
+        if (size := len(envelope.to_bytes())) > limit:
+            raise CommandTooLarge(
+                f"policy bundle {bundle.revision} makes a {size}-byte command; commands may be at most {limit} "
+                "bytes (WARDEN_MAX_COMMAND_BYTES, which the gate holds them to as well): make the bundle smaller"
+            )
+        return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
+
+    async def promote_policy(
+        self, *, actor: str = "operator", revision: str | None = None, reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Put the shadow bundle in force in every gate (`revision`: only if it is that one)."""
+        envelope = self._policy_change(PolicyChangeRequested(change="promote", revision=revision, reason=reason), actor)
+        return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
+
+    async def rollback_policy(
+        self, *, actor: str = "operator", reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Put back in force, in every gate, the bundle that was in force before the last promote."""
+        envelope = self._policy_change(PolicyChangeRequested(change="rollback", reason=reason), actor)
+        return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
+
+    async def withdraw_policy(
+        self, *, actor: str = "operator", revision: str | None = None, reason: str = "", wait_seconds: float = 10.0
+    ) -> ControlOutcome:
+        """Unload the shadow bundle from every gate without promoting it (`revision`: only if it is that one)."""
+        change = PolicyChangeRequested(change="withdraw", revision=revision, reason=reason)
+        envelope = self._policy_change(change, actor)
+        return await self._control(envelope, PolicyChangeRequested, envelope.id, wait_seconds)
+
+    async def policy_status(self) -> PolicyStatus:
+        """The bundle in force, the shadow and the changes so far, read from the events stream."""
+        events = []
+        for message in await self._stored(f"{self.subjects.prefix}.evt.{SYSTEM_TENANT}.policy.>"):
+            with contextlib.suppress(InvalidMessage):
+                events.append((message.metadata.sequence.stream, parse_envelope(message.data)))
+        return policy_status(events)
+
+    @staticmethod
+    def _policy_change(change: PolicyChangeRequested, actor: str) -> Envelope[Any]:
+        return make_envelope(
+            change, tenant=SYSTEM_TENANT, entity_id=POLICY_LIFECYCLE, actor=actor, source="warden-client"
+        )
 
     async def _control(
         self, envelope: Envelope[Any], request: type[Payload], key: str, wait_seconds: float

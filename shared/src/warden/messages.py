@@ -262,6 +262,96 @@ class PolicyActivated(Payload):
     previous_revision: str | None = Field(default=None, max_length=128, description="What it replaced, if anything.")
 
 
+PolicyChange = Literal["shadow", "promote", "rollback", "withdraw"]
+# Where policy change commands are filed: one entity id for the installation's policy lifecycle.
+POLICY_LIFECYCLE = "lifecycle"
+
+
+class PolicyChangeRequested(Payload):
+    """A principal asks to change the installation's policy: load a candidate bundle as the shadow
+    beside the one in force (`shadow`, with its files), put the shadow in force (`promote`), go
+    back to the bundle in force before the last promote (`rollback`), or unload the shadow
+    without promoting it (`withdraw`).
+
+    Published under the reserved tenant `_warden`, entity `policy`, entity id `lifecycle`; decided
+    by the gate (action `policy.change`), like any command: only a policy administrator may.
+    """
+
+    TYPE: ClassVar[str] = "policy.change_requested"
+    KIND: ClassVar[MessageKind] = "command"
+    ENTITY: ClassVar[str] = "policy"
+
+    change: PolicyChange
+    files: dict[str, str] | None = Field(
+        default=None,
+        description="For a shadow: the candidate bundle, each policy file (not its tests) and data.json by name, "
+        "as UTF-8 text (warden.policy_bundle.PolicyBundle). None for any other change.",
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=128,
+        description="For a shadow, the candidate's revision as its sender computed it; for a promote or a "
+        "withdrawal, the shadow revision the sender means (refused if another is loaded). Optional.",
+    )
+    reason: str = Field(default="", max_length=2000)
+
+    @model_validator(mode="after")
+    def _files_only_for_a_shadow(self) -> "PolicyChangeRequested":
+        if (self.change == "shadow") != (self.files is not None):
+            raise ValueError("a shadow carries the candidate's files; no other change carries any")
+        return self
+
+
+class PolicyChanged(Payload):
+    """The policy lifecycle moved: a candidate bundle was loaded as the shadow, the shadow promoted
+    or withdrawn, or the bundle in force rolled back. Every gate follows these events from the stream's start,
+    so every gate, a restarted or a new one too, decides under the same bundle and shadow.
+
+    Published by the gate that allowed the change, after its decision; filed under the reserved
+    tenant `_warden`, entity `policy`, the concerned revision (`sha256-<hex>`) as the entity id.
+    """
+
+    TYPE: ClassVar[str] = "policy.changed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "policy"
+
+    change: PolicyChange
+    revision: str = Field(
+        max_length=128,
+        description="The bundle concerned: the shadow loaded, promoted or withdrawn, or the one rolled back to.",
+    )
+    previous_revision: str = Field(max_length=128, description="The bundle in force when the change was decided.")
+    files: dict[str, str] | None = Field(default=None, description="For a shadow: the candidate bundle's files.")
+    changed_by: str = Field(max_length=256, description="The principal whose command was allowed.")
+    reason: str = Field(default="", max_length=2000)
+    decision_id: Token = Field(description="The gate's decision that allowed the change.")
+    request_seq: StreamSeq = Field(description="Where the command sits in the commands stream.")
+
+
+class DecisionShadowed(Payload):
+    """The shadow bundle would have decided a live request otherwise than the bundle in force did.
+
+    Never enforced: the live decision (`decision_id`) stands. Filed under the request's tenant,
+    entity `policy`, the candidate's revision (`sha256-<hex>`) as the entity id, so one tenant's
+    disagreements with one candidate are one subject filter.
+    """
+
+    TYPE: ClassVar[str] = "decision.shadowed"
+    KIND: ClassVar[MessageKind] = "event"
+    ENTITY: ClassVar[str] = "policy"
+
+    decision_id: Token = Field(description="The live decision, which stands.")
+    request_type: str
+    request_seq: StreamSeq
+    entity_id: str = Field(max_length=128, description="What the decision is about: its run (or a halt's scope).")
+    active_revision: str = Field(max_length=128)
+    active_effect: Effect
+    active_reasons: list[str]
+    candidate_revision: str = Field(max_length=128)
+    candidate_effect: Effect
+    candidate_reasons: list[str]
+
+
 class RunQueued(Payload):
     """The scheduler accepted an allowed run and holds it until a slot is free."""
 
@@ -641,6 +731,9 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     HaltLiftRequested,
     RunCancelled,
     PolicyActivated,
+    PolicyChangeRequested,
+    PolicyChanged,
+    DecisionShadowed,
 )
 MESSAGE_TYPES: dict[str, type[Payload]] = {model.TYPE: model for model in PAYLOAD_TYPES}
 

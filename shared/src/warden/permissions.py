@@ -26,12 +26,15 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     DecisionRefused,
+    DecisionShadowed,
     HaltLiftRequested,
     HaltRequested,
     MessageDeadLettered,
     ModelCallRequested,
     Payload,
     PolicyActivated,
+    PolicyChanged,
+    PolicyChangeRequested,
     RunCancelled,
     RunCancelRequested,
     RunDispatched,
@@ -78,7 +81,7 @@ INSTALLATION_ROLES: tuple[Role, ...] = (
 
 # Which messages each service writes: the one place that says it (the server enforces it).
 PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
-    Role.POLICY_GATE: (DecisionMade, CommandRejected, PolicyActivated),
+    Role.POLICY_GATE: (DecisionMade, CommandRejected, PolicyActivated, PolicyChanged, DecisionShadowed),
     # The scheduler ends a cancelled run that never started; the runner one under way.
     Role.SCHEDULER: (RunQueued, RunDispatched, RunResumed, RunCancelled),
     Role.AGENT_RUNNER: (
@@ -97,7 +100,15 @@ PUBLISHES: dict[Role, tuple[type[Payload], ...]] = {
         MessageDeadLettered,
     ),
     Role.AUDIT_PROJECTOR: (StreamGapDetected, MessageDeadLettered),
-    Role.OPERATOR: (RunSubmitted, ApprovalAnswered, RunCancelRequested, HaltRequested, HaltLiftRequested),
+    # Only the operator may send a policy change; the policy decides whether its actor may make it.
+    Role.OPERATOR: (
+        RunSubmitted,
+        ApprovalAnswered,
+        RunCancelRequested,
+        HaltRequested,
+        HaltLiftRequested,
+        PolicyChangeRequested,
+    ),
     Role.TENANT: (RunSubmitted, ApprovalAnswered, RunCancelRequested, HaltRequested, HaltLiftRequested),
 }
 
@@ -210,7 +221,10 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 # A decision is filed under the entity of its request: cancels and halts have their own.
                 subjects.decisions_on(RunCancelRequested),
                 subjects.decisions_on(HaltRequested),
+                subjects.decisions_on(PolicyChangeRequested),
                 *_durable(streams.commands, GATE_CONSUMER),
+                # The policy lifecycle (policy.changed), followed from the stream's start.
+                *_reads_in_order(streams.events),
                 # The approval request an answer names, read by its sequence.
                 *_direct_get(streams.events),
             ]

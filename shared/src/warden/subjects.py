@@ -217,7 +217,8 @@ CHANNELS: tuple[Channel, ...] = (
         pattern="{prefix}.cmd.{tenant}.{actor}.{type}",
         message_types=_types_of("command"),
         published_by="clients (run.submitted, approval.answered, run.cancel_requested, halt.requested, "
-        "halt.lift_requested), agent runner (tool_call.requested, model_call.requested)",
+        "halt.lift_requested), the operator (policy.change_requested, under the tenant _warden), "
+        "agent runner (tool_call.requested, model_call.requested)",
         consumed_by="policy gate, audit projector",
         description="Requests that need a decision. Stored before anything acts on them; "
         "the idempotency key travels as the Nats-Msg-Id header.",
@@ -232,8 +233,11 @@ CHANNELS: tuple[Channel, ...] = (
         description="Facts: decisions, rejections and every step of a run. "
         "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; decisions on cancels and halts are filed "
         "under entities cancel and halt; holes found in a stream, "
-        "messages a consumer gave up on, and the policy bundles gates put in force "
-        "({prefix}.evt._warden.policy.{revision}.policy.activated) are filed under the tenant _warden.",
+        "messages a consumer gave up on, the policy bundles gates put in force "
+        "({prefix}.evt._warden.policy.{revision}.policy.activated) and the policy lifecycle "
+        "({prefix}.evt._warden.policy.{revision}.policy.changed) are filed under the tenant _warden; "
+        "a shadow bundle's disagreements with live decisions under {prefix}.evt.{tenant}.policy.{revision}."
+        "decision.shadowed.",
     ),
     Channel(
         name="work",

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 import nats.errors
 import structlog
 from faststream import FastStream
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
@@ -20,7 +21,10 @@ from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient
 from warden.controls import ControlFeed
 from warden.dead_letters import give_up
 from warden.errors import InvalidMessage, RejectionCode
-from warden.messages import RunDispatched, RunFailed, make_envelope, parse_envelope
+from warden.messages import PolicyChanged, RunDispatched, RunFailed, make_envelope, parse_envelope
+from warden.policy_bundle import PolicyBundle
+from warden.policy_lifecycle import Lifecycle, follow_policy_changes
+from warden.secret_arguments import POLICY_DATA_FILE, shipped_policy_dir
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
 from warden.signing import DecisionVerifier
@@ -35,9 +39,10 @@ log = structlog.get_logger(__name__)
 
 
 class Runner:
-    def __init__(self, settings: Settings, js: JetStreamContext) -> None:
+    def __init__(self, settings: Settings, nc: NatsClient) -> None:
         self.settings = settings
-        self.js = js
+        self.nc = nc
+        self.js = js = nc.jetstream()
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
         worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -54,6 +59,8 @@ class Runner:
             verifier=verifier,
             controls=self.controls,
         )
+        # The pack's data the runner enforces follows the gates' promotes and rollbacks.
+        self.policy = Lifecycle(PolicyBundle.read(settings.policy_dir or shipped_policy_dir()), _revision)
         self.slots = asyncio.Semaphore(settings.runner_concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -128,6 +135,11 @@ class Runner:
         await retry_transient(self.decisions.open, what="the decision feed")
         # And no run is taken before every stop stored so far is known.
         await retry_transient(self.controls.open, what="the cancels and halts in force")
+        # Nor before the policy data in force is.
+        policy = await retry_transient(
+            lambda: follow_policy_changes(self.nc, self.settings.subject_prefix, self.on_policy_changed),
+            what="the policy lifecycle",
+        )
         try:
             await self._take_work(subscription)
         finally:
@@ -137,12 +149,30 @@ class Runner:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.decisions.close()
             await self.controls.close()
+            await policy.stop()
             await self.executor.models.close()
             await asyncio.gather(*(toolbox.aclose() for toolbox in self.executor.toolboxes.values()))
             # Work delivered and never fetched would otherwise hold the connection's drain, at
             # shutdown, until nats-py gives up on it (30 s).
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
+
+    async def on_policy_changed(self, changed: PolicyChanged, seq: int) -> None:
+        """Follow the policy lifecycle as the gates do; on a promote or rollback, enforce the new bundle's data."""
+        in_force = self.policy.active
+        problem = self.policy.apply(changed, seq, lambda: PolicyBundle(changed.files or {}))
+        if problem is not None:
+            log.error("policy change not followed", stream_seq=seq, problem=problem)
+        if self.policy.active is in_force:
+            return
+        try:
+            data = json.loads(self.policy.active.files[POLICY_DATA_FILE]).get("warden", {})
+            self.executor.use_policy_data(data if isinstance(data, dict) else {})
+        except (KeyError, ValueError, AttributeError) as exc:
+            # The gate loaded this bundle before allowing it, so this is a bug: keep the data in force.
+            log.error("the policy data in force could not be read", revision=changed.revision, error=repr(exc))
+            return
+        log.info("policy data in force", revision=self.policy.active.revision, stream_seq=seq)
 
     async def _take_work(self, subscription: Any) -> None:
         """Take as many waiting runs as there are free slots at once: one fetch at a time, under load,
@@ -173,13 +203,17 @@ class Runner:
             log.error("run handler failed", error=repr(error))
 
 
+def _revision(bundle: PolicyBundle) -> str:
+    return bundle.revision
+
+
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     work = StreamNames.for_prefix(settings.subject_prefix).work
     return consumer_service(
         settings,
         SERVICE,
-        lambda broker: Runner(settings, broker.connection.jetstream()).run(),
+        lambda broker: Runner(settings, broker.connection).run(),
         lambda js: watch_ground(lambda: js.consumer_info(work, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {work}"),
     )
 

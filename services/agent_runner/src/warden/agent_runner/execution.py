@@ -86,7 +86,7 @@ from warden.messages import (
     make_envelope,
     parse_envelope,
 )
-from warden.secret_arguments import SecretArguments, shipped_policy_dir
+from warden.secret_arguments import SecretArguments, secret_argument_names_of, shipped_policy_dir
 from warden.settings import Settings
 from warden.signing import DecisionVerifier, arguments_hash, bound_arguments
 from warden.streams import StreamNames
@@ -241,15 +241,8 @@ class RunExecutor:
         # secret every runner holds and no one else does, its NATS seed.
         seed_file = settings.seed_file_for(SERVICE)
         self.tool_call_secret = read_seed(seed_file) if seed_file is not None else secrets.token_bytes(32)
-        # Keyed by the same secret, so every runner conceals a value the same way.
-        self.secret_arguments = SecretArguments.from_policy_dir(
-            settings.policy_dir or shipped_policy_dir(), self.tool_call_secret
-        )
-        # What the runner enforces itself, read once from the same pack as the gate's.
-        self.policy_data = policy_data = read_policy_data(settings.policy_dir or shipped_policy_dir())
-        self.prices = ModelPrices.from_policy_data(policy_data)
-        self.limits = TimeLimits.from_policy_data(policy_data)
-        self.budgets = Budgets.from_policy_data(policy_data)
+        # What the runner enforces itself, from the same pack as the gate's (until a promote).
+        self.use_policy_data(read_policy_data(settings.policy_dir or shipped_policy_dir()))
         self.ledger = Ledger(js, StreamNames.for_prefix(settings.subject_prefix).ledger)
         self.models = ModelClient()
         self.tool_servers = (
@@ -263,6 +256,19 @@ class RunExecutor:
         self.controls = controls
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
+
+    def use_policy_data(self, warden: Mapping[str, Any]) -> None:
+        """Enforce `data.warden` of the bundle in force: its secret arguments, prices, limits and budgets.
+
+        Called at start and on every promote or rollback the runner follows; a run under way
+        takes the new data from its next step on, as its next decision does from the gate.
+        """
+        # Keyed by the runners' shared secret, so every runner conceals a value the same way.
+        self.secret_arguments = SecretArguments(secret_argument_names_of({"warden": warden}), self.tool_call_secret)
+        self.policy_data = dict(warden)
+        self.prices = ModelPrices.from_policy_data(warden)
+        self.limits = TimeLimits.from_policy_data(warden)
+        self.budgets = Budgets.from_policy_data(warden)
 
     async def _publish(self, envelope: Envelope[Any], key: str) -> PubAck:
         """Store one event or command; a passing bus failure is waited out here (the key makes retries safe)."""

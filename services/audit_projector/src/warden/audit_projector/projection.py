@@ -34,6 +34,7 @@ from warden.messages import (
     CommandRejected,
     DecisionMade,
     DecisionRefused,
+    DecisionShadowed,
     Envelope,
     HaltLiftRequested,
     HaltRequested,
@@ -41,6 +42,8 @@ from warden.messages import (
     ModelCallRequested,
     Payload,
     PolicyActivated,
+    PolicyChanged,
+    PolicyChangeRequested,
     RunCancelled,
     RunCancelRequested,
     RunDispatched,
@@ -694,6 +697,11 @@ READ_MODELS: dict[type[Payload], ReadModelProjector] = {
     HaltLiftRequested: lambda rows, envelope, data, trace_id: None,
     # Kept in `events`, bundle and all: `warden policy replay` reads a revision's files from there.
     PolicyActivated: lambda rows, envelope, data, trace_id: None,
+    # The policy lifecycle and a shadow's disagreements: kept in `events`; a change's decision in
+    # `decisions` (under the entity id `lifecycle`, in run_id).
+    PolicyChangeRequested: lambda rows, envelope, data, trace_id: None,
+    PolicyChanged: lambda rows, envelope, data, trace_id: None,
+    DecisionShadowed: lambda rows, envelope, data, trace_id: None,
 }
 assert set(READ_MODELS) == set(PAYLOAD_TYPES), "every message type says what it adds to the read models"
 

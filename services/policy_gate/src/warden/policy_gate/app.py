@@ -1,6 +1,7 @@
 """The policy gate: every command passes here first; bad ones are rejected, the rest decided by Rego."""
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -8,8 +9,8 @@ import nats.errors
 import nats.js.errors
 import structlog
 from faststream import FastStream
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
@@ -18,13 +19,21 @@ from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
     ApprovalAnswered,
     ApprovalRequested,
+    DecisionMade,
+    DecisionShadowed,
     Envelope,
+    PolicyChanged,
+    PolicyChangeRequested,
     make_envelope,
     parse_envelope,
 )
+from warden.policy_bundle import revision_token
 from warden.policy_gate.activation import SERVICE, activation, describe
-from warden.policy_gate.decide import PolicyDecider
+from warden.policy_gate.decide import PolicyDecider, judge_input
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
+from warden.policy_gate.lifecycle import PolicyLifecycle
+from warden.policy_lifecycle import follow_policy_changes
+from warden.reader import FilteredReader
 from warden.service import consumer_service, run_service
 from warden.settings import Settings
 from warden.signing import DecisionSigner, DecisionVerifier
@@ -43,6 +52,11 @@ RETRY_DELAY_SECONDS = 1.0
 MAX_IN_FLIGHT = 2048
 PUBLISH_TIMEOUT_SECONDS = 5.0
 COMMAND_ACK_WAIT_SECONDS = 30.0
+# Live decisions waiting to be judged on the shadow bundle. Past this the gate is falling behind:
+# the newest are left unjudged (and counted in the log) rather than slowing the decisions down.
+SHADOW_BACKLOG = 4096
+# How long a gate that allowed a policy change waits to have folded it in before its next command.
+FOLLOW_TIMEOUT_SECONDS = 10.0
 
 log = structlog.get_logger(__name__)
 
@@ -67,12 +81,20 @@ class Gate:
     """
 
     def __init__(
-        self, settings: Settings, js: JetStreamContext, decider: PolicyDecider, policy_origin: str = "(given)"
+        self, settings: Settings, nc: NatsClient, decider: PolicyDecider, policy_origin: str = "(given)"
     ) -> None:
         self.settings = settings
         self.policy_origin = policy_origin
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         self.decider = decider
+        self.lifecycle = PolicyLifecycle(decider.engine, origin=policy_origin)
+        # The stream sequence of the last policy.changed folded in, and a wake-up for those waiting on it.
+        self.lifecycle_seq = 0
+        self.lifecycle_moved = asyncio.Condition()
+        self.following_live = False
+        self.shadowing: asyncio.Queue[tuple[Envelope[Any], PolicyEngine]] = asyncio.Queue(SHADOW_BACKLOG)
+        self.shadow_skipped = 0
         self.subjects = Subjects(settings.subject_prefix)
         self.rules = CommandRules(self.subjects, settings.max_command_bytes)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
@@ -145,7 +167,11 @@ class Gate:
         return request
 
     def _decided(self, command: Envelope[Any], seq: int, approval: ApprovalRequested | str | None) -> Envelope[Any]:
-        verdict = self.decider.decide(command, seq, approval)
+        change = command.data
+        refusal = (
+            functools.partial(self.lifecycle.refusal, change) if isinstance(change, PolicyChangeRequested) else None
+        )
+        verdict = self.decider.decide(command, seq, approval, refusal=refusal)
         log.info(
             "decision made",
             run_id=command.entity_id,
@@ -165,6 +191,9 @@ class Gate:
 
     async def decide(self, message: Msg) -> None:
         """Answer one command and send the answer (pipelined); `settle` acks the command once it is stored."""
+        if message.subject.endswith(f".{PolicyChangeRequested.TYPE}"):
+            await self.change_policy(message)
+            return
         with consuming(SERVICE, "policy_gate.decide", message.headers, stream_seq=message.metadata.sequence.stream):
             approval = await self.approval_named_by(message)
             event, key = self.outcome(message, approval)
@@ -179,6 +208,166 @@ class Gate:
             self._publish_later(answer, exc)
             return
         self.unsettled.put_nowait((answer, stored))
+        self._shadow(event)
+
+    def _shadow(self, event: Envelope[Any]) -> None:
+        """Hand a live decision to the shadow bundle, if one is loaded: judged after it is sent."""
+        shadow = self.lifecycle.shadow
+        if shadow is None or not isinstance(event.data, DecisionMade) or event.data.input is None:
+            return  # a decision made on grounds its input does not hold is the gate's, not a policy's
+        try:
+            self.shadowing.put_nowait((event, shadow))
+        except asyncio.QueueFull:
+            self.shadow_skipped += 1
+            if self.shadow_skipped % SHADOW_BACKLOG == 1:
+                log.warning(
+                    "the shadow bundle is falling behind; live decisions left unjudged", skipped=self.shadow_skipped
+                )
+
+    async def judge_on_shadow(self) -> None:
+        """Judge each live decision again on the shadow bundle and record each disagreement; never enforced."""
+        while True:
+            event, shadow = await self.shadowing.get()
+            made = event.data
+            assert isinstance(made, DecisionMade)
+            assert made.input is not None
+            try:
+                effect, reasons = judge_input(shadow, made.input)
+            except Exception:  # the candidate's failure is the candidate's: the live decision stands
+                log.exception("the shadow bundle failed on a decision", decision_id=made.decision_id)
+                continue
+            if (effect, list(reasons)) == (made.effect, list(made.reasons)):
+                continue
+            disagreement = make_envelope(
+                DecisionShadowed(
+                    decision_id=made.decision_id,
+                    request_type=made.request_type,
+                    request_seq=made.request_seq,
+                    entity_id=event.entity_id,
+                    active_revision=made.policy_revision,
+                    active_effect=made.effect,
+                    active_reasons=list(made.reasons),
+                    candidate_revision=shadow.revision,
+                    candidate_effect=effect,
+                    candidate_reasons=list(reasons),
+                ),
+                tenant=event.tenant,
+                entity_id=revision_token(shadow.revision),
+                actor=SERVICE,
+                source=SERVICE,
+                caused_by=event,
+            )
+            key = f"shadowed-{made.decision_id}-{revision_token(shadow.revision)}"
+            try:
+                await self._store(disagreement, key, what="a decision.shadowed event")
+            except nats.errors.Error as exc:
+                log.error("could not record a shadow disagreement", decision_id=made.decision_id, error=repr(exc))
+
+    async def change_policy(self, message: Msg) -> None:
+        """Decide a policy change and, if allowed, record it as `policy.changed`; ack once both are stored.
+
+        Handled one at a time, and this gate takes its next command only once it has folded the
+        change in (from the stream, as every gate does): its later decisions are made under it.
+        """
+        seq = message.metadata.sequence.stream
+        with consuming(SERVICE, "policy_gate.change_policy", message.headers, stream_seq=seq):
+            event, key = self.outcome(message)
+        try:
+            stored_decision = await self._store(event, key, what="the decision on a policy change")
+            made = event.data
+            if stored_decision.duplicate:
+                # A redelivery: the decision stored first stands (the lifecycle may have moved since),
+                # and its change is recorded if it was allowed and this delivery's was cut short.
+                made = await self._recorded(stored_decision.seq)
+            if isinstance(made, DecisionMade) and made.effect == "allow":
+                command = self.rules.judge(message.subject, message.data, message.headers, seq)
+                assert isinstance(command, Envelope)
+                recording = self.lifecycle.change_event(command, made.decision_id, seq)
+                if recording is None:
+                    log.info(
+                        "a redelivered policy change the lifecycle no longer allows (followed already)", stream_seq=seq
+                    )
+                else:
+                    stored = await self._store(*recording, what="the policy.changed event")
+                    await self._folded(stored.seq)
+        except nats.errors.Error as exc:
+            await self._give_up_or_redeliver(message, exc)
+            return
+        await message.ack()
+
+    async def _recorded(self, seq: int) -> Any:
+        """The payload of the event stored at `seq` in the events stream (None if it is not there or not valid)."""
+        try:
+            stored = await retry_transient(
+                lambda: self.js.get_msg(self.streams.events, seq, direct=True), what="a recorded decision"
+            )
+            return parse_envelope(stored.data or b"", type_hint=(stored.headers or {}).get(TYPE_HEADER)).data
+        except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
+            log.error("the decision on a policy change could not be read back", stream_seq=seq, error=repr(exc))
+            return None
+
+    async def _store(self, event: Envelope[Any], key: str, *, what: str) -> PubAck:
+        return await retry_transient(
+            lambda: self.js.publish(
+                self.subjects.expected_subject(event),
+                event.to_bytes(),
+                headers=envelope_headers(event, key),
+                stream=self.streams.events,
+            ),
+            what=what,
+        )
+
+    async def _folded(self, stream_seq: int) -> None:
+        """Wait until this gate's lifecycle has folded in the event at `stream_seq`."""
+        async with self.lifecycle_moved:
+            try:
+                await asyncio.wait_for(
+                    self.lifecycle_moved.wait_for(lambda: self.lifecycle_seq >= stream_seq), FOLLOW_TIMEOUT_SECONDS
+                )
+            except TimeoutError:
+                log.warning("a policy change is stored but not folded in yet", stream_seq=stream_seq)
+
+    async def on_policy_changed(self, changed: PolicyChanged, seq: int) -> None:
+        """Fold one `policy.changed` in; a promote or rollback followed live is recorded before it takes effect."""
+        following = self.lifecycle.next_active(changed)
+        if following is not None and self.following_live:
+            # On the record before the first decision under it (a restart records its start instead).
+            await self.record_activation(
+                *activation(
+                    following,
+                    cause="promote" if changed.change == "promote" else "rollback",
+                    activated_by=changed.changed_by,
+                    origin=f"events:{seq}",
+                    reason=changed.reason,
+                    previous_revision=self.lifecycle.active.revision,
+                    lifecycle_seq=seq,
+                )
+            )
+        problem = self.lifecycle.follow(changed, seq)
+        if problem is not None:
+            log.error("policy change not followed", stream_seq=seq, problem=problem)
+        # Between two decisions: each decision reads the engine once (see PolicyDecider).
+        self.decider.engine = self.lifecycle.active
+        log.info(
+            "policy lifecycle moved",
+            change=changed.change,
+            revision=changed.revision,
+            active=self.lifecycle.active.revision,
+            shadow=self.lifecycle.shadow.revision if self.lifecycle.shadow else None,
+            stream_seq=seq,
+        )
+        async with self.lifecycle_moved:
+            self.lifecycle_seq = seq
+            self.lifecycle_moved.notify_all()
+
+    async def follow_lifecycle(self) -> FilteredReader:
+        """Fold the policy lifecycle from the stream's start, return once caught up, and go on following it."""
+        reader = await retry_transient(
+            lambda: follow_policy_changes(self.nc, self.settings.subject_prefix, self.on_policy_changed),
+            what="the policy lifecycle",
+        )
+        self.following_live = True
+        return reader
 
     async def settle(self) -> None:
         """Ack each command whose outcome JetStream stored; retry (later) or give up on the others."""
@@ -263,11 +452,19 @@ class Gate:
         log.info("policy activated", duplicate=stored.duplicate, stream_seq=stored.seq, **describe(event))
 
     async def run(self) -> None:
+        # Where the lifecycle stands (a promoted bundle, a shadow) before the first decision.
+        lifecycle = await self.follow_lifecycle()
         # The bundle is on the record before the first decision that names its revision.
         await self.record_activation(
-            *activation(self.decider.engine, cause="start", activated_by=SERVICE, origin=self.policy_origin)
+            *activation(
+                self.decider.engine,
+                cause="start",
+                activated_by=SERVICE,
+                origin=self.lifecycle.origin or self.policy_origin,
+            )
         )
         settling = asyncio.create_task(self.settle())
+        shadowing = asyncio.create_task(self.judge_on_shadow())
         # A push consumer shared by every gate instance through the queue group: JetStream spreads
         # commands across them and redelivers what an instance leaves unacknowledged. Push, not
         # pull: an idle gate answers at once, with no fetch round trip in the way.
@@ -297,6 +494,8 @@ class Gate:
             except nats.errors.Error as exc:
                 log.warning("could not unsubscribe", error=repr(exc))
             settling.cancel()
+            shadowing.cancel()
+            await lifecycle.stop()
 
 
 def build_app(settings: Settings | None = None) -> FastStream:
@@ -320,7 +519,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     return consumer_service(
         settings,
         SERVICE,
-        lambda broker: Gate(settings, broker.connection.jetstream(), decider, str(policy_dir)).run(),
+        lambda broker: Gate(settings, broker.connection, decider, str(policy_dir)).run(),
         lambda js: watch_ground(
             lambda: js.consumer_info(commands, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {commands}"
         ),

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ from warden.messages import (
     HaltLiftRequested,
     HaltRequested,
     ModelCallRequested,
+    PolicyChangeRequested,
     RunCancelRequested,
     RunSubmitted,
     RunUsage,
@@ -59,6 +60,7 @@ APPROVAL_ANSWER = "approval.answer"
 RUN_CANCEL = "run.cancel"
 HALT = "halt"
 HALT_LIFT = "halt.lift"
+POLICY_CHANGE = "policy.change"
 # How deep a tool call's arguments may nest and still be recorded in its decision's input, inside
 # every event that carries that decision (an approval request: envelope, data, decision, input,
 # tool, arguments), under the decoding rules' limit on a whole message. Deeper ones are denied
@@ -90,6 +92,24 @@ def control_input(envelope: Envelope[Any]) -> dict[str, Any]:
         "model": None,
         "control": control,
         "run": {"id": envelope.entity_id} if isinstance(data, RunCancelRequested) else None,
+    }
+
+
+def policy_change_input(envelope: Envelope[Any]) -> dict[str, Any]:
+    """The policy input for a change of the installation's policy: who asks for which change (see
+    policies/policy.rego). The bundle itself is not in it: whether a candidate loads is the gate's
+    judgement, made after the policy's (see `PolicyDecider.decide`)."""
+    data = envelope.data
+    assert isinstance(data, PolicyChangeRequested)
+    return {
+        "action": POLICY_CHANGE,
+        "tenant": envelope.tenant,
+        "principal": envelope.actor,
+        "agent": None,
+        "tool": None,
+        "model": None,
+        "run": None,
+        "policy": {"change": data.change, "revision": data.revision, "reason": data.reason},
     }
 
 
@@ -252,13 +272,27 @@ class PolicyDecider:
         self._clear_secret_key = hmac.new(bytes(signer.key), b"warden: clear secret arguments", hashlib.sha256).digest()
 
     def decide(
-        self, envelope: Envelope[Any], request_seq: int, approval: ApprovalRequested | str | None = None
+        self,
+        envelope: Envelope[Any],
+        request_seq: int,
+        approval: ApprovalRequested | str | None = None,
+        *,
+        refusal: Callable[[], str | None] | None = None,
     ) -> DecisionMade:
         """The decision on one command; for an answer to an approval request, `approval` is the
-        request it names as read from the events stream, or why it could not be read."""
+        request it names as read from the events stream, or why it could not be read.
+
+        `refusal`: asked only once the policy allows, why the gate cannot carry the command out
+        (a policy change the lifecycle cannot make: a candidate that does not load, no shadow to
+        promote), or None. So one who may not change policy is told that, and no candidate is
+        loaded for them; an allow it refuses becomes a deny with that reason and no input (the
+        input does not hold it).
+        """
         engine = self.engine
         started = time.perf_counter()
         judged = self.judge(engine, envelope, approval)
+        if judged.effect == "allow" and refusal is not None and (refused := refusal()) is not None:
+            judged = Judgement("deny", [refused], None)
         return decision(
             envelope,
             self.signer,
@@ -280,6 +314,10 @@ class PolicyDecider:
             return self._judge_answer(engine, envelope, approval)
         if envelope.type in CONTROL_TYPES:
             return self._judge_control(engine, envelope)
+        if isinstance(envelope.data, PolicyChangeRequested):
+            document = policy_change_input(envelope)
+            effect, reasons = judge_input(engine, document)
+            return Judgement(effect, list(reasons), document)
         return self._judge_request(engine, envelope)
 
     def _judge_request(self, engine: PolicyEngine, envelope: Envelope[Any]) -> Judgement:
