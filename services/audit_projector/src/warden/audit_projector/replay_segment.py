@@ -4,6 +4,11 @@ Reads the segment with `stream_reader`, projects it with the live projector's ow
 its `events` rows in chunks while projecting the next, settles rows Postgres refuses as the live
 projector does, and returns the read-model rows merged per key for the coordinator (`replay`)
 to apply in stream order.
+
+The rows' chain values depend on every earlier row of their stream, so a segment chains its rows
+from the heads the segment before it ended on, handed over through a `HeadsRelay`: a segment
+projects while it waits for them (its chunks queue up), and hands its own on as soon as its last
+chunk is COPYed. Only the chaining is sequential, and it is the cheap part.
 """
 
 import asyncio
@@ -13,11 +18,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
 
 from warden.admission import CommandRules
+from warden.audit_chain import ChainHeads, Head
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
     EVENT_COLUMNS,
@@ -45,6 +52,8 @@ log = structlog.get_logger(__name__)
 # round trip does not matter, small enough that a chunk of 1 MiB messages is not a gigabyte.
 COPY_CHUNK = 10_000
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# The most sequences in one segment: a segment waiting for its heads holds its projected rows.
+MAX_SEGMENT = 20 * COPY_CHUNK
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,38 @@ class SegmentResult:
     cpu_seconds: float = 0.0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
     dead_letters: list[DeadLetterRow] = field(default_factory=list)  # messages Postgres refused even raw
+
+
+class SegmentFailed(RuntimeError):
+    """The segment before this one failed, so the heads this one starts from will never come."""
+
+
+class HeadsRelay:
+    """Hands each segment the chain heads its stream's previous segment ended on.
+
+    `queues[i]` carries segment i's starting heads (per tenant), or None if the segment before it
+    failed. Queues from a multiprocessing manager reach worker processes; plain ones serve a replay
+    in one process, where segments run in order and the heads are always there already.
+    """
+
+    def __init__(self, queues: Sequence[Any], next_in_stream: Sequence[bool]) -> None:
+        self.queues = queues
+        self.next_in_stream = next_in_stream
+
+    async def start(self, segment: Segment) -> ChainHeads:
+        queue = self.queues[segment.index]
+        heads = queue.get_nowait() if queue.qsize() else await asyncio.to_thread(queue.get)
+        if heads is None:
+            raise SegmentFailed(f"segment {segment.index - 1} failed: {segment.stream} cannot be chained on")
+        return ChainHeads({(segment.stream, tenant): Head(*head) for tenant, head in heads.items()})
+
+    def finish(self, segment: Segment, heads: ChainHeads | None) -> None:
+        """Hand the heads on to the stream's next segment (None: this one failed)."""
+        if self.next_in_stream[segment.index]:
+            handed = (
+                None if heads is None else {t: (h.index, h.hash) for t, h in heads.for_stream(segment.stream).items()}
+            )
+            self.queues[segment.index + 1].put(handed)
 
 
 class _DryRun(Exception):
@@ -135,30 +176,42 @@ async def _write_chunks(
     target: ReplayTarget,
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
     result: SegmentResult,
+    relay: HeadsRelay,
 ) -> None:
-    """COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
+    """Chain and COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
     refusals: asyncpg.Pool | None = None
+    heads = await relay.start(result.segment)
     try:
         while (chunk := await chunks.get()) is not None:
             messages, rows = chunk
+            chained = heads.fork()
             try:
                 async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
                     await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                        "events",
+                        records=chained.chained(rows.events),
+                        columns=EVENT_COLUMNS,
+                        schema_name=target.schema,
                     )
             except CONTENT_REFUSALS as exc:
                 log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
                 # The live projector's pool settings, so its statements fail (or not) as they do live.
                 refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
                 rows = await _settle_refusals(target.rules, messages, refusals, result)
+                chained = heads.fork()
                 async with connection.transaction():
                     await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                        "events",
+                        records=chained.chained(rows.events),
+                        columns=EVENT_COLUMNS,
+                        schema_name=target.schema,
                     )
+            heads.adopt(chained)
             rows.events.clear()
             result.rows.absorb(rows)
             result.applied += len(messages)
             result.last_seq = messages[-1].seq
+        relay.finish(result.segment, heads)
     finally:
         if refusals is not None:
             await refusals.close()
@@ -184,19 +237,28 @@ class _HoleFinder:
         return self.holes
 
 
-async def replay_segment_async(target: ReplayTarget, segment: Segment) -> SegmentResult:
+async def replay_segment_async(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     """Read, project and COPY one segment's events; return its merged read-model rows and its holes."""
+    try:
+        return await _replay_segment(target, segment, relay)
+    except BaseException:
+        relay.finish(segment, None)  # the next segment stops waiting for heads that will not come
+        raise
+
+
+async def _replay_segment(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     cpu_started = time.process_time()
     rules = target.rules
     result = SegmentResult(segment)
     holes = _HoleFinder(segment.first_seq, segment.last_seq)
     nc = await connect(target.nats_url, **connect_options(target.seed_file))
     connection = await connect_for_copy(target.database_url)
-    # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
-    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
+    # Projecting the next chunk overlaps writing this one. Unbounded: while the writer waits for the
+    # heads to chain on, the whole segment may queue up (MAX_SEGMENT bounds it).
+    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue()
     try:
         async with connection.transaction():
-            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result))
+            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result, relay))
             try:
                 messages: list[StoredMessage] = []
                 size = 0
@@ -245,10 +307,10 @@ async def _put(
         raise RuntimeError("replay writer stopped early")
 
 
-def replay_segment(target: ReplayTarget, segment: Segment) -> SegmentResult:
+def replay_segment(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     """Entry point of a worker process."""
     with cyclic_gc_paused():
-        return asyncio.run(replay_segment_async(target, segment))
+        return asyncio.run(replay_segment_async(target, segment, relay))
 
 
 @contextlib.contextmanager
