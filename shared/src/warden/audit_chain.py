@@ -17,7 +17,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
+
+import pydantic_core
 
 # The columns of an `events` row that its content hash covers, in this order: every column but
 # the chain's own. warden.audit_projector.projection checks its rows lead with these.
@@ -71,18 +73,24 @@ def _number(text: str) -> int | float:
     return int(value) if value == value.to_integral_value() else float(text)
 
 
-def canonical_payload(text: str | None) -> Any:
-    """A jsonb payload's value, whether it is read from the projector's JSON or from Postgres's."""
+# Built once: json.loads and json.dumps with options build a decoder or encoder on every call.
+_PAYLOAD_DECODER = json.JSONDecoder(parse_float=_number)
+_PAYLOAD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+def canonical_payload(text: str | None) -> str | None:
+    """A jsonb payload as canonical JSON (keys sorted, numbers as above, ASCII), whether it is read from
+    the projector's JSON or from Postgres's."""
     if text is None:
         return None
-    return json.loads(text, parse_float=_number)
+    return _PAYLOAD_ENCODER.encode(_PAYLOAD_DECODER.decode(text))
 
 
 def content_bytes(row: Sequence[Any]) -> bytes:
-    """The canonical bytes of an events row's content: its CONTENT_COLUMNS, leading `row`, as JSON.
+    """The canonical bytes of an events row's content: its CONTENT_COLUMNS, leading `row`, as a JSON array.
 
-    Times become microseconds, the payload its canonical value (keys sorted, numbers as above),
-    raw bytes base64; ASCII only, so no text a database could re-encode changes the bytes.
+    Times become microseconds, the payload its canonical JSON text, raw bytes base64. This runs once
+    per row written (a replay's hot loop), so the array is serialised by pydantic-core.
     """
     values = list(row[:_CONTENT_LENGTH])
     values[_STORED_AT] = _micros(values[_STORED_AT])
@@ -90,7 +98,7 @@ def content_bytes(row: Sequence[Any]) -> bytes:
     values[_PAYLOAD] = canonical_payload(values[_PAYLOAD])
     raw = values[_RAW]
     values[_RAW] = base64.b64encode(raw).decode() if raw is not None else None
-    return _CONTENT_PREFIX + json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+    return _CONTENT_PREFIX + pydantic_core.to_json(values)
 
 
 def content_hash(row: Sequence[Any]) -> bytes:
@@ -108,12 +116,18 @@ def link(previous_hash: bytes, row_content_hash: bytes) -> bytes:
     return hashlib.sha256(previous_hash + row_content_hash).digest()
 
 
-@dataclass(frozen=True)
-class Head:
-    """Where a chain ends: the index of its last row (0 for none yet) and that row's chain hash."""
+class Head(NamedTuple):
+    """Where a chain ends: the index of its last row (0 for none yet) and that row's chain hash.
 
-    index: int
+    A named tuple, not a frozen dataclass: one is made per row written, and a frozen dataclass's
+    __init__ costs several times as much.
+    """
+
+    last_index: int
     hash: bytes
+
+
+_new_head = tuple.__new__
 
 
 class ChainHeads:
@@ -133,7 +147,7 @@ class ChainHeads:
     def append(self, chain: ChainId, row_content_hash: bytes) -> Head:
         """Extend `chain` by a row with this content hash; return the row's index and chain hash."""
         head = self.head(chain)
-        new = self.heads[chain] = Head(head.index + 1, link(head.hash, row_content_hash))
+        new = self.heads[chain] = Head(head.last_index + 1, link(head.hash, row_content_hash))
         return new
 
     def chained(self, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
@@ -143,14 +157,17 @@ class ChainHeads:
         """
         out = []
         heads = self.heads
+        sha256 = hashlib.sha256
         for row in rows:
             content = row[:_CONTENT_LENGTH]
             chain = (row[0], row[4])
             head = heads.get(chain)
             if head is None:
                 head = Head(0, genesis(chain))
-            head = heads[chain] = Head(head.index + 1, link(head.hash, content_hash(content)))
-            out.append((*content, head.index, head.hash))
+            index = head[0] + 1
+            digest = sha256(head[1] + sha256(content_bytes(content)).digest()).digest()  # link(), inlined
+            heads[chain] = _new_head(Head, (index, digest))
+            out.append((*content, index, digest))
         return out
 
     def fork(self) -> "ChainHeads":

@@ -24,7 +24,7 @@ import asyncpg
 import structlog
 
 from warden.admission import CommandRules
-from warden.audit_chain import ChainHeads, Head
+from warden.audit_chain import ChainHeads
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
     EVENT_COLUMNS,
@@ -117,14 +117,12 @@ class HeadsRelay:
         heads = queue.get_nowait() if queue.qsize() else await asyncio.to_thread(queue.get)
         if heads is None:
             raise SegmentFailed(f"segment {segment.index - 1} failed: {segment.stream} cannot be chained on")
-        return ChainHeads({(segment.stream, tenant): Head(*head) for tenant, head in heads.items()})
+        return ChainHeads({(segment.stream, tenant): head for tenant, head in heads.items()})
 
     def finish(self, segment: Segment, heads: ChainHeads | None) -> None:
         """Hand the heads on to the stream's next segment (None: this one failed)."""
         if self.next_in_stream[segment.index]:
-            handed = (
-                None if heads is None else {t: (h.index, h.hash) for t, h in heads.for_stream(segment.stream).items()}
-            )
+            handed = None if heads is None else heads.for_stream(segment.stream)
             self.queues[segment.index + 1].put(handed)
 
 

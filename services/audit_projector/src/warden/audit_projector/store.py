@@ -325,7 +325,7 @@ class AuditStore:
         if self.chained is not None:
             for (_, tenant), head in extended.heads.items():
                 if heads.head((stream, tenant)) != head:
-                    self.chained(stream, tenant, head.index, head.hash)
+                    self.chained(stream, tenant, head.last_index, head.hash)
         return len(fresh)
 
     @staticmethod
