@@ -1,6 +1,7 @@
 """The audit hash chain: its pure code, and tampering with a real projection found by `warden audit verify`."""
 
 import dataclasses
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -26,7 +27,9 @@ from warden.audit_chain import (
     MissingRows,
     ReorderedRow,
     RowsCutOff,
+    canonical_json,
     canonical_payload,
+    content_bytes,
     content_hash,
 )
 from warden.audit_projector.app import build_app
@@ -64,11 +67,21 @@ def _verify(rows: list[ChainRow], checkpoints: list[Checkpoint] = ()) -> ChainVe
 
 
 def test_payload_numbers_hash_alike_however_postgres_spells_them() -> None:
-    """A payload read back from jsonb (integral floats spelt out, keys reordered) hashes as the projector's JSON."""
-    written = '{"b": 1e16, "a": [100000.0, 0.1, 1.5e-07, -0.0, 12345678901234567890]}'
-    from_postgres = '{"a": [100000.0, 0.1, 0.00000015, 0.0, 12345678901234567890], "b": 10000000000000000}'
+    """A payload read back from jsonb (integral floats spelt out, keys reordered, no negative zero) hashes
+    as the projector's canonical JSON does."""
+    value = {"b": 1e16, "a": [100000.0, 0.1, 1.5e-07, -0.0, 2**53, 1.2345678901234568e17], "c": "\u00e9"}
+    written = canonical_json(value)
+    from_postgres = (
+        '{"a": [100000.0, 0.1, 0.00000015, 0.0, 9007199254740992, 123456789012345680], '
+        '"b": 10000000000000000, "c": "\u00e9"}'
+    )
     assert canonical_payload(written) == canonical_payload(from_postgres)
-    assert content_hash(_row(1, payload=written)) == content_hash(_row(1, payload=from_postgres))
+    assert (
+        content_hash(_row(1, payload=from_postgres))
+        == hashlib.sha256(content_bytes(_row(1, payload=written), canonical_text=True)).digest()
+    )
+    plain = canonical_json({"n": 1, "m": [1.5]})
+    assert content_bytes(_row(1, payload=plain), canonical_text=True) == content_bytes(_row(1, payload=plain))
     assert content_hash(_row(1, payload='{"n": 1}')) != content_hash(_row(1, payload='{"n": 2}'))
 
 

@@ -13,10 +13,10 @@ Nothing here touches a database or a server, so an offline verifier can use it a
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any, NamedTuple
 
 import pydantic_core
@@ -65,37 +65,60 @@ def _micros(value: datetime | None) -> int | None:
     return (value - _EPOCH) // _MICROSECOND
 
 
-def _number(text: str) -> int | float:
-    # Postgres's jsonb keeps a number's decimal value, not its spelling: the projector writes a
-    # float 1e16 as "1e16", Postgres gives it back as "10000000000000000". Reading every integral
-    # number as an int (and the rest as the float they spell) gives both spellings one value.
-    value = Decimal(text)
-    return int(value) if value == value.to_integral_value() else float(text)
+# Valid payloads hold no integer beyond 2**53 (warden.decoding refuses them), so such a number read
+# back is a float that Postgres's jsonb spelt out: the projector writes 1e16 as "1e+16", jsonb gives
+# "10000000000000000". jsonb also drops the sign of -0.0. Read this way, both spellings are one value.
+_LARGEST_EXACT = 2**53
+
+
+def _integer(text: str) -> int | float:
+    value = int(text)
+    return float(text) if abs(value) > _LARGEST_EXACT else value
+
+
+def _float(text: str) -> float:
+    return float(text) + 0.0  # -0.0 + 0.0 is 0.0
 
 
 # Built once: json.loads and json.dumps with options build a decoder or encoder on every call.
-_PAYLOAD_DECODER = json.JSONDecoder(parse_float=_number)
+_PAYLOAD_DECODER = json.JSONDecoder(parse_int=_integer, parse_float=_float)
 _PAYLOAD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+# What only the careful reading above can settle: 16 digits in a row (a large integer, or a float
+# spelt out), or a negative zero. Anything else reads the same through pydantic-core's faster parser.
+_NEEDS_CARE = re.compile(r"\d{16}|-0\.0")
+
+
+def canonical_json(value: Any) -> str:
+    """A JSON value as canonical JSON text (keys sorted, ASCII): what the projector stores as a payload,
+    so that hashing it needs no second pass (see `content_bytes`)."""
+    return _PAYLOAD_ENCODER.encode(value)
 
 
 def canonical_payload(text: str | None) -> str | None:
-    """A jsonb payload as canonical JSON (keys sorted, numbers as above, ASCII), whether it is read from
-    the projector's JSON or from Postgres's."""
+    """A jsonb payload as canonical JSON (keys sorted, numbers by value, ASCII), whether it is read
+    from the projector's JSON or from Postgres's."""
     if text is None:
         return None
+    quick = _PAYLOAD_ENCODER.encode(pydantic_core.from_json(text))
+    if _NEEDS_CARE.search(quick) is None:
+        return quick
     return _PAYLOAD_ENCODER.encode(_PAYLOAD_DECODER.decode(text))
 
 
-def content_bytes(row: Sequence[Any]) -> bytes:
+def content_bytes(row: Sequence[Any], *, canonical_text: bool = False) -> bytes:
     """The canonical bytes of an events row's content: its CONTENT_COLUMNS, leading `row`, as a JSON array.
 
     Times become microseconds, the payload its canonical JSON text, raw bytes base64. This runs once
-    per row written (a replay's hot loop), so the array is serialised by pydantic-core.
+    per row written (a replay's hot loop), so the array is serialised by pydantic-core, and a payload
+    the writer made with `canonical_json` (`canonical_text`) is taken as it is: reading it again
+    could only turn a negative zero into zero.
     """
     values = list(row[:_CONTENT_LENGTH])
     values[_STORED_AT] = _micros(values[_STORED_AT])
     values[_TIME] = _micros(values[_TIME])
-    values[_PAYLOAD] = canonical_payload(values[_PAYLOAD])
+    payload = values[_PAYLOAD]
+    if not canonical_text or (payload is not None and "-0.0" in payload):
+        values[_PAYLOAD] = canonical_payload(payload)
     raw = values[_RAW]
     values[_RAW] = base64.b64encode(raw).decode() if raw is not None else None
     return _CONTENT_PREFIX + pydantic_core.to_json(values)
@@ -150,10 +173,11 @@ class ChainHeads:
         new = self.heads[chain] = Head(head.last_index + 1, link(head.hash, row_content_hash))
         return new
 
-    def chained(self, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    def chained(self, rows: Iterable[Sequence[Any]], *, canonical_text: bool = False) -> list[tuple[Any, ...]]:
         """Rows whose CONTENT_COLUMNS lead, each with its chain index and chain hash after them, in order.
 
-        `rows` lead with their stream (column 0) and tenant (column 4).
+        `rows` lead with their stream (column 0) and tenant (column 4); `canonical_text`: their
+        payloads were written with `canonical_json` (see `content_bytes`).
         """
         out = []
         heads = self.heads
@@ -165,7 +189,8 @@ class ChainHeads:
             if head is None:
                 head = Head(0, genesis(chain))
             index = head[0] + 1
-            digest = sha256(head[1] + sha256(content_bytes(content)).digest()).digest()  # link(), inlined
+            content_digest = sha256(content_bytes(content, canonical_text=canonical_text)).digest()
+            digest = sha256(head[1] + content_digest).digest()  # link(), inlined
             heads[chain] = _new_head(Head, (index, digest))
             out.append((*content, index, digest))
         return out

@@ -23,7 +23,7 @@ import pydantic
 import pydantic_core
 
 from warden.admission import CommandRules, check_key_scope
-from warden.audit_chain import CONTENT_COLUMNS, ChainHeads
+from warden.audit_chain import CONTENT_COLUMNS, ChainHeads, canonical_json
 from warden.decoding import check_size, recordable_text
 from warden.errors import InvalidMessage
 from warden.messages import (
@@ -216,7 +216,7 @@ PROJECTOR_CONSUMER = "audit_projector"
 
 def chained_events(heads: ChainHeads, events: Iterable[EventRow]) -> list[EventRow]:
     """The rows with their chain values, extending `heads` (warden.audit_chain), in order."""
-    return [_new_event_row(EventRow, row) for row in heads.chained(events)]
+    return [_new_event_row(EventRow, row) for row in heads.chained(events, canonical_text=True)]
 
 
 def unstorable_dead_letter(message: StoredMessage, reason: str) -> DeadLetterRow:
@@ -484,8 +484,9 @@ def _envelope_event_row(
             trace_id,
             document.get("schema_version", 1),
             _idempotency_key(message),
-            # The data exactly as stored (before any upcast): the log records what was said.
-            _json(document.get("data")),
+            # The data exactly as stored (before any upcast): the log records what was said. In
+            # canonical form, so that hashing the row for its chain needs no second serialisation.
+            canonical_json(document.get("data")),
             None,
             None,
             None,
