@@ -187,7 +187,7 @@ async def _write_chunks(
                 async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
                     await connection.copy_records_to_table(
                         "events",
-                        records=chained.chained(rows.events),
+                        records=chained.chained(rows.events, canonical_text=True),
                         columns=EVENT_COLUMNS,
                         schema_name=target.schema,
                     )
@@ -200,7 +200,7 @@ async def _write_chunks(
                 async with connection.transaction():
                     await connection.copy_records_to_table(
                         "events",
-                        records=chained.chained(rows.events),
+                        records=chained.chained(rows.events, canonical_text=True),
                         columns=EVENT_COLUMNS,
                         schema_name=target.schema,
                     )
