@@ -12,6 +12,7 @@ chunk is COPYed. Only the chaining is sequential, and it is the cheap part.
 """
 
 import asyncio
+import collections
 import contextlib
 import gc
 import time
@@ -169,6 +170,20 @@ async def _refused(connection: asyncpg.pool.PoolConnectionProxy, rows: Rows) -> 
         return exc
 
 
+@dataclass
+class _Chained:
+    """A chunk whose rows are chained, waiting for its COPY."""
+
+    messages: list[StoredMessage]
+    rows: Rows
+    start: ChainHeads  # the heads before it
+    records: list[tuple[Any, ...]]
+
+
+class HandedOnTooEarly(RuntimeError):
+    """Postgres refused a row of a segment whose chain heads the next segment already started from."""
+
+
 async def _write_chunks(
     connection: asyncpg.Connection,
     target: ReplayTarget,
@@ -176,40 +191,66 @@ async def _write_chunks(
     result: SegmentResult,
     relay: HeadsRelay,
 ) -> None:
-    """Chain and COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
+    """Chain and COPY each chunk's events rows, then fold its read-model rows into the segment's, in order.
+
+    Chunks are chained as soon as they are queued, ahead of their COPY, so the heads the segment
+    ends on go to the next one as soon as the last chunk is projected, not once it is written.
+    Should Postgres then refuse a row (its message is stored raw instead, which changes the chain),
+    the replay fails rather than leave the next segment chained on the wrong heads.
+    """
     refusals: asyncpg.Pool | None = None
-    heads = await relay.start(result.segment)
+    ahead = await relay.start(result.segment)  # the heads after every chunk chained so far
+    waiting: collections.deque[_Chained] = collections.deque()
+    handed_on = False
+
+    def chain(messages: list[StoredMessage], rows: Rows) -> None:
+        start = ahead.fork()
+        records = ahead.chained(rows.events, canonical_text=True)
+        waiting.append(_Chained(messages, rows, start, records))
+
     try:
-        while (chunk := await chunks.get()) is not None:
-            messages, rows = chunk
-            chained = heads.fork()
+        while True:
+            # Chain what is queued (waiting for more only when nothing is left to write).
+            while not handed_on and (not waiting or not chunks.empty()):
+                chunk = await chunks.get()
+                if chunk is None:
+                    relay.finish(result.segment, ahead)
+                    handed_on = True
+                    break
+                chain(*chunk)
+            if not waiting:
+                break
+            item = waiting.popleft()
             try:
                 async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
                     await connection.copy_records_to_table(
-                        "events",
-                        records=chained.chained(rows.events, canonical_text=True),
-                        columns=EVENT_COLUMNS,
-                        schema_name=target.schema,
+                        "events", records=item.records, columns=EVENT_COLUMNS, schema_name=target.schema
                     )
             except CONTENT_REFUSALS as exc:
+                if handed_on:
+                    raise HandedOnTooEarly(
+                        f"postgres refused a row of {target.schema}.events ({exc}) after the chain heads of "
+                        "its segment were handed on; replay again into a new schema with workers=0"
+                    ) from exc
                 log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
                 # The live projector's pool settings, so its statements fail (or not) as they do live.
                 refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
-                rows = await _settle_refusals(target.rules, messages, refusals, result)
-                chained = heads.fork()
+                item.rows = await _settle_refusals(target.rules, item.messages, refusals, result)
+                # Chain it, and every chunk after it, again from the heads before it.
+                later = [(chained.messages, chained.rows) for chained in waiting]
+                waiting.clear()
+                ahead.adopt(item.start.fork())
+                item.records = ahead.chained(item.rows.events, canonical_text=True)
+                for messages, rows in later:
+                    chain(messages, rows)
                 async with connection.transaction():
                     await connection.copy_records_to_table(
-                        "events",
-                        records=chained.chained(rows.events, canonical_text=True),
-                        columns=EVENT_COLUMNS,
-                        schema_name=target.schema,
+                        "events", records=item.records, columns=EVENT_COLUMNS, schema_name=target.schema
                     )
-            heads.adopt(chained)
-            rows.events.clear()
-            result.rows.absorb(rows)
-            result.applied += len(messages)
-            result.last_seq = messages[-1].seq
-        relay.finish(result.segment, heads)
+            item.rows.events.clear()
+            result.rows.absorb(item.rows)
+            result.applied += len(item.messages)
+            result.last_seq = item.messages[-1].seq
     finally:
         if refusals is not None:
             await refusals.close()
