@@ -74,7 +74,11 @@ class CheckpointWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.due.wait(), TICK_SECONDS)
             self.due.clear()
-            await self.publish_due()
+            try:
+                await self.publish_due()
+            except (nats.errors.Error, OSError) as exc:
+                # NATS away (or the stream not provisioned yet): the heads wait for the next round.
+                log.warning("checkpoints not published; will retry", error=repr(exc))
 
     async def publish_due(self, *, everything: bool = False) -> int:
         """Publish a checkpoint for every chain due one (every chain that grew, with `everything`); return how many."""
