@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 REPLAY_FOUND_GAPS = 3
 # `warden policy replay` exits with this status when a candidate bundle flips a recorded decision's effect.
 POLICY_REPLAY_FLIPS = 7
+# `warden audit verify` exits with this status when the audit is not intact: a row changed, missing,
+# inserted or moved, rows cut off, a checkpoint refused, or a row that is not its stored message.
+AUDIT_NOT_INTACT = 6
 # `warden provision` exits with this status when it left a change undone that would weaken a stream.
 PROVISION_REFUSED = 4
 # The commands a client-only install can run: they need nothing but the client, which finds the
@@ -637,6 +640,41 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.audit_projector.verify import verify  # noqa: PLC0415 (keeps asyncpg off the CLI's fast paths)
+
+    def progress(line: str) -> None:
+        print(f"warden: {line}", file=sys.stderr, flush=True)
+
+    database = await _reader(settings)
+    try:
+        report = await verify(
+            settings, database, skip_stream=args.skip_stream, progress=None if args.quiet else progress
+        )
+    finally:
+        await database.close()
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        for finding in report.findings:
+            print(f"{finding.kind}: {finding.stream} / {finding.tenant}: {finding.describe()}")
+        checked = "not compared with the streams" if args.skip_stream else f"{report.messages} stream messages compared"
+        print(
+            f"{'intact' if report.intact else 'NOT INTACT'}: {report.rows} rows in {len(report.chains)} chains, "
+            f"{report.checkpoints} checkpoints, {checked}, {len(report.findings)} finding(s) "
+            f"in {report.seconds:.1f} s"
+        )
+        if report.unanchored:
+            print(
+                f"note: {report.unanchored} row(s) come after their chain's last checkpoint: no signature covers "
+                "them yet, so only the streams can show whether rows after them were cut off"
+            )
+        unchained = sum(chain.unchained for chain in report.chains)
+        if unchained:
+            print(f"note: {unchained} row(s) were stored before the audit was chained: not covered by any chain")
+    return 0 if report.intact else AUDIT_NOT_INTACT
+
+
 def _add_credentials_parser(commands: Any) -> None:
     credentials = commands.add_parser(
         "credentials", help="NATS identities: the installation's own, and tenants' client credentials"
@@ -877,6 +915,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
     replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
     replay.set_defaults(handler=_replay)
+    verify = audit.add_parser(
+        "verify",
+        help="recompute the audit's hash chains and check them against the signed checkpoints and the streams; "
+        f"exits {AUDIT_NOT_INTACT} if anything is found",
+    )
+    verify.add_argument("--json", action="store_true", help="the whole report as one JSON object")
+    verify.add_argument("--skip-stream", action="store_true", help="do not compare the rows with the streams")
+    verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    verify.set_defaults(handler=_audit_verify)
     access = audit.add_parser(
         "access",
         help="who read this installation's streams (consumers created, lookups), as the NATS server recorded it",

@@ -28,7 +28,14 @@ from warden.database import DatabaseRole, ensure_passwords, password_file_name
 from warden.errors import WardenError
 from warden.identity import SEED_SUFFIX, public_key, read_seed
 from warden.permissions import INSTALLATION_ROLES, Role, service_permissions, tenant_permissions
-from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, create_signing_key
+from warden.signing import (
+    CHECKPOINT_KEY_FILE,
+    CHECKPOINT_KEYS_FILE,
+    SIGNING_KEY_FILE,
+    TRUSTED_KEYS_FILE,
+    create_checkpoint_key,
+    create_signing_key,
+)
 from warden.subjects import Subjects
 
 INSTALLATION_FILE = "installation.json"
@@ -110,6 +117,7 @@ class CredentialStore:
             if not self.seed_file(role).exists():
                 _write_new_seed(self.seed_file(role))
         create_signing_key(self.directory)
+        create_checkpoint_key(self.directory)
         ensure_passwords(self.directory)
         return self.identities()
 
@@ -162,12 +170,12 @@ class CredentialStore:
 # What each service needs of the credentials directory, and nothing more: its own seed, and the
 # gate's signing key (and the trusted keys, to check the decision an approval request carries),
 # the runners' and the scheduler's trusted keys (the scheduler obeys only signed cancels and
-# halts), the projector's database password.
+# halts), the projector's database password and its checkpoint key.
 SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
     Role.POLICY_GATE: (SIGNING_KEY_FILE, TRUSTED_KEYS_FILE),
     Role.SCHEDULER: (TRUSTED_KEYS_FILE,),
     Role.AGENT_RUNNER: (TRUSTED_KEYS_FILE,),
-    Role.AUDIT_PROJECTOR: (password_file_name(DatabaseRole.PROJECTOR),),
+    Role.AUDIT_PROJECTOR: (password_file_name(DatabaseRole.PROJECTOR), CHECKPOINT_KEY_FILE, CHECKPOINT_KEYS_FILE),
 }
 
 

@@ -11,6 +11,8 @@ requests its work needs, so a compromised or buggy service cannot do another's j
   or purge an audited stream or delete its messages (the streams deny both as well);
 - only the audit projector reads the server's advisories on messages consumers gave up on, and
   no identity can forge one (none may publish on `$JS.EVENT.>`);
+- only the audit projector signs and appends the checkpoints of the audit chains; no identity may
+  delete or purge them (their stream denies both as well);
 - a tenant's client publishes commands for its tenant and reads that tenant's events only.
 
 Every identity receives replies on an inbox of its own (`inbox_prefix`), never on the shared
@@ -269,6 +271,12 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *(grant for stream in streams.audited for grant in _durable(stream, PROJECTOR_CONSUMER)),
                 *(f"{JS_API}.STREAM.INFO.{stream}" for stream in streams.audited),
                 *(f"{JS_API}.STREAM.MSG.GET.{stream}" for stream in streams.consumed),
+                # Its signed checkpoints of the audit chains: appended (each on top of its chain's
+                # last, which it reads back on start), and read by `warden audit verify` through
+                # consumers of its own, as a replay reads the audited streams (below).
+                f"{subjects.prefix}.chk.*.*",
+                f"{JS_API}.STREAM.MSG.GET.{streams.checkpoints}",
+                f"{JS_API}.STREAM.INFO.{streams.checkpoints}",
                 # The server's advisories on messages consumers gave up on, each recorded as a dead
                 # letter with the message's bytes (read from its stream above, while it is there).
                 *_durable(streams.advisories, PROJECTOR_CONSUMER),
@@ -277,7 +285,7 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
                 *(
                     f"{JS_API}.CONSUMER.{verb}.{stream}.{name}"
                     for verb, name in (("CREATE", "*.>"), ("MSG.NEXT", "*"), ("DELETE", "*"))
-                    for stream in streams.audited
+                    for stream in (*streams.audited, streams.checkpoints)
                 ),
             ]
         case Role.OPERATOR:
@@ -286,8 +294,15 @@ def service_permissions(role: Role, subjects: Subjects, public_key: str) -> Perm
             # subscription to the tenants' subjects. `warden audit access` lists what it read.
             publish = [
                 *_publishes(subjects, role),
-                *(grant for stream in (*streams.audited, streams.access) for grant in _reads_in_order(stream)),
-                *(f"{JS_API}.STREAM.INFO.{stream}" for stream in (*streams.audited, streams.access)),
+                *(
+                    grant
+                    for stream in (*streams.audited, streams.access, streams.checkpoints)
+                    for grant in _reads_in_order(stream)
+                ),
+                *(
+                    f"{JS_API}.STREAM.INFO.{stream}"
+                    for stream in (*streams.audited, streams.access, streams.checkpoints)
+                ),
             ]
         case Role.TENANT:
             raise ValueError("a tenant's permissions depend on its tenant: use tenant_permissions")

@@ -8,7 +8,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from warden.database import DatabaseRole, login_url
 from warden.endpoints import credentials_dir, read_endpoints
-from warden.signing import SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, SigningKeyError
+from warden.signing import (
+    CHECKPOINT_KEY_FILE,
+    CHECKPOINT_KEYS_FILE,
+    SIGNING_KEY_FILE,
+    TRUSTED_KEYS_FILE,
+    SigningKeyError,
+)
 
 
 class Settings(BaseSettings):
@@ -31,6 +37,14 @@ class Settings(BaseSettings):
     # Unset: `decision-signing.key` and `decision-keys.pub` in `nats_credentials_dir`.
     decision_signing_key_file: Path | None = None
     decision_keys_file: Path | None = None
+    # The audit projector's checkpoint key, and the public keys checkpoints are verified with.
+    # Unset: `checkpoint-signing.key` and `checkpoint-keys.pub` in `nats_credentials_dir`.
+    checkpoint_signing_key_file: Path | None = None
+    checkpoint_keys_file: Path | None = None
+    # A checkpoint is signed for a chain once it has grown by this many rows, or this many seconds
+    # after its last checkpoint if it has grown at all.
+    checkpoint_every_events: int = Field(default=10_000, gt=0)
+    checkpoint_every_seconds: float = Field(default=60.0, gt=0)
     # Replicas of each stream (3 on a three-node cluster). Provisioning never lowers a stream's
     # replicas below what it has unless forced (`warden provision --force`).
     stream_replicas: int = Field(default=1, ge=1, le=5)
@@ -80,6 +94,13 @@ class Settings(BaseSettings):
 
     def trusted_keys_path(self) -> Path:
         return self._credential_file(self.decision_keys_file, TRUSTED_KEYS_FILE, "DECISION_KEYS_FILE")
+
+    def checkpoint_key_path(self) -> Path:
+        explicit = self.checkpoint_signing_key_file
+        return self._credential_file(explicit, CHECKPOINT_KEY_FILE, "CHECKPOINT_SIGNING_KEY_FILE")
+
+    def checkpoint_keys_path(self) -> Path:
+        return self._credential_file(self.checkpoint_keys_file, CHECKPOINT_KEYS_FILE, "CHECKPOINT_KEYS_FILE")
 
     def _credential_file(self, explicit: Path | None, name: str, variable: str) -> Path:
         if explicit is not None:

@@ -34,6 +34,9 @@ from warden.messages import DecisionMade, ModelCallRequested, ToolCallRequested
 
 SIGNING_KEY_FILE = "decision-signing.key"
 TRUSTED_KEYS_FILE = "decision-keys.pub"
+# The audit projector's key for checkpoints of the audit chains (warden.audit_chain), and its public half.
+CHECKPOINT_KEY_FILE = "checkpoint-signing.key"
+CHECKPOINT_KEYS_FILE = "checkpoint-keys.pub"
 
 
 class SigningKeyError(WardenError):
@@ -109,28 +112,28 @@ def _public_key_text(key: nacl.signing.VerifyKey) -> str:
     return base64.b64encode(bytes(key)).decode()
 
 
-class DecisionSigner:
-    """The gate's key: signs each decision's binding."""
+class Signer:
+    """An Ed25519 signing key read from its file, signing bytes (base64 signatures)."""
 
     def __init__(self, key: nacl.signing.SigningKey) -> None:
         self.key = key
         self.public_key = _public_key_text(key.verify_key)
 
     @classmethod
-    def from_file(cls, path: Path) -> "DecisionSigner":
+    def from_file(cls, path: Path, what: str = "signing key") -> "Signer":
         try:
             return cls(nacl.signing.SigningKey(base64.b64decode(read_seed(path), validate=True)))
         except (binascii.Error, ValueError, nacl.exceptions.CryptoError) as exc:
-            raise SigningKeyError(f"{path} does not hold a decision signing key: {exc}") from exc
+            raise SigningKeyError(f"{path} does not hold a {what}: {exc}") from exc
 
-    def sign(self, binding: DecisionBinding) -> str:
-        return base64.b64encode(self.key.sign(binding.signed_bytes()).signature).decode()
+    def sign_bytes(self, data: bytes) -> str:
+        return base64.b64encode(self.key.sign(data).signature).decode()
 
 
-class DecisionVerifier:
-    """The keys a runner trusts decisions from, and the check of one decision's signature."""
+class TrustedKeys:
+    """Public keys signatures are trusted from, and the check of one signature."""
 
-    def __init__(self, public_keys: Iterable[str]) -> None:
+    def __init__(self, public_keys: Iterable[str], what: str = "signing") -> None:
         self.keys: dict[str, nacl.signing.VerifyKey] = {}
         for text in public_keys:
             try:
@@ -138,34 +141,67 @@ class DecisionVerifier:
             except (binascii.Error, ValueError, nacl.exceptions.CryptoError) as exc:
                 raise SigningKeyError(f"not an Ed25519 public key: {text!r}") from exc
         if not self.keys:
-            raise SigningKeyError("no trusted decision key: every decision would be refused")
+            raise SigningKeyError(f"no trusted {what} key: every signature would be refused")
 
     @classmethod
-    def from_file(cls, path: Path) -> "DecisionVerifier":
+    def read(cls, path: Path, what: str = "signing") -> list[str]:
+        """The keys a trusted-keys file lists (one base64 key per line; `#` starts a comment)."""
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise SigningKeyError(f"cannot read the trusted decision keys {path}: {exc.strerror}") from exc
-        return cls(line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip())
+            raise SigningKeyError(f"cannot read the trusted {what} keys {path}: {exc.strerror}") from exc
+        return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
-    def refusal(self, decision: DecisionMade, tenant: str, run_id: str) -> str | None:
-        """Why this decision's signature does not hold (None: it does)."""
-        if decision.signature is None or decision.signing_key is None:
+    def refusal_of(self, data: bytes, signing_key: str | None, signature: str | None) -> str | None:
+        """Why `signature` over `data` does not hold (None: it does)."""
+        if not signature or not signing_key:
             return "unsigned"
-        key = self.keys.get(decision.signing_key)
+        key = self.keys.get(signing_key)
         if key is None:
-            return "signed with a key this runner does not trust"
-        signed = DecisionBinding.of(decision, tenant, run_id).signed_bytes()
+            return "signed with a key that is not trusted"
         try:
-            key.verify(signed, base64.b64decode(decision.signature))
+            key.verify(data, base64.b64decode(signature))
         except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
             return "bad signature (forged or altered)"
         return None
 
 
-def create_signing_key(directory: Path) -> bool:
-    """Create the gate's signing key and the trusted-keys file beside it, unless one exists; True if made."""
-    key_file, trusted = directory / SIGNING_KEY_FILE, directory / TRUSTED_KEYS_FILE
+class DecisionSigner(Signer):
+    """The gate's key: signs each decision's binding."""
+
+    @classmethod
+    def from_file(cls, path: Path, what: str = "decision signing key") -> "DecisionSigner":
+        return cls(Signer.from_file(path, what).key)
+
+    def sign(self, binding: DecisionBinding) -> str:
+        return self.sign_bytes(binding.signed_bytes())
+
+
+class DecisionVerifier(TrustedKeys):
+    """The keys a runner trusts decisions from, and the check of one decision's signature."""
+
+    def __init__(self, public_keys: Iterable[str]) -> None:
+        super().__init__(public_keys, "decision")
+
+    @classmethod
+    def from_file(cls, path: Path) -> "DecisionVerifier":
+        return cls(TrustedKeys.read(path, "decision"))
+
+    def refusal(self, decision: DecisionMade, tenant: str, run_id: str) -> str | None:
+        """Why this decision's signature does not hold (None: it does)."""
+        if decision.signature is None or decision.signing_key is None:
+            return "unsigned"
+        if decision.signing_key not in self.keys:
+            return "signed with a key this runner does not trust"
+        return self.refusal_of(
+            DecisionBinding.of(decision, tenant, run_id).signed_bytes(), decision.signing_key, decision.signature
+        )
+
+
+def create_key_pair(directory: Path, key_name: str, public_name: str, comment: str) -> bool:
+    """Create a signing key and add its public half to the trusted-keys file beside it, unless the key
+    exists; True if made."""
+    key_file, trusted = directory / key_name, directory / public_name
     if key_file.exists():
         return False
     key = nacl.signing.SigningKey.generate()
@@ -173,5 +209,15 @@ def create_signing_key(directory: Path) -> bool:
     with os.fdopen(descriptor, "wb") as file:
         file.write(base64.b64encode(bytes(key)) + b"\n")
     with trusted.open("a", encoding="utf-8") as file:
-        file.write(f"{_public_key_text(key.verify_key)}  # the policy gate's decision key\n")
+        file.write(f"{_public_key_text(key.verify_key)}  # {comment}\n")
     return True
+
+
+def create_signing_key(directory: Path) -> bool:
+    """Create the gate's signing key and the trusted-keys file beside it, unless one exists; True if made."""
+    return create_key_pair(directory, SIGNING_KEY_FILE, TRUSTED_KEYS_FILE, "the policy gate's decision key")
+
+
+def create_checkpoint_key(directory: Path) -> bool:
+    """Create the audit projector's checkpoint key and its public-key file, unless it exists; True if made."""
+    return create_key_pair(directory, CHECKPOINT_KEY_FILE, CHECKPOINT_KEYS_FILE, "the audit projector's checkpoint key")

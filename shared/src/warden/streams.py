@@ -54,6 +54,7 @@ class StreamNames:
     scheduler: str  # a key-value bucket: where the scheduler's fold starts (see services/scheduler)
     ledger: str  # a key-value bucket: the budgets' balances (see warden.agent_runner.budgets)
     advisories: str  # the server's word on messages consumers gave up on (see MAX_DELIVERIES_ADVISORY)
+    checkpoints: str  # the audit projector's signed checkpoints of the audit chains (warden.audit_chain)
     access: str = ACCESS_STREAM  # the account's, shared by its installations (see ACCESS_STREAM)
 
     @classmethod
@@ -66,6 +67,7 @@ class StreamNames:
             scheduler=f"{stem}_SCHEDULER",
             ledger=f"{stem}_LEDGER",
             advisories=f"{stem}_ADVISORIES",
+            checkpoints=f"{stem}_CHECKPOINTS",
         )
 
     @property
@@ -81,7 +83,7 @@ class StreamNames:
     @property
     def installation(self) -> tuple[str, ...]:
         """Every stream this installation alone owns (not the key-value bucket, nor the shared access stream)."""
-        return (*self.consumed, self.advisories)
+        return (*self.consumed, self.advisories, self.checkpoints)
 
     def advisory_subjects(self) -> list[str]:
         """The advisories about consumers giving up on this installation's messages, and no other's:
@@ -163,6 +165,16 @@ def stream_configs(subjects: Subjects, replicas: int = 1) -> list[StreamConfig]:
             dedup_s=120.0,
             replicas=replicas,
             max_age_s=ADVISORY_RETENTION_SECONDS,
+        ),
+        # Where a database administrator cannot reach: no identity may delete or purge a checkpoint,
+        # and each is appended only on top of its chain's previous one (see warden.audit_projector.checkpoints).
+        _stream(
+            names.checkpoints,
+            description="Signed checkpoints of the audit log's hash chains, one subject per tenant and stream.",
+            subjects=[subjects.all_checkpoints],
+            retention=RetentionPolicy.LIMITS,
+            dedup_s=120.0,
+            replicas=replicas,
         ),
         _stream(
             names.access,

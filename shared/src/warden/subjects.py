@@ -5,6 +5,7 @@ Subjects carry the tenant and the entity so that NATS permissions and wildcards 
     <prefix>.cmd.<tenant>.<actor>.<type>               commands (type has two tokens: run.submitted)
     <prefix>.evt.<tenant>.<entity>.<entity_id>.<type>  events
     <prefix>.work.<tenant>                             runs handed to agent runners
+    <prefix>.chk.<tenant>.<stream>                     signed checkpoints of the audit chains
 
 The prefix (default `warden`) lets several installations, or every test, share one NATS server
 without sharing state. The README table and the AsyncAPI document are generated from `CHANNELS`.
@@ -81,6 +82,15 @@ class Subjects:
         _ensure_token(tenant, "tenant")
         _ensure_token(entity_id, "entity id")
         return f"{self.prefix}.evt.{tenant}.{payload.ENTITY}.{entity_id}.{payload.TYPE}"
+
+    # Checkpoints
+    def checkpoint(self, tenant: str, stream: str) -> str:
+        """Where the audit projector appends the signed checkpoints of one chain (see warden.audit_chain)."""
+        return f"{self.prefix}.chk.{_ensure_token(tenant, 'tenant')}.{_ensure_token(stream, 'stream')}"
+
+    @property
+    def all_checkpoints(self) -> str:
+        return f"{self.prefix}.chk.>"
 
     @property
     def all_events(self) -> str:

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
 from warden.audit_projector.advisories import AdvisoryRecorder
+from warden.audit_projector.checkpoints import CheckpointWriter
 from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
 from warden.audit_projector.store import (
     RETRYABLE_DB_ERRORS,
@@ -25,6 +26,7 @@ from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import StreamGapDetected, make_envelope
 from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
 from warden.settings import Settings
+from warden.signing import Signer, SigningKeyError
 from warden.streams import StreamNames
 from warden.subjects import SYSTEM_TENANT, Subjects
 
@@ -78,6 +80,10 @@ def build_app(settings: Settings | None = None) -> FastStream:
             positions = await store.positions()
             await broker.connect()
             js = broker.connection.jetstream()
+            checkpoints = _checkpoint_writer(settings, js, subjects, streams)
+            if checkpoints is not None:
+                store.chained = checkpoints.committed
+                loops.start(checkpoints.run())
 
             async def record_gap(stream: str, first_seq: int, last_seq: int) -> None:
                 # The event first: once the position has moved past the gap, nothing would find it again.
@@ -112,12 +118,41 @@ def build_app(settings: Settings | None = None) -> FastStream:
             yield
         finally:
             await loops.stop()
+            if checkpoints is not None:
+                await _last_checkpoints(checkpoints)
             await store.release()
             await close_pool(pool)
 
     app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
     return app
+
+
+def _checkpoint_writer(
+    settings: Settings, js: JetStreamContext, subjects: Subjects, streams: StreamNames
+) -> CheckpointWriter | None:
+    """The checkpoint writer, or None (loudly) when the projector has no checkpoint key."""
+    try:
+        signer = Signer.from_file(settings.checkpoint_key_path(), "checkpoint signing key")
+    except SigningKeyError as exc:
+        log.error("no checkpoint key: the audit chains get no signed checkpoints", reason=str(exc))
+        return None
+    return CheckpointWriter(
+        js,
+        signer,
+        subjects,
+        streams.checkpoints,
+        every_events=settings.checkpoint_every_events,
+        every_seconds=settings.checkpoint_every_seconds,
+    )
+
+
+async def _last_checkpoints(checkpoints: CheckpointWriter) -> None:
+    """Sign what the chains reached before stopping, so a clean stop leaves nothing unanchored."""
+    try:
+        await asyncio.wait_for(checkpoints.publish_due(everything=True), 5.0)
+    except Exception as exc:  # stopping anyway: the next start signs these heads
+        log.warning("last checkpoints not published", error=repr(exc))
 
 
 def _consumer_check(js: JetStreamContext, stream: str) -> Callable[[], Awaitable[object]]:

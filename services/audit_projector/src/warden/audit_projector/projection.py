@@ -23,6 +23,7 @@ import pydantic
 import pydantic_core
 
 from warden.admission import CommandRules, check_key_scope
+from warden.audit_chain import CONTENT_COLUMNS, ChainHeads, canonical_json
 from warden.decoding import check_size, recordable_text
 from warden.errors import InvalidMessage
 from warden.messages import (
@@ -103,6 +104,10 @@ class EventRow(NamedTuple):
     payload: str | None = None  # jsonb text
     raw: bytes | None = None
     invalid_reason: str | None = None
+    # Its place in its chain (stream, tenant) and its chain hash (warden.audit_chain): set by the
+    # writer, which alone knows the chain's head, after projecting.
+    chain_index: int | None = None
+    chain_hash: bytes | None = None
 
 
 class RunRow(NamedTuple):
@@ -212,6 +217,11 @@ class DeadLetterRow(NamedTuple):
 PROJECTOR_CONSUMER = "audit_projector"
 
 
+def chained_events(heads: ChainHeads, events: Iterable[EventRow]) -> list[EventRow]:
+    """The rows with their chain values, extending `heads` (warden.audit_chain), in order."""
+    return [_new_event_row(EventRow, row) for row in heads.chained(events, canonical_text=True)]
+
+
 def unstorable_dead_letter(message: StoredMessage, reason: str) -> DeadLetterRow:
     """The dead letter for a message Postgres refuses to store in any form: its bytes stay in the stream."""
     return DeadLetterRow(
@@ -225,6 +235,7 @@ def unstorable_dead_letter(message: StoredMessage, reason: str) -> DeadLetterRow
 
 
 EVENT_COLUMNS = EventRow._fields
+assert (*CONTENT_COLUMNS, "chain_index", "chain_hash") == EVENT_COLUMNS, "a chain hash covers every other column"
 _new_event_row = tuple.__new__
 RUN_COLUMNS = RunRow._fields
 DECISION_COLUMNS = DecisionRow._fields
@@ -476,8 +487,11 @@ def _envelope_event_row(
             trace_id,
             document.get("schema_version", 1),
             _idempotency_key(message),
-            # The data exactly as stored (before any upcast): the log records what was said.
-            _json(document.get("data")),
+            # The data exactly as stored (before any upcast): the log records what was said. In
+            # canonical form, so that hashing the row for its chain needs no second serialisation.
+            canonical_json(document.get("data")),
+            None,
+            None,
             None,
             None,
         ),

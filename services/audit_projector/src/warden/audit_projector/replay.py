@@ -32,7 +32,9 @@ does).
 import asyncio
 import concurrent.futures
 import multiprocessing
+import multiprocessing.managers
 import os
+import queue
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,8 @@ from warden.audit_projector.projection import (
 )
 from warden.audit_projector.replay_segment import (
     COPY_CHUNK,
+    MAX_SEGMENT,
+    HeadsRelay,
     ReplayTarget,
     Segment,
     SegmentResult,
@@ -281,7 +285,7 @@ async def replay(
     total = sum(last_seqs.values())
     if workers is None:
         workers = default_workers() if total >= PARALLEL_THRESHOLD else 0
-    size = segment_size or max(COPY_CHUNK, -(-total // max(1, workers * 6)))
+    size = segment_size or min(MAX_SEGMENT, max(COPY_CHUNK, -(-total // max(1, workers * 6))))
     segments = _segments([(stream, filters[stream], last_seqs[stream]) for stream in filters], size)
 
     started = time.perf_counter()
@@ -330,24 +334,44 @@ def _run_segments(
 ) -> AsyncIterator[SegmentResult]:
     """Each segment's result, in segment order (workers may finish them in any order)."""
     if executor is None:
-        return _sequential(target, segments)
+        return _sequential(target, segments, _relay(segments, [queue.Queue() for _ in segments]))
+    # Queues a worker process can reach: served by a manager process, started for this replay.
+    manager = multiprocessing.get_context("spawn").Manager()
+    relay = _relay(segments, [manager.Queue() for _ in segments])
     loop = asyncio.get_running_loop()
-    futures = [loop.run_in_executor(executor, replay_segment, target, segment) for segment in segments]
-    return _in_order(futures)
+    futures = [loop.run_in_executor(executor, replay_segment, target, segment, relay) for segment in segments]
+    return _in_order(futures, manager)
 
 
-async def _sequential(target: ReplayTarget, segments: Sequence[Segment]) -> AsyncIterator[SegmentResult]:
+def _relay(segments: Sequence[Segment], queues: Sequence[Any]) -> HeadsRelay:
+    """A relay whose first segment of each stream starts from empty chains."""
+    next_in_stream = [
+        index + 1 < len(segments) and segments[index + 1].stream == segment.stream
+        for index, segment in enumerate(segments)
+    ]
+    for segment, queue_ in zip(segments, queues, strict=True):
+        if segment.first_seq == 1:
+            queue_.put({})
+    return HeadsRelay(queues, next_in_stream)
+
+
+async def _sequential(
+    target: ReplayTarget, segments: Sequence[Segment], relay: HeadsRelay
+) -> AsyncIterator[SegmentResult]:
     for segment in segments:
-        yield await replay_segment_async(target, segment)
+        yield await replay_segment_async(target, segment, relay)
 
 
-async def _in_order(futures: Sequence[asyncio.Future[SegmentResult]]) -> AsyncIterator[SegmentResult]:
+async def _in_order(
+    futures: Sequence[asyncio.Future[SegmentResult]], manager: multiprocessing.managers.SyncManager
+) -> AsyncIterator[SegmentResult]:
     try:
         for future in futures:
             yield await future
     finally:
         for future in futures:
             future.cancel()
+        manager.shutdown()
 
 
 @dataclass

@@ -4,20 +4,28 @@ Reads the segment with `stream_reader`, projects it with the live projector's ow
 its `events` rows in chunks while projecting the next, settles rows Postgres refuses as the live
 projector does, and returns the read-model rows merged per key for the coordinator (`replay`)
 to apply in stream order.
+
+The rows' chain values depend on every earlier row of their stream, so a segment chains its rows
+from the heads the segment before it ended on, handed over through a `HeadsRelay`: a segment
+projects while it waits for them (its chunks queue up), and hands its own on as soon as its last
+chunk is COPYed. Only the chaining is sequential, and it is the cheap part.
 """
 
 import asyncio
+import collections
 import contextlib
 import gc
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
 
 from warden.admission import CommandRules
+from warden.audit_chain import ChainHeads
 from warden.audit_projector.copy_codec import connect_for_copy
 from warden.audit_projector.projection import (
     EVENT_COLUMNS,
@@ -45,6 +53,8 @@ log = structlog.get_logger(__name__)
 # round trip does not matter, small enough that a chunk of 1 MiB messages is not a gigabyte.
 COPY_CHUNK = 10_000
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# The most sequences in one segment: a segment waiting for its heads holds its projected rows.
+MAX_SEGMENT = 20 * COPY_CHUNK
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,36 @@ class SegmentResult:
     cpu_seconds: float = 0.0
     gaps: list[tuple[int, int]] = field(default_factory=list)  # missing sequences, first and last
     dead_letters: list[DeadLetterRow] = field(default_factory=list)  # messages Postgres refused even raw
+
+
+class SegmentFailed(RuntimeError):
+    """The segment before this one failed, so the heads this one starts from will never come."""
+
+
+class HeadsRelay:
+    """Hands each segment the chain heads its stream's previous segment ended on.
+
+    `queues[i]` carries segment i's starting heads (per tenant), or None if the segment before it
+    failed. Queues from a multiprocessing manager reach worker processes; plain ones serve a replay
+    in one process, where segments run in order and the heads are always there already.
+    """
+
+    def __init__(self, queues: Sequence[Any], next_in_stream: Sequence[bool]) -> None:
+        self.queues = queues
+        self.next_in_stream = next_in_stream
+
+    async def start(self, segment: Segment) -> ChainHeads:
+        queue = self.queues[segment.index]
+        heads = queue.get_nowait() if queue.qsize() else await asyncio.to_thread(queue.get)
+        if heads is None:
+            raise SegmentFailed(f"segment {segment.index - 1} failed: {segment.stream} cannot be chained on")
+        return ChainHeads({(segment.stream, tenant): head for tenant, head in heads.items()})
+
+    def finish(self, segment: Segment, heads: ChainHeads | None) -> None:
+        """Hand the heads on to the stream's next segment (None: this one failed)."""
+        if self.next_in_stream[segment.index]:
+            handed = None if heads is None else heads.for_stream(segment.stream)
+            self.queues[segment.index + 1].put(handed)
 
 
 class _DryRun(Exception):
@@ -130,35 +170,87 @@ async def _refused(connection: asyncpg.pool.PoolConnectionProxy, rows: Rows) -> 
         return exc
 
 
+@dataclass
+class _Chained:
+    """A chunk whose rows are chained, waiting for its COPY."""
+
+    messages: list[StoredMessage]
+    rows: Rows
+    start: ChainHeads  # the heads before it
+    records: list[tuple[Any, ...]]
+
+
+class HandedOnTooEarly(RuntimeError):
+    """Postgres refused a row of a segment whose chain heads the next segment already started from."""
+
+
 async def _write_chunks(
     connection: asyncpg.Connection,
     target: ReplayTarget,
     chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None],
     result: SegmentResult,
+    relay: HeadsRelay,
 ) -> None:
-    """COPY each chunk's events rows, then fold its read-model rows into the segment's, in order."""
+    """Chain and COPY each chunk's events rows, then fold its read-model rows into the segment's, in order.
+
+    Chunks are chained as soon as they are queued, ahead of their COPY, so the heads the segment
+    ends on go to the next one as soon as the last chunk is projected, not once it is written.
+    Should Postgres then refuse a row (its message is stored raw instead, which changes the chain),
+    the replay fails rather than leave the next segment chained on the wrong heads.
+    """
     refusals: asyncpg.Pool | None = None
+    ahead = await relay.start(result.segment)  # the heads after every chunk chained so far
+    waiting: collections.deque[_Chained] = collections.deque()
+    handed_on = False
+
+    def chain(messages: list[StoredMessage], rows: Rows) -> None:
+        start = ahead.fork()
+        records = ahead.chained(rows.events, canonical_text=True)
+        waiting.append(_Chained(messages, rows, start, records))
+
     try:
-        while (chunk := await chunks.get()) is not None:
-            messages, rows = chunk
+        while True:
+            # Chain what is queued (waiting for more only when nothing is left to write).
+            while not handed_on and (not waiting or not chunks.empty()):
+                chunk = await chunks.get()
+                if chunk is None:
+                    relay.finish(result.segment, ahead)
+                    handed_on = True
+                    break
+                chain(*chunk)
+            if not waiting:
+                break
+            item = waiting.popleft()
             try:
                 async with connection.transaction():  # a savepoint: a refused chunk leaves no rows
                     await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                        "events", records=item.records, columns=EVENT_COLUMNS, schema_name=target.schema
                     )
             except CONTENT_REFUSALS as exc:
+                if handed_on:
+                    raise HandedOnTooEarly(
+                        f"postgres refused a row of {target.schema}.events ({exc}) after the chain heads of "
+                        "its segment were handed on; replay again into a new schema with workers=0"
+                    ) from exc
                 log.warning("replay chunk has a row postgres refuses; settling row by row", error=str(exc))
                 # The live projector's pool settings, so its statements fail (or not) as they do live.
                 refusals = refusals or await create_pool(target.database_url, schema=target.schema, size=1)
-                rows = await _settle_refusals(target.rules, messages, refusals, result)
+                item.rows = await _settle_refusals(target.rules, item.messages, refusals, result)
+                # Chain it, and every chunk after it, again from the heads before it.
+                later = [(chained.messages, chained.rows) for chained in waiting]
+                waiting.clear()
+                ahead.adopt(item.start.fork())
+                item.records = ahead.chained(item.rows.events, canonical_text=True)
+                for messages, rows in later:
+                    chain(messages, rows)
                 async with connection.transaction():
                     await connection.copy_records_to_table(
-                        "events", records=rows.events, columns=EVENT_COLUMNS, schema_name=target.schema
+                        "events", records=item.records, columns=EVENT_COLUMNS, schema_name=target.schema
                     )
-            rows.events.clear()
-            result.rows.absorb(rows)
-            result.applied += len(messages)
-            result.last_seq = messages[-1].seq
+            item.rows.events.clear()
+            result.rows.absorb(item.rows)
+            result.applied += len(item.messages)
+            result.last_seq = item.messages[-1].seq
     finally:
         if refusals is not None:
             await refusals.close()
@@ -184,19 +276,28 @@ class _HoleFinder:
         return self.holes
 
 
-async def replay_segment_async(target: ReplayTarget, segment: Segment) -> SegmentResult:
+async def replay_segment_async(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     """Read, project and COPY one segment's events; return its merged read-model rows and its holes."""
+    try:
+        return await _replay_segment(target, segment, relay)
+    except BaseException:
+        relay.finish(segment, None)  # the next segment stops waiting for heads that will not come
+        raise
+
+
+async def _replay_segment(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     cpu_started = time.process_time()
     rules = target.rules
     result = SegmentResult(segment)
     holes = _HoleFinder(segment.first_seq, segment.last_seq)
     nc = await connect(target.nats_url, **connect_options(target.seed_file))
     connection = await connect_for_copy(target.database_url)
-    # Projecting the next chunk overlaps writing this one; the queue bounds what waits in memory.
-    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue(maxsize=2)
+    # Projecting the next chunk overlaps writing this one. Unbounded: while the writer waits for the
+    # heads to chain on, the whole segment may queue up (MAX_SEGMENT bounds it).
+    chunks: asyncio.Queue[tuple[list[StoredMessage], Rows] | None] = asyncio.Queue()
     try:
         async with connection.transaction():
-            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result))
+            writer = asyncio.create_task(_write_chunks(connection, target, chunks, result, relay))
             try:
                 messages: list[StoredMessage] = []
                 size = 0
@@ -245,10 +346,10 @@ async def _put(
         raise RuntimeError("replay writer stopped early")
 
 
-def replay_segment(target: ReplayTarget, segment: Segment) -> SegmentResult:
+def replay_segment(target: ReplayTarget, segment: Segment, relay: HeadsRelay) -> SegmentResult:
     """Entry point of a worker process."""
     with cyclic_gc_paused():
-        return asyncio.run(replay_segment_async(target, segment))
+        return asyncio.run(replay_segment_async(target, segment, relay))
 
 
 @contextlib.contextmanager

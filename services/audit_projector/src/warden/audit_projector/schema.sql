@@ -40,6 +40,13 @@ BEGIN
         ALTER TABLE events RENAME COLUMN subject TO entity_id;
     END IF;
 END $$;
+-- The hash chain (warden.audit_chain): one chain per stream and tenant, in stream order. A row's
+-- chain_hash covers its content and the chain_hash before it; `warden audit verify` recomputes it.
+-- Rows stored before the chain existed have neither (the verifier counts them as unchained).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS chain_index bigint;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS chain_hash  bytea;
+-- Where each chain ends, found again when the projector starts.
+CREATE INDEX IF NOT EXISTS events_by_chain ON events (stream, tenant, chain_index);
 CREATE INDEX IF NOT EXISTS events_by_entity ON events (tenant, entity_id, stream_seq);
 CREATE INDEX IF NOT EXISTS events_by_event_id ON events (event_id);
 CREATE INDEX IF NOT EXISTS events_by_trace ON events (trace_id);

@@ -1,7 +1,7 @@
 """Postgres adapter for the audit projector: schema, stream positions and batched, idempotent writes."""
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 
 import asyncpg
@@ -9,6 +9,7 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from warden.admission import CommandRules
+from warden.audit_chain import ChainHeads, Head
 from warden.audit_projector.projection import (
     DEAD_LETTER_COLUMNS,
     DECISION_COLUMNS,
@@ -21,6 +22,7 @@ from warden.audit_projector.projection import (
     Merge,
     Rows,
     StoredMessage,
+    chained_events,
     project,
     raw_event_row,
     unstorable_dead_letter,
@@ -106,6 +108,11 @@ INSERT_DEAD_LETTER = (
     f"INSERT INTO dead_letters ({', '.join(DEAD_LETTER_COLUMNS)}) VALUES ({_placeholders(len(DEAD_LETTER_COLUMNS))}) "
     "ON CONFLICT DO NOTHING"
 )
+# Where each chain of a stream ends: the row with the highest index per tenant (events_by_chain).
+CHAIN_HEADS = (
+    "SELECT DISTINCT ON (tenant) tenant, chain_index, chain_hash FROM events "
+    "WHERE stream = $1 AND chain_index IS NOT NULL ORDER BY tenant, chain_index DESC"
+)
 INSERT_GAP = "INSERT INTO stream_gaps (stream, first_seq, last_seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
 
 # Postgres refusing what a batch holds (a value, a constraint, a size limit), rather than being
@@ -189,6 +196,10 @@ class AuditStore:
         self.pool = pool
         self.rules = rules
         self.epoch: int | None = None
+        # Each stream's chain heads as committed: read from the table on a stream's first batch,
+        # replaced only once a batch commits, and forgotten when one fails (its outcome unknown).
+        self.heads: dict[str, ChainHeads] = {}
+        self.chained: Callable[[str, str, int, bytes], None] | None = None
         self._lock_connection: asyncpg.Connection | None = None
 
     async def become_active(self, database_url: str) -> None:
@@ -247,12 +258,16 @@ class AuditStore:
         message never stops the stream.
         """
         try:
-            return await self._apply(stream, messages, one_by_one=False)
-        except CONTENT_REFUSALS as exc:
-            log.warning(
-                "batch has a row postgres refuses; writing it message by message", stream=stream, error=str(exc)
-            )
-        return await self._apply(stream, messages, one_by_one=True)
+            try:
+                return await self._apply(stream, messages, one_by_one=False)
+            except CONTENT_REFUSALS as exc:
+                log.warning(
+                    "batch has a row postgres refuses; writing it message by message", stream=stream, error=str(exc)
+                )
+            return await self._apply(stream, messages, one_by_one=True)
+        except BaseException:
+            self.heads.pop(stream, None)
+            raise
 
     async def record_gap(self, stream: str, first_seq: int, last_seq: int) -> None:
         """Write down that `first_seq`..`last_seq` are missing from the stream, and move the position past them."""
@@ -293,14 +308,30 @@ class AuditStore:
                     f"{stream}: batch {fresh[0].seq}..{fresh[-1].seq} ({len(fresh)} messages) does not continue "
                     f"the stored position {last_seq} without a hole"
                 )
+            heads = self.heads.get(stream)
+            if heads is None:
+                heads = await self._read_heads(connection, stream)
+            extended = heads.fork()
             if one_by_one:
-                await self._write_one_by_one(connection, fresh)
+                await self._write_one_by_one(connection, fresh, extended)
             else:
-                await self._write(connection, project(fresh, self.rules))
+                rows = project(fresh, self.rules)
+                rows.events = chained_events(extended, rows.events)
+                await self._write(connection, rows)
             await connection.execute(
                 "UPDATE projector_positions SET last_seq = $2 WHERE stream = $1", stream, fresh[-1].seq
             )
-            return len(fresh)
+        self.heads[stream] = extended
+        if self.chained is not None:
+            for (_, tenant), head in extended.heads.items():
+                if heads.head((stream, tenant)) != head:
+                    self.chained(stream, tenant, head.last_index, head.hash)
+        return len(fresh)
+
+    @staticmethod
+    async def _read_heads(connection: Connection, stream: str) -> ChainHeads:
+        records = await connection.fetch(CHAIN_HEADS, stream)
+        return ChainHeads({(stream, r["tenant"]): Head(r["chain_index"], bytes(r["chain_hash"])) for r in records})
 
     @staticmethod
     async def _write(connection: Connection, rows: Rows) -> None:
@@ -319,18 +350,28 @@ class AuditStore:
         if rows.dead_letters:
             await connection.executemany(INSERT_DEAD_LETTER, sorted(rows.dead_letters.values()))
 
-    async def _write_one_by_one(self, connection: Connection, messages: Sequence[StoredMessage]) -> None:
+    async def _write_one_by_one(
+        self, connection: Connection, messages: Sequence[StoredMessage], heads: ChainHeads
+    ) -> None:
+        """Write each message in a savepoint; `heads` moves on only for the rows that are stored."""
         for message in messages:
+            trial = heads.fork()
             try:
                 async with connection.transaction():
-                    await self._write(connection, project([message], self.rules))
+                    rows = project([message], self.rules)
+                    rows.events = chained_events(trial, rows.events)
+                    await self._write(connection, rows)
+                heads.adopt(trial)
                 continue
             except CONTENT_REFUSALS as exc:
                 refusal = f"postgres refused the row: {exc}"
             log.warning("storing a message raw", stream=message.stream, stream_seq=message.seq, reason=refusal)
+            trial = heads.fork()
             try:
                 async with connection.transaction():
-                    await connection.executemany(INSERT_EVENT, [raw_event_row(message, self.rules.subjects, refusal)])
+                    raw = chained_events(trial, [raw_event_row(message, self.rules.subjects, refusal)])
+                    await connection.executemany(INSERT_EVENT, raw)
+                heads.adopt(trial)
                 continue
             except CONTENT_REFUSALS as exc:
                 reason = recordable_text(f"{refusal}; stored raw, refused again: {exc}", 2000)
