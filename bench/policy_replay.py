@@ -8,10 +8,10 @@ the gate's own rules (`decide.judge_input`) and stored in an embedded NATS as th
 `decision.made` events, each with its input. The candidate is the shipped pack with one domain
 taken out of `web.fetch`'s allowed list, so a known share of the allows flip to denies.
 
-Measured: reading the decisions back from JetStream (warden.decision_history), re-deciding them
-(already read) with one worker process and with one per CPU, and the whole replay as `warden
-policy replay` runs it (each decision handed to the workers as it is read, worker start-up
-included). Each pass checks that exactly the expected decisions
+Measured: reading the decision events back from JetStream (warden.decision_history), re-deciding
+them (already read: parsed, judged and compared) in this process and with one worker per CPU, and
+the whole replay as `warden policy replay` runs it (each event handed to the workers as it is read,
+worker start-up included). Each pass checks that exactly the expected decisions
 flipped. Writes bench/results/policy_replay.json.
 """
 
@@ -28,11 +28,11 @@ from typing import Any
 
 from bench.common import admin_connect, embedded
 from bench.run import RESULTS
-from warden.decision_history import RecordedDecision, read_decisions
+from warden.decision_history import RecordedDecision, read_decision_events
 from warden.messages import DecisionMade, ModelCallRequested, RunSubmitted, RunUsage, ToolCallRequested, make_envelope
 from warden.policy_gate.decide import judge_input, policy_input
 from warden.policy_gate.engine import SHIPPED_POLICY_DIR, PolicyEngine
-from warden.policy_gate.policy_replay import PolicyReplay, replay_decisions
+from warden.policy_gate.policy_replay import PolicyReplay, replay_events
 from warden.streams import stream_configs
 from warden.subjects import Subjects
 
@@ -157,23 +157,24 @@ async def run(decisions: int) -> dict[str, Any]:
         nc = await admin_connect(nats_url)
         try:
             read_started = time.perf_counter()
-            read = await read_decisions(nc, "bench")
+            stored: list[tuple[int, bytes]] = []
+            await read_decision_events(nc, "bench", lambda seq, body: stored.append((seq, body)))
             read_seconds = time.perf_counter() - read_started
             # As `warden policy replay` runs: each decision to the judges as it is read.
             whole_started = time.perf_counter()
             with PolicyReplay(candidate) as replay:
-                await read_decisions(nc, "bench", sink=replay.add)
+                await read_decision_events(nc, "bench", replay.add)
                 whole = replay.finish()
             whole_seconds = time.perf_counter() - whole_started
         finally:
             await nc.close()
-    assert len(read.decisions) == decisions, len(read.decisions)
-    assert read.unreadable == 0, read.unreadable
+    assert len(stored) == decisions, len(stored)
+    assert whole.unreadable == 0, whole.unreadable
     assert (whole.replayed, len(whole.effect_flips)) == (decisions, flips), (whole.replayed, len(whole.effect_flips))
     result["read_per_second"] = round(decisions / read_seconds)
     result["end_to_end_per_second"] = round(decisions / whole_seconds)
     for workers in sorted({1, cpus}):
-        report = replay_decisions(read.decisions, candidate, workers=workers)
+        report = replay_events(stored, candidate, workers=workers)
         assert len(report.effect_flips) == flips, (len(report.effect_flips), flips)
         assert set(report.transitions()) == {"allow -> deny"}, report.transitions()
         result["passes"].append(

@@ -149,7 +149,32 @@ async def db(servers: Servers, settings: Settings) -> AsyncIterator[asyncpg.Conn
     await connection.close()
 
 
-AppRunner = Callable[[FastStream], Awaitable[None]]
+class AppRunner:
+    """Starts FastStream apps in the test's event loop (`await run_app(app)`) and stops them."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, tuple[FastStream, asyncio.Task[None]]] = {}
+
+    async def __call__(self, app: FastStream) -> None:
+        task = asyncio.create_task(app.run())
+        self.tasks[id(app)] = (app, task)
+        # app.run() returns only on exit; wait for its broker to be running instead.
+        for _ in range(200):
+            if getattr(app, "running", False) or task.done():
+                break
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+
+    async def stop(self, app: FastStream) -> None:
+        """Stop `app` and wait until it has: its consumers are gone, so nothing is delivered to it any more."""
+        app.exit()
+        _, task = self.tasks.pop(id(app))
+        await asyncio.wait_for(task, 15)
+
+    async def stop_all(self) -> None:
+        for app, _ in list(self.tasks.values()):
+            await self.stop(app)
 
 
 @pytest.fixture
@@ -161,23 +186,9 @@ async def run_app(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AppRunner]:
     stop on the signal, so the test fails on what it waited for, instead of the whole run ending.
     """
     monkeypatch.setattr(warden.service, "_arm_shutdown_deadline", lambda seconds: None)
-    tasks: list[tuple[FastStream, asyncio.Task[None]]] = []
-
-    async def start(app: FastStream) -> None:
-        task = asyncio.create_task(app.run())
-        tasks.append((app, task))
-        # app.run() returns only on exit; wait for its broker to be running instead.
-        for _ in range(200):
-            if getattr(app, "running", False) or task.done():
-                break
-            await asyncio.sleep(0.05)
-        if task.done():
-            task.result()
-
-    yield start
-    for app, task in tasks:
-        app.exit()
-        await asyncio.wait_for(task, 10)
+    runner = AppRunner()
+    yield runner
+    await runner.stop_all()
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0, interval: float = 0.05) -> Any:

@@ -236,7 +236,7 @@ async def test_an_approval_given_under_another_policy_revision_does_not_hold(
     apps = await start_all(run_app, settings)
     client, run_id, approval_id = await paused_refund(nc, settings)
 
-    apps["policy_gate"].exit()
+    await run_app.stop(apps["policy_gate"])
     changed = policies_with(tmp_path)
     (changed / "review.rego").write_text((changed / "review.rego").read_text() + "\n# reviewed again\n")
     await run_app(build_gate(settings.model_copy(update={"policy_dir": changed})))

@@ -209,8 +209,7 @@ async def test_restarting_a_service_mid_run_loses_nothing(
         return any(e.type in {"step.completed", "tool_call.completed"} for e in events)
 
     await eventually(started, within=30)
-    apps[service].exit()
-    await asyncio.sleep(1.0)
+    await run_app.stop(apps[service])
     await run_app(BUILDERS[service](governed))
     for receipt in receipts:
         run = await eventually(await run_row(db, receipt.run_id, ("succeeded", "failed")), within=60)

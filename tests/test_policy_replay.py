@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from tests.test_policies import POLICIES, corpus
 from tests.test_signed_decisions import publish
 from warden.cli import POLICY_REPLAY_FLIPS, parse_since
 from warden.decision_history import RecordedDecision, decision_from_event
-from warden.messages import RunSubmitted, ToolCallRequested
+from warden.messages import DecisionMade, RunSubmitted, ToolCallRequested, make_envelope
 from warden.policy_gate.app import build_app as build_gate
 from warden.policy_gate.decide import judge_input, policy_input
 from warden.policy_gate.engine import PolicyEngine
-from warden.policy_gate.policy_replay import IN_PROCESS_BELOW, replay_decisions
+from warden.policy_gate.policy_replay import IN_PROCESS_BELOW, replay_events
 from warden.settings import Settings
 from warden.subjects import Subjects
 
@@ -31,26 +32,33 @@ def engine() -> PolicyEngine:
     return PolicyEngine.load(POLICIES)
 
 
-def recorded(engine: PolicyEngine, documents: list[dict[str, Any]]) -> list[RecordedDecision]:
-    """Decisions as the gate records them: each input judged on the pack in force."""
-    decisions = []
+def recorded(engine: PolicyEngine, documents: Sequence[dict[str, Any] | None]) -> list[tuple[int, bytes]]:
+    """Decision events as the gate stores them (stream sequence, bytes): each input judged on the pack in force;
+    a None document is a decision recorded before inputs were."""
+    events = []
     for index, document in enumerate(documents):
-        effect, reasons = judge_input(engine, document)
-        decisions.append(
-            RecordedDecision(
-                stream_seq=index + 1,
-                decision_id=f"D{index}",
-                tenant=str(document.get("tenant")),
-                run_id=f"R{index}",
-                request_type="tool_call.requested",
-                time="2026-12-01T00:00:00+00:00",
-                effect=effect,
-                reasons=reasons,
-                policy_revision=engine.revision,
-                input=document,
-            )
+        effect, reasons = judge_input(engine, document) if document is not None else ("allow", ())
+        made = DecisionMade(
+            decision_id=f"D{index}",
+            request_type=ToolCallRequested.TYPE,
+            request_id=f"Q{index}",
+            request_seq=index + 1,
+            effect=effect,
+            reasons=list(reasons),
+            policy_revision=engine.revision,
+            evaluation_ms=0.1,
+            input=document,
         )
-    return decisions
+        tenant = str((document or {}).get("tenant", "acme"))
+        event = make_envelope(made, tenant=tenant, entity_id=f"R{index}", actor="policy-gate", source="policy-gate")
+        events.append((index + 1, event.to_bytes()))
+    return events
+
+
+def decisions_of(events: list[tuple[int, bytes]]) -> list[RecordedDecision]:
+    parsed = [decision_from_event(seq, body) for seq, body in events]
+    assert None not in parsed
+    return [decision for decision in parsed if decision is not None]
 
 
 def requests(count: int) -> list[dict[str, Any]]:
@@ -75,22 +83,22 @@ def edited_pack(tmp_path: Path, edit_data: Any = None, replace: tuple[str, str, 
 
 def test_the_pack_replays_its_own_decisions_unchanged(engine: PolicyEngine) -> None:
     """Replaying every recorded decision on the bundle that made them changes none of them."""
-    decisions = recorded(engine, corpus() + requests(300))
-    report = replay_decisions(decisions, POLICIES, workers=1)
-    assert report.replayed == len(decisions)
-    assert report.unchanged == len(decisions), [flip.as_json() for flip in report.flips[:3]]
+    events = recorded(engine, [*corpus(), *requests(300)])
+    report = replay_events(events, POLICIES, workers=1)
+    assert report.replayed == len(events)
+    assert report.unchanged == len(events), [flip.as_json() for flip in report.flips[:3]]
     assert report.flips == []
-    assert {decision.effect for decision in decisions} >= {"allow", "deny", "require_approval"}
+    assert {decision.effect for decision in decisions_of(events)} >= {"allow", "deny", "require_approval"}
 
 
 def test_a_narrower_candidate_flips_exactly_the_decisions_it_should(engine: PolicyEngine, tmp_path: Path) -> None:
     """Taking a domain out of web.fetch's allowed list flips the allowed fetches there, and only those."""
-    decisions = recorded(engine, corpus() + requests(600))
+    events = recorded(engine, [*corpus(), *requests(600)])
     candidate = edited_pack(tmp_path, lambda data: data["tools"]["web.fetch"]["allowed_domains"].remove("example.com"))
-    report = replay_decisions(decisions, candidate, workers=1)
+    report = replay_events(events, candidate, workers=1)
     expected = {
         decision.decision_id
-        for decision in decisions
+        for decision in decisions_of(events)
         if decision.effect in ("allow", "require_approval")
         and (decision.input or {}).get("action") == "tool.call"
         and "example.com" in str(((decision.input or {}).get("tool") or {}).get("arguments", {}).get("url", ""))
@@ -104,9 +112,9 @@ def test_a_narrower_candidate_flips_exactly_the_decisions_it_should(engine: Poli
 
 def test_a_changed_reason_is_reported_but_flips_no_effect(engine: PolicyEngine, tmp_path: Path) -> None:
     """A candidate that only words a reason otherwise changes reasons, not effects: exit status 0 material."""
-    decisions = recorded(engine, corpus())
+    events = recorded(engine, list(corpus()))
     candidate = edited_pack(tmp_path, replace=("tools.rego", "is allowed for agent", "may be called by agent"))
-    report = replay_decisions(decisions, candidate, workers=1)
+    report = replay_events(events, candidate, workers=1)
     assert report.effect_flips == []
     assert report.reason_changes
     assert all(any("may be called by agent" in reason for reason in flip.reasons) for flip in report.reason_changes)
@@ -114,18 +122,29 @@ def test_a_changed_reason_is_reported_but_flips_no_effect(engine: PolicyEngine, 
 
 def test_decisions_recorded_without_their_input_are_counted_not_judged(engine: PolicyEngine) -> None:
     """A decision made before inputs were recorded cannot be re-decided: it is counted apart."""
-    decisions = recorded(engine, corpus()[:20])
-    older = [RecordedDecision(**{**decision.__dict__, "input": None}) for decision in decisions[:5]]
-    report = replay_decisions(older + decisions[5:], POLICIES, workers=1)
+    documents: list[dict[str, Any] | None] = list(corpus()[:20])
+    documents[:5] = [None] * 5
+    report = replay_events(recorded(engine, documents), POLICIES, workers=1)
     assert (report.without_input, report.replayed, report.unchanged) == (5, 15, 15)
+
+
+def test_a_stored_message_that_is_not_a_decision_is_counted_not_judged(engine: PolicyEngine) -> None:
+    """Bytes on a decision subject that are not a decision event are counted as unreadable, in-process and
+    in the workers alike."""
+    events = recorded(engine, requests(IN_PROCESS_BELOW + 10))
+    events[3] = (events[3][0], b"not json")
+    events[-3] = (events[-3][0], json.dumps({"type": "run.queued"}).encode())
+    for workers in (1, 2):
+        report = replay_events(events, POLICIES, workers=workers)
+        assert (report.unreadable, report.replayed, report.unchanged) == (2, len(events) - 2, len(events) - 2)
 
 
 def test_worker_processes_decide_as_one_process_does(engine: PolicyEngine, tmp_path: Path) -> None:
     """The same history gives the same report whether judged in this process or in two workers."""
-    decisions = recorded(engine, requests(IN_PROCESS_BELOW + 500))
+    events = recorded(engine, requests(IN_PROCESS_BELOW + 2500))
     candidate = edited_pack(tmp_path, lambda data: data["tools"]["web.fetch"]["allowed_domains"].remove("example.com"))
-    alone = replay_decisions(decisions, candidate, workers=1)
-    pooled = replay_decisions(decisions, candidate, workers=2)
+    alone = replay_events(events, candidate, workers=1)
+    pooled = replay_events(events, candidate, workers=2)
     assert [flip.as_json() for flip in pooled.flips] == [flip.as_json() for flip in alone.flips]
     assert (pooled.replayed, pooled.unchanged) == (alone.replayed, alone.unchanged)
     assert alone.effect_flips

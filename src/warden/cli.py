@@ -289,7 +289,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 async def _policy_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from warden.decision_history import read_decisions  # noqa: PLC0415
+    from warden.decision_history import read_decision_events  # noqa: PLC0415
     from warden.policy_gate.policy_replay import PolicyReplay  # noqa: PLC0415
 
     since = parse_since(args.since) if args.since else None
@@ -306,16 +306,14 @@ async def _policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     # Each decision goes to the candidate's judges as it is read: reading and judging overlap.
     with PolicyReplay(candidate, workers=args.workers, progress=progress) as replay:
         async with await _client(args) as client:
-            history = await read_decisions(
-                client.nc, client.subjects.prefix, tenant=args.tenant, since=since, sink=replay.add
-            )
+            await read_decision_events(client.nc, client.subjects.prefix, replay.add, tenant=args.tenant, since=since)
         report = replay.finish()
     if args.json:
-        print(json.dumps({**report.as_json(), "unreadable": history.unreadable}))
+        print(json.dumps(report.as_json()))
     else:
         _print_policy_replay(report, args.limit)
-    if history.unreadable:
-        print(f"warden: {history.unreadable} message(s) on decision subjects were not decisions", file=sys.stderr)
+    if report.unreadable:
+        print(f"warden: {report.unreadable} message(s) on decision subjects were not decisions", file=sys.stderr)
     return POLICY_REPLAY_FLIPS if report.effect_flips else 0
 
 

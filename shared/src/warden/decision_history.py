@@ -85,23 +85,21 @@ def decision_from_event(stream_seq: int, body: bytes) -> RecordedDecision | None
     return decision if well_formed else None
 
 
-async def read_decisions(
+async def read_decision_events(
     nc: NatsClient,
     prefix: str,
+    sink: Callable[[int, bytes], None],
     *,
     tenant: str | None = None,
     since: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
-    sink: Callable[[RecordedDecision], None] | None = None,
-) -> DecisionHistory:
-    """Every decision stored now (one tenant's, or all), from `since` on, in stream order.
+) -> int:
+    """Hand every stored decision event (one tenant's, or all), from `since` on, to `sink` in stream
+    order, as its stream sequence and bytes, unparsed: `warden policy replay` parses them in its
+    worker processes, so this process only reads. Returns how many were read.
 
-    Each is handed to `sink` as it is read, if given (the history returned then holds none), else
-    kept in the history. `progress(read, total)` is called now and then on a long read.
+    `progress(read, total)` is called now and then on a long read.
     """
-    subjects = Subjects(prefix)
-    history = DecisionHistory([])
-    keep = sink or history.decisions.append
     done = asyncio.Event()
     total = 0
     read = 0
@@ -109,11 +107,7 @@ async def read_decisions(
     async def collect(message: Msg) -> None:
         nonlocal read
         metadata = message.metadata
-        decision = decision_from_event(metadata.sequence.stream, message.data)
-        if decision is None:
-            history.unreadable += 1
-        else:
-            keep(decision)
+        sink(metadata.sequence.stream, message.data)
         read += 1
         if progress is not None and read % 10_000 == 0:
             progress(read, total)
@@ -123,7 +117,7 @@ async def read_decisions(
     reader = FilteredReader(
         nc,
         StreamNames.for_prefix(prefix).events,
-        subjects.decisions(tenant),
+        Subjects(prefix).decisions(tenant),
         collect,
         deliver_policy=DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL,
         start_time=since,
@@ -141,4 +135,26 @@ async def read_decisions(
         await reader.stop()
     if progress is not None:
         progress(read, total)
+    return read
+
+
+async def read_decisions(
+    nc: NatsClient,
+    prefix: str,
+    *,
+    tenant: str | None = None,
+    since: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DecisionHistory:
+    """Every decision stored now (one tenant's, or all), from `since` on, in stream order, parsed."""
+    history = DecisionHistory([])
+
+    def keep(stream_seq: int, body: bytes) -> None:
+        decision = decision_from_event(stream_seq, body)
+        if decision is None:
+            history.unreadable += 1
+        else:
+            history.decisions.append(decision)
+
+    await read_decision_events(nc, prefix, keep, tenant=tenant, since=since, progress=progress)
     return history

@@ -7,8 +7,10 @@ candidate bundle can be judged against real history before it ships: `warden pol
 effect or reasons would change. It exits non-zero when an effect flips, so a CI job can hold a
 policy change to the history it would rewrite.
 
-Rego evaluation is CPU-bound and regorus engines are bound to their thread, so the inputs are
-judged in worker processes (one engine each), in chunks; the comparison stays here.
+Rego evaluation is CPU-bound and regorus engines are bound to their thread, so the stored events
+go to worker processes (one engine each) in chunks, as read: each worker parses its events, judges
+their inputs and compares, and hands back only counts and the decisions that changed. The process
+that reads does nothing else per decision, since on a few CPUs it is the one every worker waits on.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warden.decision_history import RecordedDecision
+from warden.decision_history import RecordedDecision, decision_from_event
 from warden.policy_gate.decide import judge_input
 from warden.policy_gate.engine import PolicyEngine
 
-# Inputs sent to a worker at once: large enough that the hand-off costs little per decision,
+# Events sent to a worker at once: large enough that the hand-off costs little per decision,
 # small enough that progress is smooth and every worker gets a share of a short history.
-CHUNK = 500
+CHUNK = 1000
 # Below this many decisions, starting worker processes costs more than it saves.
 IN_PROCESS_BELOW = 2_000
 
@@ -75,6 +77,8 @@ class PolicyReplayReport:
     unchanged: int = 0
     # Decisions recorded without their input (made before inputs were recorded): not judged.
     without_input: int = 0
+    # Messages on a decision subject that are not a well-formed decision event (none, normally).
+    unreadable: int = 0
     flips: list[Flip] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -94,6 +98,13 @@ class PolicyReplayReport:
     def decisions_per_second(self) -> float:
         return self.replayed / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, judged: Judged) -> None:
+        self.replayed += judged.replayed
+        self.unchanged += judged.unchanged
+        self.without_input += judged.without_input
+        self.unreadable += judged.unreadable
+        self.flips.extend(judged.flips)
+
     def as_json(self) -> dict[str, Any]:
         return {
             "candidate_revision": self.candidate_revision,
@@ -102,11 +113,45 @@ class PolicyReplayReport:
             "effect_flips": len(self.effect_flips),
             "reason_changes": len(self.reason_changes),
             "without_input": self.without_input,
+            "unreadable": self.unreadable,
             "transitions": dict(sorted(self.transitions().items())),
             "seconds": round(self.seconds, 3),
             "decisions_per_second": round(self.decisions_per_second),
             "flips": [flip.as_json() for flip in self.flips],
         }
+
+
+@dataclass
+class Judged:
+    """What judging a chunk of stored decision events found: counts, and only the decisions that changed."""
+
+    replayed: int = 0
+    unchanged: int = 0
+    without_input: int = 0
+    unreadable: int = 0
+    flips: list[Flip] = field(default_factory=list)
+
+
+StoredEvent = tuple[int, bytes]
+
+
+def judge_events(engine: PolicyEngine, events: Sequence[StoredEvent]) -> Judged:
+    """Parse each stored decision event, judge its input on `engine`, compare with what was recorded."""
+    judged = Judged()
+    for stream_seq, body in events:
+        recorded = decision_from_event(stream_seq, body)
+        if recorded is None:
+            judged.unreadable += 1
+        elif recorded.input is None:
+            judged.without_input += 1
+        else:
+            effect, reasons = judge_input(engine, recorded.input)
+            judged.replayed += 1
+            if effect == recorded.effect and reasons == recorded.reasons:
+                judged.unchanged += 1
+            else:
+                judged.flips.append(Flip(recorded, effect, reasons))
+    return judged
 
 
 # The candidate engine of this worker process (one per process: regorus engines are bound to a thread).
@@ -118,24 +163,21 @@ def _load_worker(candidate: str) -> None:
     _worker_engine = PolicyEngine.load(Path(candidate))
 
 
-def _judge_chunk(inputs: Sequence[dict[str, Any]]) -> list[tuple[str, tuple[str, ...]]]:
+def _judge_chunk(events: Sequence[StoredEvent]) -> Judged:
     assert _worker_engine is not None, "the pool's initializer loads the engine"
-    return [judge_input(_worker_engine, document) for document in inputs]
+    return judge_events(_worker_engine, events)
 
 
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-Outcome = tuple[str, tuple[str, ...]]
-
-
 class PolicyReplay:
-    """Re-decides recorded decisions on a candidate bundle as they are handed in, then reports.
+    """Re-decides stored decision events on a candidate bundle as they are handed in, then reports.
 
-    Decisions may be added while they are still being read: chunks go to the worker processes as
+    Events may be added while they are still being read: chunks go to the worker processes as
     they fill, so reading, starting the workers and judging overlap. Up to `IN_PROCESS_BELOW`
-    decisions are judged in this process (starting workers would cost more); the workers start
+    events are judged in this process (starting workers would cost more); the workers start
     once that many are waiting. Use as a context manager, or call `close`.
     """
 
@@ -151,10 +193,8 @@ class PolicyReplay:
         self.workers = default_workers() if workers is None else workers
         self.progress = progress
         self.added = 0
-        self._waiting: list[RecordedDecision] = []
-        self._judging: collections.deque[tuple[list[RecordedDecision], concurrent.futures.Future[list[Outcome]]]] = (
-            collections.deque()
-        )
+        self._waiting: list[StoredEvent] = []
+        self._judging: collections.deque[concurrent.futures.Future[Judged]] = collections.deque()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> PolicyReplay:
@@ -163,12 +203,10 @@ class PolicyReplay:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def add(self, decision: RecordedDecision) -> None:
+    def add(self, stream_seq: int, body: bytes) -> None:
+        """One stored decision event, as read from the stream."""
         self.added += 1
-        if decision.input is None:
-            self.report.without_input += 1
-            return
-        self._waiting.append(decision)
+        self._waiting.append((stream_seq, body))
         if self._pool is None and self.workers > 1 and len(self._waiting) >= IN_PROCESS_BELOW:
             # Spawned, not forked: a fork would copy this process's engine, bound to its thread.
             self._pool = concurrent.futures.ProcessPoolExecutor(
@@ -177,44 +215,30 @@ class PolicyReplay:
                 initializer=_load_worker,
                 initargs=(str(self.candidate),),
             )
-        if self._pool is not None:
-            while len(self._waiting) >= CHUNK:
-                self._submit(self._waiting[:CHUNK])
-                del self._waiting[:CHUNK]
-            self._compare_done()
+        if self._pool is not None and len(self._waiting) >= CHUNK:
+            self._judging.append(self._pool.submit(_judge_chunk, self._waiting))
+            self._waiting = []
+            self._collect_done()
 
-    def _submit(self, chunk: list[RecordedDecision]) -> None:
-        assert self._pool is not None
-        inputs = [decision.input for decision in chunk if decision.input is not None]
-        self._judging.append((chunk, self._pool.submit(_judge_chunk, inputs)))
+    def _collect_done(self, *, wait: bool = False) -> None:
+        """Take in the judged chunks at the front of the queue (all of them, waiting, if `wait`)."""
+        while self._judging and (wait or self._judging[0].done()):
+            self._take(self._judging.popleft().result())
 
-    def _compare_done(self, *, wait: bool = False) -> None:
-        """Compare the judged chunks at the front of the queue (all of them, waiting, if `wait`)."""
-        while self._judging and (wait or self._judging[0][1].done()):
-            chunk, outcomes = self._judging.popleft()
-            self._compare(chunk, outcomes.result())
-
-    def _compare(self, chunk: Sequence[RecordedDecision], outcomes: Sequence[Outcome]) -> None:
-        report = self.report
-        for recorded, (effect, reasons) in zip(chunk, outcomes, strict=True):
-            report.replayed += 1
-            if effect == recorded.effect and reasons == recorded.reasons:
-                report.unchanged += 1
-            else:
-                report.flips.append(Flip(recorded, effect, reasons))
+    def _take(self, judged: Judged) -> None:
+        self.report.add(judged)
         if self.progress is not None:
-            self.progress(report.replayed, self.added - report.without_input)
+            self.progress(self.report.replayed, self.added)
 
     def finish(self) -> PolicyReplayReport:
-        """Judge what is left and wait for the workers: the whole report."""
+        """Judge what is left and wait for the workers: the whole report, its flips in stream order."""
         if self._pool is None:
             for start in range(0, len(self._waiting), CHUNK):
-                chunk = self._waiting[start : start + CHUNK]
-                self._compare(chunk, [judge_input(self.engine, d.input) for d in chunk if d.input is not None])
+                self._take(judge_events(self.engine, self._waiting[start : start + CHUNK]))
         elif self._waiting:
-            self._submit(self._waiting)
+            self._judging.append(self._pool.submit(_judge_chunk, self._waiting))
         self._waiting = []
-        self._compare_done(wait=True)
+        self._collect_done(wait=True)
         self.report.seconds = time.perf_counter() - self.started
         return self.report
 
@@ -224,18 +248,18 @@ class PolicyReplay:
             self._pool = None
 
 
-def replay_decisions(
-    decisions: Sequence[RecordedDecision],
+def replay_events(
+    events: Iterable[StoredEvent],
     candidate: Path,
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PolicyReplayReport:
-    """Judge every recorded decision's input on the candidate bundle in `candidate` and compare.
+    """Judge the input of every stored decision event on the candidate bundle in `candidate` and compare.
 
     Raises PolicyLoadError (naming the file) when the candidate does not load.
     """
     with PolicyReplay(candidate, workers=workers, progress=progress) as replay:
-        for decision in decisions:
-            replay.add(decision)
+        for stream_seq, body in events:
+            replay.add(stream_seq, body)
         return replay.finish()
