@@ -232,9 +232,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def run_warden_cli(settings: Settings, *args: str) -> CliResult:
-    """Run the `warden` command against this test's servers and prefix; its exit status and output."""
-    env = settings_env(settings)
+async def run_warden_cli(settings: Settings, *args: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run the `warden` command against this test's servers and prefix (or with just `env`); its exit
+    status and output."""
+    env = settings_env(settings) if env is None else env
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -80,7 +80,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["state_dir"] = Path(args.state_dir)
     settings = Settings(**overrides)
     # Only the commands that talk to a stack look for one; `policy test` and `schemas` work anywhere.
-    return settings_for_running_stack(settings) if args.command in STACK_COMMANDS else settings
+    offline = getattr(args, "bundle", None) is not None  # `audit verify --bundle` checks files only
+    return settings_for_running_stack(settings) if args.command in STACK_COMMANDS and not offline else settings
 
 
 async def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -640,7 +641,99 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.audit_projector.export import export_evidence  # noqa: PLC0415
+    from warden.evidence import Scope  # noqa: PLC0415
+    from warden.subjects import Subjects  # noqa: PLC0415
+
+    try:
+        Subjects(settings.subject_prefix).decisions(args.tenant)  # a tenant is a subject token
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    since = parse_since(args.since) if args.since else None
+    scope = Scope(tenant=args.tenant, run_id=args.run, since=since)
+    directory = _new_bundle_directory(args)
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"warden: {line}", file=sys.stderr, flush=True)
+
+    database = await _reader(settings)
+    try:
+        async with await _client(args) as client:
+            result = await export_evidence(
+                client.nc, database, client.subjects.prefix, scope, directory, progress=progress
+            )
+    finally:
+        await database.close()
+    chains = result.manifest["chains"]
+    print(
+        f"evidence of tenant {args.tenant}"
+        + (f", run {args.run}" if args.run else "")
+        + (f", since {since.isoformat()}" if since else "")
+        + f": {result.in_scope} rows in scope ({result.rows} in {len(chains)} chains), "
+        f"{result.checkpoints} checkpoints, {len(result.manifest['policy_revisions'])} policy bundles, in {directory}/"
+    )
+    for note in result.manifest["notes"]:
+        print(f"note: {note}")
+    print(f"check it anywhere with: warden audit verify --bundle {directory} --keys <checkpoint-keys.pub>")
+    return 0
+
+
+def _new_bundle_directory(args: argparse.Namespace) -> Path:
+    """Where `audit export` writes: --out, or a name of its own; never over what is there."""
+    directory = Path(args.out or f"evidence-{args.tenant}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    if directory.exists() and any(directory.iterdir()):
+        raise UsageError(f"{directory} is not empty: give --out a new directory")
+    return directory
+
+
+def _bundle_keys(args: argparse.Namespace, settings: Settings) -> Path:
+    """The checkpoint public keys a bundle is checked with: --keys, else the local installation's."""
+    from warden.endpoints import credentials_dir  # noqa: PLC0415
+    from warden.signing import CHECKPOINT_KEYS_FILE  # noqa: PLC0415
+
+    if args.keys:
+        return Path(args.keys)
+    local = (settings.nats_credentials_dir or credentials_dir(settings.state_dir)) / CHECKPOINT_KEYS_FILE
+    if not local.is_file():
+        raise UsageError("give --keys FILE: the checkpoint public keys (checkpoint-keys.pub) to check the bundle with")
+    return local
+
+
+async def _audit_verify_bundle(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.evidence import verify_bundle  # noqa: PLC0415
+    from warden.signing import TrustedKeys  # noqa: PLC0415
+
+    keys = _bundle_keys(args, settings)
+    report = verify_bundle(Path(args.bundle), TrustedKeys(TrustedKeys.read(keys, "checkpoint"), "checkpoint"))
+    if args.json:
+        print(json.dumps(report.as_json()))
+        return 0 if report.intact else AUDIT_NOT_INTACT
+    for finding in report.findings:
+        print(f"{finding.kind}: {finding.describe()}")
+    scope = report.scope
+    print(
+        f"{'intact' if report.intact else 'NOT INTACT'}: bundle of tenant {scope.get('tenant')}"
+        + (f", run {scope['run_id']}" if scope.get("run_id") else "")
+        + f": {report.in_scope} rows in scope of {report.rows}, {report.decisions} decisions, "
+        f"{report.checkpoints} checkpoints verified with {keys}, {report.policy_revisions} policy bundles, "
+        f"{len(report.findings)} finding(s)"
+    )
+    if report.unanchored:
+        print(
+            f"note: {report.unanchored} row(s) come after the last checkpoint in the bundle: intact as far as the "
+            "chain shows, but no signature vouches for them yet"
+        )
+    if report.unrecorded_revisions:
+        unrecorded = ", ".join(report.unrecorded_revisions)
+        print(f"note: policy revisions never recorded (decided before gates recorded their bundles): {unrecorded}")
+    return 0 if report.intact else AUDIT_NOT_INTACT
+
+
 async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bundle is not None:
+        return await _audit_verify_bundle(args, settings)
     from warden.audit_projector.verify import verify  # noqa: PLC0415 (keeps asyncpg off the CLI's fast paths)
 
     def progress(line: str) -> None:
@@ -693,6 +786,50 @@ def _add_credentials_parser(commands: Any) -> None:
             command.add_argument("--tenant", required=True)
             command.add_argument("--actor", required=True)
         command.set_defaults(handler=_credentials)
+
+
+def _add_audit_parser(commands: Any) -> None:
+    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
+    replay = audit.add_parser(
+        "replay",
+        help="rebuild the projections from sequence 1 into a fresh schema; "
+        f"exits {REPLAY_FOUND_GAPS} if messages are missing from a stream",
+    )
+    replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
+    replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
+    replay.set_defaults(handler=_replay)
+    verify = audit.add_parser(
+        "verify",
+        help="recompute the audit's hash chains and check them against the signed checkpoints and the streams; "
+        f"exits {AUDIT_NOT_INTACT} if anything is found",
+    )
+    verify.add_argument("--json", action="store_true", help="the whole report as one JSON object")
+    verify.add_argument("--skip-stream", action="store_true", help="do not compare the rows with the streams")
+    verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    verify.add_argument(
+        "--bundle", metavar="DIR", help="check an evidence bundle (warden audit export) offline instead: files only"
+    )
+    verify.add_argument(
+        "--keys", metavar="FILE", help="with --bundle: the checkpoint public keys (default: this installation's)"
+    )
+    verify.set_defaults(handler=_audit_verify)
+    export = audit.add_parser(
+        "export",
+        help="write a tenant's evidence (events, decisions with their inputs, approvals, policies, signed "
+        "checkpoints) into a bundle anyone can check offline with `audit verify --bundle`",
+    )
+    export.add_argument("--tenant", required=True)
+    export.add_argument("--run", help="only this run's rows (the others go in as hashes, so the chain still links)")
+    export.add_argument("--since", help="rows stored from then on: an ISO 8601 time, or an age such as 30m, 12h, 7d")
+    export.add_argument("--out", help="a new directory for the bundle (default: evidence-<tenant>-<time>)")
+    export.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    export.set_defaults(handler=_audit_export)
+    access = audit.add_parser(
+        "access",
+        help="who read this installation's streams (consumers created, lookups), as the NATS server recorded it",
+    )
+    access.add_argument("--all", action="store_true", help="the installation's own services too")
+    access.set_defaults(handler=_audit_access)
 
 
 def _add_policy_parser(commands: Any) -> None:
@@ -906,30 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_policy_parser(commands)
 
-    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
-    replay = audit.add_parser(
-        "replay",
-        help="rebuild the projections from sequence 1 into a fresh schema; "
-        f"exits {REPLAY_FOUND_GAPS} if messages are missing from a stream",
-    )
-    replay.add_argument("--schema", help="target schema (created; must be empty). Default: replay_<time>")
-    replay.add_argument("--database-url", help="target database (default: WARDEN_DATABASE_URL)")
-    replay.set_defaults(handler=_replay)
-    verify = audit.add_parser(
-        "verify",
-        help="recompute the audit's hash chains and check them against the signed checkpoints and the streams; "
-        f"exits {AUDIT_NOT_INTACT} if anything is found",
-    )
-    verify.add_argument("--json", action="store_true", help="the whole report as one JSON object")
-    verify.add_argument("--skip-stream", action="store_true", help="do not compare the rows with the streams")
-    verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    verify.set_defaults(handler=_audit_verify)
-    access = audit.add_parser(
-        "access",
-        help="who read this installation's streams (consumers created, lookups), as the NATS server recorded it",
-    )
-    access.add_argument("--all", action="store_true", help="the installation's own services too")
-    access.set_defaults(handler=_audit_access)
+    _add_audit_parser(commands)
 
     return parser
 

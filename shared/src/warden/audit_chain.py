@@ -14,7 +14,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -113,6 +113,12 @@ def content_bytes(row: Sequence[Any], *, canonical_text: bool = False) -> bytes:
     the writer made with `canonical_json` (`canonical_text`) is taken as it is: reading it again
     could only turn a negative zero into zero.
     """
+    return encode_content(canonical_content(row, canonical_text=canonical_text))
+
+
+def canonical_content(row: Sequence[Any], *, canonical_text: bool = False) -> list[Any]:
+    """The values `content_bytes` encodes: the row's CONTENT_COLUMNS, times as microseconds, the
+    payload as canonical JSON text, raw bytes as base64 (what an evidence bundle shows of a row)."""
     values = list(row[:_CONTENT_LENGTH])
     values[_STORED_AT] = _micros(values[_STORED_AT])
     values[_TIME] = _micros(values[_TIME])
@@ -121,7 +127,12 @@ def content_bytes(row: Sequence[Any], *, canonical_text: bool = False) -> bytes:
         values[_PAYLOAD] = canonical_payload(payload)
     raw = values[_RAW]
     values[_RAW] = base64.b64encode(raw).decode() if raw is not None else None
-    return _CONTENT_PREFIX + pydantic_core.to_json(values)
+    return values
+
+
+def encode_content(values: Sequence[Any]) -> bytes:
+    """The bytes a row's content hash is taken over, from its `canonical_content`."""
+    return _CONTENT_PREFIX + pydantic_core.to_json(list(values))
 
 
 def content_hash(row: Sequence[Any]) -> bytes:
@@ -423,18 +434,29 @@ class ChainVerifier:
     off, one whose head differs means the chain was rewritten before it.
     """
 
-    def __init__(self, checkpoints: Iterable[Checkpoint] = ()) -> None:
+    def __init__(self, checkpoints: Iterable[Checkpoint] = (), anchors: Mapping[ChainId, Head] | None = None) -> None:
+        """`anchors`: where chains whose rows start later than their first begin (an evidence bundle's
+        chains start after a checkpoint): the index and hash before their first row."""
         self.findings: list[Finding] = []
         self.chains: dict[ChainId, _ChainState] = {}
         self.checkpoints: dict[ChainId, dict[int, Checkpoint]] = {}
+        self.anchors = dict(anchors or {})
         for checkpoint in checkpoints:
             self.checkpoints.setdefault(checkpoint.chain, {})[checkpoint.index] = checkpoint
+
+    def _start(self, chain: ChainId) -> _ChainState:
+        anchor = self.anchors.get(chain)
+        if anchor is None:
+            return _ChainState(last_hash=genesis(chain))
+        return _ChainState(
+            last_index=anchor.last_index, last_hash=anchor.hash, hashes_at={anchor.last_index: anchor.hash}
+        )
 
     def add(self, row: ChainRow) -> None:
         chain = row.chain
         state = self.chains.get(chain)
         if state is None:
-            state = self.chains[chain] = _ChainState(last_hash=genesis(chain))
+            state = self.chains[chain] = self._start(chain)
         state.rows += 1
         if row.chain_index is None or row.chain_hash is None:
             if state.last_index == 0 and not state.absent:
@@ -471,10 +493,13 @@ class ChainVerifier:
                 self._found(MissingRows(*chain, first, last, before))
         summaries = []
         for chain in sorted(set(self.chains) | set(self.checkpoints)):
-            state = self.chains.get(chain) or _ChainState()
+            state = self.chains.get(chain) or self._start(chain)
             checkpoints = self.checkpoints.get(chain, {})
             last_checkpoint = 0
+            begins = self.anchors[chain].last_index if chain in self.anchors else 0
             for index, checkpoint in sorted(checkpoints.items()):
+                if index < begins:
+                    continue  # before the rows at hand: vouched for by the anchor, not checked here
                 if index > state.last_index:
                     self._found(RowsCutOff(*chain, state.last_index, max(checkpoints), "checkpoint"))
                     break

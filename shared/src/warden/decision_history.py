@@ -9,8 +9,6 @@ that is not a well-formed decision is counted, never guessed at).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,15 +16,10 @@ from typing import Any
 
 import pydantic_core
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
-from warden.reader import FilteredReader
+from warden.reader import read_stored
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-
-# A read that hears nothing for this long while messages are still pending has stalled.
-READ_STALL_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,45 +90,9 @@ async def read_decision_events(
     """Hand every stored decision event (one tenant's, or all), from `since` on, to `sink` in stream
     order, as its stream sequence and bytes, unparsed: `warden policy replay` parses them in its
     worker processes, so this process only reads. Returns how many were read.
-
-    `progress(read, total)` is called now and then on a long read.
     """
-    done = asyncio.Event()
-    total = 0
-    read = 0
-
-    async def collect(message: Msg) -> None:
-        nonlocal read
-        metadata = message.metadata
-        sink(metadata.sequence.stream, message.data)
-        read += 1
-        if progress is not None and read % 10_000 == 0:
-            progress(read, total)
-        if metadata.num_pending == 0:
-            done.set()
-
-    reader = FilteredReader(
-        nc,
-        StreamNames.for_prefix(prefix).events,
-        Subjects(prefix).decisions(tenant),
-        collect,
-        deliver_policy=DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL,
-        start_time=since,
-    )
-    await reader.start()
-    try:
-        total = reader.pending_at_start or 0
-        while total and not done.is_set():
-            before = read
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), READ_STALL_SECONDS)
-            if not done.is_set() and read == before:
-                raise TimeoutError(f"reading the recorded decisions stalled after {before} of {total}")
-    finally:
-        await reader.stop()
-    if progress is not None:
-        progress(read, total)
-    return read
+    stream, subject = StreamNames.for_prefix(prefix).events, Subjects(prefix).decisions(tenant)
+    return await read_stored(nc, stream, subject, sink, since=since, progress=progress, what="recorded decisions")
 
 
 async def read_decisions(

@@ -157,3 +157,61 @@ class FilteredReader:
         if self.subscription is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self.subscription.unsubscribe()
+
+
+# A read that hears nothing for this long while messages are still pending has stalled.
+READ_STALL_SECONDS = 30.0
+
+
+async def read_stored(
+    nc: NatsClient,
+    stream: str,
+    filter_subject: str,
+    sink: Callable[[int, bytes], None],
+    *,
+    since: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    what: str = "messages",
+) -> int:
+    """Hand every message stored now on `filter_subject` (from `since` on, if given) to `sink` in stream
+    order, as its stream sequence and bytes. Returns how many were read.
+
+    `progress(read, total)` is called now and then on a long read; a read that stops hearing from
+    the server while messages are pending raises TimeoutError (naming `what`).
+    """
+    done = asyncio.Event()
+    total = 0
+    read = 0
+
+    async def collect(message: Msg) -> None:
+        nonlocal read
+        metadata = message.metadata
+        sink(metadata.sequence.stream, message.data)
+        read += 1
+        if progress is not None and read % 10_000 == 0:
+            progress(read, total)
+        if metadata.num_pending == 0:
+            done.set()
+
+    reader = FilteredReader(
+        nc,
+        stream,
+        filter_subject,
+        collect,
+        deliver_policy=DeliverPolicy.BY_START_TIME if since is not None else DeliverPolicy.ALL,
+        start_time=since,
+    )
+    await reader.start()
+    try:
+        total = reader.pending_at_start or 0
+        while total and not done.is_set():
+            before = read
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), READ_STALL_SECONDS)
+            if not done.is_set() and read == before:
+                raise TimeoutError(f"reading the {what} stalled after {before} of {total}")
+    finally:
+        await reader.stop()
+    if progress is not None:
+        progress(read, total)
+    return read
