@@ -494,6 +494,10 @@ def test_a_service_is_handed_only_its_own_secrets(tmp_path: Path) -> None:
     # A directory made before database roles existed has no password: the projector goes without.
     (store.directory / "postgres-projector.password").unlink()
     projector = private_credentials(store.directory, Role.AUDIT_PROJECTOR, tmp_path / "projector")
-    assert sorted(path.name for path in projector.iterdir()) == ["audit-projector.nk"]
+    assert sorted(path.name for path in projector.iterdir()) == [
+        "audit-projector.nk",
+        "checkpoint-keys.pub",
+        "checkpoint-signing.key",
+    ]
     with pytest.raises(CredentialStoreError):
         private_credentials(tmp_path / "empty", Role.SCHEDULER, tmp_path / "scheduler")

@@ -106,7 +106,12 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
             "policy_gate": ["decision-keys.pub", "decision-signing.key", "policy-gate.nk"],
             "scheduler": ["decision-keys.pub", "scheduler.nk"],
             "agent_runner": ["agent-runner.nk", "decision-keys.pub"],
-            "audit_projector": ["audit-projector.nk", "postgres-projector.password"],
+            "audit_projector": [
+                "audit-projector.nk",
+                "checkpoint-keys.pub",
+                "checkpoint-signing.key",
+                "postgres-projector.password",
+            ],
         }
         assert all(stat.S_IMODE(directory.stat().st_mode) == 0o700 for directory in handed.values())
 
