@@ -336,6 +336,27 @@ async def test_a_rewritten_signed_prefix_contradicts_its_checkpoint(
     assert "checkpoint_mismatch" in kinds(await verify(settings, db, skip_stream=True))
 
 
+async def test_a_clean_stop_signs_what_the_chains_reached(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
+) -> None:
+    """A projector that would not sign for an hour signs every chain's head when it stops cleanly, while it is
+    still connected: a short-lived stack (the demo) leaves nothing unanchored."""
+    for envelope in [*run_lifecycle("acme", "r1", steps=2), *run_lifecycle("globex", "r2", steps=1)]:
+        await publish(nc, settings, envelope)
+    patient = settings.model_copy(update={"checkpoint_every_events": 10**6, "checkpoint_every_seconds": 3600.0})
+    projector = build_app(patient)
+    await run_app(projector)
+    await eventually(lambda: db.fetchval("SELECT count(*) > 0 AND count(*) = count(chain_hash) FROM events"))
+    before = await verify(settings, db, skip_stream=True)
+    assert before.checkpoints == 0
+    assert before.unanchored == before.rows > 0
+    await run_app.stop(projector)
+    after = await verify(settings, db, skip_stream=True)
+    assert after.intact, [finding.describe() for finding in after.findings]
+    assert after.unanchored == 0
+    assert after.checkpoints == len(after.chains)
+
+
 async def test_replay_reproduces_the_chain_columns(
     settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner
 ) -> None:

@@ -84,6 +84,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
             if checkpoints is not None:
                 store.chained = checkpoints.committed
                 loops.start(checkpoints.run())
+                signing.append(checkpoints)
 
             async def record_gap(stream: str, first_seq: int, last_seq: int) -> None:
                 # The event first: once the position has moved past the gap, nothing would find it again.
@@ -118,13 +119,20 @@ def build_app(settings: Settings | None = None) -> FastStream:
             yield
         finally:
             await loops.stop()
-            if checkpoints is not None:
-                await _last_checkpoints(checkpoints)
             await store.release()
             await close_pool(pool)
 
     app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
+    signing: list[CheckpointWriter] = []  # the lifespan's checkpoint writer, once it has one
+
+    # A shutdown hook, run after the loops' (hooks run in order) and before the broker disconnects:
+    # the lifespan's own clean-up comes after, when publishing a checkpoint can only fail.
+    @app.on_shutdown
+    async def sign_last_checkpoints() -> None:
+        for checkpoints in signing:
+            await _last_checkpoints(checkpoints)
+
     return app
 
 
