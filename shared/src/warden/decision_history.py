@@ -39,15 +39,6 @@ class RecordedDecision:
     input: dict[str, Any] | None
 
 
-@dataclass
-class DecisionHistory:
-    """What a read of the recorded decisions found."""
-
-    decisions: list[RecordedDecision]
-    # Messages on a decision subject that are not a well-formed decision event (none, normally).
-    unreadable: int = 0
-
-
 def decision_from_event(stream_seq: int, body: bytes) -> RecordedDecision | None:
     """The recorded decision in one stored `decision.made` event, or None if it is not one."""
     try:
@@ -93,25 +84,3 @@ async def read_decision_events(
     """
     stream, subject = StreamNames.for_prefix(prefix).events, Subjects(prefix).decisions(tenant)
     return await read_stored(nc, stream, subject, sink, since=since, progress=progress, what="recorded decisions")
-
-
-async def read_decisions(
-    nc: NatsClient,
-    prefix: str,
-    *,
-    tenant: str | None = None,
-    since: datetime | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> DecisionHistory:
-    """Every decision stored now (one tenant's, or all), from `since` on, in stream order, parsed."""
-    history = DecisionHistory([])
-
-    def keep(stream_seq: int, body: bytes) -> None:
-        decision = decision_from_event(stream_seq, body)
-        if decision is None:
-            history.unreadable += 1
-        else:
-            history.decisions.append(decision)
-
-    await read_decision_events(nc, prefix, keep, tenant=tenant, since=since, progress=progress)
-    return history
