@@ -234,6 +234,17 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _credentials_hand_out(args: argparse.Namespace, settings: Settings) -> int:
+    from warden.credentials import hand_out  # noqa: PLC0415
+    from warden.endpoints import credentials_dir  # noqa: PLC0415
+
+    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
+    # Copies of what is there, so no server's list of identities changes: nothing to reload.
+    for role, private in hand_out(directory.resolve(), Path(args.into)).items():
+        print(f"{role.value:<32} {private}: {', '.join(sorted(path.name for path in private.iterdir()))}")
+    return 0
+
+
 async def _database_install(args: argparse.Namespace, settings: Settings) -> int:
     import asyncpg  # noqa: PLC0415
 
@@ -786,6 +797,20 @@ def _add_credentials_parser(commands: Any) -> None:
             command.add_argument("--tenant", required=True)
             command.add_argument("--actor", required=True)
         command.set_defaults(handler=_credentials)
+    hand_out = credentials.add_parser(
+        "hand-out",
+        help="give each service a directory of its own (under --into) holding only its seed and the keys or "
+        "password it needs, as compose.yaml's containers get them; copies afresh: run it again after a change",
+    )
+    hand_out.add_argument("--dir", help=directory_help)
+    hand_out.add_argument("--state-dir", help="the stack's state directory (default .warden, or WARDEN_STATE_DIR)")
+    hand_out.add_argument(
+        "--into",
+        required=True,
+        help="where the services' directories go: one per service role, named as `warden credentials list` "
+        "names it (the operator and tenants get none); mode 700, files 600",
+    )
+    hand_out.set_defaults(handler=_credentials_hand_out)
 
 
 def _add_audit_parser(commands: Any) -> None:

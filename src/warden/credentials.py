@@ -170,8 +170,10 @@ class CredentialStore:
 # What each service needs of the credentials directory, and nothing more: its own seed, and the
 # gate's signing key (and the trusted keys, to check the decision an approval request carries),
 # the runners' and the scheduler's trusted keys (the scheduler obeys only signed cancels and
-# halts), the projector's database password and its checkpoint key.
+# halts), the projector's database password and its checkpoint key. The provisioner (`warden
+# provision`, which creates the streams) needs its seed alone.
 SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
+    Role.PROVISIONER: (),
     Role.POLICY_GATE: (SIGNING_KEY_FILE, TRUSTED_KEYS_FILE),
     Role.SCHEDULER: (TRUSTED_KEYS_FILE,),
     Role.AGENT_RUNNER: (TRUSTED_KEYS_FILE,),
@@ -204,6 +206,18 @@ def private_credentials(source: Path, role: Role, target: Path) -> Path:
             file.write((source / name).read_bytes())
         staged.replace(target / name)
     return target
+
+
+def hand_out(source: Path, into: Path) -> dict[Role, Path]:
+    """A directory of its own under `into` for each role of SERVICE_SECRETS, named after the role
+    (`into/policy-gate`, `into/provisioner`, ...), made by `private_credentials`.
+
+    For services that run apart from `source`, as compose's containers do: each is given its own
+    directory, and never sees the others' seeds, the operator's, or the database superuser's password.
+    """
+    into.mkdir(mode=0o700, parents=True, exist_ok=True)
+    into.chmod(0o700)
+    return {role: private_credentials(source, role, into / role.value) for role in SERVICE_SECRETS}
 
 
 def authorization_config(stores: Iterable[CredentialStore], extra_users: Iterable[dict[str, object]] = ()) -> str:
