@@ -39,6 +39,66 @@ decision := {"effect": "allow", "reasons": sort(grants)} if {
 	allowed
 }
 
+# Each action's own findings, gathered behind one check of the action. The sets are written in
+# the action's file (`tool_call_denials` in tools.rego, and so on); a request pays only for its
+# own action's rules, because the compiled VM spends about a microsecond on every definition of a
+# set it tries, even one whose first line fails, and `warden policy replay` re-decides every
+# recorded request. The rules here and in runs.rego concern every action.
+deny contains reason if {
+	tool_call
+	some reason in tool_call_denials
+}
+
+deny contains reason if {
+	model_call
+	some reason in model_call_denials
+}
+
+deny contains reason if {
+	approval_answer
+	some reason in answer_denials
+}
+
+deny contains reason if {
+	control_action
+	some reason in control_denials
+}
+
+deny contains reason if {
+	policy_action
+	some reason in policy_change_denials
+}
+
+grants contains reason if {
+	tool_call
+	some reason in tool_call_grants
+}
+
+grants contains reason if {
+	model_call
+	some reason in model_call_grants
+}
+
+grants contains reason if {
+	approval_answer
+	some reason in answer_grants
+}
+
+grants contains reason if {
+	control_action
+	some reason in control_grants
+}
+
+grants contains reason if {
+	policy_action
+	some reason in policy_change_grants
+}
+
+approval contains reason if {
+	tool_call
+	some reason in tool_call_approvals
+}
+
 # The actions the gate asks about.
 actions := {
 	"run.start", "tool.call", "model.call", "approval.answer", "run.cancel", "halt", "halt.lift",

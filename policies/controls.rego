@@ -6,6 +6,9 @@
 # for whoever happens to run an agent. The principal who submitted a run is not, by that alone,
 # allowed to cancel it: the gate would have to read the run's submission to know who that was,
 # and a tenant that wants it can give its submitters a role with "run.cancel".
+#
+# Its findings are the sets `control_denials` and `control_grants`, which authz.rego adds to the
+# decision of a control action only.
 package warden.authz
 
 import rego.v1
@@ -28,8 +31,7 @@ allowed if {
 	may_control
 }
 
-deny contains msg if {
-	control_action
+control_denials contains msg if {
 	known_principal
 	not may_control
 	msg := sprintf(
@@ -38,12 +40,12 @@ deny contains msg if {
 	)
 }
 
-deny contains sprintf("%s of an agent needs input.agent as a non-empty string", [input.action]) if {
+control_denials contains sprintf("%s of an agent needs input.agent as a non-empty string", [input.action]) if {
 	halt_of_an_agent
 	not has_agent
 }
 
-grants contains msg if {
+control_grants contains msg if {
 	some role in control_roles
 	msg := sprintf("principal %s in tenant %s may %s as %s", [input.principal, input.tenant, input.action, role])
 }

@@ -1,4 +1,7 @@
 # Model calls of `llm` agents: which models a tenant may use, and caps on a run's tokens and cost.
+#
+# Its findings are the sets `model_call_denials` and `model_call_grants`, which authz.rego adds to
+# the decision of a model call only.
 package warden.authz
 
 import rego.v1
@@ -43,26 +46,22 @@ allowed if {
 	under_cost_cap
 }
 
-deny contains "model.call needs model.name as a non-empty string" if {
-	model_call
+model_call_denials contains "model.call needs model.name as a non-empty string" if {
 	not model_name
 }
 
-deny contains sprintf("unknown model %s: the policy data has no price for it", [model_name]) if {
-	model_call
+model_call_denials contains sprintf("unknown model %s: the policy data has no price for it", [model_name]) if {
 	model_name
 	not known_model
 }
 
-deny contains sprintf("tenant %s may not use model %s", [input.tenant, model_name]) if {
-	model_call
+model_call_denials contains sprintf("tenant %s may not use model %s", [input.tenant, model_name]) if {
 	known_model
 	known_tenant
 	not model_allowed_for_tenant
 }
 
-deny contains "model.call needs run.usage with input_tokens and output_tokens as whole numbers (their sum below 2^53) and cost_usd as a number of at most 10^9" if {
-	model_call
+model_call_denials contains "model.call needs run.usage with input_tokens and output_tokens as whole numbers (their sum below 2^53) and cost_usd as a number of at most 10^9" if {
 	not usage_counted
 }
 
@@ -71,16 +70,14 @@ usage_counted if {
 	is_number(cost_used)
 }
 
-deny contains msg if {
-	model_call
+model_call_denials contains msg if {
 	is_number(tokens_used)
 	has_agent # printed with %s: see tools.rego
 	not under_token_cap
 	msg := sprintf("run %v has used %v tokens; agent %s may use at most %v per run", [run_id, tokens_used, input.agent, token_cap])
 }
 
-deny contains msg if {
-	model_call
+model_call_denials contains msg if {
 	is_number(cost_used)
 	has_agent
 	not under_cost_cap
@@ -90,14 +87,12 @@ deny contains msg if {
 	)
 }
 
-grants contains sprintf("tenant %s may use model %s", [input.tenant, model_name]) if {
-	model_call
+model_call_grants contains sprintf("tenant %s may use model %s", [input.tenant, model_name]) if {
 	model_allowed_for_tenant
 	known_model
 }
 
-grants contains sprintf("run %v is under its caps: %v of %v tokens, %v of %v USD", [run_id, tokens_used, token_cap, usd(cost_used), usd(cost_cap)]) if {
-	model_call
+model_call_grants contains sprintf("run %v is under its caps: %v of %v tokens, %v of %v USD", [run_id, tokens_used, token_cap, usd(cost_used), usd(cost_cap)]) if {
 	under_token_cap
 	under_cost_cap
 }

@@ -5,6 +5,9 @@
 # only a principal of the installation's own tenant `_warden` whose role says
 # `"policy_change": true` (the starter data: the principal `operator`, the stack's own CLI) may.
 # A role of a customer's tenant never grants it, whatever it says.
+#
+# Its findings are the sets `policy_change_denials` and `policy_change_grants`, which authz.rego
+# adds to the decision of a policy change only.
 package warden.authz
 
 import rego.v1
@@ -25,14 +28,12 @@ allowed if {
 	may_change_policy
 }
 
-deny contains sprintf("policy is changed in the installation's tenant %s only, not in %s", [policy_tenant, input.tenant]) if {
-	policy_action
+policy_change_denials contains sprintf("policy is changed in the installation's tenant %s only, not in %s", [policy_tenant, input.tenant]) if {
 	non_empty_string(input.tenant)
 	input.tenant != policy_tenant
 }
 
-deny contains msg if {
-	policy_action
+policy_change_denials contains msg if {
 	input.tenant == policy_tenant
 	known_principal
 	not may_change_policy
@@ -43,7 +44,7 @@ deny contains msg if {
 }
 
 # The change is named first, so that no engine builds a reason from an undefined value.
-grants contains msg if {
+policy_change_grants contains msg if {
 	change := input.policy.change
 	is_string(change)
 	some role in policy_roles

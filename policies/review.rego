@@ -4,6 +4,9 @@
 # counts: the principal holds a role that may approve the tool and did not ask for the run
 # (four eyes). "deny" means it does not count; the call still waits for someone who may answer.
 # Whether the call then runs is the answer's (approve or reject), not this decision's.
+#
+# Its findings are the sets `answer_denials` and `answer_grants`, which authz.rego adds to the
+# decision of an approval answer only.
 package warden.authz
 
 import rego.v1
@@ -45,23 +48,19 @@ allowed if {
 	not_own_request
 }
 
-deny contains "approval.answer needs tool.name as a non-empty string" if {
-	approval_answer
+answer_denials contains "approval.answer needs tool.name as a non-empty string" if {
 	not approval_tool
 }
 
-deny contains "approval.answer needs approval.requested_by as a non-empty string" if {
-	approval_answer
+answer_denials contains "approval.answer needs approval.requested_by as a non-empty string" if {
 	not has_requester
 }
 
-deny contains sprintf("%s asked for this run and may not answer its own request (four eyes)", [input.principal]) if {
-	approval_answer
+answer_denials contains sprintf("%s asked for this run and may not answer its own request (four eyes)", [input.principal]) if {
 	own_request
 }
 
-deny contains msg if {
-	approval_answer
+answer_denials contains msg if {
 	approval_tool
 	known_principal
 	not may_approve
@@ -71,13 +70,11 @@ deny contains msg if {
 	)
 }
 
-grants contains msg if {
-	approval_answer
+answer_grants contains msg if {
 	some role in approving_roles
 	msg := sprintf("principal %s may approve %s as %s", [input.principal, approval_tool, role])
 }
 
-grants contains sprintf("%s is not the principal who asked for the run (%s)", [input.principal, input.approval.requested_by]) if {
-	approval_answer
+answer_grants contains sprintf("%s is not the principal who asked for the run (%s)", [input.principal, input.approval.requested_by]) if {
 	not_own_request
 }

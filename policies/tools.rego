@@ -1,4 +1,7 @@
 # Which tools an agent may call, with which arguments, how often per run, and which need a human.
+#
+# Its findings are the sets `tool_call_denials`, `tool_call_grants` and `tool_call_approvals`, which
+# authz.rego adds to the decision of a tool call only.
 package warden.authz
 
 import rego.v1
@@ -20,26 +23,22 @@ allowed if {
 	definition_approved
 }
 
-deny contains "tool.call needs tool.name as a non-empty string" if {
-	tool_call
+tool_call_denials contains "tool.call needs tool.name as a non-empty string" if {
 	not tool_name
 }
 
-deny contains sprintf("unknown tool %s", [tool_name]) if {
-	tool_call
+tool_call_denials contains sprintf("unknown tool %s", [tool_name]) if {
 	tool_name
 	not known_tool
 }
 
-deny contains sprintf("tool %s is not allowed for agent %s", [tool_name, input.agent]) if {
-	tool_call
+tool_call_denials contains sprintf("tool %s is not allowed for agent %s", [tool_name, input.agent]) if {
 	known_tool
 	known_agent
 	not tool_allowed
 }
 
-grants contains sprintf("tool %s is allowed for agent %s", [tool_name, input.agent]) if {
-	tool_call
+tool_call_grants contains sprintf("tool %s is allowed for agent %s", [tool_name, input.agent]) if {
 	tool_allowed
 }
 
@@ -78,14 +77,12 @@ host_in_domain(host, domain) if host == domain
 
 host_in_domain(host, domain) if endswith(host, concat("", [".", domain]))
 
-deny contains sprintf("tool %s needs a url argument that is an http(s) url with a plain host name", [tool_name]) if {
-	tool_call
+tool_call_denials contains sprintf("tool %s needs a url argument that is an http(s) url with a plain host name", [tool_name]) if {
 	domain_restricted
 	not url_host
 }
 
-deny contains msg if {
-	tool_call
+tool_call_denials contains msg if {
 	domain_restricted
 	is_string(url_host)
 	not host_allowed
@@ -93,8 +90,7 @@ deny contains msg if {
 	msg := sprintf("host %s is not in %s's allowed domains [%s]", [url_host, tool_name, domains])
 }
 
-grants contains sprintf("host %s is in %s's allowed domains", [url_host, tool_name]) if {
-	tool_call
+tool_call_grants contains sprintf("host %s is in %s's allowed domains", [url_host, tool_name]) if {
 	host_allowed
 }
 
@@ -102,8 +98,7 @@ grants contains sprintf("host %s is in %s's allowed domains", [url_host, tool_na
 
 # Arguments that policy data marks secret reach the gate only as the runner's keyed hash
 # (`hmac-sha256:<64 hex digits>`). One in clear is already on the record: deny, and say so.
-deny contains sprintf("argument %s of tool %s is secret and arrived in clear", [name, tool_name]) if {
-	tool_call
+tool_call_denials contains sprintf("argument %s of tool %s is secret and arrived in clear", [name, tool_name]) if {
 	# Over the arguments given (not a lookup of each marked name, which may be undefined: regorus's
 	# compiled VM then takes `not concealed(value)` as true, where OPA and its interpreter do not).
 	# Arguments that are no object hold no names (regorus's interpreter fails on `some .. in` them).
@@ -140,28 +135,24 @@ definition_approved if {
 
 definition_approved if offered_digest == pinned_digest
 
-deny contains sprintf("tool %s comes from a tool server and no definition of it is approved (pin its digest %s)", [tool_name, offered_digest]) if {
-	tool_call
+tool_call_denials contains sprintf("tool %s comes from a tool server and no definition of it is approved (pin its digest %s)", [tool_name, offered_digest]) if {
 	known_tool
 	has_offered_digest
 	not has_pinned_digest
 }
 
-deny contains sprintf("the definition of tool %s changed since it was approved (now %s, approved %s): blocked until the new one is approved", [tool_name, offered_digest, pinned_digest]) if {
-	tool_call
+tool_call_denials contains sprintf("the definition of tool %s changed since it was approved (now %s, approved %s): blocked until the new one is approved", [tool_name, offered_digest, pinned_digest]) if {
 	has_offered_digest
 	has_pinned_digest
 	offered_digest != pinned_digest
 }
 
-deny contains sprintf("tool %s has a pinned definition but its server did not describe it (is the server there?)", [tool_name]) if {
-	tool_call
+tool_call_denials contains sprintf("tool %s has a pinned definition but its server did not describe it (is the server there?)", [tool_name]) if {
 	has_pinned_digest
 	not has_offered_digest
 }
 
-grants contains sprintf("tool %s is as approved (%s)", [tool_name, pinned_digest]) if {
-	tool_call
+tool_call_grants contains sprintf("tool %s is as approved (%s)", [tool_name, pinned_digest]) if {
 	offered_digest == pinned_digest
 }
 
@@ -183,13 +174,11 @@ default run_id := "(unknown)"
 
 run_id := input.run.id if non_empty_string(input.run.id)
 
-deny contains "tool.call needs run.usage.tool_calls as a whole number below 2^53" if {
-	tool_call
+tool_call_denials contains "tool.call needs run.usage.tool_calls as a whole number below 2^53" if {
 	not has_tool_calls_made
 }
 
-deny contains msg if {
-	tool_call
+tool_call_denials contains msg if {
 	is_number(tool_calls_made)
 	is_number(tool_call_cap)
 	has_agent # printed with %s below: OPA prints a number there as "%!s(float64=1.5)", regorus as "1.5"
@@ -200,21 +189,18 @@ deny contains msg if {
 	)
 }
 
-deny contains sprintf("no tool-call cap is configured for agent %s", [input.agent]) if {
-	tool_call
+tool_call_denials contains sprintf("no tool-call cap is configured for agent %s", [input.agent]) if {
 	has_agent
 	not has_tool_call_cap
 }
 
-grants contains sprintf("tool call %v of at most %v for run %v", [tool_calls_made + 1, tool_call_cap, run_id]) if {
-	tool_call
+tool_call_grants contains sprintf("tool call %v of at most %v for run %v", [tool_calls_made + 1, tool_call_cap, run_id]) if {
 	under_tool_call_cap
 }
 
 # --- Human approval ---------------------------------------------------------------------------
 
-approval contains sprintf("tool %s requires human approval", [tool_name]) if {
-	tool_call
+tool_call_approvals contains sprintf("tool %s requires human approval", [tool_name]) if {
 	data.warden.tools[tool_name].requires_approval == true
 }
 
@@ -232,8 +218,7 @@ read_untrusted contains call.tool if {
 
 # Once it has, a tool that sends data out needs a human: what it sends may be what the untrusted
 # content asked the model to send.
-approval contains msg if {
-	tool_call
+tool_call_approvals contains msg if {
 	object.get(data.warden.tools, [tool_name, "sends_data_out"], false) == true
 	count(read_untrusted) > 0
 	msg := sprintf(

@@ -253,19 +253,19 @@ def test_revision_ignores_test_files(pack: Path, engine: PolicyEngine) -> None:
 def test_syntax_error_names_file_line_and_column(pack: Path) -> None:
     """A policy that does not parse is a PolicyLoadError carrying its file, line and column."""
     broken = pack / "tools.rego"
-    # Line 6 gains a stray ")" in column 41.
+    # The line that defines tool_call gains a stray ")" in column 41.
     text = broken.read_text().replace(
         'tool_call if input.action == "tool.call"\n', 'tool_call if input.action == "tool.call")\n'
     )
     broken.write_text(text)
-    assert text.splitlines()[5] == 'tool_call if input.action == "tool.call")'
+    line = text.splitlines().index('tool_call if input.action == "tool.call")') + 1
 
     with pytest.raises(PolicyLoadError) as caught:
         PolicyEngine.load(pack)
     error = caught.value
     assert error.file == str(broken)
-    assert (error.line, error.column) == (6, 41)
-    assert str(error) == f"{broken}:6:41: {error.message}"
+    assert (error.line, error.column) == (line, 41)
+    assert str(error) == f"{broken}:{line}:41: {error.message}"
     assert "Stack backtrace" not in str(error)
 
 
