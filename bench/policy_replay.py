@@ -164,7 +164,7 @@ async def run(decisions: int) -> dict[str, Any]:
             # As `warden policy replay` runs: each decision to the judges as it is read.
             whole_started = time.perf_counter()
             with PolicyReplay(candidate) as replay:
-                await read_decision_events(nc, "bench", replay.add)
+                await read_decision_events(nc, "bench", replay.add, progress=replay.reading)
                 whole = replay.finish()
             whole_seconds = time.perf_counter() - whole_started
         finally:

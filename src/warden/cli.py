@@ -373,7 +373,9 @@ async def _policy_replay(args: argparse.Namespace, settings: Settings) -> int:
     # Each decision goes to the candidate's judges as it is read: reading and judging overlap.
     with PolicyReplay(candidate, workers=args.workers, progress=progress) as replay:
         async with await _client(args) as client:
-            await read_decision_events(client.nc, client.subjects.prefix, replay.add, tenant=args.tenant, since=since)
+            await read_decision_events(
+                client.nc, client.subjects.prefix, replay.add, tenant=args.tenant, since=since, progress=replay.reading
+            )
         report = replay.finish()
     if args.json:
         print(json.dumps(report.as_json()))

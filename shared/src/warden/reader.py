@@ -176,8 +176,9 @@ async def read_stored(
     """Hand every message stored now on `filter_subject` (from `since` on, if given) to `sink` in stream
     order, as its stream sequence and bytes. Returns how many were read.
 
-    `progress(read, total)` is called now and then on a long read; a read that stops hearing from
-    the server while messages are pending raises TimeoutError (naming `what`).
+    `progress(read, total)` is called once the total is known (read 0), now and then on a long
+    read, and at the end; a read that stops hearing from the server while messages are pending
+    raises TimeoutError (naming `what`).
     """
     done = asyncio.Event()
     total = 0
@@ -204,6 +205,8 @@ async def read_stored(
     await reader.start()
     try:
         total = reader.pending_at_start or 0
+        if progress is not None:
+            progress(read, total)
         while total and not done.is_set():
             before = read
             with contextlib.suppress(TimeoutError):

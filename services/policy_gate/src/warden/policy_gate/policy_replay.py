@@ -163,6 +163,10 @@ def _load_worker(candidate: str) -> None:
     _worker_engine = PolicyEngine.load(Path(candidate))
 
 
+def _ready() -> None:
+    """Nothing: a task that makes the pool start a worker process (which loads the candidate)."""
+
+
 def _judge_chunk(events: Sequence[StoredEvent]) -> Judged:
     assert _worker_engine is not None, "the pool's initializer loads the engine"
     return judge_events(_worker_engine, events)
@@ -203,22 +207,35 @@ class PolicyReplay:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def reading(self, read: int, total: int) -> None:
+        """How far the read has got (a reader's progress callback): once it is known that `total`
+        decisions are coming, the workers start if they are worth it, while the read goes on."""
+        if self._pool is None and self.workers > 1 and total >= IN_PROCESS_BELOW:
+            self._start_workers()
+
     def add(self, stream_seq: int, body: bytes) -> None:
         """One stored decision event, as read from the stream."""
         self.added += 1
         self._waiting.append((stream_seq, body))
         if self._pool is None and self.workers > 1 and len(self._waiting) >= IN_PROCESS_BELOW:
-            # Spawned, not forked: a fork would copy this process's engine, bound to its thread.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_load_worker,
-                initargs=(str(self.candidate),),
-            )
+            self._start_workers()
         if self._pool is not None and len(self._waiting) >= CHUNK:
             self._judging.append(self._pool.submit(_judge_chunk, self._waiting))
             self._waiting = []
             self._collect_done()
+
+    def _start_workers(self) -> None:
+        # Spawned, not forked: a fork would copy this process's engine, bound to its thread.
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_load_worker,
+            initargs=(str(self.candidate),),
+        )
+        # A spawning pool starts a process per task it cannot hand to an idle one: a task each
+        # starts them all now, so they load the candidate while the first chunk is still being read.
+        for _ in range(self.workers):
+            self._pool.submit(_ready)
 
     def _collect_done(self, *, wait: bool = False) -> None:
         """Take in the judged chunks at the front of the queue (all of them, waiting, if `wait`)."""
@@ -260,6 +277,8 @@ def replay_events(
     Raises PolicyLoadError (naming the file) when the candidate does not load.
     """
     with PolicyReplay(candidate, workers=workers, progress=progress) as replay:
+        if isinstance(events, Sequence):
+            replay.reading(0, len(events))
         for stream_seq, body in events:
             replay.add(stream_seq, body)
         return replay.finish()
