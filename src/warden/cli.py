@@ -786,6 +786,7 @@ def _add_credentials_parser(commands: Any) -> None:
         "credentials", help="NATS identities: the installation's own, and tenants' client credentials"
     ).add_subparsers(dest="credentials_command", required=True)
     directory_help = "credentials directory (default: WARDEN_NATS_CREDENTIALS_DIR, else <state dir>/credentials)"
+    state_dir_help = "the stack's state directory (default .warden, or WARDEN_STATE_DIR)"
     for name, help_text in (
         ("init", "create the installation's identities (provisioner, services, operator) where missing"),
         ("issue", "issue a tenant's client credential for one actor"),
@@ -794,7 +795,7 @@ def _add_credentials_parser(commands: Any) -> None:
     ):
         command = credentials.add_parser(name, help=help_text)
         command.add_argument("--dir", help=directory_help)
-        command.add_argument("--state-dir", help="the stack's state directory (default .warden, or WARDEN_STATE_DIR)")
+        command.add_argument("--state-dir", help=state_dir_help)
         if name in ("issue", "revoke"):
             command.add_argument("--tenant", required=True)
             command.add_argument("--actor", required=True)
@@ -805,7 +806,7 @@ def _add_credentials_parser(commands: Any) -> None:
         "password it needs, as compose.yaml's containers get them; copies afresh: run it again after a change",
     )
     hand_out.add_argument("--dir", help=directory_help)
-    hand_out.add_argument("--state-dir", help="the stack's state directory (default .warden, or WARDEN_STATE_DIR)")
+    hand_out.add_argument("--state-dir", help=state_dir_help)
     hand_out.add_argument(
         "--into",
         required=True,
