@@ -418,6 +418,15 @@ def test_a_manifest_signature_holds_for_what_was_signed_only(tmp_path: Path) -> 
         assert kinds(report) == {"manifest_bad_signature"}, report.as_json()
         assert report.signed_by is None
 
+    # Only the top manifest is the manifest: a file of that name anywhere else is one the manifest does not list.
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (bundle / "extra").mkdir()
+    (bundle / "extra" / MANIFEST_FILE).write_text("{}")
+    report = verify_bundle(bundle, checkpoints, TrustedKeys([exporter.public_key]))
+    assert [finding.describe() for finding in report.findings] == [
+        "extra/manifest.json: not listed in the manifest: added"
+    ]
+
 
 @pytest.mark.parametrize("options", [("--tenant", "no.such"), ("--tenant", "acme", "--since", "yesterday-ish")])
 async def test_a_bad_export_request_is_one_clear_line(settings: Settings, options: tuple[str, ...]) -> None:

@@ -469,7 +469,7 @@ def _check_files(directory: Path, listed: Mapping[str, str], report: BundleRepor
     present = {
         path.relative_to(directory).as_posix()
         for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST_FILE
+        if path.is_file() and path != directory / MANIFEST_FILE  # a manifest.json deeper down is just a file
     }
     for name in sorted(present - set(listed)):
         report.findings.append(FileMismatch("", "", name, "not listed in the manifest: added"))
