@@ -342,7 +342,8 @@ class ManifestUntrustedKey(Finding):
     kind = "manifest_untrusted_key"
 
     def describe(self) -> str:
-        return f"{MANIFEST_FILE} is signed with {self.key}, which is not a trusted evidence key"
+        # repr(): the key is whatever the bundle says, so nothing in it reaches a terminal unescaped.
+        return f"{MANIFEST_FILE} is signed with {self.key!r}, which is not a trusted evidence key"
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ def _check_signature(manifest: Mapping[str, Any], exporters: TrustedKeys, report
     key = signature.get("key") if isinstance(signature, dict) else None
     value = signature.get("value") if isinstance(signature, dict) else None
     if not isinstance(key, str) or not isinstance(value, str) or not key or not value:
-        report.findings.append(ManifestBadSignature("", "", str(key), "its signature is not a key and a value"))
+        report.findings.append(ManifestBadSignature("", "", repr(key), "its signature is not a key and a value"))
         return
     if key not in exporters.keys:
         report.findings.append(ManifestUntrustedKey("", "", key))
