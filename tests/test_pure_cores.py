@@ -21,7 +21,7 @@ from warden.admission import CommandRules
 from warden.agent_runner.actions import ModelTurn, ToolCall
 from warden.agent_runner.history import RunHistory
 from warden.audit_projector.projection import Rows, StoredMessage, project
-from warden.credentials import CredentialStore, CredentialStoreError, private_credentials
+from warden.credentials import SERVICE_SECRETS, CredentialStore, CredentialStoreError, hand_out, private_credentials
 from warden.messages import (
     DecisionMade,
     Effect,
@@ -45,7 +45,16 @@ from warden.permissions import Role
 from warden.policy_gate.decide import POLICY_BUDGET_MS, PolicyDecider, policy_input
 from warden.policy_gate.engine import PolicyEngine, PolicyEvaluationError, PolicyResult
 from warden.scheduler.core import SchedulerState, evolve, next_dispatches
-from warden.signing import DecisionBinding, DecisionSigner, DecisionVerifier, arguments_hash
+from warden.signing import (
+    EVIDENCE_KEY_FILE,
+    EVIDENCE_KEYS_FILE,
+    DecisionBinding,
+    DecisionSigner,
+    DecisionVerifier,
+    Signer,
+    TrustedKeys,
+    arguments_hash,
+)
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.wire import message_headers
@@ -501,3 +510,36 @@ def test_a_service_is_handed_only_its_own_secrets(tmp_path: Path) -> None:
     ]
     with pytest.raises(CredentialStoreError):
         private_credentials(tmp_path / "empty", Role.SCHEDULER, tmp_path / "scheduler")
+
+
+def test_an_installation_gets_an_evidence_key_no_service_is_handed(tmp_path: Path) -> None:
+    """The operator's evidence key is made beside the others (and later, for an installation made before
+    it existed), kept once made, and in no service's directory."""
+    store = CredentialStore(tmp_path / "all", "p")
+    store.ensure_installation()
+    key, public = store.directory / EVIDENCE_KEY_FILE, store.directory / EVIDENCE_KEYS_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert Signer.from_file(key).public_key in TrustedKeys.read(public)
+
+    # An installation from before: its next start (`warden up`, `credentials init`) adds the key, and
+    # changes nothing else.
+    others = {path.name: path.read_bytes() for path in store.directory.iterdir() if path.is_file()}
+    made = others.pop(EVIDENCE_KEY_FILE), others.pop(EVIDENCE_KEYS_FILE)
+    key.unlink()
+    public.unlink()
+    store.ensure_installation()
+    again = {path.name: path.read_bytes() for path in store.directory.iterdir() if path.is_file()}
+    assert (again.pop(EVIDENCE_KEY_FILE), again.pop(EVIDENCE_KEYS_FILE)) != made
+    assert again == others
+    kept = key.read_bytes()
+    store.ensure_installation()
+    assert key.read_bytes() == kept
+
+    assert not any({EVIDENCE_KEY_FILE, EVIDENCE_KEYS_FILE} & set(names) for names in SERVICE_SECRETS.values())
+    handed = {
+        path.name
+        for directory in hand_out(store.directory, tmp_path / "services").values()
+        for path in directory.iterdir()
+    }
+    assert handed
+    assert not {EVIDENCE_KEY_FILE, EVIDENCE_KEYS_FILE} & handed

@@ -19,8 +19,8 @@ from warden.streams import StreamNames
 
 
 def secrets_of(settings: Settings) -> dict[str, bytes]:
-    """Every secret the installation holds: each NKey seed, the gate's signing key (raw and decoded) and
-    its database roles' passwords."""
+    """Every secret the installation holds: each NKey seed, each signing key (the gate's, the projector's
+    checkpoint key, the operator's evidence key; raw and decoded) and its database roles' passwords."""
     assert settings.nats_credentials_dir is not None
     found: dict[str, bytes] = {}
     for path in settings.nats_credentials_dir.rglob("*"):
@@ -45,7 +45,11 @@ async def test_no_secret_reaches_a_log_an_audit_row_or_the_cli(
             await run_warden_cli(settings, "runs", "--run", receipt.run_id),
             await run_warden_cli(settings, "tail", "--tenant", "acme", "--idle-timeout", "1"),
             await run_warden_cli(settings, "credentials", "list"),
+            # The one command that reads the evidence key: it signs with it, and shows only its public half.
+            await run_warden_cli(settings, "audit", "export", "--tenant", "acme", "--out", str(tmp_path / "bundle")),
+            await run_warden_cli(settings, "audit", "verify", "--bundle", str(tmp_path / "bundle")),
         ]
+        assert cli[-2].status == 0, cli[-2].stderr
         await asyncio.sleep(0.5)
     finally:
         await stop_services(processes)
@@ -59,9 +63,11 @@ async def test_no_secret_reaches_a_log_an_audit_row_or_the_cli(
     rows = b"\n".join(found)
     assert receipt.run_id.encode() in rows  # the search looks at the real thing
     outputs = b"\n".join((result.stdout + result.stderr).encode() for result in cli)
+    bundle = b"\n".join(path.read_bytes() for path in (tmp_path / "bundle").rglob("*") if path.is_file())
+    assert b'"signature"' in bundle
     assert b"policy-gate" in outputs  # `credentials list` names identities (public keys only)
     for name, secret in secrets_of(settings).items():
-        for where, text in (*logs.items(), ("audit rows", rows), ("CLI output", outputs)):
+        for where, text in (*logs.items(), ("audit rows", rows), ("CLI output", outputs), ("evidence bundle", bundle)):
             assert secret not in text, f"{name} appears in {where}"
 
 

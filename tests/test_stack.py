@@ -17,6 +17,7 @@ from warden.database import DatabaseRole, login_url
 from warden.endpoints import credentials_dir
 from warden.errors import RetryableError
 from warden.permissions import Role
+from warden.signing import EVIDENCE_KEY_FILE, EVIDENCE_KEYS_FILE
 from warden.stack import SERVICES
 from warden.streams import provision
 
@@ -85,9 +86,19 @@ async def _ready(value: object) -> object:
     return value
 
 
+def _take_evidence_key_away(state_dir: Path) -> Path:
+    """The operator's evidence key, which `up` made beside the others (and in no service's directory),
+    removed with its public half, as an installation made before evidence bundles were signed lacks it."""
+    evidence_key = credentials_dir(state_dir) / EVIDENCE_KEY_FILE
+    assert stat.S_IMODE(evidence_key.stat().st_mode) == 0o600
+    evidence_key.unlink()
+    (evidence_key.parent / EVIDENCE_KEYS_FILE).unlink()
+    return evidence_key
+
+
 async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     """`warden up` runs a submitted run, restarts a service that dies; SIGTERM stops every child; a second
-    `up` still has all of it."""
+    `up` still has all of it, and makes the operator's evidence key if the installation has none."""
     process, nats_url, database_url = await start_stack(tmp_path / "state")
     try:
         children = psutil.Process(process.pid).children(recursive=True)
@@ -148,9 +159,11 @@ async def test_up_serves_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     assert exit_code == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"orphans left behind: {alive}"
+    evidence_key = _take_evidence_key_away(tmp_path / "state")
 
     process, nats_url, database_url = await start_stack(tmp_path / "state")
     try:
+        assert {path.name for path in evidence_key.parent.iterdir()} >= {EVIDENCE_KEY_FILE, EVIDENCE_KEYS_FILE}
         db = await asyncpg.connect(database_url)
         assert await db.fetchval("SELECT count(*) FROM events") == rows_before
         assert await db.fetchval("SELECT status FROM runs WHERE run_id = 'kept-run'") == "succeeded"

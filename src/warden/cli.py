@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from warden.settings import Settings
+    from warden.signing import Signer
 
 # `warden audit replay` exits with this status when streams had holes: the history it rebuilt is incomplete.
 REPLAY_FOUND_GAPS = 3
@@ -665,6 +666,7 @@ async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(str(exc)) from exc
     since = parse_since(args.since) if args.since else None
     scope = Scope(tenant=args.tenant, run_id=args.run, since=since)
+    signer = _evidence_signer(settings)
     directory = _new_bundle_directory(args)
 
     def progress(line: str) -> None:
@@ -675,7 +677,7 @@ async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with await _client(args) as client:
             result = await export_evidence(
-                client.nc, database, client.subjects.prefix, scope, directory, progress=progress
+                client.nc, database, client.subjects.prefix, scope, directory, signer=signer, progress=progress
             )
     finally:
         await database.close()
@@ -687,10 +689,36 @@ async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
         + f": {result.in_scope} rows in scope ({result.rows} in {len(chains)} chains), "
         f"{result.checkpoints} checkpoints, {len(result.manifest['policy_revisions'])} policy bundles, in {directory}/"
     )
+    print(f"manifest signed with the evidence key {signer.public_key}")
     for note in result.manifest["notes"]:
         print(f"note: {note}")
-    print(f"check it anywhere with: warden audit verify --bundle {directory} --keys <checkpoint-keys.pub>")
+    print(
+        f"check it anywhere with: warden audit verify --bundle {directory} "
+        "--keys <checkpoint-keys.pub> --export-keys <evidence-keys.pub>"
+    )
     return 0
+
+
+def _evidence_signer(settings: Settings) -> Signer:
+    """The operator's evidence key, which signs the bundle's manifest: read before anything is gathered,
+    so that an installation without one is told at once how to make it."""
+    from warden.signing import Signer, SigningKeyError  # noqa: PLC0415
+
+    try:
+        path = settings.evidence_key_path()
+    except SigningKeyError as exc:
+        raise UsageError(str(exc)) from exc
+    if not path.exists():
+        if settings.evidence_signing_key_file is not None:
+            raise UsageError(
+                f"no evidence key {path} (WARDEN_EVIDENCE_SIGNING_KEY_FILE): the manifest is signed with it"
+            )
+        # An installation made before bundles were signed has none until its credentials are brought up to date.
+        raise UsageError(
+            f"no evidence key {path}: the manifest is signed with it; create it with "
+            f"`warden credentials init --dir {path.parent}` (`warden up` also does on its next start)"
+        )
+    return Signer.from_file(path, "evidence signing key")
 
 
 def _new_bundle_directory(args: argparse.Namespace) -> Path:
@@ -701,25 +729,29 @@ def _new_bundle_directory(args: argparse.Namespace) -> Path:
     return directory
 
 
-def _bundle_keys(args: argparse.Namespace, settings: Settings) -> Path:
-    """The checkpoint public keys a bundle is checked with: --keys, else the local installation's."""
+def _bundle_keys(given: str | None, settings: Settings, name: str, option: str, what: str) -> Path:
+    """The public keys a bundle is checked with: the option's file, else the local installation's `name`."""
     from warden.endpoints import credentials_dir  # noqa: PLC0415
-    from warden.signing import CHECKPOINT_KEYS_FILE  # noqa: PLC0415
 
-    if args.keys:
-        return Path(args.keys)
-    local = (settings.nats_credentials_dir or credentials_dir(settings.state_dir)) / CHECKPOINT_KEYS_FILE
+    if given:
+        return Path(given)
+    local = (settings.nats_credentials_dir or credentials_dir(settings.state_dir)) / name
     if not local.is_file():
-        raise UsageError("give --keys FILE: the checkpoint public keys (checkpoint-keys.pub) to check the bundle with")
+        raise UsageError(f"give {option} FILE: the {what} public keys ({name}) to check the bundle with")
     return local
 
 
 async def _audit_verify_bundle(args: argparse.Namespace, settings: Settings) -> int:
     from warden.evidence import verify_bundle  # noqa: PLC0415
-    from warden.signing import TrustedKeys  # noqa: PLC0415
+    from warden.signing import CHECKPOINT_KEYS_FILE, EVIDENCE_KEYS_FILE, TrustedKeys  # noqa: PLC0415
 
-    keys = _bundle_keys(args, settings)
-    report = verify_bundle(Path(args.bundle), TrustedKeys(TrustedKeys.read(keys, "checkpoint"), "checkpoint"))
+    keys = _bundle_keys(args.keys, settings, CHECKPOINT_KEYS_FILE, "--keys", "checkpoint")
+    export_keys = _bundle_keys(args.export_keys, settings, EVIDENCE_KEYS_FILE, "--export-keys", "evidence")
+    report = verify_bundle(
+        Path(args.bundle),
+        TrustedKeys(TrustedKeys.read(keys, "checkpoint"), "checkpoint"),
+        TrustedKeys(TrustedKeys.read(export_keys, "evidence"), "evidence"),
+    )
     if args.json:
         print(json.dumps(report.as_json()))
         return 0 if report.intact else AUDIT_NOT_INTACT
@@ -733,10 +765,14 @@ async def _audit_verify_bundle(args: argparse.Namespace, settings: Settings) -> 
         f"{report.checkpoints} checkpoints verified with {keys}, {report.policy_revisions} policy bundles, "
         f"{len(report.findings)} finding(s)"
     )
+    if report.signed_by is not None:
+        print(f"manifest signed with the evidence key {report.signed_by}, trusted in {export_keys}")
     if report.unanchored:
+        # No checkpoint covers them: the exporter's signature on the manifest (if it holds) is all there is.
+        vouched = "only the exporter's signature, not the projector's," if report.signed_by else "no signature"
         print(
             f"note: {report.unanchored} row(s) come after the last checkpoint in the bundle: intact as far as the "
-            "chain shows, but no signature vouches for them yet"
+            f"chain shows, but {vouched} vouches for them"
         )
     if report.unrecorded_revisions:
         unrecorded = ", ".join(report.unrecorded_revisions)
@@ -840,11 +876,18 @@ def _add_audit_parser(commands: Any) -> None:
     verify.add_argument(
         "--keys", metavar="FILE", help="with --bundle: the checkpoint public keys (default: this installation's)"
     )
+    verify.add_argument(
+        "--export-keys",
+        metavar="FILE",
+        help="with --bundle: the evidence public keys the manifest's signature is checked with "
+        "(default: this installation's evidence-keys.pub)",
+    )
     verify.set_defaults(handler=_audit_verify)
     export = audit.add_parser(
         "export",
         help="write a tenant's evidence (events, decisions with their inputs, approvals, policies, signed "
-        "checkpoints) into a bundle anyone can check offline with `audit verify --bundle`",
+        "checkpoints) into a bundle, its manifest signed with the operator's evidence key, that anyone can check "
+        "offline with `audit verify --bundle`",
     )
     export.add_argument("--tenant", required=True)
     export.add_argument("--run", help="only this run's rows (the others go in as hashes, so the chain still links)")

@@ -5,6 +5,8 @@ Layout of a credentials directory (mode 700; every seed file mode 600):
     installation.json           the subject prefix these identities are for
     provisioner.nk ... operator.nk   one seed per installation role (warden.permissions.Role)
     decision-signing.key, decision-keys.pub   the gate's signing key, the keys runners trust
+    checkpoint-signing.key, checkpoint-keys.pub   the audit projector's checkpoint key, its public half
+    evidence-signing.key, evidence-keys.pub   the operator's key for evidence bundles, its public half
     postgres-<role>.password    the database roles' passwords (warden.database)
     tenants/<tenant>/<actor>.nk      tenants' client credentials, issued on demand
 
@@ -34,6 +36,7 @@ from warden.signing import (
     SIGNING_KEY_FILE,
     TRUSTED_KEYS_FILE,
     create_checkpoint_key,
+    create_evidence_key,
     create_signing_key,
 )
 from warden.subjects import Subjects
@@ -118,6 +121,9 @@ class CredentialStore:
                 _write_new_seed(self.seed_file(role))
         create_signing_key(self.directory)
         create_checkpoint_key(self.directory)
+        # Here too for an installation made before evidence bundles were signed: `warden up` and
+        # `credentials init` both come through here, so its next start adds the missing key.
+        create_evidence_key(self.directory)
         ensure_passwords(self.directory)
         return self.identities()
 
@@ -171,7 +177,9 @@ class CredentialStore:
 # gate's signing key (and the trusted keys, to check the decision an approval request carries),
 # the runners' and the scheduler's trusted keys (the scheduler obeys only signed cancels and
 # halts), the projector's database password and its checkpoint key. The provisioner (`warden
-# provision`, which creates the streams) needs its seed alone.
+# provision`, which creates the streams) needs its seed alone. No service gets the evidence key
+# (evidence-signing.key): it is the operator's, who signs what `warden audit export` writes, and
+# a service holding it could vouch for a bundle it made up.
 SERVICE_SECRETS: dict[Role, tuple[str, ...]] = {
     Role.PROVISIONER: (),
     Role.POLICY_GATE: (SIGNING_KEY_FILE, TRUSTED_KEYS_FILE),

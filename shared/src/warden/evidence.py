@@ -1,5 +1,5 @@
 """Evidence bundles: one tenant's audit rows, decisions, approvals, policies and checkpoints in files a
-third party can check offline with nothing but the checkpoint public key.
+third party can check offline with nothing but two public keys: the checkpoint key's and the evidence key's.
 
 A bundle is a directory:
 
@@ -13,7 +13,10 @@ A bundle is a directory:
   `events.jsonl` and the verifier derives it again, so neither can say anything the chain does not.
 - `policies/<revision>/`: the files of every policy bundle a decision in scope names, as the gate
   recorded them (`policy.activated`); the verifier recomputes each revision from its files.
-- `manifest.json`: what was asked for, each chain's anchor, and the SHA-256 of every other file.
+- `manifest.json`: what was asked for, each chain's anchor, and the SHA-256 of every other file,
+  signed with the exporting operator's evidence key (`signature`: its public key and an Ed25519
+  signature over `manifest_signed_bytes`), so that none of it can be changed, the scope narrowed
+  or the file hashes re-sealed, without the key.
 
 Nothing here touches a database or a server: the export (warden.audit_projector.export) gathers
 the rows and checkpoints, `write_bundle` lays them out and `verify_bundle` checks a bundle.
@@ -46,10 +49,12 @@ from warden.audit_chain import (
 )
 from warden.errors import WardenError
 from warden.policy_bundle import revision_of, revision_token
-from warden.signing import TrustedKeys
+from warden.signing import Signer, TrustedKeys
 
 BUNDLE_FORMAT = "warden-evidence-v1"
 MANIFEST_FILE = "manifest.json"
+# The manifest's field holding the exporter's signature over the rest of it.
+SIGNATURE_FIELD = "signature"
 EVENTS_FILE = "events.jsonl"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 DECISIONS_FILE = "decisions.jsonl"
@@ -233,6 +238,23 @@ def _jsonl(lines: Iterable[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
+def manifest_signed_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """What the evidence key signs: the manifest without its signature, as canonical JSON (sorted keys,
+    compact separators, UTF-8), so anyone can recompute it from the file with any JSON library.
+
+    No prefix as decisions and checkpoints have: the evidence key signs nothing else, and the
+    manifest's own `format` field names what the bytes are.
+    """
+    unsigned = {name: value for name, value in manifest.items() if name != SIGNATURE_FIELD}
+    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_manifest(manifest: dict[str, Any], signer: Signer) -> dict[str, Any]:
+    """The manifest with `signer`'s signature over the rest of it (public key as its .pub file lists it)."""
+    signature = {"key": signer.public_key, "value": signer.sign_bytes(manifest_signed_bytes(manifest))}
+    return {**manifest, SIGNATURE_FIELD: signature}
+
+
 def write_bundle(
     directory: Path,
     scope: Scope,
@@ -240,11 +262,13 @@ def write_bundle(
     checkpoints: Sequence[Checkpoint],
     policies: Mapping[str, Mapping[str, str]],
     *,
+    signer: Signer,
     exported_at: datetime,
     unrecorded_revisions: Iterable[str] = (),
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write a bundle into `directory` (new, or empty); return its manifest.
+    """Write a bundle into `directory` (new, or empty); return its manifest, signed by `signer` (the
+    operator's evidence key).
 
     `unrecorded_revisions`: revisions decisions in scope name whose files no `policy.activated`
     event holds (decisions made before gates recorded their bundles): listed, so a reader knows.
@@ -286,6 +310,7 @@ def write_bundle(
         "notes": list(notes),
         "files": {name: hashlib.sha256(content).hexdigest() for name, content in sorted(files.items())},
     }
+    manifest = sign_manifest(manifest, signer)
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
 
@@ -304,6 +329,34 @@ class FileMismatch(Finding):
 
 
 @dataclass(frozen=True)
+class ManifestUnsigned(Finding):
+    kind = "manifest_unsigned"
+
+    def describe(self) -> str:
+        return f"{MANIFEST_FILE} is not signed: no exporter vouches for its scope, anchors or file hashes"
+
+
+@dataclass(frozen=True)
+class ManifestUntrustedKey(Finding):
+    key: str
+    kind = "manifest_untrusted_key"
+
+    def describe(self) -> str:
+        # repr(): the key is whatever the bundle says, so nothing in it reaches a terminal unescaped.
+        return f"{MANIFEST_FILE} is signed with {self.key!r}, which is not a trusted evidence key"
+
+
+@dataclass(frozen=True)
+class ManifestBadSignature(Finding):
+    key: str
+    reason: str
+    kind = "manifest_bad_signature"
+
+    def describe(self) -> str:
+        return f"{MANIFEST_FILE}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class PolicyMismatch(Finding):
     revision: str
     reason: str
@@ -319,6 +372,8 @@ class BundleReport:
 
     scope: dict[str, Any]
     findings: list[Finding] = field(default_factory=list)
+    # The trusted evidence key whose signature over the manifest holds (None: none does).
+    signed_by: str | None = None
     chains: list[ChainSummary] = field(default_factory=list)
     rows: int = 0
     in_scope: int = 0
@@ -342,6 +397,7 @@ class BundleReport:
         return {
             "intact": self.intact,
             "scope": self.scope,
+            "signed_by": self.signed_by,
             "rows": self.rows,
             "in_scope": self.in_scope,
             "decisions": self.decisions,
@@ -354,14 +410,17 @@ class BundleReport:
         }
 
 
-def verify_bundle(directory: Path, trusted: TrustedKeys) -> BundleReport:
-    """Check a bundle offline: its files against the manifest, every chain from its anchor against the
-    checkpoints `trusted` signed, the derived files against the rows, each policy against its revision.
+def verify_bundle(directory: Path, trusted: TrustedKeys, exporters: TrustedKeys) -> BundleReport:
+    """Check a bundle offline: the manifest's signature against the evidence keys `exporters` trusts,
+    its files against the manifest, every chain from its anchor against the checkpoints `trusted`
+    signed, the derived files against the rows, each policy against its revision.
 
     Raises BundleError when `directory` is not a bundle at all.
     """
     manifest = _read_manifest(directory)
     report = BundleReport(scope=manifest.get("scope") or {})
+    # Every check below reads the manifest parsed here, which is what the signature is checked over.
+    _check_signature(manifest, exporters, report)
     listed: dict[str, str] = manifest.get("files") or {}
     _check_files(directory, listed, report)
     rows = _read_rows(directory, listed, report)
@@ -385,11 +444,33 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _check_signature(manifest: Mapping[str, Any], exporters: TrustedKeys, report: BundleReport) -> None:
+    """Whether a trusted evidence key signed the manifest as it is; the other checks go on either way, so
+    a bundle changed and re-sealed is reported with what was changed too."""
+    signature = manifest.get(SIGNATURE_FIELD)
+    if signature is None:
+        report.findings.append(ManifestUnsigned("", ""))
+        return
+    key = signature.get("key") if isinstance(signature, dict) else None
+    value = signature.get("value") if isinstance(signature, dict) else None
+    if not isinstance(key, str) or not isinstance(value, str) or not key or not value:
+        report.findings.append(ManifestBadSignature("", "", repr(key), "its signature is not a key and a value"))
+        return
+    if key not in exporters.keys:
+        report.findings.append(ManifestUntrustedKey("", "", key))
+        return
+    refusal = exporters.refusal_of(manifest_signed_bytes(manifest), key, value)
+    if refusal is not None:
+        report.findings.append(ManifestBadSignature("", "", key, f"{refusal}: it is not what the exporter signed"))
+    else:
+        report.signed_by = key
+
+
 def _check_files(directory: Path, listed: Mapping[str, str], report: BundleReport) -> None:
     present = {
         path.relative_to(directory).as_posix()
         for path in directory.rglob("*")
-        if path.is_file() and path.name != MANIFEST_FILE
+        if path.is_file() and path != directory / MANIFEST_FILE  # a manifest.json deeper down is just a file
     }
     for name in sorted(present - set(listed)):
         report.findings.append(FileMismatch("", "", name, "not listed in the manifest: added"))

@@ -11,6 +11,8 @@ from warden.endpoints import credentials_dir, read_endpoints
 from warden.signing import (
     CHECKPOINT_KEY_FILE,
     CHECKPOINT_KEYS_FILE,
+    EVIDENCE_KEY_FILE,
+    EVIDENCE_KEYS_FILE,
     SIGNING_KEY_FILE,
     TRUSTED_KEYS_FILE,
     SigningKeyError,
@@ -41,6 +43,11 @@ class Settings(BaseSettings):
     # Unset: `checkpoint-signing.key` and `checkpoint-keys.pub` in `nats_credentials_dir`.
     checkpoint_signing_key_file: Path | None = None
     checkpoint_keys_file: Path | None = None
+    # The operator's evidence key, which signs the manifest of `warden audit export`'s bundles, and
+    # the public keys a bundle's manifest is verified with. Unset: `evidence-signing.key` and
+    # `evidence-keys.pub` in `nats_credentials_dir`.
+    evidence_signing_key_file: Path | None = None
+    evidence_keys_file: Path | None = None
     # A checkpoint is signed for a chain once it has grown by this many rows, or this many seconds
     # after its last checkpoint if it has grown at all.
     checkpoint_every_events: int = Field(default=10_000, gt=0)
@@ -101,6 +108,12 @@ class Settings(BaseSettings):
 
     def checkpoint_keys_path(self) -> Path:
         return self._credential_file(self.checkpoint_keys_file, CHECKPOINT_KEYS_FILE, "CHECKPOINT_KEYS_FILE")
+
+    def evidence_key_path(self) -> Path:
+        return self._credential_file(self.evidence_signing_key_file, EVIDENCE_KEY_FILE, "EVIDENCE_SIGNING_KEY_FILE")
+
+    def evidence_keys_path(self) -> Path:
+        return self._credential_file(self.evidence_keys_file, EVIDENCE_KEYS_FILE, "EVIDENCE_KEYS_FILE")
 
     def _credential_file(self, explicit: Path | None, name: str, variable: str) -> Path:
         if explicit is not None:

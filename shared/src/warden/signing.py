@@ -37,6 +37,11 @@ TRUSTED_KEYS_FILE = "decision-keys.pub"
 # The audit projector's key for checkpoints of the audit chains (warden.audit_chain), and its public half.
 CHECKPOINT_KEY_FILE = "checkpoint-signing.key"
 CHECKPOINT_KEYS_FILE = "checkpoint-keys.pub"
+# The operator's key for evidence bundles (warden.evidence): it signs a bundle's manifest, so the
+# scope and file hashes are the exporter's. Its own key, so each key vouches for one thing: no
+# service holds it, and a stolen checkpoint key cannot sign an export (nor this one a checkpoint).
+EVIDENCE_KEY_FILE = "evidence-signing.key"
+EVIDENCE_KEYS_FILE = "evidence-keys.pub"
 
 
 class SigningKeyError(WardenError):
@@ -221,3 +226,8 @@ def create_signing_key(directory: Path) -> bool:
 def create_checkpoint_key(directory: Path) -> bool:
     """Create the audit projector's checkpoint key and its public-key file, unless it exists; True if made."""
     return create_key_pair(directory, CHECKPOINT_KEY_FILE, CHECKPOINT_KEYS_FILE, "the audit projector's checkpoint key")
+
+
+def create_evidence_key(directory: Path) -> bool:
+    """Create the operator's evidence (export) key and its public-key file, unless it exists; True if made."""
+    return create_key_pair(directory, EVIDENCE_KEY_FILE, EVIDENCE_KEYS_FILE, "the operator's evidence (export) key")

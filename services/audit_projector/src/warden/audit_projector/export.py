@@ -1,5 +1,6 @@
 """`warden audit export`: one tenant's evidence, gathered from the audit tables and the checkpoints stream
-into a bundle (warden.evidence) that anyone holding the checkpoint public key can check offline.
+into a bundle (warden.evidence), its manifest signed with the operator's evidence key, that anyone
+holding the checkpoint and evidence public keys can check offline.
 
 Each of the tenant's chains (one per audited stream) is exported from an anchor: the chain's start,
 or, with `since`, the last checkpoint before the first row stored at or after `since`, so the
@@ -23,6 +24,7 @@ from warden.audit_chain import CONTENT_COLUMNS, Checkpoint
 from warden.evidence import BundleRow, ChainExcerpt, Scope, revisions_named, write_bundle
 from warden.messages import PolicyActivated
 from warden.reader import read_stored
+from warden.signing import Signer
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 
@@ -63,9 +65,11 @@ async def export_evidence(
     scope: Scope,
     directory: Path,
     *,
+    signer: Signer,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Write the evidence bundle of `scope` into `directory` (new, or empty)."""
+    """Write the evidence bundle of `scope` into `directory` (new, or empty), its manifest signed by
+    `signer` (the operator's evidence key)."""
     say = progress or (lambda _: None)
     names = StreamNames.for_prefix(prefix)
     checkpoints = await tenant_checkpoints(nc, names, Subjects(prefix), scope.tenant)
@@ -105,6 +109,7 @@ async def export_evidence(
         excerpts,
         included,
         policies,
+        signer=signer,
         exported_at=datetime.now(UTC),
         unrecorded_revisions=unrecorded,
         notes=notes,
