@@ -167,6 +167,10 @@ async def test_a_tenants_bundle_verifies_offline_with_only_the_public_key(
     assert result.stderr.strip() == (
         "warden: give --export-keys FILE: the evidence public keys (evidence-keys.pub) to check the bundle with"
     )
+    # Or named by the variables the services read them from.
+    named = {**offline, "WARDEN_CHECKPOINT_KEYS_FILE": str(key), "WARDEN_EVIDENCE_KEYS_FILE": str(export_key)}
+    result = await run_warden_cli(settings, "audit", "verify", "--bundle", str(moved), "--quiet", env=named)
+    assert result.status == 0, result.stdout + result.stderr
 
 
 async def test_a_runs_bundle_shows_that_run_and_links_through_the_others(

@@ -729,8 +729,9 @@ def _new_bundle_directory(args: argparse.Namespace) -> Path:
     return directory
 
 
-def _bundle_keys(given: str | None, settings: Settings, name: str, option: str, what: str) -> Path:
-    """The public keys a bundle is checked with: the option's file, else the local installation's `name`."""
+def _bundle_keys(given: str | Path | None, settings: Settings, name: str, option: str, what: str) -> Path:
+    """The public keys a bundle is checked with: `given` (the option's file, else the one its WARDEN_*
+    variable names), else the local installation's `name`."""
     from warden.endpoints import credentials_dir  # noqa: PLC0415
 
     if given:
@@ -745,8 +746,12 @@ async def _audit_verify_bundle(args: argparse.Namespace, settings: Settings) -> 
     from warden.evidence import verify_bundle  # noqa: PLC0415
     from warden.signing import CHECKPOINT_KEYS_FILE, EVIDENCE_KEYS_FILE, TrustedKeys  # noqa: PLC0415
 
-    keys = _bundle_keys(args.keys, settings, CHECKPOINT_KEYS_FILE, "--keys", "checkpoint")
-    export_keys = _bundle_keys(args.export_keys, settings, EVIDENCE_KEYS_FILE, "--export-keys", "evidence")
+    keys = _bundle_keys(
+        args.keys or settings.checkpoint_keys_file, settings, CHECKPOINT_KEYS_FILE, "--keys", "checkpoint"
+    )
+    export_keys = _bundle_keys(
+        args.export_keys or settings.evidence_keys_file, settings, EVIDENCE_KEYS_FILE, "--export-keys", "evidence"
+    )
     report = verify_bundle(
         Path(args.bundle),
         TrustedKeys(TrustedKeys.read(keys, "checkpoint"), "checkpoint"),
