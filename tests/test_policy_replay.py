@@ -217,6 +217,11 @@ async def test_the_cli_replays_a_gates_history_and_exits_non_zero_when_an_effect
         ["r2", "tool_call.requested", "allow", "deny"],
         ["r3", "tool_call.requested", "deny", "deny"],
     ], table.stdout
+    # The columns line up under their headings.
+    lines = table.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("time"))
+    for line in (line for line in lines if line.startswith("20")):
+        assert line[header.index("recorded") :].split()[0] in ("allow", "deny"), table.stdout
 
     globex = json.loads((await replay("--candidate", str(candidate), "--tenant", "globex", "--json")).stdout)
     assert (globex["replayed"], globex["effect_flips"]) == (1, 0)

@@ -399,13 +399,19 @@ def _print_policy_replay(report: Any, limit: int) -> None:
     if not report.flips:
         return
     shown = sorted(report.flips, key=lambda flip: (not flip.effect_flipped, flip.recorded.stream_seq))[:limit]
-    print(f"{'time':<27} {'tenant':<10} {'run':<28} {'request':<20} {'recorded':<17} {'candidate':<17} reasons now")
+    # As wide as the longest shown, so that a run id of any length keeps the columns after it in line.
+    tenant_width = max(len("tenant"), *(len(flip.recorded.tenant) for flip in shown))
+    run_width = max(len("run"), *(len(flip.recorded.run_id) for flip in shown))
+    print(
+        f"{'time':<27} {'tenant':<{tenant_width}} {'run':<{run_width}} {'request':<20} {'recorded':<17} "
+        f"{'candidate':<17} reasons now"
+    )
     for flip in shown:
         recorded = flip.recorded
         now_reasons = "; ".join(reason for reason in flip.reasons if reason not in recorded.reasons) or "(fewer)"
         print(
-            f"{recorded.time[:26]:<27} {recorded.tenant:<10} {recorded.run_id:<28} {recorded.request_type:<20} "
-            f"{recorded.effect:<17} {flip.effect:<17} {now_reasons}"
+            f"{recorded.time[:26]:<27} {recorded.tenant:<{tenant_width}} {recorded.run_id:<{run_width}} "
+            f"{recorded.request_type:<20} {recorded.effect:<17} {flip.effect:<17} {now_reasons}"
         )
     if len(report.flips) > limit:
         print(f"... and {len(report.flips) - limit} more (--limit, or --json for all)")
