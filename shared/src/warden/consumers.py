@@ -44,16 +44,18 @@ The audit projector's replay reads through `warden.audit_projector.stream_reader
 connection that pulls and parses in bulk, measured by `python -m bench.replay`
 (bench/results/replay.json) at 2.58 times nats-py's speed.
 
-Needs only nats-py (the client imports `ordered_subscription` and ORDERED_HEARTBEAT_SECONDS), so it
-logs through the standard `logging` module, which the services route through structlog; retries
-(`warden.bus.retry_transient`) are its callers' to add.
+Needs only nats-py (the client imports `ordered_subscription` and ORDERED_HEARTBEAT_SECONDS): it
+logs through structlog where it is installed (every service), with the same events and fields as
+before (tests/test_ground.py reads the `lost` field), and through the standard `logging` module,
+fields as text, in a client-only install. Retries (`warden.bus.retry_transient`) are its callers'
+to add.
 """
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Literal
 
 import nats.errors
 import nats.js.errors
@@ -64,8 +66,21 @@ from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT
 
 from warden.wire import is_transient
 
-# Standard logging, routed through the services' structlog set-up: a client-only install has no structlog.
-log = logging.getLogger(__name__)
+
+class _FieldsAsText(logging.LoggerAdapter[logging.Logger]):
+    """Standard logging called as structlog is (`log.warning(event, key=value)`), the fields as text."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return " ".join([str(msg), *(f"{key}={value}" for key, value in kwargs.items())]), {}
+
+
+log: Any
+try:
+    import structlog
+except ModuleNotFoundError:  # a client-only install: nothing it runs from here logs, but nothing breaks if it does
+    log = _FieldsAsText(logging.getLogger(__name__))
+else:
+    log = structlog.get_logger(__name__)
 
 # Idle heartbeats of an ordered consumer, in seconds. nats-py re-creates one that missed two, so
 # this bounds how long a consumer lost with its node (an ephemeral consumer has one replica) goes
@@ -188,7 +203,7 @@ async def _fetch(subscription: JetStreamContext.PullSubscription, batch: int, wa
             raise
         # The consumer's stream has no leader for now (an election), or the connection is
         # being re-established: nothing to fetch yet, and a pause before asking again.
-        log.warning("nothing can be fetched for now: error=%r", exc)
+        log.warning("nothing can be fetched for now", error=repr(exc))
         await asyncio.sleep(min(wait, 1.0) if wait > 0 else 0.5)
         return []
 
@@ -200,7 +215,7 @@ async def heartbeat(message: Msg, every: float) -> None:
         try:
             await message.in_progress()
         except nats.errors.Error as exc:
-            log.warning("heartbeat failed: error=%r", exc)
+            log.warning("heartbeat failed", error=repr(exc))
 
 
 # The most of a termination's reason the server is told (it goes into its advisory, and from there
@@ -254,8 +269,8 @@ async def watch_ground(
         except nats.js.errors.NotFoundError as exc:
             missing += 1
             if missing >= lost_after:
-                log.error("what this service reads from is gone; exiting to be restarted: lost=%s error=%r", what, exc)
+                log.error("what this service reads from is gone; exiting to be restarted", lost=what, error=repr(exc))
                 raise GroundLost(f"{what} is gone: {exc}") from exc
-            log.warning("what this service reads from is not found: what=%s checks=%d", what, missing)
+            log.warning("what this service reads from is not found", what=what, checks=missing)
         except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("could not check what this service reads from: what=%s error=%r", what, exc)
+            log.warning("could not check what this service reads from", what=what, error=repr(exc))
