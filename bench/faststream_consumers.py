@@ -8,7 +8,7 @@ a durable consumer with explicit acks (max_ack_pending 2048, ack_wait 30 s, as t
 stream and subjects of its own (uuid-named, file storage, deleted afterwards). The handler does the
 same work everywhere: the message's JSON parsed into a dict, one field read, the message acked.
 
-1. hand-written: nats-py `pull_subscribe` and `warden.bus.fetch_batch(batch=256, wait=1.0)`, each
+1. hand-written: nats-py `pull_subscribe` and `warden.consumers.fetch_batch(batch=256, wait=1.0)`, each
    message parsed (`json.loads`), handled and acked (`await msg.ack()`) in turn, in one task.
 2. FastStream push: `broker.subscriber(subject, stream=JStream(declare=False), durable=..., queue=...,
    ack_policy=AckPolicy.MANUAL)`; FastStream's decoder parses the JSON into the handler's `dict`
@@ -73,7 +73,7 @@ from nats.js.api import AckPolicy as ConsumerAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StorageType, StreamConfig
 
 from bench.common import BenchServers, admin_connect
-from warden.bus import fetch_batch
+from warden.consumers import fetch_batch
 from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, server_urls
 
 RESULTS = Path(__file__).parent / "results"

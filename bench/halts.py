@@ -33,11 +33,11 @@ from nats.js.api import DeliverPolicy
 
 from bench.common import REPO_ROOT, BenchServers, Installation, ServiceProcesses, admin_connect, percentile
 from warden.client import WardenClient
+from warden.consumers import ordered_subscription
 from warden.errors import InvalidMessage
 from warden.messages import DecisionMade, HaltRequested, RunCancelled, ToolCallRequested, parse_envelope
 from warden.streams import StreamNames
 from warden.subjects import Subjects
-from warden.wire import ordered_subscription
 
 RESULTS = REPO_ROOT / "bench" / "results" / "halts_only.json"
 AGENT = {

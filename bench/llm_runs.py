@@ -46,6 +46,7 @@ from bench.common import (
 from warden.agent_runner.llm_agent import LlmAgentDefinition, function_name, tool_name
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, run_tool
 from warden.client import WardenClient
+from warden.consumers import ordered_subscription
 from warden.database import DatabaseRole
 from warden.messages import (
     DecisionMade,
@@ -57,7 +58,7 @@ from warden.messages import (
 )
 from warden.offline_model import OfflineModelServer
 from warden.streams import StreamNames
-from warden.wire import TYPE_HEADER, ordered_subscription
+from warden.wire import TYPE_HEADER
 
 SERVICES = ("audit_projector", "policy_gate", "scheduler", "agent_runner")
 AGENT = "assistant"

@@ -42,7 +42,7 @@ class StandInCommand:
         self.settled.append("term")
 
     async def respond(self, data: bytes) -> None:
-        # How warden.bus.terminate gives up on a message with a reason: `+TERM <reason>` on its reply subject.
+        # How warden.consumers.terminate gives up on a message with a reason: `+TERM <reason>` on its reply subject.
         self.settled.append("term" if data.startswith(b"+TERM ") else f"respond {data!r}")
 
     async def in_progress(self) -> None:

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from warden.consumers import ordered_subscription
 from warden.errors import InvalidMessage
 from warden.messages import (
     DecisionMade,
@@ -30,7 +31,6 @@ from warden.messages import (
     parse_envelope,
 )
 from warden.subjects import Subjects
-from warden.wire import ordered_subscription
 
 if TYPE_CHECKING:  # a client-only install lists halts without the signing library
     from warden.signing import DecisionVerifier

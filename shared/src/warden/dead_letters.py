@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from warden.bus import envelope_headers, retry_transient, terminate
+from warden.bus import envelope_headers, retry_transient
+from warden.consumers import terminate
 from warden.decoding import recordable_text
 from warden.messages import MAX_DEAD_LETTER_RAW_BYTES, Envelope, MessageDeadLettered, make_envelope
 from warden.subjects import SYSTEM_TENANT, Subjects

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from warden.wire import ORDERED_HEARTBEAT_SECONDS
+from warden.consumers import ORDERED_HEARTBEAT_SECONDS
 
 STATUS_HEADER = "Status"
 LAST_CONSUMER_SEQ_HEADER = "Nats-Last-Consumer"

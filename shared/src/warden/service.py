@@ -165,7 +165,7 @@ def consumer_service(
     """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected.
 
     It connects as `role`'s identity (`Settings.seed_file_for`), so the server holds it to that
-    role's permissions. Beside the loop runs `ground` (see `warden.bus.watch_ground`): once what
+    role's permissions. Beside the loop runs `ground` (see `warden.consumers.watch_ground`): once what
     the loop reads from is gone, the process exits to be restarted rather than sit deaf.
     """
     broker = service_broker(settings, role)

@@ -1,20 +1,16 @@
 """What every Warden message carries on the wire, and how to reach the servers: needs only nats-py.
 
 The client imports this module; so do the services (`warden.bus` adds what only they need:
-retries, fetching, heartbeats, trace propagation).
+retries and trace propagation; `warden.consumers` how they consume JetStream).
 """
 
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from warden.messages import Envelope
 
@@ -23,12 +19,6 @@ TYPE_HEADER = "Warden-Type"
 # How a long-lived service connects: it never gives up reconnecting (a cluster's leader election
 # or a restarted node is waited out, not a reason to exit), and tries again promptly.
 SERVICE_CONNECT_OPTIONS: dict[str, Any] = {"max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
-
-
-# Idle heartbeats of an ordered consumer, in seconds. nats-py re-creates one that missed two, so
-# this bounds how long a consumer lost with its node (an ephemeral consumer has one replica) goes
-# unnoticed: with nats-py's default of 5 s, a leader kill left the scheduler blind for 10 s or more.
-ORDERED_HEARTBEAT_SECONDS = 1.0
 
 
 def server_urls(url: str) -> list[str]:
@@ -92,29 +82,3 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 def is_transient(exc: BaseException) -> bool:
     """Whether a bus error may pass if the same operation is tried again."""
     return isinstance(exc, _TRANSIENT)
-
-
-async def ordered_subscription(
-    js: JetStreamContext,
-    filter_subjects: Sequence[str],
-    stream: str,
-    callback: Callable[[Msg], Awaitable[None]],
-    *,
-    deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
-    start_seq: int | None = None,
-) -> JetStreamContext.PushSubscription:
-    """An ordered consumer on `stream`: ephemeral, flow-controlled, re-created by nats-py after any
-    gap, and noticed lost within two heartbeats (ORDERED_HEARTBEAT_SECONDS). How Warden reads a
-    stream in order: the client's tail, the scheduler's fold, a run's history, the decision feed."""
-    return await js.subscribe(
-        filter_subjects[0],
-        stream=stream,
-        cb=callback,
-        ordered_consumer=True,
-        config=ConsumerConfig(
-            deliver_policy=deliver_policy,
-            opt_start_seq=start_seq,
-            idle_heartbeat=ORDERED_HEARTBEAT_SECONDS,
-            filter_subjects=list(filter_subjects) if len(filter_subjects) > 1 else None,
-        ),
-    )

@@ -17,7 +17,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
-from warden.bus import envelope_headers, fetch_batch, heartbeat, retry_transient, watch_ground
+from warden.bus import envelope_headers, retry_transient
+from warden.consumers import durable_pull, fetch_batch, heartbeat, watch_ground
 from warden.controls import ControlFeed
 from warden.dead_letters import give_up
 from warden.errors import InvalidMessage, RejectionCode
@@ -120,14 +121,20 @@ class Runner:
 
     async def run(self) -> None:
         """Take one work item whenever a slot is free, so nothing waits in this process unstarted."""
+        # Shared by every runner: the first to start creates it, and the others take it as it is.
         subscription = await retry_transient(
-            lambda: self.js.pull_subscribe(
-                self.subjects.all_work,
-                durable=DURABLE_NAME,
-                stream=self.streams.work,
-                config=ConsumerConfig(
-                    ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.runner_ack_wait_seconds, max_ack_pending=1024
+            lambda: durable_pull(
+                self.js,
+                self.streams.work,
+                ConsumerConfig(
+                    durable_name=DURABLE_NAME,
+                    name=DURABLE_NAME,
+                    filter_subject=self.subjects.all_work,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.settings.runner_ack_wait_seconds,
+                    max_ack_pending=1024,
                 ),
+                existing="keep",
             ),
             what="the runner's work consumer",
         )

@@ -10,10 +10,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from warden.consumers import ordered_subscription
 from warden.errors import InvalidMessage
 from warden.messages import DecisionMade, parse_envelope
 from warden.subjects import Subjects
-from warden.wire import ordered_subscription
 
 
 class DecisionFeed:

@@ -59,6 +59,7 @@ from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrice
 from warden.agent_runner.policy_data import read_policy_data
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
 from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.consumers import ordered_subscription
 from warden.controls import ControlFeed
 from warden.decoding import check_value, recordable_text
 from warden.errors import InvalidMessage
@@ -92,7 +93,7 @@ from warden.signing import DecisionVerifier, arguments_hash, bound_arguments
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming, span
-from warden.wire import TYPE_HEADER, ordered_subscription
+from warden.wire import TYPE_HEADER
 
 SERVICE = "agent-runner"
 # The most a model's answer may take in its step.completed event: well under a message's 1 MiB

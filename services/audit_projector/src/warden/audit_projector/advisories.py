@@ -20,7 +20,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from warden.bus import fetch_batch, retry_transient, watch_ground
+from warden.bus import retry_transient
+from warden.consumers import durable_pull, fetch_batch, watch_ground
 from warden.dead_letters import (
     Content,
     GivenUp,
@@ -93,7 +94,8 @@ class AdvisoryRecorder:
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         async def subscribe() -> JetStreamContext.PullSubscription:
             # Created if missing, else left as it is: its acknowledgements say what is recorded.
-            await self.js.add_consumer(
+            return await durable_pull(
+                self.js,
                 self.streams.advisories,
                 ConsumerConfig(
                     durable_name=DURABLE_NAME,
@@ -105,8 +107,8 @@ class AdvisoryRecorder:
                     ack_wait=60.0,
                     max_ack_pending=BATCH * 4,
                 ),
+                existing="update",
             )
-            return await self.js.pull_subscribe_bind(durable=DURABLE_NAME, stream=self.streams.advisories)
 
         while True:
             try:

@@ -20,7 +20,8 @@ from warden.audit_projector.store import (
     close_pool,
     create_pool,
 )
-from warden.bus import envelope_headers, retry_transient, watch_ground
+from warden.bus import envelope_headers, retry_transient
+from warden.consumers import watch_ground
 from warden.database import DatabaseRole
 from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import StreamGapDetected, make_envelope

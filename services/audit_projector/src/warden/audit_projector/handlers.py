@@ -25,7 +25,8 @@ from opentelemetry import propagate, trace
 from warden.audit_projector.projection import StoredMessage
 from warden.audit_projector.store import RETRYABLE_DB_ERRORS, AuditStore
 from warden.audit_projector.stream_reader import stored_message
-from warden.bus import fetch_batch, retry_transient
+from warden.bus import retry_transient
+from warden.consumers import durable_pull, fetch_batch
 from warden.telemetry import spans_recorded
 
 log = structlog.get_logger(__name__)
@@ -45,16 +46,18 @@ IDLE_CHECK_SECONDS = 1.0
 GapRecorder = Callable[[str, int, int], Awaitable[None]]
 
 
-async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str, start_seq: int, batch: int) -> None:
-    """(Re)create the durable consumer to deliver from `start_seq`, the first message not in Postgres.
+async def reset_consumer(
+    js: JetStreamContext, stream: str, filter_subject: str, start_seq: int, batch: int
+) -> JetStreamContext.PullSubscription:
+    """(Re)create the durable consumer to deliver from `start_seq`, the first message not in Postgres,
+    and bind a pull subscription to it.
 
     Postgres, not the consumer's ack state, is the truth about what was projected (the position
     commits with the rows). Starting the consumer afresh there means a restart never sees an old
     batch redelivered after newer ones, so the position can only move forward over applied messages.
     """
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(stream, DURABLE_NAME)
-    await js.add_consumer(
+    return await durable_pull(
+        js,
         stream,
         ConsumerConfig(
             durable_name=DURABLE_NAME,
@@ -71,6 +74,8 @@ async def reset_consumer(js: JetStreamContext, stream: str, filter_subject: str,
             ack_wait=600.0,
             max_ack_pending=batch * 4,
         ),
+        existing="replace",
+        pending_bytes_limit=PENDING_BYTES_LIMIT,
     )
 
 
@@ -183,13 +188,10 @@ class StreamProjection:
         self.record_gap = record_gap
 
     async def _subscribe(self, position: int) -> JetStreamContext.PullSubscription:
-        async def subscribe() -> JetStreamContext.PullSubscription:
-            await reset_consumer(self.js, self.stream, self.filter_subject, position + 1, self.batch)
-            return await self.js.pull_subscribe_bind(
-                durable=DURABLE_NAME, stream=self.stream, pending_bytes_limit=PENDING_BYTES_LIMIT
-            )
-
-        return await retry_transient(subscribe, what=f"the projector's consumer on {self.stream}")
+        return await retry_transient(
+            lambda: reset_consumer(self.js, self.stream, self.filter_subject, position + 1, self.batch),
+            what=f"the projector's consumer on {self.stream}",
+        )
 
     async def _resubscribe(
         self, subscription: JetStreamContext.PullSubscription, position: int

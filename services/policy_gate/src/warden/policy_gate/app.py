@@ -14,7 +14,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
-from warden.bus import envelope_headers, heartbeat, retry_transient, terminate, watch_ground
+from warden.bus import envelope_headers, retry_transient
+from warden.consumers import heartbeat, shared_push, terminate, watch_ground
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
     ApprovalAnswered,
@@ -467,15 +468,15 @@ class Gate:
         shadowing = asyncio.create_task(self.judge_on_shadow())
         # A push consumer shared by every gate instance through the queue group: JetStream spreads
         # commands across them and redelivers what an instance leaves unacknowledged. Push, not
-        # pull: an idle gate answers at once, with no fetch round trip in the way.
+        # pull: an idle gate answers at once, with no fetch round trip in the way. `decide` and the
+        # settling of its answer ack each command, nak it, or terminate it with a reason.
         subscription = await retry_transient(
-            lambda: self.js.subscribe(
+            lambda: shared_push(
+                self.js,
                 self.subjects.all_commands,
-                queue=DURABLE_NAME,
-                durable=DURABLE_NAME,
                 stream=self.streams.commands,
-                cb=self.decide,
-                manual_ack=True,
+                durable=DURABLE_NAME,
+                callback=self.decide,
                 config=ConsumerConfig(
                     deliver_policy=DeliverPolicy.ALL,
                     ack_policy=AckPolicy.EXPLICIT,

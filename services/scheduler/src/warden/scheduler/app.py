@@ -30,7 +30,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
-from warden.bus import GroundLost, envelope_headers, is_stored, retry_transient, watch_ground
+from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.consumers import GroundLost, ordered_subscription, watch_ground
 from warden.controls import ControlFeed
 from warden.errors import InvalidMessage
 from warden.messages import (
@@ -60,7 +61,7 @@ from warden.signing import DecisionVerifier
 from warden.streams import StreamNames
 from warden.subjects import Subjects
 from warden.telemetry import consuming
-from warden.wire import TYPE_HEADER, is_transient, ordered_subscription
+from warden.wire import TYPE_HEADER, is_transient
 
 SERVICE = "scheduler"
 FETCH_BATCH = 256
