@@ -194,13 +194,20 @@ async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _credentials_directory(given: str | None, settings: Settings) -> Path:
+    """The credentials directory a command works on: --dir, else WARDEN_NATS_CREDENTIALS_DIR, else the
+    stack's `<state dir>/credentials`."""
+    from warden.endpoints import credentials_dir  # noqa: PLC0415
+
+    return Path(given) if given else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
+
+
 async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
     from warden.credentials import AUTHORIZATION_FILE, CredentialStore, write_authorization  # noqa: PLC0415
     from warden.endpoints import credentials_dir  # noqa: PLC0415
 
     state_dir = settings.state_dir.resolve()
-    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(state_dir)
-    store = CredentialStore(directory.resolve(), settings.subject_prefix)
+    store = CredentialStore(_credentials_directory(args.dir, settings).resolve(), settings.subject_prefix)
     match args.credentials_command:
         case "list":
             for identity in store.identities():
@@ -237,9 +244,8 @@ async def _credentials(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _credentials_hand_out(args: argparse.Namespace, settings: Settings) -> int:
     from warden.credentials import hand_out  # noqa: PLC0415
-    from warden.endpoints import credentials_dir  # noqa: PLC0415
 
-    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
+    directory = _credentials_directory(args.dir, settings)
     # Copies of what is there, so no server's list of identities changes: nothing to reload.
     for role, private in hand_out(directory.resolve(), Path(args.into)).items():
         print(f"{role.value:<32} {private}: {', '.join(sorted(path.name for path in private.iterdir()))}")
@@ -259,7 +265,6 @@ async def _database_install(args: argparse.Namespace, settings: Settings) -> int
         role_name,
         with_login,
     )
-    from warden.endpoints import credentials_dir  # noqa: PLC0415
 
     admin_url = args.admin_url or os.environ.get("WARDEN_DATABASE_ADMIN_URL")
     if not admin_url:
@@ -267,7 +272,7 @@ async def _database_install(args: argparse.Namespace, settings: Settings) -> int
     if args.admin_password_file:
         parts = urlsplit(admin_url)
         admin_url = with_login(admin_url, parts.username or "postgres", read_password(Path(args.admin_password_file)))
-    directory = Path(args.dir) if args.dir else settings.nats_credentials_dir or credentials_dir(settings.state_dir)
+    directory = _credentials_directory(args.dir, settings)
     try:
         await install_database(admin_url, settings.database_url, directory.resolve(), settings.subject_prefix)
     except asyncpg.PostgresError as exc:  # a wrong password, a login without the rights: said, not traced back
@@ -738,11 +743,9 @@ def _new_bundle_directory(args: argparse.Namespace) -> Path:
 def _bundle_keys(given: str | Path | None, settings: Settings, name: str, option: str, what: str) -> Path:
     """The public keys a bundle is checked with: `given` (the option's file, else the one its WARDEN_*
     variable names), else the local installation's `name`."""
-    from warden.endpoints import credentials_dir  # noqa: PLC0415
-
     if given:
         return Path(given)
-    local = (settings.nats_credentials_dir or credentials_dir(settings.state_dir)) / name
+    local = _credentials_directory(None, settings) / name
     if not local.is_file():
         raise UsageError(f"give {option} FILE: the {what} public keys ({name}) to check the bundle with")
     return local
