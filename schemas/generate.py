@@ -7,7 +7,6 @@ from the repository root) writes them, `--check` reports drift, and the test sui
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import functools
 import importlib.metadata
@@ -18,12 +17,26 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote, unquote
 
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+from pydantic import TypeAdapter
+
+from warden.agent_runner.app import channels as agent_runner_channels
+from warden.audit_projector.app import channels as audit_projector_channels
+from warden.channels import ServiceChannels, envelope_schema
 from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES, Payload
-from warden.subjects import CHANNELS, Channel, Subjects
+from warden.policy_gate.app import channels as policy_gate_channels
+from warden.scheduler.app import channels as scheduler_channels
+from warden.settings import Settings
+from warden.subjects import CHANNELS, Subjects
 
 JsonObject = dict[str, Any]
+
+# The four services whose declared channels the AsyncAPI document describes.
+SERVICE_CHANNELS = (policy_gate_channels, scheduler_channels, agent_runner_channels, audit_projector_channels)
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ASYNCAPI_VERSION = "3.0.0"
@@ -36,39 +49,11 @@ DISTRIBUTION = "warden-control-plane"
 README_START = "<!-- subjects:start -->"
 README_END = "<!-- subjects:end -->"
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
-_LOCAL_DEFS = "#/$defs/"
 _COMPONENT_SCHEMAS = "#/components/schemas/"
-
-# Every placeholder a channel pattern may use needs words here; an unknown one fails generation
-# rather than shipping an undocumented parameter.
-_PARAMETER_DESCRIPTIONS: dict[str, str] = {
-    "prefix": "Installation prefix (setting `WARDEN_SUBJECT_PREFIX`), so several installations "
-    "or test runs can share one NATS server.",
-    "tenant": "Tenant id; equals the envelope's `tenant`.",
-    "actor": "Who sends the command; equals the envelope's `actor` (else the gate rejects it, "
-    "`actor_mismatch`). A tenant's credential may publish only on its own actor's subject.",
-    "type": "Message type; equals the envelope's `type`. Spans two subject tokens (e.g. `run.submitted`).",
-    "entity": "Kind of entity the event is about.",
-    "entity_id": "Id of that entity (a run id, a command id for rejections, a stream name for gaps); "
-    "equals the envelope's `entity_id`.",
-}
-# Where a subscriber can cross-check a subject token against the envelope it carries.
-_PARAMETER_LOCATIONS: dict[str, str] = {
-    "tenant": "$message.payload#/tenant",
-    "actor": "$message.payload#/actor",
-    "type": "$message.payload#/type",
-    "entity_id": "$message.payload#/entity_id",
-}
 
 
 def _doc(model: type[Payload]) -> str:
     return inspect.cleandoc(model.__doc__ or "")
-
-
-def _first_sentence(text: str) -> str:
-    head, dot, _ = text.partition(". ")
-    return head + dot.strip() if dot else text
 
 
 @functools.cache
@@ -123,126 +108,71 @@ def json_schemas() -> dict[str, JsonObject]:
     return {type_name: _envelope_schema(type_name) for type_name in MESSAGE_TYPES}
 
 
-def _rewrite_refs(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            key: (
-                _COMPONENT_SCHEMAS + value.removeprefix(_LOCAL_DEFS)
-                if key == "$ref" and isinstance(value, str) and value.startswith(_LOCAL_DEFS)
-                else _rewrite_refs(value)
-            )
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_rewrite_refs(item) for item in node]
-    return node
+def _declared_channels(prefix: str) -> list[ServiceChannels]:
+    """Each service's channels, as the service declares them when it is built (see warden.channels)."""
+    return [channels(prefix) for channels in SERVICE_CHANNELS]
 
 
-def _component_schemas(schemas: dict[str, JsonObject]) -> JsonObject:
-    """Hoist every schema's `$defs` into one shared namespace, as AsyncAPI tooling resolves `$ref`s
-    against the document root and does not honour an embedded `$id`."""
-    components: JsonObject = {}
+def _describe_received(document: JsonObject, declared: Sequence[ServiceChannels]) -> None:
+    """Give each handler-less subscriber the envelope schemas of what it is declared to receive.
+
+    FastStream reads a subscriber's payload from its handler's signature; the services consume
+    through warden.consumers, so their subscribers have no handler, and FastStream leaves a title
+    where the schema goes. The schemas are written as FastStream writes a publisher's: one type's
+    envelope by reference, several as `anyOf` under the message's payload name.
+    """
+    schemas: JsonObject = document["components"]["schemas"]
 
     def add(name: str, schema: JsonObject) -> None:
-        if name in components and components[name] != schema:
+        if schemas.setdefault(name, schema) != schema:
             raise ValueError(f"two different schemas are both named {name!r}; rename one model")
-        components[name] = schema
 
-    for type_name, original in schemas.items():
-        schema = copy.deepcopy(original)
-        for keyword in ("$schema", "$id"):
-            schema.pop(keyword, None)
-        for def_name, definition in schema.pop("$defs", {}).items():
-            add(def_name, _rewrite_refs(definition))
-        add(type_name, _rewrite_refs(schema))
-    return dict(sorted(components.items()))
-
-
-def _channel_parameters(channel: Channel) -> JsonObject:
-    parameters: JsonObject = {}
-    for name in _PLACEHOLDER.findall(channel.pattern):
-        if name not in _PARAMETER_DESCRIPTIONS:
-            raise ValueError(f"channel {channel.name!r} uses {{{name}}}, which schemas/generate.py does not describe")
-        parameter: JsonObject = {"description": _PARAMETER_DESCRIPTIONS[name]}
-        if name == "prefix":
-            parameter["default"] = Subjects().prefix
-        elif name == "type":
-            parameter["enum"] = list(channel.message_types)
-        elif name == "entity":
-            parameter["enum"] = sorted({MESSAGE_TYPES[t].ENTITY for t in channel.message_types})
-        if name in _PARAMETER_LOCATIONS:
-            parameter["location"] = _PARAMETER_LOCATIONS[name]
-        parameters[name] = parameter
-    return parameters
+    for service in declared:
+        for title, types in service.received.items():
+            payload = f"{title}:Message:Payload"
+            if set(schemas.get(payload, {})) != {"title"}:
+                continue  # a subscriber with a handler: FastStream described its payload itself
+            generated = TypeAdapter(envelope_schema(types)).json_schema(ref_template=_COMPONENT_SCHEMAS + "{model}")
+            for name, definition in generated.pop("$defs", {}).items():
+                add(name, definition)
+            if "anyOf" in generated:
+                schemas[payload] = {**generated, "title": payload}
+                continue
+            add(generated["title"], generated)
+            del schemas[payload]
+            for reference in document["channels"][title]["messages"].values():
+                message = _resolve_local(document, reference["$ref"])
+                # As FastStream writes its own references: the name percent-encoded (`Envelope%5BRunDispatched%5D`).
+                message["payload"] = {"$ref": _COMPONENT_SCHEMAS + quote(generated["title"])}
 
 
-def _message(type_name: str) -> JsonObject:
-    model = MESSAGE_TYPES[type_name]
-    doc = _doc(model)
-    return {
-        "name": type_name,
-        "title": model.__name__,
-        "summary": _first_sentence(doc),
-        "description": doc,
-        "contentType": "application/json",
-        "payload": {"$ref": _COMPONENT_SCHEMAS + type_name},
-        "correlationId": {
-            "description": "Shared by every message of one causal chain, starting with the command's id.",
-            "location": "$message.payload#/correlation_id",
-        },
-        "tags": [{"name": model.KIND}],
-        "x-warden-entity": model.ENTITY,
-        "x-warden-schema-version": model.SCHEMA_VERSION,
-    }
+def _resolve_local(document: JsonObject, reference: str) -> JsonObject:
+    node: Any = document
+    for part in reference.removeprefix("#/").split("/"):
+        node = node[unquote(part)]
+    return cast(JsonObject, node)
 
 
 def asyncapi_document() -> JsonObject:
-    """The AsyncAPI 3.0 document for every channel in the catalogue and every registered type."""
-    channels: JsonObject = {}
-    operations: JsonObject = {}
-    for channel in CHANNELS:
-        channels[channel.name] = {
-            "address": channel.pattern,
-            "title": channel.name.capitalize(),
-            "description": channel.description,
-            "parameters": _channel_parameters(channel),
-            "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in channel.message_types},
-        }
-        messages = [{"$ref": f"#/channels/{channel.name}/messages/{name}"} for name in channel.message_types]
-        channel_ref = {"$ref": f"#/channels/{channel.name}"}
-        operations[f"{channel.name}.send"] = {
-            "action": "send",
-            "channel": channel_ref,
-            "messages": messages,
-            "title": f"Publish {channel.name}",
-            "description": f"Published by {channel.published_by}.",
-        }
-        operations[f"{channel.name}.receive"] = {
-            "action": "receive",
-            "channel": channel_ref,
-            "messages": messages,
-            "title": f"Consume {channel.name}",
-            "description": f"Consumed by {channel.consumed_by}.",
-        }
-    return {
-        "asyncapi": ASYNCAPI_VERSION,
-        "id": "urn:warden",
-        "info": {
-            "title": "Warden",
-            "version": _package_version(),
-            "description": "Event-sourced control plane for AI agents on NATS JetStream. Every message "
-            "is a JSON envelope (in the spirit of CloudEvents 1.0) whose `type` names the shape of "
-            "its `data`. Generated from the message models and the subject catalogue "
-            "(warden.messages, warden.subjects); do not edit.",
-        },
-        "defaultContentType": "application/json",
-        "channels": channels,
-        "operations": operations,
-        "components": {
-            "messages": {name: _message(name) for name in MESSAGE_TYPES},
-            "schemas": _component_schemas(json_schemas()),
-        },
-    }
+    """FastStream's AsyncAPI 3.0 document of what each service declares it receives and sends."""
+    declared = _declared_channels(Subjects().prefix)
+    broker = NatsBroker(Settings.model_fields["nats_url"].default)
+    for service in declared:
+        broker.include_router(service.router)
+    specification = AsyncAPI(
+        broker,
+        title="Warden",
+        version=_package_version(),
+        identifier="urn:warden",
+        description="Event-sourced control plane for AI agents on NATS JetStream: what each of its four "
+        "services receives and sends. Every message is a JSON envelope (in the spirit of CloudEvents "
+        "1.0) whose `type` names the shape of its `data`; schemas/*.schema.json has one JSON Schema per "
+        "type. Generated by FastStream from the services' declarations (warden.channels); do not edit.",
+        schema_version=ASYNCAPI_VERSION,
+    ).to_specification()
+    document: JsonObject = json.loads(specification.to_json())
+    _describe_received(document, declared)
+    return document
 
 
 def _cell(text: str) -> str:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import pydantic_core
+from typing_extensions import TypedDict  # pydantic describes typing's own only from Python 3.12
 
 # The columns of an `events` row that its content hash covers, in this order: every column but
 # the chain's own. warden.audit_projector.projection checks its rows lead with these.
@@ -216,6 +217,19 @@ class ChainHeads:
         return {tenant: head for (name, tenant), head in self.heads.items() if name == stream}
 
 
+class CheckpointDocument(TypedDict):
+    """A signed checkpoint as its stream holds it: chain (stream, tenant) had `index` rows ending in
+    `head` (hex) at `time` (ISO 8601), signed with Ed25519 by `signing_key` (base64 public key)."""
+
+    stream: str
+    tenant: str
+    index: int
+    head: str
+    time: str
+    signing_key: str
+    signature: str
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A signed statement that chain (stream, tenant) had `index` rows ending in `head` at `time`."""
@@ -244,18 +258,16 @@ class Checkpoint:
         return _CHECKPOINT_PREFIX + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "stream": self.stream,
-                "tenant": self.tenant,
-                "index": self.index,
-                "head": self.head.hex(),
-                "time": self.time.astimezone(UTC).isoformat(),
-                "signing_key": self.signing_key,
-                "signature": self.signature,
-            },
-            sort_keys=True,
-        ).encode()
+        document = CheckpointDocument(
+            stream=self.stream,
+            tenant=self.tenant,
+            index=self.index,
+            head=self.head.hex(),
+            time=self.time.astimezone(UTC).isoformat(),
+            signing_key=self.signing_key,
+            signature=self.signature,
+        )
+        return json.dumps(document, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "Checkpoint":

@@ -15,6 +15,7 @@ from faststream.nats import NatsBroker
 from faststream.nats.security import NatsNKey
 from nats.js import JetStreamContext
 
+from warden.channels import ServiceChannels
 from warden.identity import connect_options
 from warden.logging import FASTSTREAM_LOGGER, configure_logging
 from warden.settings import Settings
@@ -158,17 +159,19 @@ def service_broker(settings: Settings, role: str) -> NatsBroker:
 
 def consumer_service(
     settings: Settings,
-    role: str,
+    channels: ServiceChannels,
     loop: Callable[[NatsBroker], Coroutine[Any, Any, Any]],
     ground: Callable[[JetStreamContext], Coroutine[Any, Any, Any]],
 ) -> FastStream:
     """A FastStream app whose work is one long-lived consumer loop, started once its broker is connected.
 
-    It connects as `role`'s identity (`Settings.seed_file_for`), so the server holds it to that
-    role's permissions. Beside the loop runs `ground` (see `warden.consumers.watch_ground`): once what
-    the loop reads from is gone, the process exits to be restarted rather than sit deaf.
+    It connects as its service's identity (`Settings.seed_file_for`), so the server holds it to that
+    role's permissions, and carries the service's declared channels (`warden.channels`). Beside the
+    loop runs `ground` (see `warden.consumers.watch_ground`): once what the loop reads from is gone,
+    the process exits to be restarted rather than sit deaf.
     """
-    broker = service_broker(settings, role)
+    broker = service_broker(settings, channels.service)
+    broker.include_router(channels.router)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

@@ -18,11 +18,30 @@ from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
 from warden.bus import envelope_headers, retry_transient
+from warden.channels import ServiceChannels
 from warden.consumers import durable_pull, fetch_batch, heartbeat, watch_ground
 from warden.controls import ControlFeed
 from warden.dead_letters import give_up
 from warden.errors import InvalidMessage, RejectionCode
-from warden.messages import PolicyChanged, RunDispatched, RunFailed, make_envelope, parse_envelope
+from warden.messages import (
+    ApprovalRequested,
+    DecisionMade,
+    DecisionRefused,
+    MessageDeadLettered,
+    ModelCallRequested,
+    PolicyChanged,
+    RunCancelled,
+    RunDispatched,
+    RunFailed,
+    RunPaused,
+    RunStarted,
+    RunSucceeded,
+    StepCompleted,
+    ToolCallCompleted,
+    ToolCallRequested,
+    make_envelope,
+    parse_envelope,
+)
 from warden.policy_bundle import PolicyBundle
 from warden.policy_lifecycle import Lifecycle, follow_policy_changes
 from warden.secret_arguments import POLICY_DATA_FILE, shipped_policy_dir
@@ -214,12 +233,69 @@ def _revision(bundle: PolicyBundle) -> str:
     return bundle.revision
 
 
+def channels(prefix: str) -> ServiceChannels:
+    """What the runner receives and sends, as FastStream declares it: schemas/asyncapi.json is made from this."""
+    declared = ServiceChannels(SERVICE, prefix)
+    declared.receives(
+        "work",
+        (RunDispatched.TYPE,),
+        stream=declared.streams.work,
+        consumer="pull",
+        durable=DURABLE_NAME,
+        how="Dispatched runs, as many at a time as the runner has free slots; a run is acknowledged when "
+        "it ends (with in-progress acknowledgements meanwhile) and left to come back when the bus "
+        "fails mid-run, so another runner resumes it after its last recorded step.",
+    )
+    declared.receives(
+        "events",
+        (
+            DecisionMade.TYPE,
+            PolicyChanged.TYPE,
+            RunStarted.TYPE,
+            StepCompleted.TYPE,
+            ToolCallCompleted.TYPE,
+            RunSucceeded.TYPE,
+            RunFailed.TYPE,
+            RunCancelled.TYPE,
+        ),
+        stream=declared.streams.events,
+        consumer="ordered",
+        how="The decisions on its requests and on cancels and halts, the policy lifecycle, and a run's "
+        "own history when it takes the run up (each read by an ordered consumer of its own).",
+    )
+    declared.sends(
+        "commands",
+        (ToolCallRequested.TYPE, ModelCallRequested.TYPE),
+        stream=declared.streams.commands,
+        how="Each tool call and model call an agent wants to make, for the gate to decide on first.",
+    )
+    declared.sends(
+        "events",
+        (
+            RunStarted.TYPE,
+            StepCompleted.TYPE,
+            ToolCallCompleted.TYPE,
+            ApprovalRequested.TYPE,
+            DecisionRefused.TYPE,
+            RunPaused.TYPE,
+            RunSucceeded.TYPE,
+            RunFailed.TYPE,
+            RunCancelled.TYPE,
+            MessageDeadLettered.TYPE,
+        ),
+        stream=declared.streams.events,
+        how="Every step of a run and how it ends, the approvals it waits for, the decisions it refuses "
+        "to act on (their signatures do not check out), and the work items it gives up on.",
+    )
+    return declared
+
+
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     work = StreamNames.for_prefix(settings.subject_prefix).work
     return consumer_service(
         settings,
-        SERVICE,
+        channels(settings.subject_prefix),
         lambda broker: Runner(settings, broker.connection).run(),
         lambda js: watch_ground(lambda: js.consumer_info(work, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {work}"),
     )

@@ -10,6 +10,7 @@ from faststream import FastStream
 from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
+from warden.audit_chain import CheckpointDocument
 from warden.audit_projector.advisories import AdvisoryRecorder
 from warden.audit_projector.checkpoints import CheckpointWriter
 from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
@@ -21,10 +22,11 @@ from warden.audit_projector.store import (
     create_pool,
 )
 from warden.bus import envelope_headers, retry_transient
+from warden.channels import ServiceChannels, command_types, event_types
 from warden.consumers import watch_ground
 from warden.database import DatabaseRole
 from warden.logging import FASTSTREAM_LOGGER
-from warden.messages import StreamGapDetected, make_envelope
+from warden.messages import MessageDeadLettered, StreamGapDetected, make_envelope
 from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
 from warden.settings import Settings
 from warden.signing import Signer, SigningKeyError
@@ -63,11 +65,47 @@ async def _wait_for_installed_database(database_url: str, streams: list[str], ru
         delay = min(delay * 2, 10.0)
 
 
+def channels(prefix: str) -> ServiceChannels:
+    """What the projector receives and sends, as FastStream declares it: schemas/asyncapi.json is made from this."""
+    declared = ServiceChannels(SERVICE, prefix)
+    for channel, stream, types in (
+        ("commands", declared.streams.commands, command_types()),
+        ("events", declared.streams.events, event_types()),
+    ):
+        declared.receives(
+            channel,
+            types,
+            stream=stream,
+            consumer="pull",
+            durable=DURABLE_NAME,
+            how=f"Every message of {stream}, valid or not, in batches of up to {BATCH_SIZE}; a batch is "
+            "acknowledged only once the transaction holding its rows and position has committed, and "
+            "nothing is ever given up on.",
+        )
+    declared.sends(
+        "events",
+        (StreamGapDetected.TYPE, MessageDeadLettered.TYPE),
+        stream=declared.streams.events,
+        how="The holes it finds in a stream and the messages consumers gave up on, under the tenant _warden.",
+    )
+    declared.sends(
+        "checkpoints",
+        (),
+        stream=declared.streams.checkpoints,
+        address=f"{prefix}.chk.{{tenant}}.{{stream}}",
+        schema=CheckpointDocument,
+        how="Signed checkpoints of each tenant's audit chain in each stream, the anchors `warden audit "
+        "verify` checks the tables against.",
+    )
+    return declared
+
+
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
     broker = service_broker(settings, SERVICE)
+    broker.include_router(channels(settings.subject_prefix).router)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager

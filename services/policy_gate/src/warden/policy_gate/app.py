@@ -15,14 +15,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
 from warden.bus import envelope_headers, retry_transient
+from warden.channels import ServiceChannels, command_types
 from warden.consumers import heartbeat, shared_push, terminate, watch_ground
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
     ApprovalAnswered,
     ApprovalRequested,
+    CommandRejected,
     DecisionMade,
     DecisionShadowed,
     Envelope,
+    PolicyActivated,
     PolicyChanged,
     PolicyChangeRequested,
     make_envelope,
@@ -499,6 +502,44 @@ class Gate:
             await lifecycle.stop()
 
 
+def channels(prefix: str) -> ServiceChannels:
+    """What the gate receives and sends, as FastStream declares it: schemas/asyncapi.json is made from this."""
+    declared = ServiceChannels(SERVICE, prefix)
+    declared.receives(
+        "commands",
+        command_types(),
+        stream=declared.streams.commands,
+        consumer="shared push",
+        durable=DURABLE_NAME,
+        how="Every command, decided in arrival order. Every gate instance shares one push consumer "
+        "(a queue group): a command is acknowledged once its answer is stored, retried with a growing "
+        "delay while storing fails, and given up with a reason after its last delivery.",
+    )
+    declared.receives(
+        "events",
+        (PolicyChanged.TYPE,),
+        stream=declared.streams.events,
+        consumer="ordered",
+        address=declared.subjects.policy_events_of_type(PolicyChanged),
+        how="The policy lifecycle (promotions, shadows, rollbacks), followed from the start so every "
+        "gate puts the same bundle in force.",
+    )
+    declared.sends(
+        "events",
+        (
+            DecisionMade.TYPE,
+            CommandRejected.TYPE,
+            DecisionShadowed.TYPE,
+            PolicyActivated.TYPE,
+            PolicyChanged.TYPE,
+        ),
+        stream=declared.streams.events,
+        how="The answer to each command (a decision or a rejection), each policy bundle it puts in force, "
+        "each change of the policy lifecycle, and a shadow bundle's disagreements with live decisions.",
+    )
+    return declared
+
+
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     policy_dir = settings.policy_dir or SHIPPED_POLICY_DIR
@@ -519,7 +560,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     commands = StreamNames.for_prefix(settings.subject_prefix).commands
     return consumer_service(
         settings,
-        SERVICE,
+        channels(settings.subject_prefix),
         lambda broker: Gate(settings, broker.connection, decider, str(policy_dir)).run(),
         lambda js: watch_ground(
             lambda: js.consumer_info(commands, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {commands}"

@@ -31,6 +31,7 @@ from nats.js.api import DeliverPolicy, PubAck
 from nats.js.kv import KeyValue
 
 from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.channels import ServiceChannels
 from warden.consumers import GroundLost, ordered_subscription, watch_ground
 from warden.controls import ControlFeed
 from warden.errors import InvalidMessage
@@ -421,13 +422,40 @@ class Scheduler:
         return bool(info.num_pending == 0)
 
 
+def channels(prefix: str) -> ServiceChannels:
+    """What the scheduler receives and sends, as FastStream declares it: schemas/asyncapi.json is made from this."""
+    declared = ServiceChannels(SERVICE, prefix)
+    declared.receives(
+        "events",
+        tuple(sorted(WATCHED_TYPES)),
+        stream=declared.streams.events,
+        consumer="ordered",
+        how="The events its state is folded from (decisions, queued, dispatched and finished runs, pauses), "
+        "from its watermark on every start, and the decisions on cancels and halts, from the first.",
+    )
+    declared.sends(
+        "events",
+        (RunQueued.TYPE, RunDispatched.TYPE, RunCancelled.TYPE, RunResumed.TYPE),
+        stream=declared.streams.events,
+        how="What happens to each allowed run before a runner takes it: queued, dispatched, cancelled "
+        "before it started, resumed after an approval or a lifted halt.",
+    )
+    declared.sends(
+        "work",
+        (RunDispatched.TYPE,),
+        stream=declared.streams.work,
+        how="Each dispatched run, once, for one agent runner to take.",
+    )
+    return declared
+
+
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     # Its ordered consumer is re-created by nats-py when lost; the stream is what must be there.
     events = StreamNames.for_prefix(settings.subject_prefix).events
     return consumer_service(
         settings,
-        SERVICE,
+        channels(settings.subject_prefix),
         lambda broker: Scheduler(settings, broker).run(),
         lambda js: watch_ground(lambda: js.stream_info(events), f"the stream {events}"),
     )

@@ -1,0 +1,115 @@
+"""What each service receives and sends, declared as FastStream subscribers and publishers.
+
+Each service builds its `ServiceChannels` (the services' `channels(prefix)`) and includes its
+router in the broker it runs on; `make schemas` builds the same four routers on one broker and
+writes FastStream's own AsyncAPI document of them to schemas/asyncapi.json. So that document lists
+what the services really receive and send, from the declarations their processes run with, and
+tests/test_channels.py checks the sending side against the events a governed run stores.
+
+The receiving side is declared, not driven: FastStream subscribes a subscriber only once a handler
+is attached, and these have none, because the services consume through `warden.consumers`, whose
+docstring has the benchmark figures that say why. FastStream reads a subscriber's message schema
+from its handler's signature; for a subscriber without one, schemas/generate.py adds the envelope
+schemas of the message types it is declared with here (`ServiceChannels.received`).
+"""
+
+import functools
+import operator
+from typing import Any, Literal
+
+from faststream.nats import JStream, NatsRouter
+from faststream.nats.publisher.usecase import LogicPublisher
+
+from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES
+from warden.streams import StreamNames
+from warden.subjects import CHANNELS, Channel, Subjects
+
+BY_NAME: dict[str, Channel] = {channel.name: channel for channel in CHANNELS}
+
+
+def command_types() -> tuple[str, ...]:
+    return tuple(name for name, model in MESSAGE_TYPES.items() if model.KIND == "command")
+
+
+def event_types() -> tuple[str, ...]:
+    return tuple(name for name, model in MESSAGE_TYPES.items() if model.KIND == "event")
+
+
+def envelope_schema(types: tuple[str, ...]) -> Any:
+    """The envelope model of each type, as one union FastStream (and pydantic) can describe."""
+    unknown = [name for name in types if name not in ENVELOPE_TYPES]
+    if unknown:
+        raise ValueError(f"no message type is named {unknown}")
+    return functools.reduce(operator.or_, (ENVELOPE_TYPES[name] for name in types))
+
+
+class ServiceChannels:
+    """One service's channels: a FastStream router with a subscriber or publisher for each."""
+
+    def __init__(self, service: str, prefix: str) -> None:
+        self.service = service
+        self.subjects = Subjects(prefix)
+        self.streams = StreamNames.for_prefix(prefix)
+        self.router = NatsRouter()
+        # Each declared subscriber's AsyncAPI title and the message types it receives.
+        self.received: dict[str, tuple[str, ...]] = {}
+        self.sent: dict[str, tuple[str, ...]] = {}
+        self.publishers: dict[str, LogicPublisher] = {}
+
+    def address(self, channel: str) -> str:
+        return BY_NAME[channel].pattern.replace("{prefix}", self.subjects.prefix)
+
+    def title(self, verb: str, channel: str) -> str:
+        return f"{self.service}.{verb}.{channel}"
+
+    def receives(
+        self,
+        channel: str,
+        types: tuple[str, ...],
+        *,
+        stream: str,
+        how: str,
+        consumer: Literal["pull", "shared push", "ordered"],
+        durable: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        """A subscriber declared as the service's consumer is set up, without a handler: the service
+        consumes through `warden.consumers` (a durable pull consumer, a push consumer every instance
+        shares through a queue group named as the durable, or an ordered consumer)."""
+        title = self.title("receives", channel)
+        envelope_schema(types)  # an unknown type fails here, where it is declared
+        self.router.subscriber(
+            address or self.address(channel),
+            stream=JStream(stream, declare=False),
+            # A shared push consumer's queue group is named as its durable.
+            durable=durable if consumer == "pull" else None,
+            queue=(durable or "") if consumer == "shared push" else "",
+            pull_sub=consumer == "pull",
+            ordered_consumer=consumer == "ordered",
+            title=title,
+            description=how,
+        )
+        self.received[title] = types
+
+    def sends(
+        self,
+        channel: str,
+        types: tuple[str, ...],
+        *,
+        stream: str,
+        how: str,
+        address: str | None = None,
+        schema: Any = None,
+    ) -> LogicPublisher:
+        """A publisher of envelopes of `types` (or, for what is no envelope, of `schema` at `address`)."""
+        title = self.title("sends", channel)
+        publisher = self.router.publisher(
+            address or self.address(channel),
+            stream=JStream(stream, declare=False),
+            schema=schema if schema is not None else envelope_schema(types),
+            title=title,
+            description=how,
+        )
+        self.sent[title] = types
+        self.publishers[channel] = publisher
+        return publisher
