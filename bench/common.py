@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psutil
+from faststream.nats.security import NatsNKey
 from nats.aio.client import Client as NatsClient
 
 from warden.audit_projector.install import install_database
@@ -71,6 +72,14 @@ def superuser_seed(nats_url: str) -> Path | None:
         return _RUNNING[nats_url].superuser_seed
     named = os.environ.get("WARDEN_NATS_SEED_FILE")
     return Path(named) if named else None
+
+
+def admin_broker_options(nats_url: str) -> dict[str, Any]:
+    """What a FastStream broker needs to connect as `admin_connect` does, as warden.service passes a service's."""
+    seed = superuser_seed(nats_url)
+    if seed is None:
+        return {}
+    return {"security": NatsNKey(str(seed)), "inbox_prefix": connect_options(seed)["inbox_prefix"]}
 
 
 async def admin_connect(nats_url: str, **options: Any) -> NatsClient:

@@ -72,7 +72,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as ConsumerAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StorageType, StreamConfig
 
-from bench.common import BenchServers, admin_connect
+from bench.common import BenchServers, admin_broker_options, admin_connect
 from warden.consumers import fetch_batch
 from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, server_urls
 
@@ -342,7 +342,11 @@ class Consumer:
             return
         # As warden.service.consumer_service builds a service's broker.
         self.broker = NatsBroker(
-            server_urls(self.nats_url), logger=self.logger, log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+            server_urls(self.nats_url),
+            logger=self.logger,
+            log_level=logging.DEBUG,
+            **SERVICE_CONNECT_OPTIONS,
+            **admin_broker_options(self.nats_url),
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

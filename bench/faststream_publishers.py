@@ -11,6 +11,9 @@ answer must be stored before the command is acknowledged):
    Warden's services build theirs.
 3. FastStream publisher: `broker.publisher(subject, stream=JStream(declare=False))`, then
    `publisher.publish(body, headers=...)`: the form FastStream's AsyncAPI generation describes.
+4. nats-py pipelined: `js.publish_async(...)` for every message, then the acknowledgements awaited
+   together, as the gate sends its answers and the scheduler its dispatches. FastStream 0.7.8 has
+   no such form: each publish waits for its acknowledgement.
 
 The variants run interleaved, `--rounds` times over, in a rotated order; figures are medians over
 rounds, ratios the medians of per-round ratios to nats-py. CPU is this process's, and the embedded
@@ -27,16 +30,17 @@ from typing import Any, Literal
 
 from faststream.nats import JStream, NatsBroker
 
-from bench.common import admin_connect
+from bench.common import admin_broker_options, admin_connect
 from bench.faststream_consumers import RESULTS, Target, message_body, process_cpu, with_servers
 from warden.wire import MSG_ID_HEADER, SERVICE_CONNECT_OPTIONS, TYPE_HEADER, server_urls
 
-Variant = Literal["nats_py", "faststream_broker", "faststream_publisher"]
-VARIANTS: tuple[Variant, ...] = ("nats_py", "faststream_broker", "faststream_publisher")
+Variant = Literal["nats_py", "faststream_broker", "faststream_publisher", "nats_py_pipelined"]
+VARIANTS: tuple[Variant, ...] = ("nats_py", "faststream_broker", "faststream_publisher", "nats_py_pipelined")
 LABELS: dict[Variant, str] = {
     "nats_py": "1. nats-py js.publish",
     "faststream_broker": "2. FastStream broker.publish",
     "faststream_publisher": "3. FastStream publisher object",
+    "nats_py_pipelined": "4. nats-py js.publish_async",
 }
 
 
@@ -50,18 +54,28 @@ async def measure(nats_url: str, variant: Variant, messages: int, server_pid: in
     target = await Target.create(admin)
     bodies = [message_body(seq) for seq in range(messages)]
     broker = NatsBroker(
-        server_urls(nats_url), logger=logging.getLogger("bench"), log_level=logging.DEBUG, **SERVICE_CONNECT_OPTIONS
+        server_urls(nats_url),
+        logger=logging.getLogger("bench"),
+        log_level=logging.DEBUG,
+        **SERVICE_CONNECT_OPTIONS,
+        **admin_broker_options(nats_url),
     )
     nc = None
     try:
-        if variant == "nats_py":
+        if variant in ("nats_py", "nats_py_pipelined"):
             nc = await admin_connect(nats_url, **SERVICE_CONNECT_OPTIONS)
             js = nc.jetstream()
         else:
             publisher = broker.publisher(target.subject, stream=JStream(name=target.stream, declare=False))
             await broker.start()
         cpu, server_cpu, started = time.process_time(), process_cpu(server_pid), time.perf_counter()
-        for seq, body in enumerate(bodies):
+        if variant == "nats_py_pipelined":
+            acks = [
+                await js.publish_async(target.subject, body, headers=headers(seq), stream=target.stream)
+                for seq, body in enumerate(bodies)
+            ]
+            await asyncio.gather(*acks)
+        for seq, body in enumerate(bodies if variant != "nats_py_pipelined" else ()):
             if variant == "nats_py":
                 await js.publish(target.subject, body, headers=headers(seq), stream=target.stream)
             elif variant == "faststream_broker":
@@ -120,7 +134,7 @@ async def run(nats_url: str, messages: int, rounds: int, server_pid: int | None)
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"JetStream publishing, {result['messages']:,} acknowledged publishes one at a time, "
+        f"JetStream publishing, {result['messages']:,} acknowledged publishes (1-3 one at a time, 4 pipelined), "
         f"{result['rounds']} rounds ({result['servers']})",
         f"  {'variant':<34} {'msgs/s':>8} {'CPU µs/msg':>11} {'server µs':>10} {'CPU vs 1':>9} {'stored':>7}",
     ]

@@ -16,7 +16,7 @@ from nats.js.api import PubAck
 
 from tests.conftest import eventually
 from warden import bus
-from warden.policy_gate.app import MAX_DELIVERIES, Answer, Gate
+from warden.policy_gate.app import MAX_DELIVERIES, Answer, Gate, channels
 from warden.settings import Settings
 
 
@@ -67,7 +67,12 @@ async def _settle(
     outcome: "asyncio.Future[PubAck]", command: StandInCommand, js: StandInJetStream | None = None
 ) -> list[str]:
     connection = SimpleNamespace(jetstream=lambda: js or StandInJetStream())
-    gate = Gate(Settings(subject_prefix="settle"), cast(Any, connection), cast(Any, SimpleNamespace(engine=None)))
+    gate = Gate(
+        Settings(subject_prefix="settle"),
+        cast(Any, connection),
+        cast(Any, SimpleNamespace(engine=None)),
+        channels("settle"),
+    )
     answer = Answer(cast(Msg, command), "settle.evt.acme.command.7.command.rejected", b"{}", {})
     gate.unsettled.put_nowait((answer, outcome))
     settling = asyncio.create_task(gate.settle())

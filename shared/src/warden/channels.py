@@ -19,12 +19,17 @@ from typing import Any, Literal
 
 from faststream.nats import JStream, NatsRouter
 from faststream.nats.publisher.usecase import LogicPublisher
+from nats.js.api import PubAck
 
-from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES
+from warden.bus import envelope_headers, retry_transient
+from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES, Envelope
 from warden.streams import StreamNames
 from warden.subjects import CHANNELS, Channel, Subjects
 
 BY_NAME: dict[str, Channel] = {channel.name: channel for channel in CHANNELS}
+# How long a publisher waits for the stream's acknowledgement: nats-py's JetStream default, where
+# FastStream's publishers would wait 0.5 s and so fail spuriously under load.
+PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
 def command_types() -> tuple[str, ...]:
@@ -54,7 +59,8 @@ class ServiceChannels:
         # Each declared subscriber's AsyncAPI title and the message types it receives.
         self.received: dict[str, tuple[str, ...]] = {}
         self.sent: dict[str, tuple[str, ...]] = {}
-        self.publishers: dict[str, LogicPublisher] = {}
+        # Each channel's publisher and the stream it stores into.
+        self.publishers: dict[str, tuple[LogicPublisher, str]] = {}
 
     def address(self, channel: str) -> str:
         return BY_NAME[channel].pattern.replace("{prefix}", self.subjects.prefix)
@@ -107,9 +113,26 @@ class ServiceChannels:
             address or self.address(channel),
             stream=JStream(stream, declare=False),
             schema=schema if schema is not None else envelope_schema(types),
+            timeout=PUBLISH_TIMEOUT_SECONDS,
             title=title,
             description=how,
         )
         self.sent[title] = types
-        self.publishers[channel] = publisher
+        self.publishers[channel] = (publisher, stream)
         return publisher
+
+    async def store(self, envelope: Envelope[Any], key: str) -> PubAck:
+        """Store one envelope through the publisher declared for its kind (a command or an event),
+        passing bus failures waited out: the idempotency key makes a retry safe."""
+        channel = "commands" if envelope.data.KIND == "command" else "events"
+        title = self.title("sends", channel)
+        if envelope.type not in self.sent.get(title, ()):
+            raise ValueError(f"{self.service} does not declare that it sends {envelope.type} on {channel}")
+        (publisher, stream), subject = self.publishers[channel], self.subjects.expected_subject(envelope)
+        body, headers = envelope.to_bytes(), envelope_headers(envelope, key)
+        return await retry_transient(
+            lambda: publisher.publish(
+                body, subject=subject, headers=headers, correlation_id=envelope.correlation_id, stream=stream
+            ),
+            what=envelope.type,
+        )

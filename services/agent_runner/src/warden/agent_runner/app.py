@@ -17,7 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from warden.agent_runner.agents import SHIPPED_AGENTS_DIR, AgentCatalogue
 from warden.agent_runner.decision_feed import DecisionFeed
 from warden.agent_runner.execution import SERVICE, RunExecutor
-from warden.bus import envelope_headers, retry_transient
+from warden.bus import retry_transient
 from warden.channels import ServiceChannels
 from warden.consumers import durable_pull, fetch_batch, heartbeat, watch_ground
 from warden.controls import ControlFeed
@@ -59,9 +59,10 @@ log = structlog.get_logger(__name__)
 
 
 class Runner:
-    def __init__(self, settings: Settings, nc: NatsClient) -> None:
+    def __init__(self, settings: Settings, nc: NatsClient, channels: ServiceChannels) -> None:
         self.settings = settings
         self.nc = nc
+        self.channels = channels
         self.js = js = nc.jetstream()
         self.subjects = Subjects(settings.subject_prefix)
         self.streams = StreamNames.for_prefix(settings.subject_prefix)
@@ -77,6 +78,7 @@ class Runner:
             worker=worker,
             decisions=self.decisions,
             verifier=verifier,
+            channels=channels,
             controls=self.controls,
         )
         # The pack's data the runner enforces follows the gates' promotes and rollbacks.
@@ -115,14 +117,7 @@ class Runner:
                 source=SERVICE,
                 caused_by=work,
             )
-            subject, headers = (
-                self.subjects.expected_subject(failed),
-                envelope_headers(failed, f"{work.entity_id}-finished"),
-            )
-            await retry_transient(
-                lambda: self.js.publish(subject, failed.to_bytes(), headers=headers, stream=self.streams.events),
-                what="run.failed",
-            )
+            await self.channels.store(failed, f"{work.entity_id}-finished")
             await message.ack()
             return
         beat = asyncio.create_task(heartbeat(message, self.settings.runner_ack_wait_seconds / 3))
@@ -293,10 +288,11 @@ def channels(prefix: str) -> ServiceChannels:
 def build_app(settings: Settings | None = None) -> FastStream:
     settings = settings or Settings()
     work = StreamNames.for_prefix(settings.subject_prefix).work
+    declared = channels(settings.subject_prefix)
     return consumer_service(
         settings,
-        channels(settings.subject_prefix),
-        lambda broker: Runner(settings, broker.connection).run(),
+        declared,
+        lambda broker: Runner(settings, broker.connection, declared).run(),
         lambda js: watch_ground(lambda: js.consumer_info(work, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {work}"),
     )
 

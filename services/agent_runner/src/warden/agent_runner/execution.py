@@ -58,7 +58,8 @@ from warden.agent_runner.mcp_tools import McpToolbox, ToolDefinition, ToolServer
 from warden.agent_runner.model_client import ModelClient, ModelError, ModelPrices, chosen_model
 from warden.agent_runner.policy_data import read_policy_data
 from warden.agent_runner.tools import BUILTIN_TOOL_SCHEMAS, ToolError, run_tool
-from warden.bus import envelope_headers, is_stored, retry_transient
+from warden.bus import is_stored, retry_transient
+from warden.channels import ServiceChannels
 from warden.consumers import ordered_subscription
 from warden.controls import ControlFeed
 from warden.decoding import check_value, recordable_text
@@ -230,10 +231,12 @@ class RunExecutor:
         worker: str,
         decisions: DecisionFeed,
         verifier: DecisionVerifier,
+        channels: ServiceChannels,
         controls: ControlFeed | None = None,
     ) -> None:
         self.settings = settings
         self.js = js
+        self.channels = channels
         self.catalogue = catalogue
         self.worker = worker
         self.verifier = verifier
@@ -272,16 +275,8 @@ class RunExecutor:
         self.budgets = Budgets.from_policy_data(warden)
 
     async def _publish(self, envelope: Envelope[Any], key: str) -> PubAck:
-        """Store one event or command; a passing bus failure is waited out here (the key makes retries safe)."""
-        stream = self.streams.commands if envelope.data.KIND == "command" else self.streams.events
-        subject, body, headers = (
-            self.subjects.expected_subject(envelope),
-            envelope.to_bytes(),
-            envelope_headers(envelope, key),
-        )
-        return await retry_transient(
-            lambda: self.js.publish(subject, body, headers=headers, stream=stream), what=envelope.type
-        )
+        """Store one event or command; a passing bus failure is waited out (the key makes retries safe)."""
+        return await self.channels.store(envelope, key)
 
     def tool_call_id(self, tenant: str, run_id: str, step: int, kind: str = "tc") -> str:
         """The id of a run's call at `step` (`tc`: a tool call, `mc`: a model call)."""

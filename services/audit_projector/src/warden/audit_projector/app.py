@@ -21,7 +21,6 @@ from warden.audit_projector.store import (
     close_pool,
     create_pool,
 )
-from warden.bus import envelope_headers, retry_transient
 from warden.channels import ServiceChannels, command_types, event_types
 from warden.consumers import watch_ground
 from warden.database import DatabaseRole
@@ -105,7 +104,8 @@ def build_app(settings: Settings | None = None) -> FastStream:
     subjects = Subjects(settings.subject_prefix)
     streams = StreamNames.for_prefix(settings.subject_prefix)
     broker = service_broker(settings, SERVICE)
-    broker.include_router(channels(settings.subject_prefix).router)
+    declared = channels(settings.subject_prefix)
+    broker.include_router(declared.router)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
 
     @asynccontextmanager
@@ -119,7 +119,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
             positions = await store.positions()
             await broker.connect()
             js = broker.connection.jetstream()
-            checkpoints = _checkpoint_writer(settings, js, subjects, streams)
+            checkpoints = _checkpoint_writer(settings, js, declared)
             if checkpoints is not None:
                 store.chained = checkpoints.committed
                 loops.start(checkpoints.run())
@@ -129,14 +129,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 # The event first: once the position has moved past the gap, nothing would find it again.
                 gap = StreamGapDetected(stream=stream, first_seq=first_seq, last_seq=last_seq)
                 event = make_envelope(gap, tenant=SYSTEM_TENANT, entity_id=stream, actor=SERVICE, source=SERVICE)
-                subject, headers = (
-                    subjects.expected_subject(event),
-                    envelope_headers(event, f"gap-{stream}-{first_seq}-{last_seq}"),
-                )
-                await retry_transient(
-                    lambda: js.publish(subject, event.to_bytes(), headers=headers, stream=streams.events),
-                    what="stream.gap_detected",
-                )
+                await declared.store(event, f"gap-{stream}-{first_seq}-{last_seq}")
                 await store.record_gap(stream, first_seq, last_seq)
 
             for stream, filter_subject in filters.items():
@@ -175,20 +168,20 @@ def build_app(settings: Settings | None = None) -> FastStream:
     return app
 
 
-def _checkpoint_writer(
-    settings: Settings, js: JetStreamContext, subjects: Subjects, streams: StreamNames
-) -> CheckpointWriter | None:
+def _checkpoint_writer(settings: Settings, js: JetStreamContext, declared: ServiceChannels) -> CheckpointWriter | None:
     """The checkpoint writer, or None (loudly) when the projector has no checkpoint key."""
     try:
         signer = Signer.from_file(settings.checkpoint_key_path(), "checkpoint signing key")
     except SigningKeyError as exc:
         log.error("no checkpoint key: the audit chains get no signed checkpoints", reason=str(exc))
         return None
+    publisher, stream = declared.publishers["checkpoints"]
     return CheckpointWriter(
         js,
+        publisher,
         signer,
-        subjects,
-        streams.checkpoints,
+        declared.subjects,
+        stream,
         every_events=settings.checkpoint_every_events,
         every_seconds=settings.checkpoint_every_seconds,
     )

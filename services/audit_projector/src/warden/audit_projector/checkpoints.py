@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import nats.errors
 import structlog
+from faststream.nats.publisher.usecase import LogicPublisher
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
@@ -43,6 +44,7 @@ class CheckpointWriter:
     def __init__(
         self,
         js: JetStreamContext,
+        publisher: LogicPublisher,
         signer: Signer,
         subjects: Subjects,
         stream: str,
@@ -51,6 +53,7 @@ class CheckpointWriter:
         every_seconds: float,
     ) -> None:
         self.js = js
+        self.publisher = publisher  # the projector's declared checkpoints publisher (warden.channels)
         self.signer = signer
         self.subjects = subjects
         self.stream = stream
@@ -112,11 +115,11 @@ class CheckpointWriter:
         checkpoint = Checkpoint(**{**vars(unsigned), "signature": self.signer.sign_bytes(unsigned.signed_bytes())})
         subject = self.subjects.checkpoint(tenant, stream)
         try:
-            ack = await self.js.publish(
-                subject,
+            ack = await self.publisher.publish(
                 checkpoint.to_json(),
+                subject=subject,
                 stream=self.stream,
-                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(signed.seq)},
+                headers={EXPECTED_LAST_SUBJECT_SEQUENCE: str(signed.seq), "content-type": "application/json"},
             )
         except APIError as exc:
             # Someone else appended to this chain's line (a previous projector's last word): read

@@ -85,9 +85,15 @@ class Gate:
     """
 
     def __init__(
-        self, settings: Settings, nc: NatsClient, decider: PolicyDecider, policy_origin: str = "(given)"
+        self,
+        settings: Settings,
+        nc: NatsClient,
+        decider: PolicyDecider,
+        channels: ServiceChannels,
+        policy_origin: str = "(given)",
     ) -> None:
         self.settings = settings
+        self.channels = channels
         self.policy_origin = policy_origin
         self.nc = nc
         self.js = nc.jetstream()
@@ -263,7 +269,7 @@ class Gate:
             )
             key = f"shadowed-{made.decision_id}-{revision_token(shadow.revision)}"
             try:
-                await self._store(disagreement, key, what="a decision.shadowed event")
+                await self.channels.store(disagreement, key)
             except nats.errors.Error as exc:
                 log.error("could not record a shadow disagreement", decision_id=made.decision_id, error=repr(exc))
 
@@ -277,7 +283,7 @@ class Gate:
         with consuming(SERVICE, "policy_gate.change_policy", message.headers, stream_seq=seq):
             event, key = self.outcome(message)
         try:
-            stored_decision = await self._store(event, key, what="the decision on a policy change")
+            stored_decision = await self.channels.store(event, key)
             made = event.data
             if stored_decision.duplicate:
                 # A redelivery: the decision stored first stands (the lifecycle may have moved since),
@@ -292,7 +298,7 @@ class Gate:
                         "a redelivered policy change the lifecycle no longer allows (followed already)", stream_seq=seq
                     )
                 else:
-                    stored = await self._store(*recording, what="the policy.changed event")
+                    stored = await self.channels.store(*recording)
                     await self._folded(stored.seq)
         except nats.errors.Error as exc:
             await self._give_up_or_redeliver(message, exc)
@@ -309,17 +315,6 @@ class Gate:
         except (nats.js.errors.NotFoundError, InvalidMessage) as exc:
             log.error("the decision on a policy change could not be read back", stream_seq=seq, error=repr(exc))
             return None
-
-    async def _store(self, event: Envelope[Any], key: str, *, what: str) -> PubAck:
-        return await retry_transient(
-            lambda: self.js.publish(
-                self.subjects.expected_subject(event),
-                event.to_bytes(),
-                headers=envelope_headers(event, key),
-                stream=self.streams.events,
-            ),
-            what=what,
-        )
 
     async def _folded(self, stream_seq: int) -> None:
         """Wait until this gate's lifecycle has folded in the event at `stream_seq`."""
@@ -444,15 +439,7 @@ class Gate:
 
     async def record_activation(self, event: Envelope[Any], key: str) -> None:
         """Store the `policy.activated` event of the bundle now in force (before deciding under it)."""
-        stored = await retry_transient(
-            lambda: self.js.publish(
-                self.subjects.expected_subject(event),
-                event.to_bytes(),
-                headers=envelope_headers(event, key),
-                stream=self.streams.events,
-            ),
-            what="the policy.activated event",
-        )
+        stored = await self.channels.store(event, key)
         log.info("policy activated", duplicate=stored.duplicate, stream_seq=stored.seq, **describe(event))
 
     async def run(self) -> None:
@@ -558,10 +545,11 @@ def build_app(settings: Settings | None = None) -> FastStream:
         decision_key=decider.signer.public_key,
     )
     commands = StreamNames.for_prefix(settings.subject_prefix).commands
+    declared = channels(settings.subject_prefix)
     return consumer_service(
         settings,
-        channels(settings.subject_prefix),
-        lambda broker: Gate(settings, broker.connection, decider, str(policy_dir)).run(),
+        declared,
+        lambda broker: Gate(settings, broker.connection, decider, declared, str(policy_dir)).run(),
         lambda js: watch_ground(
             lambda: js.consumer_info(commands, DURABLE_NAME), f"the consumer {DURABLE_NAME} on {commands}"
         ),
