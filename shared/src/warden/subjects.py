@@ -8,7 +8,8 @@ Subjects carry the tenant and the entity so that NATS permissions and wildcards 
     <prefix>.chk.<tenant>.<stream>                     signed checkpoints of the audit chains
 
 The prefix (default `warden`) lets several installations, or every test, share one NATS server
-without sharing state. The README table and the AsyncAPI document are generated from `CHANNELS`.
+without sharing state. The README table is generated from `CHANNELS`, and the services declare
+their FastStream subscribers and publishers (`warden.channels`) on its addresses.
 """
 
 import re
