@@ -4,17 +4,21 @@ from collections import defaultdict
 
 import asyncpg
 import nats.js.errors
+import pytest
+from faststream.nats import JStream, NatsBroker, NatsMessage, TestNatsBroker
 from nats.aio.client import Client as NatsClient
 
 from schemas.generate import SERVICE_CHANNELS
 from tests.conftest import AppRunner, eventually
 from tests.test_governed_run import run_row, start_all
+from warden.agent_runner.execution import SERVICE
 from warden.channels import ServiceChannels
 from warden.client import WardenClient
 from warden.errors import InvalidMessage
-from warden.messages import MESSAGE_TYPES, parse_envelope
+from warden.messages import MESSAGE_TYPES, RunQueued, RunStarted, make_envelope, parse_envelope
 from warden.settings import Settings
 from warden.streams import StreamNames
+from warden.wire import MSG_ID_HEADER, TYPE_HEADER
 
 PREFIX = "warden"
 
@@ -83,3 +87,41 @@ async def test_what_the_services_store_is_what_they_declare_they_send(
             assert types <= declared_types[source], f"{source} sent {sorted(types - declared_types[source])}"
     # The projector's own sending (gaps, dead letters, checkpoints) is checked where it happens:
     # tests/test_dead_letters.py and tests/test_audit_chain.py.
+
+
+async def test_a_service_stores_through_its_declared_publisher() -> None:
+    """In memory (FastStream's TestNatsBroker): `store` sends the envelope on its expected subject, with
+    its dedup key, type and correlation id, and refuses a type its service does not declare."""
+    runner = declared_by("agent-runner")
+    broker = NatsBroker()
+    broker.include_router(runner.router)
+    received: list[NatsMessage] = []
+
+    @broker.subscriber(f"{PREFIX}.evt.>", stream=JStream(runner.streams.events, declare=False))
+    async def record(message: NatsMessage) -> None:
+        received.append(message)
+
+    started = make_envelope(
+        RunStarted(decision_id="d1", worker="w1"), tenant="acme", entity_id="r1", actor=SERVICE, source=SERVICE
+    )
+    queued = make_envelope(
+        RunQueued(decision_id="d1", priority=1, agent="demo", request_seq=1),
+        tenant="acme",
+        entity_id="r1",
+        actor="x",
+        source="x",
+    )
+    async with TestNatsBroker(broker):
+        await runner.store(started, "r1-started")
+        with pytest.raises(ValueError, match=r"does not declare that it sends run\.queued"):
+            await runner.store(queued, "k")
+    [message] = received
+    assert message.raw_message.subject == runner.subjects.expected_subject(started)
+    assert parse_envelope(message.body) == started
+    assert message.headers[MSG_ID_HEADER] == "r1-started"
+    assert message.headers[TYPE_HEADER] == RunStarted.TYPE
+    assert message.correlation_id == started.correlation_id
+
+
+def declared_by(service: str) -> ServiceChannels:
+    return declared()[service]
