@@ -122,18 +122,28 @@ async def durable_pull(
     existing: Literal["keep", "update", "replace"],
     pending_bytes_limit: int = DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
 ) -> JetStreamContext.PullSubscription:
-    """A pull subscription bound to the durable consumer `config` names on `stream`, set up first.
+    """A pull subscription bound to the durable consumer `config` names on `stream`, set up first
+    (see `set_up_durable`). No retries here: callers wrap this in `warden.bus.retry_transient`."""
+    durable = await set_up_durable(js, stream, config, existing=existing)
+    return await js.pull_subscribe_bind(durable=durable, stream=stream, pending_bytes_limit=pending_bytes_limit)
 
-    `existing` says what becomes of a consumer of that name already there: "keep" binds to it as
-    it is and adds one only if there is none (the runners' shared work consumer: the first runner
+
+async def set_up_durable(
+    js: JetStreamContext, stream: str, config: ConsumerConfig, *, existing: Literal["keep", "update", "replace"]
+) -> str:
+    """Set up the durable consumer `config` names on `stream`, and return its name.
+
+    `existing` says what becomes of a consumer of that name already there: "keep" leaves it as it
+    is and adds one only if there is none (the runners' shared work consumer: the first runner
     to start creates it); "update" adds the consumer anyway, which the server accepts when the
-    config matches (the projector's advisories consumer, whose acks say what is recorded);
-    "replace" deletes it first (the projector's audit consumer, restarted at the position stored
-    in Postgres). No retries here: callers wrap this in `warden.bus.retry_transient`.
+    config matches or may be updated to it (the projector's advisories consumer, whose acks say
+    what is recorded); "replace" deletes it first (the projector's audit consumer, restarted at
+    the position stored in Postgres). Raises `nats.js.errors.NotFoundError` when `stream` does
+    not exist. No retries here: callers wrap this in `warden.bus.retry_transient`.
     """
     durable = config.durable_name
     if durable is None:
-        raise ValueError("a durable pull subscription needs a config with a durable_name")
+        raise ValueError("a durable consumer needs a config with a durable_name")
     if existing == "replace":
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, durable)
@@ -146,7 +156,7 @@ async def durable_pull(
             pass
     if add:
         await js.add_consumer(stream, config)
-    return await js.pull_subscribe_bind(durable=durable, stream=stream, pending_bytes_limit=pending_bytes_limit)
+    return durable
 
 
 async def shared_push(
