@@ -20,17 +20,21 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote, unquote
 
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsRouter
 from faststream.specification import AsyncAPI
+from nats.js import JetStreamContext
 from pydantic import TypeAdapter
 
 from warden.agent_runner.app import channels as agent_runner_channels
+from warden.audit_projector.advisories import ADVISORIES_TITLE, AdvisoryRecorder, ConsumerAdvisory, advisories_router
+from warden.audit_projector.app import SERVICE as PROJECTOR
 from warden.audit_projector.app import channels as audit_projector_channels
 from warden.channels import ServiceChannels, envelope_schema
 from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES, Payload
 from warden.policy_gate.app import channels as policy_gate_channels
 from warden.scheduler.app import channels as scheduler_channels
 from warden.settings import Settings
+from warden.streams import StreamNames
 from warden.subjects import CHANNELS, Subjects
 
 JsonObject = dict[str, Any]
@@ -113,13 +117,15 @@ def _declared_channels(prefix: str) -> list[ServiceChannels]:
     return [channels(prefix) for channels in SERVICE_CHANNELS]
 
 
-def _describe_received(document: JsonObject, declared: Sequence[ServiceChannels]) -> None:
-    """Give each handler-less subscriber the envelope schemas of what it is declared to receive.
+def _describe_received(document: JsonObject, payloads: dict[str, Any]) -> None:
+    """Give each subscriber FastStream cannot describe the schema of what it receives (`payloads`,
+    by AsyncAPI title: a type pydantic describes).
 
-    FastStream reads a subscriber's payload from its handler's signature; the services consume
-    through warden.consumers, so their subscribers have no handler, and FastStream leaves a title
-    where the schema goes. The schemas are written as FastStream writes a publisher's: one type's
-    envelope by reference, several as `anyOf` under the message's payload name.
+    FastStream reads a subscriber's payload from its handler's signature. The services' hot paths
+    consume through warden.consumers, so those subscribers have no handler and FastStream leaves a
+    title where the schema goes; the advisories handler takes the raw message, to judge its body
+    itself, and FastStream writes an empty payload. The schemas are written as FastStream writes a
+    publisher's: one model by reference, several as `anyOf` under the message's payload name.
     """
     schemas: JsonObject = document["components"]["schemas"]
 
@@ -127,23 +133,27 @@ def _describe_received(document: JsonObject, declared: Sequence[ServiceChannels]
         if schemas.setdefault(name, schema) != schema:
             raise ValueError(f"two different schemas are both named {name!r}; rename one model")
 
-    for service in declared:
-        for title, types in service.received.items():
-            payload = f"{title}:Message:Payload"
-            if set(schemas.get(payload, {})) != {"title"}:
-                continue  # a subscriber with a handler: FastStream described its payload itself
-            generated = TypeAdapter(envelope_schema(types)).json_schema(ref_template=_COMPONENT_SCHEMAS + "{model}")
-            for name, definition in generated.pop("$defs", {}).items():
-                add(name, definition)
-            if "anyOf" in generated:
-                schemas[payload] = {**generated, "title": payload}
-                continue
+    for title, described in payloads.items():
+        payload = f"{title}:Message:Payload"
+        generated = TypeAdapter(described).json_schema(ref_template=_COMPONENT_SCHEMAS + "{model}")
+        for name, definition in generated.pop("$defs", {}).items():
+            add(name, definition)
+        if "anyOf" in generated:
+            schemas[payload] = {**generated, "title": payload}
+            reference = _COMPONENT_SCHEMAS + quote(payload)
+        else:
             add(generated["title"], generated)
-            del schemas[payload]
-            for reference in document["channels"][title]["messages"].values():
-                message = _resolve_local(document, reference["$ref"])
-                # As FastStream writes its own references: the name percent-encoded (`Envelope%5BRunDispatched%5D`).
-                message["payload"] = {"$ref": _COMPONENT_SCHEMAS + quote(generated["title"])}
+            schemas.pop(payload, None)
+            # As FastStream writes its own references: the name percent-encoded (`Envelope%5BRunDispatched%5D`).
+            reference = _COMPONENT_SCHEMAS + quote(generated["title"])
+        for message in document["channels"][title]["messages"].values():
+            _resolve_local(document, message["$ref"])["payload"] = {"$ref": reference}
+    if not _refers_to(document, "EmptyPayload"):  # FastStream's, for the advisories' raw message
+        schemas.pop("EmptyPayload", None)
+
+
+def _refers_to(document: JsonObject, schema: str) -> bool:
+    return f'"{_COMPONENT_SCHEMAS}{quote(schema)}"' in json.dumps(document)
 
 
 def _resolve_local(document: JsonObject, reference: str) -> JsonObject:
@@ -153,12 +163,29 @@ def _resolve_local(document: JsonObject, reference: str) -> JsonObject:
     return cast(JsonObject, node)
 
 
+def _advisories(prefix: str) -> NatsRouter:
+    """The projector's advisories subscriber, which has a handler, built as the projector builds it.
+
+    The projector includes it in its broker only once it is the active projector (see
+    warden.audit_projector.app); its recorder needs no connection here, as nothing is consumed.
+    """
+    streams = StreamNames.for_prefix(prefix)
+
+    def no_connection() -> JetStreamContext:
+        raise RuntimeError("the AsyncAPI document is generated without a connection")
+
+    recorder = AdvisoryRecorder(no_connection, Subjects(prefix), streams, source=PROJECTOR)
+    return advisories_router(recorder, streams, inbox_prefix="_INBOX")
+
+
 def asyncapi_document() -> JsonObject:
     """FastStream's AsyncAPI 3.0 document of what each service declares it receives and sends."""
-    declared = _declared_channels(Subjects().prefix)
+    prefix = Subjects().prefix
+    declared = _declared_channels(prefix)
     broker = NatsBroker(Settings.model_fields["nats_url"].default)
     for service in declared:
         broker.include_router(service.router)
+    broker.include_router(_advisories(prefix))
     specification = AsyncAPI(
         broker,
         title="Warden",
@@ -171,7 +198,10 @@ def asyncapi_document() -> JsonObject:
         schema_version=ASYNCAPI_VERSION,
     ).to_specification()
     document: JsonObject = json.loads(specification.to_json())
-    _describe_received(document, declared)
+    payloads: dict[str, Any] = {ADVISORIES_TITLE: ConsumerAdvisory}
+    for service in declared:
+        payloads |= {title: envelope_schema(types) for title, types in service.received.items()}
+    _describe_received(document, payloads)
     return document
 
 

@@ -27,6 +27,7 @@ from schemas.generate import (
     write_artefacts,
 )
 from tests.strategies import envelope_fields, run_submitted, tool_call_requested
+from warden.audit_projector.advisories import ADVISORIES_TITLE
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
     ENVELOPE_TYPES,
@@ -600,6 +601,7 @@ def test_asyncapi_document_is_consistent() -> None:
     declared = [make("warden") for make in SERVICE_CHANNELS]
     expected = {title: "receive" for service in declared for title in service.received}
     expected |= {title: "send" for service in declared for title in service.sent}
+    expected[ADVISORIES_TITLE] = "receive"  # the projector's one subscriber with a handler
     assert {name: operation["action"] for name, operation in document["operations"].items()} == expected
     for operation_id, operation in document["operations"].items():
         channel_ref = operation["channel"]["$ref"]

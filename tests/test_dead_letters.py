@@ -13,10 +13,14 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
+from structlog.testing import capture_logs
 
 from tests.conftest import AppRunner, Servers, eventually, warden_cli
 from warden.agent_runner.app import build_app as build_runner
+from warden.audit_projector import advisories
 from warden.audit_projector.advisories import MAX_DELIVERIES_TYPE, TERMINATED_TYPE, read_advisory
 from warden.audit_projector.app import build_app as build_projector
 from warden.audit_projector.install import install_database
@@ -27,7 +31,7 @@ from warden.messages import MAX_DEAD_LETTER_RAW_BYTES, MessageDeadLettered, RunS
 from warden.policy_gate.app import MAX_DELIVERIES
 from warden.policy_gate.app import build_app as build_gate
 from warden.settings import Settings
-from warden.streams import STREAM_MAX_MSG_BYTES, StreamNames
+from warden.streams import STREAM_MAX_MSG_BYTES, StreamNames, provision
 from warden.subjects import Subjects
 
 DEAD_LETTER_ROW = (
@@ -39,6 +43,14 @@ DEAD_LETTER_ROW = (
 async def dead_letter_events(db: asyncpg.Connection) -> int:
     count: int = await db.fetchval("SELECT count(*) FROM events WHERE type = $1", MessageDeadLettered.TYPE)
     return count
+
+
+async def consumer_exists(js: JetStreamContext, stream: str, name: str) -> bool:
+    try:
+        await js.consumer_info(stream, name)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def give_up_by_max_deliveries(nc: NatsClient, settings: Settings, body: bytes) -> tuple[int, str]:
@@ -192,6 +204,31 @@ async def test_redelivered_advisories_and_repeated_records_add_no_dead_letter(
     await js.publish(subject, again.to_bytes(), headers=envelope_headers(again, key))
     await eventually(lambda: db.fetchval("SELECT count(*) = 2 FROM events WHERE type = $1", MessageDeadLettered.TYPE))
     assert len(await db.fetch(DEAD_LETTER_ROW)) == 1
+
+
+async def test_without_an_advisories_stream_the_projector_projects_and_records_dead_letters_once_provisioned(
+    settings: Settings, nc: NatsClient, db: asyncpg.Connection, run_app: AppRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installation provisioned before dead letters were recorded: the projector says so, projects as
+    before, and starts recording dead letters once `warden provision` has created the advisories stream."""
+    monkeypatch.setattr(advisories, "STREAM_MISSING_RETRY_SECONDS", 0.5)
+    js = nc.jetstream()
+    streams = StreamNames.for_prefix(settings.subject_prefix)
+    await js.delete_stream(streams.advisories)
+    with capture_logs() as logs:
+        await run_app(build_projector(settings))
+    assert any(line["event"].startswith("no advisories stream") for line in logs)
+
+    seq, _ = await give_up_by_max_deliveries(nc, settings, b"before")
+    position = "SELECT last_seq FROM projector_positions WHERE stream = $1"
+    await eventually(lambda: db.fetchval(position + " AND last_seq >= $2", streams.commands, seq))
+    assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0, "not captured: there was no stream"
+
+    await provision(js, Subjects(settings.subject_prefix))
+    await eventually(lambda: consumer_exists(js, streams.advisories, "audit_projector"))
+    seq, _ = await give_up_by_max_deliveries(nc, settings, b"after")
+    row = await eventually(lambda: db.fetchrow(DEAD_LETTER_ROW))
+    assert (row["stream"], row["stream_seq"], row["raw"]) == (streams.commands, seq, b"after")
 
 
 async def test_warden_dead_letters_lists_them(

@@ -22,6 +22,7 @@ DURABLES = [
     pytest.param("policy_gate", "commands", "policy_gate", id="gate"),
     pytest.param("agent_runner", "work", "agent_runner", id="runner"),
     pytest.param("audit_projector", "events", "audit_projector", id="projector"),
+    pytest.param("audit_projector", "advisories", "audit_projector", id="projector-advisories"),
 ]
 
 
@@ -50,6 +51,12 @@ async def consumer_of(js: JetStreamContext, stream: str, name: str) -> ConsumerI
     return info
 
 
+async def consuming(js: JetStreamContext, stream: str, name: str) -> ConsumerInfo | None:
+    """The consumer, once a subscription is bound to it (push) or pulling from it."""
+    info = await consumer_of(js, stream, name)
+    return info if info is not None and (info.push_bound or info.num_waiting) else None
+
+
 async def exited(process: asyncio.subprocess.Process) -> bool:
     return process.returncode is not None
 
@@ -63,7 +70,8 @@ async def test_a_deleted_consumer_is_noticed_and_made_again(
     log = tmp_path / f"{service}.log"
     process = await start(settings, service, log)
     try:
-        await eventually(lambda: consumer_of(js, name, durable), within=30)
+        # Deleted under a running subscriber (FastStream's would make it again if it were not yet bound).
+        await eventually(lambda: consuming(js, name, durable), within=30)
         await js.delete_consumer(name, durable)
         await eventually(lambda: exited(process), within=45)
         [line] = lost_lines(log)

@@ -1,8 +1,11 @@
 """How Warden's services consume JetStream: the one adapter between them and nats-py's consumers.
 
-Consumption is hand-written on nats-py on purpose, not FastStream's subscribers (each service is
-still a FastStream application: its lifespan, connection and shutdown). `python -m
-bench.faststream_consumers` (bench/results/faststream_consumers.json: FastStream 0.7.8,
+Consumption on the hot paths is hand-written on nats-py on purpose, not FastStream's subscribers
+(each service is still a FastStream application: its lifespan, connection and shutdown). One
+low-rate consumer, the audit projector's advisories (one message for each message a consumer gives
+up on), is a FastStream subscriber instead: `warden.audit_projector.advisories` says why its cost
+does not matter, and which of the pull loop's faults below it avoids and which it lives with.
+`python -m bench.faststream_consumers` (bench/results/faststream_consumers.json: FastStream 0.7.8,
 fast-depends 3.0.9, nats-py 2.16.0, anyio 4.16.0; 20,000 stored 300-byte messages, explicit acks)
 measured, in CPU per message against this module's pull loop (`fetch_batch`, 31.1 µs):
 
@@ -16,14 +19,17 @@ FastStream 0.7.8's pull loop also misbehaves: nats-py 2.16's `fetch` can raise t
 `asyncio.TimeoutError` on an empty stream, which that loop (`_consume_pull`) does not catch, so its
 task ends and FastStream's supervisor restarts it (the same benchmark's idle check, with that
 timeout forced: three loop tasks ended, four tasks by the end); `fetch_batch` takes it for "nothing
-yet". And its pull subscriber cannot fetch only as many messages as a runner has free slots.
+yet". When the consumer does not answer (deleted, or no leader during an election) that loop asks
+again at once, thousands of times a second, where `fetch_batch` pauses. And its pull subscriber
+cannot fetch only as many messages as a runner has free slots.
 
 What is here: `fetch_batch` (the pull loop's fetch), `heartbeat` (in-progress acks while working),
 `terminate` (give a message up, telling the server why), `watch_ground` (exit when the consumer or
-stream read from is gone), `ordered_subscription` (an ordered consumer), and the durable set-ups
-the services repeat: `durable_pull` (the projector's audit and advisories consumers, the runner's
-work consumer) and `shared_push` (the gates' command consumer). Each service chooses its ack
-policy at its call site:
+stream read from is gone, the advisories subscriber's too), `ordered_subscription` (an ordered
+consumer), and the durable set-ups the services repeat: `durable_pull` (the projector's audit
+consumers, the runner's work consumer), `set_up_durable` (the same set-up without the
+subscription: the projector's advisories consumer, which FastStream then binds to) and
+`shared_push` (the gates' command consumer). Each service chooses its ack policy at its call site:
 
 - the policy gate acks a command once its answer is stored, naks it with a growing delay when
   storing fails, and after MAX_DELIVERIES terminates it with a reason (`terminate`), which the
@@ -32,8 +38,7 @@ policy at its call site:
   resume later when the bus fails mid-run, and records an invalid one as a dead letter before
   terminating it (`warden.dead_letters.give_up`);
 - the audit projector acks a batch's last message (AckPolicy.ALL) only after the database
-  transaction holding its rows and position commits, and never gives a message up; its advisories
-  consumer acks each advisory once its dead letter event is stored, else naks it with a delay;
+  transaction holding its rows and position commits, and never gives a message up;
 - ordered consumers (the scheduler's fold, a run's history, the decision feed, the cancels and
   halts in force) are not acknowledged at all.
 
@@ -122,18 +127,28 @@ async def durable_pull(
     existing: Literal["keep", "update", "replace"],
     pending_bytes_limit: int = DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
 ) -> JetStreamContext.PullSubscription:
-    """A pull subscription bound to the durable consumer `config` names on `stream`, set up first.
+    """A pull subscription bound to the durable consumer `config` names on `stream`, set up first
+    (see `set_up_durable`). No retries here: callers wrap this in `warden.bus.retry_transient`."""
+    durable = await set_up_durable(js, stream, config, existing=existing)
+    return await js.pull_subscribe_bind(durable=durable, stream=stream, pending_bytes_limit=pending_bytes_limit)
 
-    `existing` says what becomes of a consumer of that name already there: "keep" binds to it as
-    it is and adds one only if there is none (the runners' shared work consumer: the first runner
+
+async def set_up_durable(
+    js: JetStreamContext, stream: str, config: ConsumerConfig, *, existing: Literal["keep", "update", "replace"]
+) -> str:
+    """Set up the durable consumer `config` names on `stream`, and return its name.
+
+    `existing` says what becomes of a consumer of that name already there: "keep" leaves it as it
+    is and adds one only if there is none (the runners' shared work consumer: the first runner
     to start creates it); "update" adds the consumer anyway, which the server accepts when the
-    config matches (the projector's advisories consumer, whose acks say what is recorded);
-    "replace" deletes it first (the projector's audit consumer, restarted at the position stored
-    in Postgres). No retries here: callers wrap this in `warden.bus.retry_transient`.
+    config matches or may be updated to it (the projector's advisories consumer, whose acks say
+    what is recorded); "replace" deletes it first (the projector's audit consumer, restarted at
+    the position stored in Postgres). Raises `nats.js.errors.NotFoundError` when `stream` does
+    not exist. No retries here: callers wrap this in `warden.bus.retry_transient`.
     """
     durable = config.durable_name
     if durable is None:
-        raise ValueError("a durable pull subscription needs a config with a durable_name")
+        raise ValueError("a durable consumer needs a config with a durable_name")
     if existing == "replace":
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, durable)
@@ -146,7 +161,7 @@ async def durable_pull(
             pass
     if add:
         await js.add_consumer(stream, config)
-    return await js.pull_subscribe_bind(durable=durable, stream=stream, pending_bytes_limit=pending_bytes_limit)
+    return durable
 
 
 async def shared_push(

@@ -13,6 +13,7 @@ import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.nats.security import NatsNKey
+from nats.aio.client import DEFAULT_INBOX_PREFIX
 from nats.js import JetStreamContext
 
 from warden.channels import ServiceChannels
@@ -145,8 +146,7 @@ def service_broker(settings: Settings, role: str) -> NatsBroker:
     identity: dict[str, Any] = {}
     if (seed_file := settings.seed_file_for(role)) is not None:
         # Read (and its file's mode checked) here, so a bad credential stops the service at once.
-        inbox = connect_options(seed_file)["inbox_prefix"]
-        identity = {"security": NatsNKey(seed_file), "inbox_prefix": inbox}
+        identity = {"security": NatsNKey(seed_file), "inbox_prefix": service_inbox_prefix(settings, role)}
     # FastStream's per-message log lines at DEBUG: at INFO they cost more than handling a message.
     return NatsBroker(
         server_urls(settings.nats_url),
@@ -155,6 +155,16 @@ def service_broker(settings: Settings, role: str) -> NatsBroker:
         **SERVICE_CONNECT_OPTIONS,
         **identity,
     )
+
+
+def service_inbox_prefix(settings: Settings, role: str) -> str:
+    """Where `role`'s connection receives replies: its identity's own inbox, the only one its
+    permissions let it subscribe to (nats-py's default when it connects anonymously)."""
+    seed_file = settings.seed_file_for(role)
+    if seed_file is None:
+        return DEFAULT_INBOX_PREFIX.decode()
+    inbox: str = connect_options(seed_file)["inbox_prefix"]
+    return inbox
 
 
 def consumer_service(

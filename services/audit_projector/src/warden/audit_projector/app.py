@@ -7,11 +7,18 @@ from contextlib import asynccontextmanager
 import asyncpg
 import structlog
 from faststream import FastStream
+from faststream.nats import NatsBroker, NatsRouter
 from nats.js import JetStreamContext
 
 from warden.admission import CommandRules
 from warden.audit_chain import CheckpointDocument
-from warden.audit_projector.advisories import AdvisoryRecorder
+from warden.audit_projector.advisories import (
+    AdvisoryRecorder,
+    advisories_router,
+    set_up_consumer,
+    set_up_once_provisioned,
+    watch_consumer,
+)
 from warden.audit_projector.checkpoints import CheckpointWriter
 from warden.audit_projector.handlers import DURABLE_NAME, StreamProjection
 from warden.audit_projector.store import (
@@ -26,7 +33,13 @@ from warden.consumers import watch_ground
 from warden.database import DatabaseRole
 from warden.logging import FASTSTREAM_LOGGER
 from warden.messages import MessageDeadLettered, StreamGapDetected, make_envelope
-from warden.service import BackgroundLoops, interruptible_startup, run_service, service_broker
+from warden.service import (
+    BackgroundLoops,
+    interruptible_startup,
+    run_service,
+    service_broker,
+    service_inbox_prefix,
+)
 from warden.settings import Settings
 from warden.signing import Signer, SigningKeyError
 from warden.streams import StreamNames
@@ -107,6 +120,7 @@ def build_app(settings: Settings | None = None) -> FastStream:
     declared = channels(settings.subject_prefix)
     broker.include_router(declared.router)
     filters = {streams.commands: subjects.all_commands, streams.events: subjects.all_events}
+    advisories = _advisories_router(settings, broker, subjects, streams)
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
@@ -144,8 +158,14 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 )
                 loops.start(projection.run(positions.get(stream, 0)))
                 loops.start(watch_ground(_consumer_check(js, stream), f"the consumer {DURABLE_NAME} on {stream}"))
-            # Only the active projector records dead letters, as it alone writes the projection.
-            loops.start(AdvisoryRecorder(js, subjects, streams, source=SERVICE).run())
+            # Only the active projector records dead letters, as it alone writes the projection: the
+            # broker starts the advisories subscriber once this start-up is over, or it is started
+            # once the advisories stream is there.
+            if await set_up_consumer(js, streams):
+                broker.include_router(advisories)
+                loops.start(watch_consumer(js, streams))
+            else:
+                loops.start(_record_advisories_once_provisioned(broker, advisories, js, streams))
             log.info("projecting", positions=positions)
         try:
             yield
@@ -166,6 +186,27 @@ def build_app(settings: Settings | None = None) -> FastStream:
             await _last_checkpoints(checkpoints)
 
     return app
+
+
+def _advisories_router(settings: Settings, broker: NatsBroker, subjects: Subjects, streams: StreamNames) -> NatsRouter:
+    """The advisories subscriber, recording with the broker's connection once it has one."""
+
+    def jetstream() -> JetStreamContext:
+        return broker.connection.jetstream()
+
+    recorder = AdvisoryRecorder(jetstream, subjects, streams, source=SERVICE)
+    return advisories_router(recorder, streams, inbox_prefix=service_inbox_prefix(settings, SERVICE))
+
+
+async def _record_advisories_once_provisioned(
+    broker: NatsBroker, advisories: NatsRouter, js: JetStreamContext, streams: StreamNames
+) -> None:
+    """Start the advisories subscriber on a running broker once the advisories stream is there."""
+    await set_up_once_provisioned(js, streams)
+    broker.include_router(advisories)
+    for subscriber in advisories.subscribers:
+        await subscriber.start()
+    await watch_consumer(js, streams)
 
 
 def _checkpoint_writer(settings: Settings, js: JetStreamContext, declared: ServiceChannels) -> CheckpointWriter | None:
