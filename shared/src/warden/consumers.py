@@ -1,7 +1,9 @@
 """How Warden's services consume JetStream: the one adapter between them and nats-py's consumers.
 
 Consumption on the hot paths is hand-written on nats-py on purpose, not FastStream's subscribers
-(each service is still a FastStream application: its lifespan, connection and shutdown). One
+(each service is still a FastStream application: its lifespan, connection and shutdown, and the
+subscribers and publishers it declares, `warden.channels`, which FastStream's AsyncAPI document
+describes; the hot paths' subscribers have no handler, so FastStream consumes nothing there). One
 low-rate consumer, the audit projector's advisories (one message for each message a consumer gives
 up on), is a FastStream subscriber instead: `warden.audit_projector.advisories` says why its cost
 does not matter, and which of the pull loop's faults below it avoids and which it lives with.
