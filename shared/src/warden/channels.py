@@ -67,6 +67,7 @@ class ServiceChannels:
         self.router = NatsRouter()
         # Each declared subscriber's AsyncAPI title and the message types it receives.
         self.received: dict[str, tuple[str, ...]] = {}
+        # Each declared publisher's AsyncAPI title and the message types it sends.
         self.sent: dict[str, tuple[str, ...]] = {}
         # Each channel's publisher and the stream it stores into.
         self.publishers: dict[str, tuple[LogicPublisher, str]] = {}
@@ -88,9 +89,9 @@ class ServiceChannels:
         durable: str | None = None,
         address: str | None = None,
     ) -> None:
-        """A subscriber declared as the service's consumer is set up, without a handler: the service
-        consumes through `warden.consumers` (a durable pull consumer, a push consumer every instance
-        shares through a queue group named as the durable, or an ordered consumer)."""
+        """Declare a subscriber shaped like the consumer the service sets up (a durable pull consumer,
+        a push consumer every instance shares through a queue group named as the durable, or an
+        ordered consumer), without a handler: the service consumes through `warden.consumers`."""
         title = self.title("receives", channel)
         envelope_schema(types)  # an unknown type fails here, where it is declared
         self.router.subscriber(

@@ -37,6 +37,10 @@ def run_service(name: str, build_app: Callable[[Settings], FastStream]) -> None:
         asyncio.run(build_app(settings).run())
     except asyncio.CancelledError:
         log.info("stopped before it had started")  # a signal during start-up (see interruptible_startup)
+    except Exception:
+        # As one JSON line like every other, not a bare traceback on stderr; the status is Python's own.
+        log.exception("the service stopped on an error")
+        raise SystemExit(1) from None
 
 
 def _arm_shutdown_deadline(seconds: float) -> None:

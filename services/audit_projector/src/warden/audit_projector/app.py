@@ -28,6 +28,7 @@ from warden.audit_projector.store import (
     close_pool,
     create_pool,
 )
+from warden.bus import retry_transient
 from warden.channels import ServiceChannels, command_types, event_types
 from warden.consumers import watch_ground
 from warden.database import DatabaseRole
@@ -158,14 +159,8 @@ def build_app(settings: Settings | None = None) -> FastStream:
                 )
                 loops.start(projection.run(positions.get(stream, 0)))
                 loops.start(watch_ground(_consumer_check(js, stream), f"the consumer {DURABLE_NAME} on {stream}"))
-            # Only the active projector records dead letters, as it alone writes the projection: the
-            # broker starts the advisories subscriber once this start-up is over, or it is started
-            # once the advisories stream is there.
-            if await set_up_consumer(js, streams):
-                broker.include_router(advisories)
-                loops.start(watch_consumer(js, streams))
-            else:
-                loops.start(_record_advisories_once_provisioned(broker, advisories, js, streams))
+            # Only the active projector records dead letters, as it alone writes the projection.
+            loops.start(_record_advisories(broker, advisories, js, streams, broker_started))
             log.info("projecting", positions=positions)
         try:
             yield
@@ -177,6 +172,8 @@ def build_app(settings: Settings | None = None) -> FastStream:
     app = FastStream(broker, lifespan=lifespan, logger=FASTSTREAM_LOGGER)
     loops = BackgroundLoops(app)
     signing: list[CheckpointWriter] = []  # the lifespan's checkpoint writer, once it has one
+    broker_started = asyncio.Event()
+    app.after_startup(broker_started.set)
 
     # A shutdown hook, run after the loops' (hooks run in order) and before the broker disconnects:
     # the lifespan's own clean-up comes after, when publishing a checkpoint can only fail.
@@ -198,14 +195,27 @@ def _advisories_router(settings: Settings, broker: NatsBroker, subjects: Subject
     return advisories_router(recorder, streams, inbox_prefix=service_inbox_prefix(settings, SERVICE))
 
 
-async def _record_advisories_once_provisioned(
-    broker: NatsBroker, advisories: NatsRouter, js: JetStreamContext, streams: StreamNames
+async def _record_advisories(
+    broker: NatsBroker,
+    advisories: NatsRouter,
+    js: JetStreamContext,
+    streams: StreamNames,
+    broker_started: asyncio.Event,
 ) -> None:
-    """Start the advisories subscriber on a running broker once the advisories stream is there."""
-    await set_up_once_provisioned(js, streams)
+    """Set up the advisories consumer (once its stream exists), then start its subscriber on the
+    running broker, and watch that the consumer stays.
+
+    Started here rather than by the broker: the subscriber's start asks the server about its
+    consumer, and during a leader election that times out. Left to the broker, it failed the
+    projector's whole start-up (tests/test_cluster.py); here it is waited out like any passing bus
+    failure.
+    """
+    if not await set_up_consumer(js, streams):
+        await set_up_once_provisioned(js, streams)
+    await broker_started.wait()
     broker.include_router(advisories)
     for subscriber in advisories.subscribers:
-        await subscriber.start()
+        await retry_transient(subscriber.start, what=f"the advisories subscriber on {streams.advisories}")
     await watch_consumer(js, streams)
 
 
