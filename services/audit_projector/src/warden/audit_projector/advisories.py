@@ -241,8 +241,10 @@ async def _content(js: JetStreamContext, given_up: GivenUp) -> tuple[Content | N
 def advisories_router(recorder: AdvisoryRecorder, streams: StreamNames, *, inbox_prefix: str) -> NatsRouter:
     """A router holding the advisories subscriber, bound to the durable consumer `set_up_consumer` makes.
 
-    A router of its own so that the broker starts the subscriber only once it is included, which
-    the projector does once the consumer is set up (see `set_up_consumer`). `inbox_prefix` is the
+    A router of its own, included in the running broker and started by the projector itself once
+    the consumer is set up (see `_record_advisories` in warden.audit_projector.app), so that a
+    passing bus failure at that moment is waited out rather than failing the broker's start-up.
+    `inbox_prefix` is the
     connection's: FastStream 0.7.8 gives nats-py its own default (`_INBOX.`) for the pull
     subscription's inbox, which a Warden identity may not subscribe to.
     """
