@@ -18,6 +18,7 @@ from warden.errors import InvalidMessage
 from warden.messages import MESSAGE_TYPES, RunQueued, RunStarted, make_envelope, parse_envelope
 from warden.settings import Settings
 from warden.streams import StreamNames
+from warden.subjects import CHANNELS
 from warden.wire import MSG_ID_HEADER, TYPE_HEADER
 
 PREFIX = "warden"
@@ -125,3 +126,18 @@ async def test_a_service_stores_through_its_declared_publisher() -> None:
 
 def declared_by(service: str) -> ServiceChannels:
     return declared()[service]
+
+
+def test_the_subject_catalogue_names_the_services_that_declare_each_channel() -> None:
+    """The README's subject table (from CHANNELS) says who publishes and consumes each channel: every
+    service that declares it sends or receives on a channel is named there, and no other service is."""
+    for channel in CHANNELS:
+        for verb, named in (("sends", channel.published_by), ("receives", channel.consumed_by)):
+            declaring = {
+                name.replace("-", " ")
+                for name, service in declared().items()
+                if service.title(verb, channel.name) in (service.sent if verb == "sends" else service.received)
+            }
+            services = {name.replace("-", " ") for name in declared()}
+            mentioned = {name for name in services if name in named}
+            assert mentioned == declaring, f"{channel.name} ({verb}): the catalogue says {named!r}"

@@ -240,7 +240,8 @@ CHANNELS: tuple[Channel, ...] = (
         message_types=_types_of("event"),
         published_by="policy gate, scheduler, agent runner, "
         "audit projector (stream.gap_detected, message.dead_lettered)",
-        consumed_by="audit projector, scheduler, agent runner, clients (tail, approvals)",
+        consumed_by="audit projector, scheduler, agent runner, policy gate (the policy lifecycle), "
+        "clients (tail, approvals)",
         description="Facts: decisions, rejections and every step of a run. "
         "Tail one run with {prefix}.evt.{tenant}.run.{run_id}.>; decisions on cancels and halts are filed "
         "under entities cancel and halt; holes found in a stream, "
