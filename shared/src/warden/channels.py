@@ -31,7 +31,7 @@ from faststream.nats.publisher.usecase import LogicPublisher
 from nats.js.api import PubAck
 
 from warden.bus import envelope_headers, retry_transient
-from warden.messages import ENVELOPE_TYPES, MESSAGE_TYPES, Envelope
+from warden.messages import ENVELOPE_TYPES, Envelope
 from warden.streams import StreamNames
 from warden.subjects import CHANNELS, Channel, Subjects
 
@@ -39,14 +39,6 @@ BY_NAME: dict[str, Channel] = {channel.name: channel for channel in CHANNELS}
 # How long a publisher waits for the stream's acknowledgement: nats-py's JetStream default, where
 # FastStream's publishers would wait 0.5 s and so fail spuriously under load.
 PUBLISH_TIMEOUT_SECONDS = 5.0
-
-
-def command_types() -> tuple[str, ...]:
-    return tuple(name for name, model in MESSAGE_TYPES.items() if model.KIND == "command")
-
-
-def event_types() -> tuple[str, ...]:
-    return tuple(name for name, model in MESSAGE_TYPES.items() if model.KIND == "event")
 
 
 def envelope_schema(types: tuple[str, ...]) -> Any:
@@ -71,6 +63,11 @@ class ServiceChannels:
         self.sent: dict[str, tuple[str, ...]] = {}
         # Each channel's publisher and the stream it stores into.
         self.publishers: dict[str, tuple[LogicPublisher, str]] = {}
+
+    @staticmethod
+    def everything_on(channel: str) -> tuple[str, ...]:
+        """Every message type the subject catalogue says a channel carries."""
+        return BY_NAME[channel].message_types
 
     def address(self, channel: str) -> str:
         return BY_NAME[channel].pattern.replace("{prefix}", self.subjects.prefix)

@@ -29,7 +29,7 @@ from warden.audit_projector.store import (
     create_pool,
 )
 from warden.bus import retry_transient
-from warden.channels import ServiceChannels, command_types, event_types
+from warden.channels import ServiceChannels
 from warden.consumers import watch_ground
 from warden.database import DatabaseRole
 from warden.logging import FASTSTREAM_LOGGER
@@ -81,13 +81,10 @@ async def _wait_for_installed_database(database_url: str, streams: list[str], ru
 def channels(prefix: str) -> ServiceChannels:
     """What the projector receives and sends, as FastStream declares it: schemas/asyncapi.json is made from this."""
     declared = ServiceChannels(SERVICE, prefix)
-    for channel, stream, types in (
-        ("commands", declared.streams.commands, command_types()),
-        ("events", declared.streams.events, event_types()),
-    ):
+    for channel, stream in (("commands", declared.streams.commands), ("events", declared.streams.events)):
         declared.receives(
             channel,
-            types,
+            declared.everything_on(channel),
             stream=stream,
             consumer="pull",
             durable=DURABLE_NAME,

@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 
 from warden.admission import CommandRules, rejection
 from warden.bus import envelope_headers, retry_transient
-from warden.channels import ServiceChannels, command_types
+from warden.channels import ServiceChannels
 from warden.consumers import heartbeat, shared_push, terminate, watch_ground
 from warden.errors import InvalidMessage, RejectionCode
 from warden.messages import (
@@ -494,7 +494,7 @@ def channels(prefix: str) -> ServiceChannels:
     declared = ServiceChannels(SERVICE, prefix)
     declared.receives(
         "commands",
-        command_types(),
+        declared.everything_on("commands"),
         stream=declared.streams.commands,
         consumer="shared push",
         durable=DURABLE_NAME,
